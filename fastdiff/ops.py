@@ -1,0 +1,146 @@
+"""The one seam between model code and kernel implementations.
+
+Model code calls `ops.attention`, `ops.group_norm` and `ops.scheduler_step` and never branches on the
+backend. Each op has up to three implementations:
+
+    reference  plain PyTorch (`fastdiff.kernels.<op>.<op>_ref`), any device; the oracle for every test
+    triton     `fastdiff.kernels.<op>.<op>`: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests)
+    cuda       `fastdiff._C` (csrc/), scheduler_step only; its C++ half runs on CPU tensors too
+
+`auto` (the default, or FASTDIFF_BACKEND) picks per op and per device, fastest first; `fastdiff info`
+prints the choice. `set_backend("triton")` forces every op; `set_backend("cuda", op="scheduler_step")`
+forces one.
+"""
+import importlib
+import os
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "reference", "triton", "cuda")
+
+# op -> backend -> (module, function). Modules are imported only when first used.
+_IMPLS = {
+    "attention": {
+        "reference": ("fastdiff.kernels.attention", "attention_ref"),
+        "triton": ("fastdiff.kernels.attention", "attention"),
+    },
+    "group_norm": {
+        "reference": ("fastdiff.kernels.group_norm", "group_norm_ref"),
+        "triton": ("fastdiff.kernels.group_norm", "group_norm"),
+    },
+    "scheduler_step": {
+        "reference": ("fastdiff.kernels.scheduler_step", "scheduler_step_ref"),
+        "triton": ("fastdiff.kernels.scheduler_step", "scheduler_step"),
+        "cuda": ("fastdiff._ext", "scheduler_step"),
+    },
+}
+OPS = tuple(_IMPLS)
+
+# auto's order of preference, per device type; the first available wins.
+_AUTO_ORDER = {
+    "cuda": {"attention": ("triton", "reference"), "group_norm": ("triton", "reference"),
+             "scheduler_step": ("cuda", "triton", "reference")},
+    "cpu": {"attention": ("reference",), "group_norm": ("reference",), "scheduler_step": ("cuda", "reference")},
+}
+
+_env_backend = os.environ.get("FASTDIFF_BACKEND", "auto")
+if _env_backend not in BACKENDS:
+    raise ValueError(f"FASTDIFF_BACKEND must be one of {BACKENDS}, got {_env_backend!r}")
+_chosen: dict[str, str] = {op: _env_backend if _env_backend in _IMPLS[op] or _env_backend == "auto" else "auto"
+                           for op in OPS}
+
+
+def set_backend(name: str, op: Optional[str] = None) -> None:
+    """Force `name` for one op, or for every op when `op` is None ("auto" restores the default)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    ops = OPS if op is None else (op,)
+    for o in ops:
+        if o not in _IMPLS:
+            raise ValueError(f"op must be one of {OPS}, got {o!r}")
+        if name != "auto" and name not in _IMPLS[o]:
+            raise ValueError(f"backend {name!r} does not implement {o!r}; it has {sorted(_IMPLS[o])}"
+                             + ("" if op else f" (force one op instead: set_backend({name!r}, op=...))"))
+    for o in ops:
+        _chosen[o] = name
+
+
+def get_backend(op: str) -> str:
+    """The backend setting of `op` ("auto" or a forced name)."""
+    return _chosen[op]
+
+
+@contextmanager
+def use_backend(name: str, op: Optional[str] = None) -> Iterator[None]:
+    """Temporarily force a backend: `with ops.use_backend("reference"): ...`."""
+    saved = dict(_chosen)
+    set_backend(name, op)
+    try:
+        yield
+    finally:
+        _chosen.update(saved)
+
+
+def availability(backend: str, device_type: str) -> tuple[bool, str]:
+    """Whether `backend` can run on `device_type` here, and why not."""
+    if backend == "reference":
+        return True, "plain PyTorch"
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except Exception as e:  # ImportError, or a broken install raising anything
+            return False, f"triton does not import: {e}"
+        if device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+            return True, f"triton {triton.__version__}" + (" (interpreter)" if device_type != "cuda" else "")
+        return False, f"triton runs on CUDA tensors, or on {device_type} only under TRITON_INTERPRET=1"
+    if backend == "cuda":
+        from fastdiff import _ext
+
+        return _ext.availability(device_type)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+_impl_cache: dict[tuple[str, str], Callable] = {}
+
+
+def _load(op: str, backend: str) -> Callable:
+    key = (op, backend)
+    if key not in _impl_cache:
+        module, name = _IMPLS[op][backend]
+        _impl_cache[key] = getattr(importlib.import_module(module), name)
+    return _impl_cache[key]
+
+
+def resolve(op: str, device_type: str) -> str:
+    """The backend `op` runs on for tensors of `device_type`; raises if a forced one cannot run there."""
+    name = _chosen[op]
+    if name != "auto":
+        ok, why = availability(name, device_type)
+        if not ok:
+            raise RuntimeError(f"backend {name!r} was forced for {op} but cannot run on {device_type}: {why}")
+        return name
+    for candidate in _AUTO_ORDER.get(device_type, _AUTO_ORDER["cpu"])[op]:
+        if availability(candidate, device_type)[0]:
+            return candidate
+    return "reference"
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+    """softmax(q k^T * scale) v. q: (B, H, Sq, D); k, v: (B, H, Skv, D) -> (B, H, Sq, D)."""
+    return _load("attention", resolve("attention", q.device.type))(q, k, v, scale)
+
+
+def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5, activation: Optional[str] = None) -> Tensor:
+    """GroupNorm over x: (N, C, *spatial), then `activation` (None or "silu")."""
+    return _load("group_norm", resolve("group_norm", x.device.type))(x, num_groups, weight, bias, eps, activation)
+
+
+def scheduler_step(x: Tensor, model_output: Tensor, coeffs, guidance_scale: Optional[float] = None,
+                   prev_x0: Optional[Tensor] = None, noise: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Fused CFG combine + solver step; see `fastdiff.kernels.scheduler_step`. Returns (x_next, x0)."""
+    fn = _load("scheduler_step", resolve("scheduler_step", x.device.type))
+    return fn(x, model_output, coeffs, guidance_scale, prev_x0, noise)
