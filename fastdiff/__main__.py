@@ -1,0 +1,5 @@
+import sys
+
+from fastdiff.cli import main
+
+sys.exit(main())
