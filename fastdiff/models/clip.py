@@ -1,0 +1,192 @@
+"""CLIP text encoder: token ids (B, 77) -> the context (B, 77, D) that the UNet cross-attends to.
+
+A pre-LayerNorm transformer with causal self-attention (OpenAI CLIP's text tower): SD1 uses OpenAI
+CLIP ViT-L/14's (D 768, 12 layers, quick_gelu), SD2 OpenCLIP ViT-H/14's minus its last layer (D 1024,
+23 layers, gelu). Parameter names are transformers' `CLIPTextModel` keys
+(`text_model.encoder.layers.N.self_attn.q_proj.weight`, ...), so checkpoints load unchanged.
+
+Attention is computed here with PyTorch's `scaled_dot_product_attention(is_causal=True)`, not through
+`fastdiff.ops.attention`: that op is non-causal with no mask, and the text encoder is 77 tokens run
+once per prompt (about 1% of an image's FLOPs), so widening the kernel seam for it would buy nothing.
+"""
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_ACTIVATIONS = ("quick_gelu", "gelu")
+# Keys of a transformers text_encoder/config.json that do not change the forward pass: token ids (used
+# by transformers' pooled output and the tokenizer), training-only dropout and initialisation, the
+# projection of CLIPTextModelWithProjection, and bookkeeping. Other unknown keys are rejected.
+_IGNORED_KEYS = frozenset({
+    "architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "projection_dim",
+    "attention_dropout", "dropout", "initializer_range", "initializer_factor", "torch_dtype", "dtype",
+    "transformers_version",
+    # PretrainedConfig's generic settings, written out by transformers' to_dict().
+    "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
+    "id2label", "label2id", "problem_type", "tie_word_embeddings",
+})
+
+
+@dataclass
+class CLIPTextConfig:
+    """The text encoder's shape; the defaults are SD1's (OpenAI CLIP ViT-L/14)."""
+
+    vocab_size: int = 49408  # BPE vocabulary size: 256 bytes, 256 bytes + "</w>", 48894 merges, 2 specials
+    hidden_size: int = 768  # width D of the residual stream and of the context (SD1: 768, SD2: 1024)
+    intermediate_size: int = 3072  # MLP inner width (4 * hidden_size in SD1 and SD2)
+    num_hidden_layers: int = 12  # transformer layers (SD1: 12, SD2: 23)
+    num_attention_heads: int = 12  # heads; head_dim = hidden_size / heads = 64 in SD1 and SD2
+    max_position_embeddings: int = 77  # learned positions = the tokenizer's max_length
+    hidden_act: str = "quick_gelu"  # MLP activation: "quick_gelu" (OpenAI CLIP, SD1) or "gelu" (OpenCLIP, SD2)
+    layer_norm_eps: float = 1e-5  # epsilon of every LayerNorm
+
+    def __post_init__(self):
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {_ACTIVATIONS}, got {self.hidden_act!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size must be a multiple of num_attention_heads ({self.num_attention_heads}), "
+                             f"got {self.hidden_size}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CLIPTextConfig":
+        """Read a transformers text_encoder/config.json dict. Every field must be present (transformers
+        writes them all); keys starting with "_" and those in `_IGNORED_KEYS` are skipped; anything
+        else raises ValueError, as does a model that is not a plain CLIPTextModel."""
+        if d.get("model_type", "clip_text_model") != "clip_text_model":
+            raise ValueError(f"model_type must be 'clip_text_model', got {d['model_type']!r}")
+        architectures = d.get("architectures") or ["CLIPTextModel"]
+        if architectures != ["CLIPTextModel"]:
+            raise ValueError(f"architectures must be ['CLIPTextModel'], got {architectures!r}")
+        fields = list(cls.__dataclass_fields__)
+        missing = [k for k in fields if k not in d]
+        if missing:
+            raise ValueError(f"text encoder config lacks {missing}")
+        unknown = sorted(k for k in d if k not in fields and k not in _IGNORED_KEYS and not k.startswith("_"))
+        if unknown:
+            raise ValueError(f"text encoder config has settings fastdiff does not support: "
+                             f"{ {k: d[k] for k in unknown} }")
+        return cls(**{k: d[k] for k in fields})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The transformers-style config.json dict (transformers' CLIPTextConfig(**d) accepts it)."""
+        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+                **{k: getattr(self, k) for k in self.__dataclass_fields__}}
+
+
+class CLIPTextEmbeddings(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """input_ids (B, T) -> (B, T, D): token embedding + the learned embedding of positions 0..T-1."""
+        return self.token_embedding(input_ids) + self.position_embedding.weight[: input_ids.shape[1]]
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Causal self-attention: token t sees tokens 0..t. x (B, T, D) -> (B, T, D)."""
+        b, t, d = x.shape
+        q, k, v = (proj(x).view(b, t, self.num_heads, -1).transpose(1, 2)  # (B, H, T, head_dim)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(head_dim), as CLIP
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.quick_gelu = config.hidden_act == "quick_gelu"
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.fc1(x)
+        # quick_gelu is OpenAI's sigmoid approximation x * sigmoid(1.702 x); gelu is the exact erf form.
+        x = x * torch.sigmoid(1.702 * x) if self.quick_gelu else F.gelu(x)
+        return self.fc2(x)
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(config)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CLIPMLP(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.embeddings = CLIPTextEmbeddings(config)
+        self.encoder = CLIPEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class CLIPTextModel(nn.Module):
+    """The CLIP text encoder with transformers' `CLIPTextModel` state-dict keys.
+
+    `load_state_dict` accepts all three layouts transformers has written: keys under `text_model.`
+    (transformers 4, every SD checkpoint), the same plus `text_model.embeddings.position_ids`
+    (transformers < 4.31 saved that buffer; positions are always 0..T-1, so it is dropped), and keys
+    without the `text_model.` prefix (transformers 5's in-memory layout, and what its `save_pretrained`
+    writes for a model it did not load from an older file).
+    """
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.config = config
+        self.text_model = CLIPTextTransformer(config)
+        self.register_load_state_dict_pre_hook(_accept_transformers_layouts)
+
+    def forward(self, input_ids: Tensor, clip_skip: Optional[int] = None) -> Tensor:
+        """Final hidden states. input_ids: (B, T) long, T <= max_position_embeddings -> (B, T, hidden_size).
+
+        clip_skip=k stops k layers before the last and applies final_layer_norm to that output
+        (diffusers' rule: hidden_states[-(k + 1)], then final_layer_norm); None or 0 runs every layer.
+        """
+        if input_ids.dim() != 2 or input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids must be (batch, tokens) with at most {self.config.max_position_embeddings} "
+                             f"tokens, got shape {tuple(input_ids.shape)}")
+        layers = self.text_model.encoder.layers
+        skip = clip_skip or 0
+        if not 0 <= skip <= len(layers):
+            raise ValueError(f"clip_skip must be in [0, {len(layers)}] (the number of layers), got {clip_skip}")
+        x = self.text_model.embeddings(input_ids)  # (B, T, D)
+        for layer in layers[: len(layers) - skip]:
+            x = layer(x)
+        return self.text_model.final_layer_norm(x)
+
+
+def _accept_transformers_layouts(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook of CLIPTextModel: rewrite the other transformers layouts in place."""
+    state_dict.pop(prefix + "text_model.embeddings.position_ids", None)
+    state_dict.pop(prefix + "embeddings.position_ids", None)
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        if rest.split(".", 1)[0] in ("embeddings", "encoder", "final_layer_norm"):
+            state_dict[prefix + "text_model." + rest] = state_dict.pop(key)

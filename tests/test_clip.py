@@ -1,0 +1,143 @@
+"""CLIP text encoder parity with transformers' CLIPTextModel, on tiny random configs."""
+import json
+
+import pytest
+import torch
+import transformers
+
+from fastdiff.models.clip import CLIPTextConfig, CLIPTextModel
+
+# (hidden, layers, heads, intermediate, act): head_dim 8 and 32, an MLP width that is not a multiple of D.
+CONFIGS = [
+    (32, 2, 4, 64, "quick_gelu"),
+    (64, 3, 2, 100, "gelu"),
+]
+
+
+def _theirs(hidden, layers, heads, intermediate, act):
+    config = transformers.CLIPTextConfig(
+        vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate, hidden_act=act, max_position_embeddings=77,
+        bos_token_id=998, eos_token_id=999, pad_token_id=1, attn_implementation="eager")
+    model = transformers.CLIPTextModel(config).eval()
+    # Fresh LayerNorms are (1, 0) and biases 0: perturb every parameter so each one matters.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _ours(theirs) -> CLIPTextModel:
+    ours = CLIPTextModel(CLIPTextConfig.from_dict(theirs.config.to_dict())).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return ours
+
+
+def _rel_err(ours, theirs, what):
+    err = (ours - theirs).norm() / theirs.norm()
+    print(f"{what}: rel err {err:.2e}, max abs err {(ours - theirs).abs().max():.2e}")
+    return err
+
+
+@pytest.mark.parametrize("hidden, layers, heads, intermediate, act", CONFIGS)
+@pytest.mark.parametrize("tokens", [77, 13])
+def test_final_hidden_states_match_transformers(hidden, layers, heads, intermediate, act, tokens):
+    theirs = _theirs(hidden, layers, heads, intermediate, act)
+    ours = _ours(theirs)
+    ids = torch.randint(0, 1000, (2, tokens))
+    with torch.no_grad():
+        want = theirs(ids).last_hidden_state
+        got = ours(ids)
+    assert got.shape == (2, tokens, hidden)
+    assert _rel_err(got, want, f"{act} T={tokens}") <= 1e-5
+
+
+@pytest.mark.parametrize("hidden, layers, heads, intermediate, act", CONFIGS)
+def test_clip_skip_matches_diffusers_rule(hidden, layers, heads, intermediate, act):
+    theirs = _theirs(hidden, layers, heads, intermediate, act)
+    ours = _ours(theirs)
+    ids = torch.randint(0, 1000, (2, 77))
+    with torch.no_grad():
+        hidden_states = theirs(ids, output_hidden_states=True).hidden_states  # embeddings + one per layer
+        for clip_skip in range(1, layers + 1):
+            # diffusers' StableDiffusionPipeline.encode_prompt
+            want = theirs.final_layer_norm(hidden_states[-(clip_skip + 1)])
+            got = ours(ids, clip_skip=clip_skip)
+            assert _rel_err(got, want, f"clip_skip={clip_skip}") <= 1e-5
+        assert torch.equal(ours(ids, clip_skip=0), ours(ids))
+
+
+def test_clip_skip_out_of_range_raises():
+    ours = CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2))
+    with pytest.raises(ValueError, match=r"clip_skip must be in \[0, 2\].*got 3"):
+        ours(torch.zeros(1, 77, dtype=torch.long), clip_skip=3)
+    with pytest.raises(ValueError, match="at most 77 tokens, got shape"):
+        ours(torch.zeros(1, 78, dtype=torch.long))
+
+
+def test_state_dict_keys_are_transformers_keys_without_position_ids():
+    theirs = _theirs(32, 2, 4, 64, "quick_gelu")
+    ours = _ours(theirs)
+    keys = set(ours.state_dict())
+    # transformers 5 keeps the modules at the top level in memory; its files and every SD checkpoint
+    # carry them under `text_model.`.
+    assert keys == {"text_model." + k for k in theirs.state_dict()}
+    assert "text_model.embeddings.token_embedding.weight" in keys
+    assert "text_model.encoder.layers.1.self_attn.out_proj.bias" in keys
+    assert not any("position_ids" in k for k in keys)
+
+
+def test_loads_every_transformers_file_layout(tmp_path):
+    theirs = _theirs(32, 2, 4, 64, "gelu")
+    ids = torch.randint(0, 1000, (1, 77))
+    want = theirs(ids).last_hidden_state.detach()
+    flat = theirs.state_dict()
+    prefixed = {"text_model." + k: v for k, v in flat.items()}
+    # transformers < 4.31 saved the position_ids buffer (some files even as float): it must be ignored.
+    legacy = {**prefixed, "text_model.embeddings.position_ids": torch.arange(77.0)[None]}
+    # What transformers 5's save_pretrained writes: check it and accept it, whatever it is.
+    theirs.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "model.safetensors")
+    for name, sd in (("flat", flat), ("prefixed", prefixed), ("legacy", legacy), ("save_pretrained", saved)):
+        ours = CLIPTextModel(CLIPTextConfig.from_dict(json.loads((tmp_path / "config.json").read_text())))
+        ours.load_state_dict(sd, strict=True)
+        with torch.no_grad():
+            assert _rel_err(ours(ids), want, name) <= 1e-5
+
+
+def test_config_from_dict_reads_a_real_sd2_config_and_round_trips():
+    sd2 = {  # stabilityai/stable-diffusion-2-1 text_encoder/config.json
+        "_name_or_path": "hf-models/stable-diffusion-v2-768x768/text_encoder", "architectures": ["CLIPTextModel"],
+        "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 2, "hidden_act": "gelu",
+        "hidden_size": 1024, "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 4096,
+        "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "model_type": "clip_text_model",
+        "num_attention_heads": 16, "num_hidden_layers": 23, "pad_token_id": 1, "projection_dim": 512,
+        "torch_dtype": "float32", "transformers_version": "4.25.0.dev0", "vocab_size": 49408,
+    }
+    config = CLIPTextConfig.from_dict(sd2)
+    assert (config.hidden_size, config.num_hidden_layers, config.hidden_act) == (1024, 23, "gelu")
+    assert CLIPTextConfig.from_dict(config.to_dict()) == config
+    theirs = transformers.CLIPTextConfig(**config.to_dict())
+    assert {k: getattr(theirs, k) for k in config.__dataclass_fields__} == config.__dict__
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_act": "gelu_new"}, "hidden_act must be one of"),
+    ({"model_type": "clip"}, "model_type must be 'clip_text_model', got 'clip'"),
+    ({"architectures": ["CLIPTextModelWithProjection"]}, "architectures must be"),
+    ({"use_attention_mask": True}, "does not support.*use_attention_mask"),
+    ({"hidden_size": 100}, "multiple of num_attention_heads"),
+])
+def test_config_from_dict_rejects_unsupported_settings(change, message):
+    with pytest.raises(ValueError, match=message):
+        CLIPTextConfig.from_dict({**CLIPTextConfig().to_dict(), **change})
+
+
+def test_config_from_dict_requires_every_field():
+    d = CLIPTextConfig().to_dict()
+    del d["num_hidden_layers"]
+    with pytest.raises(ValueError, match="lacks.*num_hidden_layers"):
+        CLIPTextConfig.from_dict(d)
