@@ -1,12 +1,39 @@
 """Attention: softmax(q k^T * scale) v, non-causal.
 
 Layouts: q (B, H, Sq, D), k and v (B, H, Skv, D) -> out (B, H, Sq, D).
+
+`attention` is one Triton kernel with two paths, chosen by the length of the key sequence:
+  streaming  (Skv > 128, self-attention): FlashAttention-2's forward pass. Each program owns BLOCK_M query
+             rows, walks the keys in blocks of BLOCK_N and keeps a running max and sum (online softmax), so
+             the (Sq, Skv) score matrix never reaches memory.
+  on-chip    (Skv <= 128, cross-attention on the 77 text tokens): all keys of a head fit in one block, so
+             each program loads them once and does an exact single-pass softmax with no rescaling.
+Scores, softmax and the output accumulate in float32 in both.
+
+Head dims that are not a power of two (SD1.5's 40, 80, 160) are split into two power-of-two slices
+D = D1 + D2 (40 = 32 + 16 with 8 masked, 80 = 64 + 16, 160 = 128 + 32), each with its own matmuls, so the
+tensor cores do 48 / 80 / 160 columns of work instead of padding to 64 / 128 / 256.
 """
 import math
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without triton keep attention_ref
+    triton = None
+
+# TRITON_INTERPRET decides at kernel-definition time whether kernels run on the CPU interpreter.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM = 16  # tl.dot's smallest reduction width
+MAX_HEAD_DIM = 256  # D1 + D2 columns of float32 accumulator per query row must stay in registers
+MAX_ONCHIP_KEYS = 128  # the cross-attention path holds up to this many keys (77 for CLIP) in one block
+MAX_GRID_Y = 65535  # CUDA's limit on the grid's second axis, which walks B * H
 
 
 def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
@@ -15,3 +42,271 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale  # (B, H, Sq, Skv)
     return torch.matmul(scores.softmax(dim=-1), v.to(acc)).to(q.dtype)
+
+
+def head_dim_split(head_dim: int) -> tuple[int, int]:
+    """(D1, D2): power-of-two column slices covering head_dim, each at least 16 wide (tl.dot's minimum).
+
+    D1 is the largest power of two <= head_dim (head_dim >= 16); D2 covers the rest (0 when D1 covers all).
+    """
+    d1 = 1 << (head_dim.bit_length() - 1)
+    rest = head_dim - d1
+    d2 = 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
+    return d1, d2
+
+
+if triton is not None:
+
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_N = MAX_ONCHIP_KEYS marks an on-chip config; the
+    # prune filter shrinks it to the keys' power of two.
+    _STREAM_GRID = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
+    _ONCHIP_GRID = [(128, MAX_ONCHIP_KEYS, 4, 2), (128, MAX_ONCHIP_KEYS, 8, 2), (64, MAX_ONCHIP_KEYS, 4, 2)]
+    _FP32_GRID = [(32, 32, 4, 2)]  # float32 runs exact fp32 dots on CUDA cores: small tiles, no spills
+    _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                for m, n, w, s in _STREAM_GRID + _ONCHIP_GRID + _FP32_GRID]
+
+    def _prune_configs(configs, named_args, **kwargs):
+        """Keep the configs that suit this call's shapes: on-chip for short keys, small tiles for fp32."""
+        args = {**named_args, **kwargs}
+        skv, d_pad = args["Skv"], args["D1"] + args["D2"]
+        if args["Q"].dtype == torch.float32:
+            grid = _FP32_GRID
+        elif skv <= MAX_ONCHIP_KEYS:
+            grid = _ONCHIP_GRID
+        elif d_pad > 128:  # three stages of 128-key blocks overflow shared memory
+            grid = [c for c in _STREAM_GRID if c[1] <= 64]
+        else:
+            grid = _STREAM_GRID
+        if d_pad >= 128:  # a 128-row accumulator this wide spills with 4 warps
+            grid = [c for c in grid if c[0] < 128 or c[2] > 4]
+        onchip_n = max(16, triton.next_power_of_2(skv))
+        pruned = [triton.Config({"BLOCK_M": m, "BLOCK_N": min(n, onchip_n) if n == MAX_ONCHIP_KEYS else n},
+                                num_warps=w, num_stages=s) for m, n, w, s in grid]
+        return pruned[:1] if _INTERPRET else pruned  # the interpreter cannot time configs
+
+    @triton.autotune(configs=_CONFIGS, key=["Sq", "Skv", "HEAD_DIM"],
+                     prune_configs_by={"early_config_prune": _prune_configs})
+    @triton.heuristics({
+        "EVEN_N": lambda a: a["Skv"] % a["BLOCK_N"] == 0,  # no key mask needed
+        "SINGLE_PASS": lambda a: a["Skv"] <= a["BLOCK_N"],  # all keys in one block: exact softmax
+    })
+    @triton.jit
+    def _attention_kernel(
+        Q,  # pointer to q, shape (B, H, Sq, D), any strides
+        K,  # pointer to k, shape (B, H, Skv, D), any strides
+        V,  # pointer to v, shape (B, H, Skv, D), any strides
+        Out,  # pointer to the output, shape (B, H, Sq, D), any strides
+        stride_qb, stride_qh, stride_qm, stride_qd,  # q strides, in elements
+        stride_kb, stride_kh, stride_kn, stride_kd,  # k strides
+        stride_vb, stride_vh, stride_vn, stride_vd,  # v strides
+        stride_ob, stride_oh, stride_om, stride_od,  # output strides
+        H,  # number of heads
+        Sq,  # query length
+        Skv,  # key/value length
+        qk_scale,  # softmax scale * log2(e): scores go through exp2
+        HEAD_DIM: tl.constexpr,  # D
+        D1: tl.constexpr,  # first power-of-two column slice
+        D2: tl.constexpr,  # second slice (0: none); D1 + D2 >= D, extra columns masked
+        DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no tf32 rounding)
+        STRIDE_ALIGN: tl.constexpr,  # power of two dividing every batch/head/row stride: lets loads vectorize
+        BLOCK_M: tl.constexpr,  # query rows per program
+        BLOCK_N: tl.constexpr,  # keys per block
+        EVEN_N: tl.constexpr,  # Skv % BLOCK_N == 0
+        SINGLE_PASS: tl.constexpr,  # Skv <= BLOCK_N
+    ):
+        # The JIT only learns divisibility by 16 by itself; D = 40 rows are 80 bytes, still 16-byte aligned.
+        # (x // A * A is x here, but it tells the compiler x is a multiple of A, so loads vectorize.)
+        stride_qb = stride_qb // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_qh = stride_qh // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_qm = stride_qm // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_kb = stride_kb // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_kh = stride_kh // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_kn = stride_kn // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_vb = stride_vb // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_vh = stride_vh // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_vn = stride_vn // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_ob = stride_ob // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_oh = stride_oh // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_om = stride_om // STRIDE_ALIGN * STRIDE_ALIGN
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        Q += b * stride_qb + h * stride_qh
+        K += b * stride_kb + h * stride_kh
+        V += b * stride_vb + h * stride_vh
+        Out += b * stride_ob + h * stride_oh
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d1 = tl.arange(0, D1)
+        mask_m = offs_m < Sq
+        q1 = tl.load(Q + offs_m[:, None] * stride_qm + offs_d1[None, :] * stride_qd,
+                     mask=mask_m[:, None], other=0.0)  # (BLOCK_M, D1)
+        # k is read transposed, (D, BLOCK_N), so q @ k^T is a plain dot
+        k1_ptrs = K + offs_n[None, :] * stride_kn + offs_d1[:, None] * stride_kd  # (D1, BLOCK_N)
+        v1_ptrs = V + offs_n[:, None] * stride_vn + offs_d1[None, :] * stride_vd  # (BLOCK_N, D1)
+        if D2 > 0:
+            offs_d2 = D1 + tl.arange(0, D2)
+            mask_d2 = offs_d2 < HEAD_DIM
+            q2 = tl.load(Q + offs_m[:, None] * stride_qm + offs_d2[None, :] * stride_qd,
+                         mask=mask_m[:, None] & mask_d2[None, :], other=0.0)  # (BLOCK_M, D2)
+            k2_ptrs = K + offs_n[None, :] * stride_kn + offs_d2[:, None] * stride_kd  # (D2, BLOCK_N)
+            v2_ptrs = V + offs_n[:, None] * stride_vn + offs_d2[None, :] * stride_vd  # (BLOCK_N, D2)
+
+        if SINGLE_PASS:
+            # All keys in one block: exact softmax, no running max.
+            mask_n = offs_n < Skv
+            k1 = tl.load(k1_ptrs, mask=mask_n[None, :], other=0.0)
+            s = tl.dot(q1, k1, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) float32
+            if D2 > 0:
+                k2 = tl.load(k2_ptrs, mask=mask_d2[:, None] & mask_n[None, :], other=0.0)
+                s = tl.dot(q2, k2, s, input_precision=DOT_PRECISION)
+            s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+            p = tl.math.exp2(s - tl.max(s, 1)[:, None])
+            l_i = tl.sum(p, 1)
+            p = p.to(q1.dtype)
+            v1 = tl.load(v1_ptrs, mask=mask_n[:, None], other=0.0)
+            acc1 = tl.dot(p, v1, input_precision=DOT_PRECISION)  # (BLOCK_M, D1)
+            if D2 > 0:
+                v2 = tl.load(v2_ptrs, mask=mask_n[:, None] & mask_d2[None, :], other=0.0)
+                acc2 = tl.dot(p, v2, input_precision=DOT_PRECISION)  # (BLOCK_M, D2)
+        else:
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+            if D2 > 0:
+                acc2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
+            for start_n in range(0, Skv, BLOCK_N):
+                mask_n = (start_n + offs_n) < Skv
+                if EVEN_N:
+                    k1 = tl.load(k1_ptrs)
+                else:
+                    k1 = tl.load(k1_ptrs, mask=mask_n[None, :], other=0.0)
+                s = tl.dot(q1, k1, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) float32
+                if D2 > 0:
+                    if EVEN_N:
+                        k2 = tl.load(k2_ptrs, mask=mask_d2[:, None], other=0.0)
+                    else:
+                        k2 = tl.load(k2_ptrs, mask=mask_d2[:, None] & mask_n[None, :], other=0.0)
+                    s = tl.dot(q2, k2, s, input_precision=DOT_PRECISION)
+                if not EVEN_N:
+                    s = tl.where(mask_n[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+                p = tl.math.exp2(s * qk_scale - m_new[:, None])
+                alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+                l_i = l_i * alpha + tl.sum(p, 1)
+                m_i = m_new
+                p = p.to(q1.dtype)
+                if EVEN_N:
+                    v1 = tl.load(v1_ptrs)
+                else:
+                    v1 = tl.load(v1_ptrs, mask=mask_n[:, None], other=0.0)
+                acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+                if D2 > 0:
+                    if EVEN_N:
+                        v2 = tl.load(v2_ptrs, mask=mask_d2[None, :], other=0.0)
+                    else:
+                        v2 = tl.load(v2_ptrs, mask=mask_n[:, None] & mask_d2[None, :], other=0.0)
+                    acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=DOT_PRECISION)
+                    k2_ptrs += BLOCK_N * stride_kn
+                    v2_ptrs += BLOCK_N * stride_vn
+                k1_ptrs += BLOCK_N * stride_kn
+                v1_ptrs += BLOCK_N * stride_vn
+
+        inv_l = 1.0 / l_i
+        out1 = (acc1 * inv_l[:, None]).to(Out.dtype.element_ty)
+        tl.store(Out + offs_m[:, None] * stride_om + offs_d1[None, :] * stride_od, out1, mask=mask_m[:, None])
+        if D2 > 0:
+            out2 = (acc2 * inv_l[:, None]).to(Out.dtype.element_ty)
+            tl.store(Out + offs_m[:, None] * stride_om + offs_d2[None, :] * stride_od, out2,
+                     mask=mask_m[:, None] & mask_d2[None, :])
+
+
+def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
+    """Raise ValueError naming the bad value when the Triton kernel cannot compute attention(q, k, v)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, S, D), got shape {tuple(t.shape)}")
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"k and v must have the same shape (B, H, Skv, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on B, H and D "
+                         "(q: (B, H, Sq, D), k: (B, H, Skv, D))")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"q has dtype {q.dtype}, expected one of {DTYPES}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}, expected q's dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, expected q's device {q.device}")
+    head_dim = q.shape[3]
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {head_dim} is not supported, expected {MIN_HEAD_DIM} <= D <= {MAX_HEAD_DIM}")
+    if q.shape[2] < 1 or k.shape[2] < 1:
+        raise ValueError(f"sequence lengths must be >= 1, got Sq={q.shape[2]} and Skv={k.shape[2]}")
+    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+        raise ValueError(f"B * H = {q.shape[0] * q.shape[1]} exceeds the kernel's limit {MAX_GRID_Y}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    check_triton_device(q)
+
+
+def check_triton_device(t: Tensor) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors only under the interpreter."""
+    if triton is None:
+        raise RuntimeError("the Triton kernels need the triton package, which does not import here")
+    if t.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"Triton kernels need CUDA tensors, got a tensor on {t.device} "
+                         "(set TRITON_INTERPRET=1 before importing fastdiff to run them on the CPU interpreter)")
+
+
+def _stride_align(*tensors: Tensor) -> int:
+    """The largest power of two (<= 16) dividing every batch, head and row stride of `tensors`."""
+    align = 16
+    for t in tensors:
+        for stride in t.stride()[:3]:
+            while stride % align:
+                align //= 2
+    return align
+
+
+@torch.library.custom_op("fastdiff::triton_attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
+    batch, heads, seq_q, head_dim = q.shape
+    seq_kv = k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    out = torch.empty_like(q)  # keeps q's layout, e.g. a (B, S, H, D) buffer seen as (B, H, S, D)
+    d1, d2 = head_dim_split(head_dim)
+
+    def grid(meta):
+        return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
+
+    _attention_kernel[grid](
+        q, k, v, out,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        heads, seq_q, seq_kv,
+        scale * 1.4426950408889634,  # log2(e)
+        HEAD_DIM=head_dim, D1=d1, D2=d2,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        STRIDE_ALIGN=_stride_align(q, k, v, out),
+    )
+    return out
+
+
+@_attention_op.register_fake
+def _(q, k, v, scale):
+    return torch.empty_like(q)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+    """softmax(q k^T * scale) v with the Triton kernel; scale defaults to 1/sqrt(D).
+
+    q: (B, H, Sq, D); k, v: (B, H, Skv, D); any strides (e.g. transposed views of (B, S, H, D) buffers).
+    float16, bfloat16 or float32, 16 <= D <= 256, any Sq, Skv >= 1. Returns (B, H, Sq, D) in q's dtype and
+    q's memory layout. Runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1.
+    """
+    check_attention_inputs(q, k, v, scale)
+    if q.numel() == 0:
+        return torch.empty_like(q)
+    return _attention_op(q, k, v, scale)

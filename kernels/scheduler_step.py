@@ -12,10 +12,20 @@ on the host from the schedule (see `StepCoeffs`); the kernel is the same for all
 
 Returns (x_next, x0); x0 is what multistep solvers feed back as `prev_x0` on the next step.
 """
+import os
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without triton keep scheduler_step_ref
+    triton = None
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class StepCoeffs(NamedTuple):
@@ -76,3 +86,116 @@ def scheduler_step_ref(x: Tensor, model_output: Tensor, coeffs: StepCoeffs,
             raise ValueError(f"coefficient a_n={c.a_n} needs noise, got None")
         x_next = x_next + c.a_n * noise.to(acc)
     return x_next.to(x.dtype), x0.to(x.dtype)
+
+
+if triton is not None:
+
+    # (BLOCK, num_warps): elements per program. Small latents (16K elements) want many small programs,
+    # large batches want long ones; the prune filter drops blocks far past the tensor.
+    _GRID = [(1024, 4), (2048, 4), (4096, 8)]
+    _CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in _GRID]
+
+    def _prune_configs(configs, named_args, **kwargs):
+        n = {**named_args, **kwargs}["n_elements"]
+        kept = [c for c in configs if c.kwargs["BLOCK"] <= max(1024, triton.next_power_of_2(n) // 8)]
+        return kept[:1] if _INTERPRET else kept  # the interpreter cannot time configs
+
+    @triton.autotune(configs=_CONFIGS, key=["n_elements"], prune_configs_by={"early_config_prune": _prune_configs})
+    @triton.jit
+    def _scheduler_step_kernel(
+        X,  # pointer to x, n_elements, dense
+        M,  # pointer to model_output: n_elements, or 2 * n_elements = [uncond; cond] with guidance
+        Prev,  # pointer to prev_x0, or None
+        Noise,  # pointer to noise, or None
+        XNext,  # pointer to the output x_next
+        X0,  # pointer to the output x0
+        n_elements,  # elements of x
+        guidance_scale,  # CFG weight g (unused without guidance)
+        c_x, c_m,  # x0 = c_x * x + c_m * m
+        a_x, a_0, a_p, a_n,  # x_next = a_x * x + a_0 * x0 + a_p * prev_x0 + a_n * noise
+        GUIDANCE: tl.constexpr,  # model_output holds [uncond; cond]
+        BLOCK: tl.constexpr,  # elements per program
+    ):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_elements
+        x = tl.load(X + offs, mask=mask).to(tl.float32)
+        if GUIDANCE:
+            uncond = tl.load(M + offs, mask=mask).to(tl.float32)
+            cond = tl.load(M + n_elements + offs, mask=mask).to(tl.float32)
+            m = uncond + guidance_scale * (cond - uncond)
+        else:
+            m = tl.load(M + offs, mask=mask).to(tl.float32)
+        x0 = c_x * x + c_m * m
+        x_next = a_x * x + a_0 * x0
+        if Prev is not None:
+            x_next += a_p * tl.load(Prev + offs, mask=mask).to(tl.float32)
+        if Noise is not None:
+            x_next += a_n * tl.load(Noise + offs, mask=mask).to(tl.float32)
+        tl.store(XNext + offs, x_next.to(XNext.dtype.element_ty), mask=mask)
+        tl.store(X0 + offs, x0.to(X0.dtype.element_ty), mask=mask)
+
+
+def _same_dense_layout(tensors: list[Tensor]) -> bool:
+    """True when every tensor is dense in one memory order with the batch outermost (contiguous, or all
+    channels_last), so the kernel can walk them as flat arrays in step."""
+    x = tensors[0]
+    if x.is_contiguous():
+        return all(t.is_contiguous() for t in tensors)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors)
+    return False
+
+
+@torch.library.custom_op("fastdiff::triton_scheduler_step", mutates_args=())
+def _scheduler_step_op(x: Tensor, model_output: Tensor, c_x: float, c_m: float, a_x: float, a_0: float,
+                       a_p: float, a_n: float, guidance_scale: Optional[float], prev_x0: Optional[Tensor],
+                       noise: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    x_next = torch.empty_like(x)  # x's layout; the caller made every input share it
+    x0 = torch.empty_like(x)
+    n = x.numel()
+    _scheduler_step_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](
+        x, model_output, prev_x0, noise, x_next, x0, n,
+        0.0 if guidance_scale is None else guidance_scale, c_x, c_m, a_x, a_0, a_p, a_n,
+        GUIDANCE=guidance_scale is not None,
+    )
+    return x_next, x0
+
+
+@_scheduler_step_op.register_fake
+def _(x, model_output, c_x, c_m, a_x, a_0, a_p, a_n, guidance_scale, prev_x0, noise):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def scheduler_step(x: Tensor, model_output: Tensor, coeffs: StepCoeffs,
+                   guidance_scale: Optional[float] = None, prev_x0: Optional[Tensor] = None,
+                   noise: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The fused step with the Triton kernel: one read of every input, one write of x_next and x0.
+
+    x: (B, ...) float16, bfloat16 or float32; model_output: (B, ...) or (2B, ...) = [uncond; cond] when
+    guidance_scale is given; prev_x0, noise: x's shape, needed when a_p, a_n are non-zero. Float32
+    arithmetic; returns (x_next, x0) in x's dtype and layout. Runs on CUDA tensors, or on the CPU under
+    TRITON_INTERPRET=1.
+    """
+    check_step_inputs(x, model_output, guidance_scale, prev_x0, noise)
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x has dtype {x.dtype}, expected one of {DTYPES}")
+    c = coeffs
+    if c.a_p != 0.0 and prev_x0 is None:
+        raise ValueError(f"coefficient a_p={c.a_p} needs prev_x0, got None")
+    if c.a_n != 0.0 and noise is None:
+        raise ValueError(f"coefficient a_n={c.a_n} needs noise, got None")
+    from .attention import check_triton_device
+
+    check_triton_device(x)
+    # Inputs whose coefficient is zero are never read, as in scheduler_step_ref.
+    prev_x0 = prev_x0 if c.a_p != 0.0 else None
+    noise = noise if c.a_n != 0.0 else None
+    inputs = [t for t in (x, model_output, prev_x0, noise) if t is not None]
+    if not _same_dense_layout(inputs):
+        x, model_output = x.contiguous(), model_output.contiguous()
+        prev_x0 = None if prev_x0 is None else prev_x0.contiguous()
+        noise = None if noise is None else noise.contiguous()
+    if x.numel() == 0:
+        return torch.empty_like(x), torch.empty_like(x)
+    return _scheduler_step_op(x, model_output, float(c.c_x), float(c.c_m), float(c.a_x), float(c.a_0),
+                              float(c.a_p), float(c.a_n), guidance_scale, prev_x0, noise)
