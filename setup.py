@@ -1,3 +1,98 @@
+"""Builds the optional extension fastdiff._C from csrc/; everything else is in pyproject.toml.
+
+The extension is optional. Where torch is not importable, no C++ compiler works or the build fails, setup
+prints a warning and installs fastdiff without it (the ops seam then uses Triton or plain PyTorch, and
+`fastdiff info` says why). pip shows that warning only with -v.
+
+    FASTDIFF_SKIP_CUDA_BUILD=1   build the C++ (CPU) part only, even where torch has CUDA and nvcc exists
+    TORCH_CUDA_ARCH_LIST         GPU targets instead of the default sm_80 + sm_90 (+ PTX for newer GPUs)
+"""
+import os
+import sys
+
 from setuptools import setup
 
-setup()
+CPU_SOURCES = ["csrc/fastdiff_api.cpp", "csrc/scheduler_step_cpu.cpp"]
+CUDA_SOURCES = ["csrc/scheduler_step_cuda.cu"]
+CUDA_LIBRARIES = ("cudart", "c10_cuda", "torch_cuda")  # what CUDAExtension links beyond CppExtension
+# at::parallel_for is inline in ATen's headers: without -fopenmp it silently runs on one thread.
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+CXX_FLAGS = ["-O3", *OPENMP]  # the C++ standard is torch's choice (C++17 or C++20, by version)
+# sm_80 and sm_90 machine code; compute_90 PTX lets newer GPUs JIT-compile it.
+NVCC_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                   "-gencode=arch=compute_90,code=compute_90"]
+
+
+def warn(message: str) -> None:
+    print(f"\nWARNING: fastdiff is installed WITHOUT its compiled extension fastdiff._C: {message}\n"
+          "fastdiff still works, on its Triton and PyTorch paths; `fastdiff info` shows what is in use.\n",
+          file=sys.stderr, flush=True)
+
+
+def cuda_unavailable_reason(torch, cpp_extension) -> str:
+    """Why the CUDA part will not be built, or "" when it will."""
+    if os.environ.get("FASTDIFF_SKIP_CUDA_BUILD", "0") == "1":
+        return "FASTDIFF_SKIP_CUDA_BUILD=1"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} has no CUDA"
+    if cpp_extension.CUDA_HOME is None:
+        return "nvcc was not found (set CUDA_HOME)"
+    return ""
+
+
+def make_extension(cpp_extension, with_cuda: bool):
+    if not with_cuda:
+        return cpp_extension.CppExtension("fastdiff._C", CPU_SOURCES, extra_compile_args={"cxx": CXX_FLAGS},
+                                          extra_link_args=OPENMP)
+    nvcc = ["-O3"]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        nvcc += NVCC_ARCH_FLAGS  # torch adds its own -gencode flags only when none are given
+    return cpp_extension.CUDAExtension("fastdiff._C", CPU_SOURCES + CUDA_SOURCES,
+                                       define_macros=[("FASTDIFF_WITH_CUDA", None)],
+                                       extra_compile_args={"cxx": CXX_FLAGS, "nvcc": nvcc},
+                                       extra_link_args=OPENMP)
+
+
+def extension_setup() -> dict:
+    """setup() arguments for fastdiff._C, or {} when it cannot be built here."""
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as e:  # ImportError, or a broken torch raising anything
+        warn(f"torch is not importable ({type(e).__name__}: {e}); install torch first, then "
+             "`pip install --no-build-isolation -e .`")
+        return {}
+    no_cuda = cuda_unavailable_reason(torch, cpp_extension)
+    if no_cuda:
+        print(f"fastdiff: building fastdiff._C without its CUDA part: {no_cuda}", file=sys.stderr)
+
+    class OptionalBuildExt(cpp_extension.BuildExtension):
+        """Never fails the install: on a failed CUDA build retries CPU-only, then gives up with a warning."""
+
+        def run(self):
+            try:
+                super().run()
+                return
+            except Exception as e:  # compiler errors surface as CompileError, RuntimeError, OSError, ...
+                error = e
+            if not no_cuda:
+                print(f"\nWARNING: the CUDA part of fastdiff._C failed to build ({type(error).__name__}: "
+                      f"{error}); retrying without it.\n", file=sys.stderr, flush=True)
+                for ext in self.extensions:  # in place: setuptools annotated these objects already
+                    ext.sources = [s for s in ext.sources if s not in CUDA_SOURCES]
+                    ext.define_macros = [m for m in ext.define_macros if m[0] != "FASTDIFF_WITH_CUDA"]
+                    ext.libraries = [lib for lib in ext.libraries if lib not in CUDA_LIBRARIES]
+                try:
+                    super().run()
+                    return
+                except Exception as e:
+                    error = e
+            self.extensions = []  # nothing for setuptools to copy into place
+            warn(f"the build failed ({type(error).__name__}: {error}); reinstall with "
+                 "`pip install -v --no-build-isolation -e .` to see the compiler's output")
+
+    return {"ext_modules": [make_extension(cpp_extension, with_cuda=not no_cuda)],
+            "cmdclass": {"build_ext": OptionalBuildExt}}
+
+
+setup(**extension_setup())

@@ -2,6 +2,9 @@
 `import fastdiff`: it only makes the `cuda` backend unavailable, with the reason kept for `fastdiff info`."""
 from typing import Optional
 
+import torch  # loads libtorch before _C, which links against it
+from torch import Tensor
+
 try:
     from fastdiff import _C
     _load_error: Optional[str] = None
@@ -9,12 +12,52 @@ except Exception as e:  # ImportError, or an ABI mismatch surfacing as OSError/R
     _C = None
     _load_error = f"{type(e).__name__}: {e}"
 
+_availability: dict[str, tuple[bool, str]] = {}
+
+
+def _check(device_type: str) -> tuple[bool, str]:
+    if _C is None:
+        return False, (f"fastdiff._C not built or failed to load ({_load_error}); rebuild with "
+                       "`pip install -v --no-build-isolation -e .` to see why")
+    if device_type == "cpu":
+        threads = f"OpenMP, {torch.get_num_threads()} threads" if _C.with_openmp else "single-threaded build"
+        return True, f"fastdiff._C C++ ({threads})"
+    if device_type == "cuda":
+        if not _C.with_cuda:
+            return False, ("fastdiff._C was built without its CUDA part (torch without CUDA, no nvcc, "
+                           "FASTDIFF_SKIP_CUDA_BUILD=1, or a failed CUDA build)")
+        if not torch.cuda.is_available():
+            return False, "torch sees no CUDA device"
+        problem = _C.cuda_status()
+        if problem:
+            return False, f"fastdiff._C's CUDA kernels cannot run on this GPU: {problem}"
+        return True, f"fastdiff._C CUDA ({torch.cuda.get_device_name()})"
+    return False, f"fastdiff._C runs on cpu and cuda tensors, not {device_type}"
+
 
 def availability(device_type: str) -> tuple[bool, str]:
+    """Whether `fastdiff._C` can run `scheduler_step` on `device_type` tensors, and why (not)."""
+    if device_type not in _availability:  # the seam asks on every call; the answer never changes
+        _availability[device_type] = _check(device_type)
+    return _availability[device_type]
+
+
+def scheduler_step(x: Tensor, model_output: Tensor, coeffs, guidance_scale: Optional[float] = None,
+                   prev_x0: Optional[Tensor] = None, noise: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Fused CFG combine + solver step in fastdiff._C; same contract as `scheduler_step_ref`.
+
+    x: (B, ...); model_output: (2B, ...) = [uncond; cond] with guidance_scale, else (B, ...); prev_x0 and
+    noise: (B, ...) or None; coeffs: a `StepCoeffs`. All of x's dtype (float16/bfloat16/float32/float64)
+    and device (cpu or cuda). The kernels walk flat memory: contiguous tensors, or all channels_last, go in
+    as they are; any other operand is first copied into x's layout (contiguous when x is strided).
+    Returns (x_next, x0) shaped, typed and laid out like x.
+    """
     if _C is None:
-        return False, f"fastdiff._C not built or failed to load ({_load_error})"
-    return False, "fastdiff._C has no scheduler_step yet"
-
-
-def scheduler_step(x, model_output, coeffs, guidance_scale=None, prev_x0=None, noise=None):
-    raise RuntimeError("fastdiff._C scheduler_step is not available: " + availability(x.device.type)[1])
+        raise RuntimeError("fastdiff._C scheduler_step is not available: " + availability(x.device.type)[1])
+    layout = torch.contiguous_format
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        layout = torch.channels_last
+    return _C.scheduler_step(x.contiguous(memory_format=layout), model_output.contiguous(memory_format=layout),
+                             coeffs, guidance_scale,
+                             None if prev_x0 is None else prev_x0.contiguous(memory_format=layout),
+                             None if noise is None else noise.contiguous(memory_format=layout))

@@ -1,0 +1,164 @@
+// The one C++ front door of fastdiff._C: validates every tensor (device, dtype, shape, contiguity) and
+// hands raw pointers to the CPU or CUDA kernels declared in scheduler_step.h. Argument errors raise
+// ValueError, as kernels/scheduler_step.py's check_step_inputs does; a CUDA tensor given to a build
+// without CUDA raises NotImplementedError.
+#include <torch/extension.h>
+
+#ifdef FASTDIFF_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "scheduler_step.h"
+
+namespace fastdiff {
+namespace {
+
+DType kernel_dtype(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kHalf: return DType::Float16;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kFloat: return DType::Float32;
+    case at::kDouble: return DType::Float64;
+    default:
+      TORCH_CHECK_VALUE(false, "scheduler_step: x must be float16, bfloat16, float32 or float64, got ",
+                        x.scalar_type());
+  }
+}
+
+// The kernels walk flat memory, so every operand they read must be dense in x's memory order: contiguous,
+// or channels_last when x is (a channels_last UNet's output then needs no copy). With the batch outermost in
+// both, the cond half of a (2B, ...) model_output starts numel(x) elements in.
+at::MemoryFormat memory_order(const at::Tensor& x) {
+  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+                    "scheduler_step: x must be contiguous or channels_last, got strides ", x.strides(),
+                    " for shape ", x.sizes(), "; call .contiguous() first (fastdiff._ext.scheduler_step does)");
+  return at::MemoryFormat::ChannelsLast;
+}
+
+const char* order_name(at::MemoryFormat order) {
+  return order == at::MemoryFormat::ChannelsLast ? "channels_last" : "contiguous";
+}
+
+// Shape, dtype and device first (the messages of check_step_inputs), then the memory order of the
+// operands the kernel reads.
+void check_operand(const at::Tensor& t, const char* name, const at::Tensor& x, at::MemoryFormat order,
+                   at::IntArrayRef expected_shape, const char* shape_why, bool read) {
+  TORCH_CHECK_VALUE(t.sizes() == expected_shape, "scheduler_step: ", name, " has shape ", t.sizes(),
+                    ", expected ", expected_shape, " ", shape_why);
+  TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), "scheduler_step: ", name, " has dtype ",
+                    t.scalar_type(), ", expected x's dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), "scheduler_step: ", name, " is on ", t.device(),
+                    ", expected x's device ", x.device());
+  TORCH_CHECK_VALUE(!read || t.is_contiguous(order), "scheduler_step: ", name, " must be ", order_name(order),
+                    " like x, got strides ", t.strides(), " for shape ", t.sizes(),
+                    "; convert it first (fastdiff._ext.scheduler_step does)");
+}
+
+// Returns the pointer the kernel reads, or nullptr when the coefficient is zero and the operand is skipped.
+const void* optional_operand(const std::optional<at::Tensor>& t, const char* name, const char* coeff_name,
+                             double coeff, const at::Tensor& x, at::MemoryFormat order) {
+  TORCH_CHECK_VALUE(coeff == 0.0 || t.has_value(), "scheduler_step: coefficient ", coeff_name, "=", coeff,
+                    " needs ", name, ", got None");
+  if (!t.has_value()) return nullptr;
+  check_operand(*t, name, x, order, x.sizes(), "(x's shape)", coeff != 0.0);
+  return coeff != 0.0 ? t->data_ptr() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor> scheduler_step(const at::Tensor& x, const at::Tensor& model_output,
+                                                  const std::array<double, 6>& coeffs,
+                                                  std::optional<double> guidance_scale,
+                                                  const std::optional<at::Tensor>& prev_x0,
+                                                  const std::optional<at::Tensor>& noise) {
+  TORCH_CHECK_VALUE(x.defined() && model_output.defined(), "scheduler_step: x and model_output must be tensors");
+  const DType dtype = kernel_dtype(x);
+  TORCH_CHECK_VALUE(x.is_cpu() || x.is_cuda(), "scheduler_step: x must be on cpu or cuda, got ", x.device());
+  const at::MemoryFormat order = memory_order(x);
+  const bool guided = guidance_scale.has_value();
+  const int64_t batch = x.dim() > 0 ? x.size(0) : 1;
+  TORCH_CHECK_VALUE(!guided || x.dim() > 0, "scheduler_step: guidance needs a batch dimension, got a 0-d x");
+  std::vector<int64_t> mo_shape = x.sizes().vec();
+  if (guided) mo_shape[0] = 2 * batch;
+  check_operand(model_output, "model_output", x, order, mo_shape,
+                guided ? "(2B, ...) = [uncond; cond] because guidance_scale is set" : "(x's shape)", true);
+
+  const auto [c_x, c_m, a_x, a_0, a_p, a_n] = coeffs;
+  at::Tensor x_next = at::empty(x.sizes(), x.options().memory_format(order));
+  at::Tensor x0 = at::empty(x.sizes(), x.options().memory_format(order));
+  StepArgs args{};
+  args.x = x.data_ptr();
+  args.uncond = model_output.data_ptr();
+  args.cond = guided ? static_cast<const char*>(args.uncond) + x.numel() * x.element_size() : nullptr;
+  args.prev_x0 = optional_operand(prev_x0, "prev_x0", "a_p", a_p, x, order);
+  args.noise = optional_operand(noise, "noise", "a_n", a_n, x, order);
+  args.x_next = x_next.data_ptr();
+  args.x0 = x0.data_ptr();
+  args.n = x.numel();
+  args.guidance = guidance_scale.value_or(0.0);
+  args.c_x = c_x;
+  args.c_m = c_m;
+  args.a_x = a_x;
+  args.a_0 = a_0;
+  args.a_p = a_p;
+  args.a_n = a_n;
+  if (args.n == 0) return {x_next, x0};
+
+  if (x.is_cuda()) {
+#ifdef FASTDIFF_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    C10_CUDA_CHECK(scheduler_step_cuda(dtype, args, sm_count, at::cuda::getCurrentCUDAStream()));
+#else
+    TORCH_CHECK_NOT_IMPLEMENTED(false, "scheduler_step: fastdiff._C was built without its CUDA part, got x on ",
+                                x.device());
+#endif
+  } else {
+    pybind11::gil_scoped_release no_gil;
+    scheduler_step_cpu(dtype, args);
+  }
+  return {x_next, x0};
+}
+
+// "" when the CUDA kernels can run on the current device, else why not.
+std::string cuda_status() {
+#ifdef FASTDIFF_WITH_CUDA
+  const cudaError_t err = cuda_probe();
+  return err == cudaSuccess ? "" : cudaGetErrorString(err);
+#else
+  return "fastdiff._C was built without its CUDA part";
+#endif
+}
+
+}  // namespace
+}  // namespace fastdiff
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastdiff's compiled kernels: the fused sampling update on CPU (C++) and CUDA";
+  m.def("scheduler_step", &fastdiff::scheduler_step, pybind11::arg("x"), pybind11::arg("model_output"),
+        pybind11::arg("coeffs"), pybind11::arg("guidance_scale") = pybind11::none(),
+        pybind11::arg("prev_x0") = pybind11::none(), pybind11::arg("noise") = pybind11::none(),
+        R"(Fused CFG combine + solver step; returns (x_next, x0), new tensors shaped and laid out like x.
+
+x: (B, ...) contiguous, or (B, C, H, W) channels_last; float16/bfloat16/float32/float64; on cpu or cuda.
+model_output: (2B, ...) = [uncond; cond] when guidance_scale is given, else (B, ...); in x's memory order.
+coeffs: the six floats of StepCoeffs (c_x, c_m, a_x, a_0, a_p, a_n).
+prev_x0, noise: like x; required when a_p (a_n) is non-zero, ignored (never read) when it is zero.
+Every tensor must share x's dtype and device. Math runs in float32 (float64 for float64).)");
+  m.def("cuda_status", &fastdiff::cuda_status,
+        "'' when the CUDA kernels can run on the current device, otherwise the reason they cannot");
+#ifdef FASTDIFF_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+#ifdef _OPENMP
+  m.attr("with_openmp") = true;
+#else
+  m.attr("with_openmp") = false;
+#endif
+}
