@@ -15,20 +15,17 @@ D = D1 + D2 (40 = 32 + 16 with 8 masked, 80 = 64 + 16, 160 = 128 + 32), each wit
 tensor cores do 48 / 80 / 160 columns of work instead of padding to 64 / 128 / 256.
 """
 import math
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs without triton keep attention_ref
-    triton = None
+from . import _triton
+from ._triton import check_triton_device, triton
 
-# TRITON_INTERPRET decides at kernel-definition time whether kernels run on the CPU interpreter.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if triton is not None:
+    import triton.language as tl
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM = 16  # tl.dot's smallest reduction width
 MAX_HEAD_DIM = 256  # D1 + D2 columns of float32 accumulator per query row must stay in registers
@@ -82,7 +79,7 @@ if triton is not None:
         onchip_n = max(16, triton.next_power_of_2(skv))
         pruned = [triton.Config({"BLOCK_M": m, "BLOCK_N": min(n, onchip_n) if n == MAX_ONCHIP_KEYS else n},
                                 num_warps=w, num_stages=s) for m, n, w, s in grid]
-        return pruned[:1] if _INTERPRET else pruned  # the interpreter cannot time configs
+        return pruned[:1] if _triton.INTERPRET else pruned  # the interpreter cannot time configs
 
     @triton.autotune(configs=_CONFIGS, key=["Sq", "Skv", "HEAD_DIM"],
                      prune_configs_by={"early_config_prune": _prune_configs})
@@ -250,15 +247,6 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[floa
     if scale is not None and not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     check_triton_device(q)
-
-
-def check_triton_device(t: Tensor) -> None:
-    """Triton kernels run on CUDA tensors, or on CPU tensors only under the interpreter."""
-    if triton is None:
-        raise RuntimeError("the Triton kernels need the triton package, which does not import here")
-    if t.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"Triton kernels need CUDA tensors, got a tensor on {t.device} "
-                         "(set TRITON_INTERPRET=1 before importing fastdiff to run them on the CPU interpreter)")
 
 
 def _stride_align(*tensors: Tensor) -> int:

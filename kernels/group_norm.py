@@ -13,22 +13,19 @@ too much work for one program. Three launches:
 Tiles follow the memory layout: in contiguous x a group is one run of Cg * HW elements; in channels_last x
 a tile is ROWS pixels x all C channels, laid out as (ROWS, G, Cg) so that each group reduces on its own.
 """
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import triton
+from ._triton import check_triton_device, triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # CPU-only installs without triton keep group_norm_ref
-    triton = None
 
 ACTIVATIONS = (None, "silu")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TILE = 4096  # elements per stats/apply program: enough loads in flight, no spills
 MAX_ROW = 16384  # channels_last: G * next_power_of_2(Cg) elements of one pixel must fit one tile
 PARTIAL_BLOCK = 1024  # finalize merges partials this many at a time
@@ -227,8 +224,6 @@ def check_group_norm_inputs(x: Tensor, num_groups: int, weight: Optional[Tensor]
     if row > MAX_ROW and _is_channels_last(x):
         raise ValueError(f"channels_last x with {channels} channels in {num_groups} groups needs {row} elements "
                          f"per pixel tile, over the kernel's limit {MAX_ROW}")
-    from .attention import check_triton_device
-
     check_triton_device(x)
 
 

@@ -12,20 +12,18 @@ on the host from the schedule (see `StepCoeffs`); the kernel is the same for all
 
 Returns (x_next, x0); x0 is what multistep solvers feed back as `prev_x0` on the next step.
 """
-import os
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-try:
-    import triton
+from . import _triton
+from ._triton import check_triton_device, triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # CPU-only installs without triton keep scheduler_step_ref
-    triton = None
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class StepCoeffs(NamedTuple):
@@ -98,7 +96,7 @@ if triton is not None:
     def _prune_configs(configs, named_args, **kwargs):
         n = {**named_args, **kwargs}["n_elements"]
         kept = [c for c in configs if c.kwargs["BLOCK"] <= max(1024, triton.next_power_of_2(n) // 8)]
-        return kept[:1] if _INTERPRET else kept  # the interpreter cannot time configs
+        return kept[:1] if _triton.INTERPRET else kept  # the interpreter cannot time configs
 
     @triton.autotune(configs=_CONFIGS, key=["n_elements"], prune_configs_by={"early_config_prune": _prune_configs})
     @triton.jit
@@ -184,8 +182,6 @@ def scheduler_step(x: Tensor, model_output: Tensor, coeffs: StepCoeffs,
         raise ValueError(f"coefficient a_p={c.a_p} needs prev_x0, got None")
     if c.a_n != 0.0 and noise is None:
         raise ValueError(f"coefficient a_n={c.a_n} needs noise, got None")
-    from .attention import check_triton_device
-
     check_triton_device(x)
     # Inputs whose coefficient is zero are never read, as in scheduler_step_ref.
     prev_x0 = prev_x0 if c.a_p != 0.0 else None

@@ -1,0 +1,21 @@
+"""What every Triton kernel module shares: the optional import, interpreter mode, the device check."""
+import os
+
+from torch import Tensor
+
+try:
+    import triton
+except ImportError:  # CPU-only installs without triton keep the `<op>_ref` twins
+    triton = None
+
+# TRITON_INTERPRET is read when a kernel is defined: set it before importing fastdiff to run on the CPU.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_triton_device(t: Tensor) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors only under the interpreter."""
+    if triton is None:
+        raise RuntimeError("the Triton kernels need the triton package, which does not import here")
+    if t.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"Triton kernels need CUDA tensors, got a tensor on {t.device} "
+                         "(set TRITON_INTERPRET=1 before importing fastdiff to run them on the CPU interpreter)")
