@@ -1,5 +1,6 @@
 """CLIP text encoder parity with transformers' CLIPTextModel, on tiny random configs."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -101,8 +102,11 @@ def test_loads_every_transformers_file_layout(tmp_path):
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every key transformers writes is known to fastdiff
+        config = CLIPTextConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))
     for name, sd in (("flat", flat), ("prefixed", prefixed), ("legacy", legacy), ("save_pretrained", saved)):
-        ours = CLIPTextModel(CLIPTextConfig.from_dict(json.loads((tmp_path / "config.json").read_text())))
+        ours = CLIPTextModel(config)
         ours.load_state_dict(sd, strict=True)
         with torch.no_grad():
             assert _rel_err(ours(ids), want, name) <= 1e-5
@@ -117,7 +121,9 @@ def test_config_from_dict_reads_a_real_sd2_config_and_round_trips():
         "num_attention_heads": 16, "num_hidden_layers": 23, "pad_token_id": 1, "projection_dim": 512,
         "torch_dtype": "float32", "transformers_version": "4.25.0.dev0", "vocab_size": 49408,
     }
-    config = CLIPTextConfig.from_dict(sd2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a published config must read without complaint
+        config = CLIPTextConfig.from_dict(sd2)
     assert (config.hidden_size, config.num_hidden_layers, config.hidden_act) == (1024, 23, "gelu")
     assert CLIPTextConfig.from_dict(config.to_dict()) == config
     theirs = transformers.CLIPTextConfig(**config.to_dict())
@@ -126,14 +132,34 @@ def test_config_from_dict_reads_a_real_sd2_config_and_round_trips():
 
 @pytest.mark.parametrize("change, message", [
     ({"hidden_act": "gelu_new"}, "hidden_act must be one of"),
-    ({"model_type": "clip"}, "model_type must be 'clip_text_model', got 'clip'"),
-    ({"architectures": ["CLIPTextModelWithProjection"]}, "architectures must be"),
-    ({"use_attention_mask": True}, "does not support.*use_attention_mask"),
+    ({"model_type": "clip"}, r"model_type='clip' is not supported by fastdiff \(expected 'clip_text_model'\)"),
+    ({"architectures": ["CLIPTextModelWithProjection"]}, r"architectures=\['CLIPTextModelWithProjection'\]"),
+    ({"pruned_heads": {"0": [1]}}, "pruned_heads="),
     ({"hidden_size": 100}, "multiple of num_attention_heads"),
 ])
 def test_config_from_dict_rejects_unsupported_settings(change, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as info:
         CLIPTextConfig.from_dict({**CLIPTextConfig().to_dict(), **change})
+    print(info.value)
+
+
+def test_config_from_dict_ignores_known_harmless_keys_silently():
+    # transformers 4.x wrote PretrainedConfig's generation defaults into every config.json.
+    d = {**CLIPTextConfig().to_dict(), "num_beams": 1, "temperature": 1.0, "torchscript": False,
+         "pruned_heads": {}, "architectures": None, "_attn_implementation": "sdpa"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert CLIPTextConfig.from_dict(d) == CLIPTextConfig()
+
+
+def test_config_from_dict_ignores_unknown_keys_with_one_warning_naming_them():
+    d = {**CLIPTextConfig().to_dict(), "use_attention_mask": True, "a_setting_from_the_future": 1}
+    with pytest.warns(UserWarning) as record:
+        config = CLIPTextConfig.from_dict(d)
+    print(record[0].message)
+    assert len(record) == 1
+    assert "'use_attention_mask', 'a_setting_from_the_future'" in str(record[0].message)
+    assert config == CLIPTextConfig()
 
 
 def test_config_from_dict_requires_every_field():

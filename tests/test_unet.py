@@ -1,4 +1,6 @@
 """fastdiff's UNet2DConditionModel against diffusers' (the oracle), on tiny float32 configs on CPU."""
+import warnings
+
 import pytest
 import torch
 
@@ -140,14 +142,18 @@ def test_timestep_embedding_matches_diffusers(flip_sin_to_cos, freq_shift, dim):
 def test_config_round_trips_through_diffusers(name):
     config = UNetConfig(**CONFIGS[name])
     theirs = diffusers_unet(config)
-    assert UNetConfig.from_dict(dict(theirs.config)) == config
-    assert UNetConfig.from_dict(config.to_dict()) == config
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every key diffusers writes is known to fastdiff
+        assert UNetConfig.from_dict(dict(theirs.config)) == config
+        assert UNetConfig.from_dict(config.to_dict()) == config
 
 
 @pytest.mark.parametrize("published", [SD15_UNET_CONFIG, SD21_UNET_CONFIG], ids=["sd1.5", "sd2.1"])
 def test_full_size_configs_have_diffusers_keys_and_shapes(published):
     # Built on the meta device: shapes only, no memory, no time.
-    config = UNetConfig.from_dict(published)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a published config must read without complaint
+        config = UNetConfig.from_dict(published)
     with torch.device("meta"):
         ours = UNet2DConditionModel(config)
         theirs = diffusers_unet(config)
@@ -175,7 +181,6 @@ UNSUPPORTED = [
     ("cross_attention_dim", [32, 32, 32]),
     ("attention_head_dim", [8, 8]),
     ("norm_num_groups", 12),
-    ("a_setting_from_the_future", 1),
 ]
 
 
@@ -187,9 +192,22 @@ def test_unsupported_settings_raise_value_error_naming_them(key, value):
     print(info.value)
 
 
-def test_bookkeeping_keys_are_ignored():
-    d = {**UNetConfig(**CONFIGS["sd1"]).to_dict(), "_diffusers_version": "0.42.1", "_name_or_path": "x"}
-    assert UNetConfig.from_dict(d) == UNetConfig(**CONFIGS["sd1"])
+def test_bookkeeping_keys_and_neutral_fixed_settings_are_ignored_silently():
+    d = {**UNetConfig(**CONFIGS["sd1"]).to_dict(), "_diffusers_version": "0.42.1", "_name_or_path": "x",
+         "class_embed_type": None, "act_fn": "swish", "mid_block_scale_factor": 1.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert UNetConfig.from_dict(d) == UNetConfig(**CONFIGS["sd1"])
+
+
+def test_unknown_keys_are_ignored_with_one_warning_naming_them():
+    d = {**UNetConfig(**CONFIGS["sd1"]).to_dict(), "a_setting_from_the_future": 1, "another_one": [2]}
+    with pytest.warns(UserWarning) as record:
+        config = UNetConfig.from_dict(d)
+    print(record[0].message)
+    assert len(record) == 1
+    assert "'a_setting_from_the_future', 'another_one'" in str(record[0].message)
+    assert config == UNetConfig(**CONFIGS["sd1"])
 
 
 @pytest.mark.parametrize("name", CONFIGS)

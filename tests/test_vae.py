@@ -1,4 +1,6 @@
 """fastdiff's AutoencoderKL against diffusers' (the oracle), on tiny float32 configs on CPU."""
+import warnings
+
 import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
@@ -115,7 +117,9 @@ def test_backward_runs_through_inplace_residuals():
 
 
 def test_from_dict_reads_sd15_config():
-    config = VAEConfig.from_dict(SD15_VAE_CONFIG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a published config must read without complaint
+        config = VAEConfig.from_dict(SD15_VAE_CONFIG)
     assert config.block_out_channels == (128, 256, 512, 512)
     assert config.layers_per_block == 2 and config.sample_size == 512 and config.downsample_factor == 8
     # Keys absent from old configs take diffusers' defaults.
@@ -125,7 +129,9 @@ def test_from_dict_reads_sd15_config():
 
 def test_config_round_trips_through_diffusers():
     ours, theirs = make_pair("bare")
-    assert VAEConfig.from_dict(dict(theirs.config)) == ours.config
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every key diffusers writes is known to fastdiff
+        assert VAEConfig.from_dict(dict(theirs.config)) == ours.config
     d = ours.config.to_dict()
     for key, value in theirs.config.items():
         if not key.startswith("_"):
@@ -149,11 +155,20 @@ def test_defaults_match_diffusers_defaults():
     ({"norm_num_groups": 24}, "norm_num_groups"),
     ({"layers_per_block": 0}, "layers_per_block"),
     ({"block_out_channels": [], "down_block_types": [], "up_block_types": []}, "block_out_channels"),
-    ({"some_new_setting": True}, "some_new_setting"),
 ])
 def test_from_dict_rejects_unsupported_setting(override, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=name) as info:
         VAEConfig.from_dict({**SD15_VAE_CONFIG, **override})
+    print(info.value)
+
+
+def test_from_dict_ignores_unknown_keys_with_one_warning_naming_them():
+    with pytest.warns(UserWarning) as record:
+        config = VAEConfig.from_dict({**SD15_VAE_CONFIG, "some_new_setting": True, "another_one": None})
+    print(record[0].message)
+    assert len(record) == 1
+    assert "'some_new_setting', 'another_one'" in str(record[0].message)
+    assert config == VAEConfig.from_dict(SD15_VAE_CONFIG)
 
 
 @pytest.mark.parametrize("shape, match", [((1, 3, 15, 16), "multiples of 2"), ((1, 4, 16, 16), "images must be")])

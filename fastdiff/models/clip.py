@@ -16,17 +16,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._config import read_settings
+
 _ACTIVATIONS = ("quick_gelu", "gelu")
-# Keys of a transformers text_encoder/config.json that do not change the forward pass: token ids (used
-# by transformers' pooled output and the tokenizer), training-only dropout and initialisation, the
-# projection of CLIPTextModelWithProjection, and bookkeeping. Other unknown keys are rejected.
+# Settings of a transformers text_encoder/config.json that fastdiff does not implement, with the values that
+# leave it a plain CLIPTextModel.
+_FIXED_SETTINGS: dict[str, tuple] = {
+    "model_type": ("clip_text_model",),
+    "architectures": (["CLIPTextModel"], None),
+    "pruned_heads": ({},),
+}
+# Keys that do not change the forward pass: token ids (used by transformers' pooled output and the
+# tokenizer), training-only dropout and initialisation, the projection of CLIPTextModelWithProjection, and
+# bookkeeping.
 _IGNORED_KEYS = frozenset({
-    "architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "projection_dim",
-    "attention_dropout", "dropout", "initializer_range", "initializer_factor", "torch_dtype", "dtype",
-    "transformers_version",
-    # PretrainedConfig's generic settings, written out by transformers' to_dict().
+    "bos_token_id", "eos_token_id", "pad_token_id", "projection_dim", "attention_dropout", "dropout",
+    "initializer_range", "initializer_factor", "torch_dtype", "dtype", "transformers_version",
+    # PretrainedConfig's generic settings (output switches, generation defaults), which transformers 4.x
+    # wrote into every config.json and 5.x partly still does.
     "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
-    "id2label", "label2id", "problem_type", "tie_word_embeddings",
+    "id2label", "label2id", "problem_type", "tie_word_embeddings", "torchscript", "use_bfloat16",
+    "tf_legacy_loss", "is_decoder", "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder",
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
+    "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+    "finetuning_task", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
+    "task_specific_params",
 })
 
 
@@ -52,23 +69,14 @@ class CLIPTextConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CLIPTextConfig":
-        """Read a transformers text_encoder/config.json dict. Every field must be present (transformers
-        writes them all); keys starting with "_" and those in `_IGNORED_KEYS` are skipped; anything
-        else raises ValueError, as does a model that is not a plain CLIPTextModel."""
-        if d.get("model_type", "clip_text_model") != "clip_text_model":
-            raise ValueError(f"model_type must be 'clip_text_model', got {d['model_type']!r}")
-        architectures = d.get("architectures") or ["CLIPTextModel"]
-        if architectures != ["CLIPTextModel"]:
-            raise ValueError(f"architectures must be ['CLIPTextModel'], got {architectures!r}")
-        fields = list(cls.__dataclass_fields__)
-        missing = [k for k in fields if k not in d]
+        """Read a transformers text_encoder/config.json dict. Every field above must be present (transformers
+        writes them all); every `_FIXED_SETTINGS` key must keep a neutral value (ValueError otherwise); keys
+        in `_IGNORED_KEYS` or starting with "_" are skipped, any other key is ignored with a warning."""
+        settings = read_settings(d, cls.__dataclass_fields__, _FIXED_SETTINGS, "text encoder", _IGNORED_KEYS)
+        missing = [k for k in cls.__dataclass_fields__ if k not in settings]
         if missing:
             raise ValueError(f"text encoder config lacks {missing}")
-        unknown = sorted(k for k in d if k not in fields and k not in _IGNORED_KEYS and not k.startswith("_"))
-        if unknown:
-            raise ValueError(f"text encoder config has settings fastdiff does not support: "
-                             f"{ {k: d[k] for k in unknown} }")
-        return cls(**{k: d[k] for k in fields})
+        return cls(**settings)
 
     def to_dict(self) -> dict[str, Any]:
         """The transformers-style config.json dict (transformers' CLIPTextConfig(**d) accepts it)."""

@@ -34,6 +34,8 @@ from torch import Tensor
 
 from fastdiff import ops
 
+from ._config import read_settings
+
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
@@ -156,23 +158,9 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
-        """Read a diffusers unet/config.json dict. Keys starting with "_" are bookkeeping and ignored; any
-        setting fastdiff does not implement raises ValueError naming it."""
-        known = {f.name for f in fields(cls)}
-        kwargs = {}
-        for key, value in d.items():
-            if key.startswith("_"):
-                continue
-            if key in known:
-                kwargs[key] = value
-            elif key in _FIXED_SETTINGS:
-                if value not in _FIXED_SETTINGS[key]:
-                    expected = " or ".join(repr(v) for v in _FIXED_SETTINGS[key])
-                    raise ValueError(f"UNet setting {key}={value!r} is not supported by fastdiff (expected {expected})")
-            else:
-                raise ValueError(f"unknown UNet config key {key!r}; fastdiff knows "
-                                 f"{sorted(known | set(_FIXED_SETTINGS))}")
-        return cls(**kwargs)
+        """Read a diffusers unet/config.json dict: the fields above are read, every `_FIXED_SETTINGS` key
+        must keep a neutral value (ValueError otherwise), other keys are ignored with a warning."""
+        return cls(**read_settings(d, {f.name for f in fields(cls)}, _FIXED_SETTINGS, "UNet"))
 
     def to_dict(self) -> dict[str, Any]:
         """The diffusers-style config dict: UNet2DConditionModel(**{k: v for k, v in d.items() if k[0] != "_"})

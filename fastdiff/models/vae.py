@@ -22,6 +22,8 @@ from torch import Tensor
 
 from fastdiff import ops
 
+from ._config import read_settings
+
 # diffusers hard-codes these for the VAE (Encoder/Decoder pass them to every block).
 _EPS = 1e-6
 _ACT_FNS = ("silu", "swish")  # diffusers' get_activation maps both to SiLU
@@ -66,27 +68,21 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VAEConfig":
-        """Read a diffusers vae/config.json dict. Keys starting with "_" are bookkeeping and ignored; any
-        setting fastdiff does not implement raises ValueError naming it."""
-        d = {k: v for k, v in d.items() if not k.startswith("_")}
+        """Read a diffusers vae/config.json dict: the fields above are read; the block types, act_fn and
+        latents_mean/std, which fastdiff does not implement, must keep their neutral values (ValueError
+        otherwise); other keys are ignored with a warning."""
         n = len(d.get("block_out_channels", cls.block_out_channels))
-        for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            types = list(d.pop(key, [block] * n))
-            if types != [block] * n:
-                raise ValueError(f"{key} must be {n} x {block!r} (one per block_out_channels entry), got {types}")
-        act_fn = d.pop("act_fn", "silu")
-        if act_fn not in _ACT_FNS:
-            raise ValueError(f"act_fn must be one of {_ACT_FNS}, got {act_fn!r}")
-        for key in ("latents_mean", "latents_std"):
-            if d.pop(key, None) is not None:
-                raise ValueError(f"{key} must be null (per-channel latent normalisation is not supported)")
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unsupported VAE config keys {unknown}; "
-                             f"fastdiff knows {sorted(cls.__dataclass_fields__)}")
-        if isinstance(d.get("sample_size"), (list, tuple)):
-            d["sample_size"] = tuple(d["sample_size"])
-        return cls(**d)
+        fixed = {
+            "down_block_types": (["DownEncoderBlock2D"] * n,),  # one per block_out_channels entry
+            "up_block_types": (["UpDecoderBlock2D"] * n,),
+            "act_fn": _ACT_FNS,
+            "latents_mean": (None,),  # per-channel latent normalisation, not implemented
+            "latents_std": (None,),
+        }
+        settings = read_settings(d, cls.__dataclass_fields__, fixed, "VAE")
+        if isinstance(settings.get("sample_size"), list):
+            settings["sample_size"] = tuple(settings["sample_size"])
+        return cls(**settings)
 
     def to_dict(self) -> dict[str, Any]:
         """The diffusers-style config dict (AutoencoderKL(**{k: v for k, v in d.items() if k[0] != "_"}))."""
