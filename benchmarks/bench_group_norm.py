@@ -1,0 +1,44 @@
+"""GroupNorm + SiLU: fastdiff's Triton kernels against eager torch (F.silu(F.group_norm(...))) on the SD1.5
+UNet's and VAE's shapes, 32 groups, in both memory layouts.
+
+Bytes = x read once + y written once (weight and bias are negligible).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ON_GPU, PROVIDERS, input_sets
+from fastdiff.kernels.group_norm import group_norm
+
+SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (1, 128, 512, 512), (1, 512, 128, 128)] \
+    if ON_GPU else [(2, 96, 7, 9)]
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def torch_group_norm_silu(x, groups, weight, bias):
+    return F.silu(F.group_norm(x, groups, weight, bias, 1e-5))
+
+
+def fastdiff_group_norm_silu(x, groups, weight, bias):
+    return group_norm(x, groups, weight, bias, 1e-5, "silu")
+
+
+PROVIDER_FNS = {"fastdiff": fastdiff_group_norm_silu, "torch": torch_group_norm_silu}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_group_norm_silu(benchmark, measure, provider, layout, shape):
+    device, dtype = ("cuda", torch.float16) if ON_GPU else ("cpu", torch.float32)
+    numel = torch.Size(shape).numel()
+    nbytes = 2 * numel * dtype.itemsize
+    sets = [torch.randn(shape, device=device, dtype=dtype).to(memory_format=LAYOUTS[layout])
+            for _ in range(input_sets(nbytes // 2))]
+    weight = torch.randn(shape[1], device=device, dtype=dtype)
+    bias = torch.randn(shape[1], device=device, dtype=dtype)
+    fn = PROVIDER_FNS[provider]
+    name = "x".join(map(str, shape))
+    benchmark.group = f"group_norm+silu {name} {layout} {dtype}"
+    benchmark.extra_info.update(op="group_norm_silu", shape=name, layout=layout, dtype=str(dtype), provider=provider)
+    measure(lambda i: (lambda: fn(sets[i], 32, weight, bias)), len(sets), nbytes=nbytes)
