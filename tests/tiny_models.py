@@ -73,7 +73,7 @@ def make_tiny_sd(folder: Path, kind: str = "sd1", seed: int = 0, scheduler: str 
         _perturb(m, seed + i)
     sched_cls = {"ddim": DDIMScheduler, "pndm": PNDMScheduler}[scheduler]
     sched = sched_cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                      clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
                       prediction_type="v_prediction" if sd2 else "epsilon")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=sched, safety_checker=None, feature_extractor=None,

@@ -1,0 +1,344 @@
+"""Text-to-image (and image-to-image) sampling: prompt -> tokens -> context -> sampling loop -> VAE -> images.
+
+    pipe = fastdiff.Pipeline.from_pretrained("path/to/model")     # diffusers folder or single .safetensors
+    images = pipe("a photo of an astronaut riding a horse", steps=25, seed=0)
+
+`fastdiff.generate(prompt, ...)` does the same with a cache of loaded pipelines.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastdiff import schedulers
+from fastdiff.loading import load_components
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+Prompt = Union[str, Sequence[str]]
+Seed = Union[int, torch.Generator, None]
+
+
+@dataclass
+class _Request:
+    """A validated generation request; built before any model work starts."""
+
+    prompts: list[str]
+    negative: list[str]
+    steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    height: int
+    width: int
+    scheduler: str
+    karras: bool
+    num_images: int
+    output_type: str
+    strength: float
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.num_images
+
+    @property
+    def cfg(self) -> bool:
+        # diffusers' convention: guidance_scale <= 1 means a single conditional UNet pass.
+        return self.guidance_scale > 1.0
+
+
+class Pipeline:
+    """The Stable Diffusion stack: `unet`, `vae`, `text_encoder`, `tokenizer` and the scheduler config."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict, source: str = ""):
+        self.unet = unet.eval().requires_grad_(False)
+        self.vae = vae.eval().requires_grad_(False)
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        self.source = source
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], device=None, dtype=None, **kwargs) -> "Pipeline":
+        """Load a diffusers-format folder or a single-file (CompVis/LDM) checkpoint. Never touches the network.
+
+        device: defaults to CUDA when available, else CPU. dtype: defaults to float16 on CUDA, float32 on CPU.
+        Extra kwargs (`variant="fp16"`, `config=...`) go to `fastdiff.loading.load_components`.
+        """
+        device = torch.device(device) if device is not None else _default_device()
+        dtype = dtype if dtype is not None else (torch.float16 if device.type == "cuda" else torch.float32)
+        c = load_components(path, device=device, dtype=dtype, **kwargs)
+        return cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config, source=c.source)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def __repr__(self) -> str:
+        return f"Pipeline(source={self.source!r}, device={self.device}, dtype={self.dtype})"
+
+    # ---- the public call ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(self, prompt: Prompt, steps: int = 25, *, negative_prompt: Optional[Prompt] = None,
+                 guidance_scale: float = 7.5, height: Optional[int] = None, width: Optional[int] = None,
+                 seed: Seed = None, scheduler: str = "dpmpp_2m", karras: Optional[bool] = False,
+                 num_images: int = 1, output_type: str = "pil", latents: Optional[Tensor] = None,
+                 image: Any = None, strength: float = 0.8, guidance_rescale: float = 0.0, eta: float = 0.0,
+                 clip_skip: Optional[int] = None, callback: Optional[Callable[[int, Tensor, Tensor], None]] = None,
+                 progress: bool = True) -> list:
+        """Sample images for `prompt` (a string or a list of strings).
+
+        guidance_scale: classifier-free guidance; <= 1 runs the conditional UNet alone. seed: an int or a
+        torch.Generator; noise is always drawn on the CPU, so a seed gives the same image on CPU and GPU.
+        karras: Karras sigmas (None follows the checkpoint's scheduler config). latents: (B, 4, h, w) initial
+        noise, scaled by the sampler's initial sigma as in diffusers. image (+ strength): img2img from a PIL
+        image (or a list of them) or a float tensor (B, 3, H, W) in [0, 1]. callback(i, x, x0) after every
+        step. output_type: "pil" (PIL images), "np" ((H, W, 3) float32 arrays in [0, 1]), "pt" ((3, H, W)
+        tensors in [0, 1]) or "latent" (the final (4, h, w) latents, unscaled by the VAE factor). Returns a
+        list of len(prompts) * num_images outputs, each prompt's images together.
+        """
+        init_image = _image_to_tensor(image) if image is not None else None
+        req = self._validate(prompt, steps, negative_prompt, guidance_scale, guidance_rescale, height, width,
+                             scheduler, karras, num_images, output_type, strength, init_image)
+        sched = schedulers.make_schedule(req.scheduler, req.steps, self.scheduler_config, karras=req.karras,
+                                         eta=eta, device=self.device)
+        start = schedulers.img2img_start_index(req.steps, req.strength) if init_image is not None else 0
+        if start >= req.steps:
+            raise ValueError(f"strength={req.strength} with steps={req.steps} leaves no step to run; "
+                             f"raise strength or steps")
+        latent_shape = (req.batch, self.unet.config.in_channels,
+                        req.height // self.vae_scale_factor, req.width // self.vae_scale_factor)
+        if latents is not None and tuple(latents.shape) != latent_shape:
+            raise ValueError(f"latents has shape {tuple(latents.shape)}, expected {latent_shape}")
+        generator = _generator(seed)
+
+        context = self.encode_prompt(req.prompts, req.negative, req.num_images, req.cfg, clip_skip)
+        # Latents stay float32 whatever the model dtype: the solver's arithmetic is cheap and precision-hungry.
+        # Draw order matches diffusers (posterior sample first, then the noise), so one seed gives its images.
+        x0 = self.encode_image(init_image, req.batch, generator) if init_image is not None else None
+        noise = latents if latents is not None else _randn(latent_shape, generator)
+        noise = noise.to(self.device, torch.float32)
+        x = noise * sched.init_noise_sigma if x0 is None else schedulers.add_noise(x0, noise, sched, start)
+
+        model_fn = self._model_fn(context, req)
+        bar = _progress(req.steps - start, progress)
+
+        def on_step(i: int, x: Tensor, x0: Tensor) -> None:
+            bar.update(1)
+            if callback is not None:
+                callback(i, x, x0)
+
+        def noise_fn(shape) -> Tensor:
+            return _randn(tuple(shape), generator).to(self.device)
+
+        fused_guidance = req.guidance_scale if req.cfg and req.guidance_rescale == 0.0 else None
+        try:
+            x = schedulers.sample(model_fn, x, sched, guidance_scale=fused_guidance, noise_fn=noise_fn,
+                                  callback=on_step, start_index=start)
+        finally:
+            bar.close()
+        if req.output_type == "latent":
+            return list(x.unbind(0))
+        return _to_output(self.decode_latents(x), req.output_type)
+
+    # ---- the stages ----------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompts: list[str], negative: list[str], num_images: int, cfg: bool,
+                      clip_skip: Optional[int] = None) -> Tensor:
+        """Text -> context (B', 77, D): B' = 2 * len(prompts) * num_images with guidance ([uncond; cond])."""
+        texts = (negative + prompts) if cfg else prompts
+        ids = self.tokenizer(texts).to(self.device)
+        context = self.text_encoder(ids, clip_skip=clip_skip)  # (len(texts), 77, D)
+        return context.repeat_interleave(num_images, dim=0)
+
+    def encode_image(self, image: Tensor, batch: int, generator: torch.Generator) -> Tensor:
+        """(N, 3, H, W) in [0, 1] -> scaled latents (batch, 4, h, w), a sample of the VAE posterior as in
+        diffusers' img2img; N must be 1 or `batch`."""
+        if image.shape[0] not in (1, batch):
+            raise ValueError(f"image batch must be 1 or {batch} (prompts x num_images), got {image.shape[0]}")
+        vae_dtype = next(self.vae.parameters()).dtype
+        mean, logvar = self.vae.encode_distribution((image * 2 - 1).to(self.device, vae_dtype))
+        eps = _randn(tuple(mean.shape), generator).to(self.device)
+        z = (mean.float() + torch.exp(0.5 * logvar.float()) * eps) * self.vae.config.scaling_factor
+        return z.expand(batch, *z.shape[1:]) if z.shape[0] == 1 else z
+
+    def decode_latents(self, x: Tensor) -> Tensor:
+        """Scaled latents (B, 4, h, w) -> images (B, 3, H, W) float32 in [0, 1]."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        image = self.vae.decode((x / self.vae.config.scaling_factor).to(vae_dtype)).float()
+        return (image / 2 + 0.5).clamp(0, 1)
+
+    def _model_fn(self, context: Tensor, req: _Request) -> Callable[[Tensor, Tensor], Tensor]:
+        unet, dtype = self.unet, self.dtype
+
+        def model_fn(x_in: Tensor, t: Tensor) -> Tensor:
+            if not req.cfg:
+                return unet(x_in.to(dtype), t, context).float()
+            out = unet(torch.cat([x_in, x_in]).to(dtype), t, context).float()  # (2B, ...) = [uncond; cond]
+            if req.guidance_rescale > 0.0:  # not linear: combine here instead of inside the fused step
+                out = schedulers.combine_guidance(out, req.guidance_scale, req.guidance_rescale)
+            return out
+
+        return model_fn
+
+    def _validate(self, prompt, steps, negative_prompt, guidance_scale, guidance_rescale, height, width,
+                  scheduler, karras, num_images, output_type, strength, init_image) -> _Request:
+        """Check every argument before any model work starts; errors name the value and what was expected."""
+        prompts = _as_prompt_list(prompt, "prompt")
+        negative = _as_prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
+        if len(negative) == 1 and len(prompts) > 1:
+            negative = negative * len(prompts)
+        if len(negative) != len(prompts):
+            raise ValueError(f"negative_prompt has {len(negative)} entries, expected 1 or {len(prompts)} "
+                             f"(one per prompt)")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
+        if scheduler not in schedulers.SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {list(schedulers.SCHEDULERS)}, got {scheduler!r}")
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+        default = self.unet.config.sample_size * self.vae_scale_factor
+        if init_image is not None:
+            default_h, default_w = init_image.shape[-2:]
+        else:
+            default_h = default_w = default
+        height = default_h if height is None else height
+        width = default_w if width is None else width
+        f = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % f:
+                raise ValueError(f"{name} must be a positive multiple of {f}, got {value!r}")
+        if init_image is not None and tuple(init_image.shape[-2:]) != (height, width):
+            raise ValueError(f"image is {init_image.shape[-1]}x{init_image.shape[-2]} (WxH), expected "
+                             f"{width}x{height}; resize it first")
+        return _Request(prompts, negative, steps, float(guidance_scale), float(guidance_rescale), height, width,
+                        scheduler, karras, num_images, output_type, float(strength))
+
+
+# ---- module helpers ------------------------------------------------------------------------------------------
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _as_prompt_list(prompt: Prompt, name: str) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
+    return prompts
+
+
+def _generator(seed: Seed) -> torch.Generator:
+    if isinstance(seed, torch.Generator):
+        if seed.device.type != "cpu":
+            raise ValueError(f"seed generator must be a CPU torch.Generator (noise is drawn on the CPU so "
+                             f"CPU and GPU give the same image), got one on {seed.device}")
+        return seed
+    if seed is None:
+        return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int or a torch.Generator, got {seed!r}")
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(shape: tuple, generator: torch.Generator) -> Tensor:
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc="sampling", unit="step")
+
+
+def _image_to_tensor(image: Any) -> Tensor:
+    """PIL image(s) or a float tensor (B, 3, H, W) in [0, 1] -> float32 tensor (B, 3, H, W) in [0, 1]."""
+    if isinstance(image, Tensor):
+        if image.ndim != 4 or image.shape[1] != 3 or not image.is_floating_point():
+            raise ValueError(f"image tensor must be float (B, 3, H, W) in [0, 1], got {image.dtype} "
+                             f"{tuple(image.shape)}")
+        return image.float()
+    images = image if isinstance(image, (list, tuple)) else [image]
+    try:
+        arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
+    except AttributeError:
+        raise ValueError(f"image must be a PIL image, a list of them, or a tensor (B, 3, H, W), "
+                         f"got {type(image).__name__}") from None
+    if len({a.shape for a in arrays}) != 1:
+        raise ValueError(f"images must all have one size, got {[a.shape[1::-1] for a in arrays]}")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def _to_output(images: Tensor, output_type: str) -> list:
+    """(B, 3, H, W) float in [0, 1] -> a list in the requested type."""
+    if output_type == "pt":
+        return list(images.cpu().unbind(0))
+    arrays = images.permute(0, 2, 3, 1).cpu().numpy()
+    if output_type == "np":
+        return list(arrays)
+    from PIL import Image
+
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arrays]
+
+
+# ---- generate(): the one-call entry point -----------------------------------------------------------------
+
+_cache: dict[tuple, Pipeline] = {}
+
+
+def generate(prompt: Prompt, steps: int = 25, *, model: Union[None, str, os.PathLike, Pipeline] = None,
+             negative_prompt: Optional[Prompt] = None, guidance_scale: float = 7.5, height: Optional[int] = None,
+             width: Optional[int] = None, seed: Seed = None, scheduler: str = "dpmpp_2m",
+             karras: Optional[bool] = False, num_images: int = 1, device=None, dtype=None,
+             output_type: str = "pil", **kw) -> list:
+    """Sample images with a model path (diffusers folder or single file) or a loaded Pipeline.
+
+    Loaded pipelines are cached per (path, device, dtype), so a second call does not reload. Other keyword
+    arguments (latents, image, strength, guidance_rescale, eta, clip_skip, callback, progress) go to
+    `Pipeline.__call__`.
+    """
+    pipe = model if isinstance(model, Pipeline) else load_cached(model, device, dtype)
+    return pipe(prompt, steps, negative_prompt=negative_prompt, guidance_scale=guidance_scale, height=height,
+                width=width, seed=seed, scheduler=scheduler, karras=karras, num_images=num_images,
+                output_type=output_type, **kw)
+
+
+def load_cached(model: Union[None, str, os.PathLike], device=None, dtype=None) -> Pipeline:
+    """The cached Pipeline for `model` (None: the embedded default model)."""
+    path = default_model_path() if model is None else os.path.abspath(os.fspath(model))
+    device = torch.device(device) if device is not None else _default_device()
+    key = (path, str(device), dtype)
+    if key not in _cache:
+        _cache[key] = Pipeline.from_pretrained(path, device=device, dtype=dtype)
+    return _cache[key]
+
+
+def default_model_path() -> str:
+    """The embedded default model shipped in fastdiff/assets/default/."""
+    path = os.path.join(os.path.dirname(__file__), "assets", "default")
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise FileNotFoundError(
+            f"no model given and no embedded default model at {path}: this build of fastdiff does not ship "
+            f"one yet. Pass a Stable Diffusion checkpoint: a diffusers folder or a single .safetensors/.ckpt "
+            f"file (model=... / --model PATH)")
+    return path
