@@ -1,10 +1,13 @@
 """The `fastdiff` console script: `fastdiff generate "PROMPT" --out x.png`, `fastdiff info`."""
 import argparse
+import os
 import platform
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from PIL import Image
 
 from fastdiff import __version__, ops
 
@@ -39,11 +42,79 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def output_paths(out: str, n: int) -> list[Path]:
+    """`x.png` for one image; `x-0.png`, `x-1.png`, ... for several."""
+    path = Path(out)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fastdiff.pipeline import generate, load_cached
+
+    out = Path(args.out)
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise SystemExit(f"fastdiff: --out must end in one of {', '.join(IMAGE_SUFFIXES)}, got {args.out!r}")
+    if not out.parent.resolve().is_dir():
+        raise SystemExit(f"fastdiff: --out folder {str(out.parent)!r} does not exist")
+    if (args.height is None) != (args.width is None):
+        raise SystemExit("fastdiff: give --height and --width together")
+    try:
+        pipe = load_cached(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None)
+        images = generate(args.prompt, args.steps, model=pipe, negative_prompt=args.negative,
+                          guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
+                          scheduler=args.scheduler, karras=args.karras, num_images=args.num_images,
+                          progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as e:  # bad input: say what and why, no traceback
+        raise SystemExit(f"fastdiff: {e}") from None
+    for image, path in zip(images, output_paths(args.out, len(images))):
+        # Write next to the target and rename, so an interrupted run never leaves a half-written image.
+        tmp = path.with_name(f".{path.name}.partial")
+        image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
+        os.replace(tmp, path)
+        print(f"wrote {path} ({image.width}x{image.height})")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from fastdiff.schedulers import SCHEDULERS
+
     parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and which backend each op uses").set_defaults(func=cmd_info)
+
+    gen = sub.add_parser("generate", help="sample images for a prompt and write them to --out")
+    gen.add_argument("prompt", help="the text prompt")
+    gen.add_argument("--out", required=True, help="output image path (.png/.jpg/.webp); -N suffixes for several")
+    gen.add_argument("--model", default=None, help="diffusers folder or single .safetensors/.ckpt file "
+                                                   "(default: the embedded default model)")
+    gen.add_argument("--steps", type=_positive_int, default=25, help="sampling steps (default 25)")
+    gen.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    gen.add_argument("--scheduler", choices=SCHEDULERS, default="dpmpp_2m", help="sampler (default dpmpp_2m)")
+    gen.add_argument("--karras", action="store_true", help="use Karras sigmas")
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    gen.add_argument("--height", type=int, default=None, help="image height in pixels (multiple of 8)")
+    gen.add_argument("--width", type=int, default=None, help="image width in pixels (multiple of 8)")
+    gen.add_argument("--num-images", type=_positive_int, default=1, help="images to generate (default 1)")
+    gen.add_argument("--negative", default=None, help="negative prompt")
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                     help="weights dtype (default: float16 on CUDA, float32 on CPU)")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=cmd_generate)
     return parser
 
 
