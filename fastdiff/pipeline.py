@@ -141,7 +141,10 @@ class Pipeline:
                 callback(i, x, x0)
 
         def noise_fn(shape) -> Tensor:
-            return _randn(tuple(shape), generator).to(self.device)
+            # Drawn on the CPU (same numbers on every device); a pinned, non-blocking upload keeps the
+            # loop free of host synchronisation on CUDA.
+            n = _randn(tuple(shape), generator)
+            return n.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else n
 
         fused_guidance = req.guidance_scale if req.cfg and req.guidance_rescale == 0.0 else None
         try:

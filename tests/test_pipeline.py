@@ -79,3 +79,80 @@ def test_img2img_matches_diffusers(tiny, scheduler):
     score = psnr(got[0], expected[0])
     print(f"img2img {scheduler}: PSNR {score:.1f} dB")
     assert score >= 40.0
+
+
+def test_generate_caches_loaded_pipelines(tiny, tmp_path, monkeypatch):
+    from fastdiff import pipeline
+
+    folder = tmp_path / "m"
+    make_tiny_sd(folder, "sd1")
+    loads = []
+    original = pipeline.Pipeline.from_pretrained.__func__
+    monkeypatch.setattr(pipeline.Pipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or original(cls, *a, **k)))
+    monkeypatch.setattr(pipeline, "_cache", {})
+    first = fastdiff.generate("a", 2, model=str(folder), seed=0, device="cpu", output_type="np", progress=False)
+    second = fastdiff.generate("a", 2, model=str(folder), seed=0, device="cpu", output_type="np", progress=False)
+    assert len(loads) == 1
+    assert np.array_equal(first[0], second[0])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(steps=0), "steps must be a positive int, got 0"),
+    (dict(height=60), "height must be a positive multiple of 8, got 60"),
+    (dict(scheduler="plms"), "scheduler must be one of"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (dict(num_images=0), "num_images must be a positive int, got 0"),
+    (dict(output_type="jpeg"), "output_type must be one of"),
+    (dict(negative_prompt=["a", "b"]), "negative_prompt has 2 entries, expected 1 or 1"),
+    (dict(seed=-1), "seed must be a non-negative int"),
+    (dict(latents=torch.zeros(1, 4, 4, 4)), "latents has shape (1, 4, 4, 4), expected (1, 4, 8, 8)"),
+    (dict(image=torch.rand(1, 3, 64, 64), strength=0.01), "leaves no step to run"),
+])
+def test_bad_arguments_fail_before_any_model_work(tiny, bad, message, monkeypatch):
+    ours, _ = tiny["sd1"]
+    calls = []
+    monkeypatch.setattr(ours, "encode_prompt", lambda *a, **k: calls.append(a))
+    kwargs = dict(steps=3, progress=False) | bad
+    with pytest.raises(ValueError) as e:
+        ours("a prompt", kwargs.pop("steps"), **kwargs)
+    assert message in str(e.value)
+    assert calls == []
+
+
+def test_output_types(tiny):
+    ours, _ = tiny["sd1"]
+    kw = dict(seed=3, progress=False, scheduler="euler")
+    pil = ours("a", 2, **kw)[0]
+    arr = ours("a", 2, output_type="np", **kw)[0]
+    pt = ours("a", 2, output_type="pt", **kw)[0]
+    lat = ours("a", 2, output_type="latent", **kw)[0]
+    assert pil.size == (64, 64) and arr.shape == (64, 64, 3) and pt.shape == (3, 64, 64) and lat.shape == (4, 8, 8)
+    assert np.abs(np.asarray(pil) / 255.0 - arr).max() <= 0.5 / 255 + 1e-6
+    assert np.allclose(pt.permute(1, 2, 0).numpy(), arr)
+
+
+@pytest.mark.gpu
+def test_sampling_loop_has_no_host_sync_and_matches_cpu(tmp_path):
+    """The loop runs with CUDA sync debugging set to error; the same seed gives the CPU image on the GPU."""
+    folder = tmp_path / "m"
+    make_tiny_sd(folder, "sd1")
+    cpu = fastdiff.Pipeline.from_pretrained(folder, device="cpu")
+    gpu = fastdiff.Pipeline.from_pretrained(folder, device="cuda", dtype=torch.float32)
+    kw = dict(seed=5, scheduler="euler_a", output_type="latent", progress=False)
+    steps_seen = []
+
+    def strict(i, x, x0):
+        steps_seen.append(i)
+        if i == 0:
+            torch.cuda.set_sync_debug_mode("error")  # from now on any host sync raises
+
+    try:
+        on_gpu = gpu("a red circle", 6, callback=strict, **kw)[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    on_cpu = cpu("a red circle", 6, **kw)[0]
+    err = ((on_gpu.cpu() - on_cpu).norm() / on_cpu.norm()).item()
+    print(f"GPU vs CPU latents rel err {err:.2e}")
+    assert steps_seen == list(range(6))
+    assert err < 1e-2  # TF32 convolutions (cuDNN's default) and kernel reduction order, not different noise
