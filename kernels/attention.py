@@ -3,17 +3,20 @@
 Layouts: q (B, H, Sq, D), k and v (B, H, Skv, D) -> out (B, H, Sq, D).
 
 `attention` is one Triton kernel with two paths, chosen by the length of the key sequence:
-  streaming  (Skv > 128, self-attention): FlashAttention-2's forward pass. Each program owns BLOCK_M query
+  streaming  (self-attention, Skv > 128): FlashAttention-2's forward pass. Each program owns BLOCK_M query
              rows, walks the keys in blocks of BLOCK_N and keeps a running max and sum (online softmax), so
-             the (Sq, Skv) score matrix never reaches memory.
-  on-chip    (Skv <= 128, cross-attention on the 77 text tokens): all keys of a head fit in one block, so
-             each program loads them once and does an exact single-pass softmax with no rescaling.
-Scores, softmax and the output accumulate in float32 in both.
-
-Head dims that are not a power of two (SD1.5's 40, 80, 160) are split into two power-of-two slices
-D = D1 + D2 (40 = 32 + 16 with 8 masked, 80 = 64 + 16, 160 = 128 + 32), each with its own matmuls, so the
-tensor cores do 48 / 80 / 160 columns of work instead of padding to 64 / 128 / 256.
+             the (Sq, Skv) score matrix never reaches memory. Head dims that are not a power of two (SD1.5's
+             40, 80, 160) are split into two power-of-two slices D = D1 + D2 (40 = 32 + 16 with 8 masked,
+             80 = 64 + 16, 160 = 128 + 32), each with its own matmuls, so the tensor cores do 48 / 80 / 160
+             columns of work instead of padding to 64 / 128 / 256.
+  on-chip    (cross-attention on the 77 text tokens, Skv <= 128, D <= 128): all keys and values of a head
+             fit one block, loaded once per program; the program then loops over query tiles with an exact
+             single-pass softmax. This path is bound by reading q and writing the output, so the head dim is
+             padded to a power of two (masked columns cost registers, not memory traffic).
+Scores, softmax and the output accumulate in float32 in both. Cross-attention at D = 160 streams 64-key
+blocks instead (a 256-wide padded tile does not fit shared memory).
 """
+import functools
 import math
 from typing import Optional
 
@@ -31,6 +34,7 @@ MIN_HEAD_DIM = 16  # tl.dot's smallest reduction width
 MAX_HEAD_DIM = 256  # D1 + D2 columns of float32 accumulator per query row must stay in registers
 MAX_ONCHIP_KEYS = 128  # the cross-attention path holds up to this many keys (77 for CLIP) in one block
 MAX_GRID_Y = 65535  # CUDA's limit on the grid's second axis, which walks B * H
+ONCHIP_PROGRAMS_PER_SM = 4  # on-chip path: resident programs per SM that loop over query tiles
 
 
 def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
@@ -57,7 +61,7 @@ if triton is not None:
     # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_N = MAX_ONCHIP_KEYS marks an on-chip config; the
     # prune filter shrinks it to the keys' power of two.
     _STREAM_GRID = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
-    _ONCHIP_GRID = [(128, MAX_ONCHIP_KEYS, 8, 2), (64, MAX_ONCHIP_KEYS, 4, 2)]
+    _ONCHIP_GRID = [(128, MAX_ONCHIP_KEYS, 8, 2), (64, MAX_ONCHIP_KEYS, 8, 2), (64, MAX_ONCHIP_KEYS, 4, 2)]
     _FP32_GRID = [(32, 32, 4, 2)]  # float32 runs exact fp32 dots on CUDA cores: small tiles, no spills
     _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                 for m, n, w, s in _STREAM_GRID + _ONCHIP_GRID + _FP32_GRID]
@@ -65,17 +69,20 @@ if triton is not None:
     def _prune_configs(configs, named_args, **kwargs):
         """Keep the configs that suit this call's shapes: on-chip for short keys, small tiles for fp32."""
         args = {**named_args, **kwargs}
-        skv, d_pad = args["Skv"], args["D1"] + args["D2"]
+        skv = args["Skv"]
+        width = args["D1"] + args["D2"]  # accumulator columns
         if args["Q"].dtype == torch.float32:
             grid = _FP32_GRID
-        elif skv <= MAX_ONCHIP_KEYS:
-            grid = _ONCHIP_GRID
-        elif d_pad > 128:  # three stages of 128-key blocks overflow shared memory
+        elif skv <= MAX_ONCHIP_KEYS and args["D_PAD"] <= 128:
+            grid, width = _ONCHIP_GRID, args["D_PAD"]
+        elif skv <= MAX_ONCHIP_KEYS:  # D_PAD 256 would not fit shared memory on chip: stream 64-key blocks
+            grid = [c for c in _STREAM_GRID if c[1] <= 64]
+        elif width > 128:  # three stages of 128-key blocks overflow shared memory
             grid = [c for c in _STREAM_GRID if c[1] <= 64]
         else:
             grid = _STREAM_GRID
-        if d_pad >= 128:  # a 128-row accumulator this wide spills with 4 warps
-            grid = [c for c in grid if c[0] < 128 or c[2] > 4]
+        # More than 64 x 128 float32 accumulators per 4 warps spill registers.
+        grid = [c for c in grid if c[2] > 4 or c[0] * width <= 64 * 128]
         onchip_n = max(16, triton.next_power_of_2(skv))
         pruned = [triton.Config({"BLOCK_M": m, "BLOCK_N": min(n, onchip_n) if n == MAX_ONCHIP_KEYS else n},
                                 num_warps=w, num_stages=s) for m, n, w, s in grid]
@@ -104,6 +111,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,  # D
         D1: tl.constexpr,  # first power-of-two column slice
         D2: tl.constexpr,  # second slice (0: none); D1 + D2 >= D, extra columns masked
+        D_PAD: tl.constexpr,  # next_power_of_2(D): the single-pass path's padded head dim
         DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no tf32 rounding)
         STRIDE_ALIGN: tl.constexpr,  # power of two dividing every batch/head/row stride: lets loads vectorize
         BLOCK_M: tl.constexpr,  # query rows per program
@@ -134,46 +142,55 @@ if triton is not None:
         V += b * stride_vb + h * stride_vh
         Out += b * stride_ob + h * stride_oh
 
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
-        offs_d1 = tl.arange(0, D1)
-        mask_m = offs_m < Sq
-        q1 = tl.load(Q + offs_m[:, None] * stride_qm + offs_d1[None, :] * stride_qd,
-                     mask=mask_m[:, None], other=0.0)  # (BLOCK_M, D1)
-        # k is read transposed, (D, BLOCK_N), so q @ k^T is a plain dot
-        k1_ptrs = K + offs_n[None, :] * stride_kn + offs_d1[:, None] * stride_kd  # (D1, BLOCK_N)
-        v1_ptrs = V + offs_n[:, None] * stride_vn + offs_d1[None, :] * stride_vd  # (BLOCK_N, D1)
-        if D2 > 0:
-            offs_d2 = D1 + tl.arange(0, D2)
-            mask_d2 = offs_d2 < HEAD_DIM
-            q2 = tl.load(Q + offs_m[:, None] * stride_qm + offs_d2[None, :] * stride_qd,
-                         mask=mask_m[:, None] & mask_d2[None, :], other=0.0)  # (BLOCK_M, D2)
-            k2_ptrs = K + offs_n[None, :] * stride_kn + offs_d2[:, None] * stride_kd  # (D2, BLOCK_N)
-            v2_ptrs = V + offs_n[:, None] * stride_vn + offs_d2[None, :] * stride_vd  # (BLOCK_N, D2)
-
         if SINGLE_PASS:
-            # All keys in one block: exact softmax, no running max.
+            # All keys in one block, loaded once: exact softmax, no running max. The program then walks
+            # query tiles pid_m, pid_m + programs, ... so the next q tile loads while this one computes.
+            # The path is bound by reading q and writing the output, so the head dim is simply padded
+            # to D_PAD columns (masked, never read).
+            offs_d = tl.arange(0, D_PAD)
+            mask_d = offs_d < HEAD_DIM
             mask_n = offs_n < Skv
-            k1 = tl.load(k1_ptrs, mask=mask_n[None, :], other=0.0)
-            s = tl.dot(q1, k1, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) float32
-            if D2 > 0:
-                k2 = tl.load(k2_ptrs, mask=mask_d2[:, None] & mask_n[None, :], other=0.0)
-                s = tl.dot(q2, k2, s, input_precision=DOT_PRECISION)
-            s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
-            p = tl.math.exp2(s - tl.max(s, 1)[:, None])
-            l_i = tl.sum(p, 1)
-            p = p.to(q1.dtype)
-            v1 = tl.load(v1_ptrs, mask=mask_n[:, None], other=0.0)
-            acc1 = tl.dot(p, v1, input_precision=DOT_PRECISION)  # (BLOCK_M, D1)
-            if D2 > 0:
-                v2 = tl.load(v2_ptrs, mask=mask_n[:, None] & mask_d2[None, :], other=0.0)
-                acc2 = tl.dot(p, v2, input_precision=DOT_PRECISION)  # (BLOCK_M, D2)
+            k = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                        mask=mask_d[:, None] & mask_n[None, :], other=0.0)  # (D_PAD, BLOCK_N): k transposed
+            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, D_PAD)
+            for tile in range(pid_m, tl.cdiv(Sq, BLOCK_M), tl.num_programs(0)):
+                offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+                mask_m = offs_m < Sq
+                q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                            mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_M, D_PAD)
+                s = tl.dot(q, k, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) float32
+                s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+                p = tl.math.exp2(s - tl.max(s, 1)[:, None])
+                l_i = tl.sum(p, 1)
+                acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)  # (BLOCK_M, D_PAD)
+                out = (acc / l_i[:, None]).to(Out.dtype.element_ty)
+                tl.store(Out + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, out,
+                         mask=mask_m[:, None] & mask_d[None, :])
         else:
-            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            # One query tile per program; stream over key blocks with a running max m_i and sum l_i
+            # (online softmax). The head dim is split into two power-of-two slices so no tensor-core
+            # work is spent on padding.
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < Sq
+            offs_d1 = tl.arange(0, D1)
+            q1 = tl.load(Q + offs_m[:, None] * stride_qm + offs_d1[None, :] * stride_qd,
+                         mask=mask_m[:, None], other=0.0)  # (BLOCK_M, D1)
+            # k is read transposed, (D, BLOCK_N), so q @ k^T is a plain dot
+            k1_ptrs = K + offs_n[None, :] * stride_kn + offs_d1[:, None] * stride_kd  # (D1, BLOCK_N)
+            v1_ptrs = V + offs_n[:, None] * stride_vn + offs_d1[None, :] * stride_vd  # (BLOCK_N, D1)
             acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
             if D2 > 0:
+                offs_d2 = D1 + tl.arange(0, D2)
+                mask_d2 = offs_d2 < HEAD_DIM
+                q2 = tl.load(Q + offs_m[:, None] * stride_qm + offs_d2[None, :] * stride_qd,
+                             mask=mask_m[:, None] & mask_d2[None, :], other=0.0)  # (BLOCK_M, D2)
+                k2_ptrs = K + offs_n[None, :] * stride_kn + offs_d2[:, None] * stride_kd  # (D2, BLOCK_N)
+                v2_ptrs = V + offs_n[:, None] * stride_vn + offs_d2[None, :] * stride_vd  # (BLOCK_N, D2)
                 acc2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
             for start_n in range(0, Skv, BLOCK_N):
                 mask_n = (start_n + offs_n) < Skv
                 if EVEN_N:
@@ -210,14 +227,13 @@ if triton is not None:
                     v2_ptrs += BLOCK_N * stride_vn
                 k1_ptrs += BLOCK_N * stride_kn
                 v1_ptrs += BLOCK_N * stride_vn
-
-        inv_l = 1.0 / l_i
-        out1 = (acc1 * inv_l[:, None]).to(Out.dtype.element_ty)
-        tl.store(Out + offs_m[:, None] * stride_om + offs_d1[None, :] * stride_od, out1, mask=mask_m[:, None])
-        if D2 > 0:
-            out2 = (acc2 * inv_l[:, None]).to(Out.dtype.element_ty)
-            tl.store(Out + offs_m[:, None] * stride_om + offs_d2[None, :] * stride_od, out2,
-                     mask=mask_m[:, None] & mask_d2[None, :])
+            inv_l = 1.0 / l_i
+            out1 = (acc1 * inv_l[:, None]).to(Out.dtype.element_ty)
+            tl.store(Out + offs_m[:, None] * stride_om + offs_d1[None, :] * stride_od, out1, mask=mask_m[:, None])
+            if D2 > 0:
+                out2 = (acc2 * inv_l[:, None]).to(Out.dtype.element_ty)
+                tl.store(Out + offs_m[:, None] * stride_om + offs_d2[None, :] * stride_od, out2,
+                         mask=mask_m[:, None] & mask_d2[None, :])
 
 
 def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
@@ -249,6 +265,11 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[floa
     check_triton_device(q)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _stride_align(*tensors: Tensor) -> int:
     """The largest power of two (<= 16) dividing every batch, head and row stride of `tensors`."""
     align = 16
@@ -268,14 +289,17 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Te
     d1, d2 = head_dim_split(head_dim)
 
     def grid(meta):
-        return (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)
+        tiles = triton.cdiv(seq_q, meta["BLOCK_M"])
+        if meta["SINGLE_PASS"]:  # a few programs per SM, each looping over query tiles
+            tiles = min(tiles, triton.cdiv(ONCHIP_PROGRAMS_PER_SM * _sm_count(q.device), batch * heads))
+        return (tiles, batch * heads)
 
     _attention_kernel[grid](
         q, k, v, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, seq_q, seq_kv,
         scale * 1.4426950408889634,  # log2(e)
-        HEAD_DIM=head_dim, D1=d1, D2=d2,
+        HEAD_DIM=head_dim, D1=d1, D2=d2, D_PAD=triton.next_power_of_2(head_dim),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         STRIDE_ALIGN=_stride_align(q, k, v, out),
     )

@@ -105,14 +105,15 @@ def test_attention_op_traces_without_graph_breaks():
 
 # ------------------------------------------------------------------------------------------------ GPU
 
-# SD1.5 at 512 px, batch 2 (CFG), 8 heads: (Sq, Skv, D) per UNet level; SD2 / SDXL use head_dim 64.
-SD_SHAPES = [(4096, 4096, 40), (4096, 77, 40), (1024, 1024, 80), (1024, 77, 80), (256, 256, 160), (256, 77, 160),
-             (4096, 4096, 64), (1024, 77, 64), (97, 1025, 111)]
+# SD1.5 at 512 px, batch 2 (CFG), 8 heads: (Sq, Skv, D) per UNet level; SD2 / SDXL use head_dim 64; then
+# odd sizes whose last query tile and last key block are both ragged.
+GPU_SHAPES = [(4096, 4096, 40), (4096, 77, 40), (1024, 1024, 80), (1024, 77, 80), (256, 256, 160), (256, 77, 160),
+              (4096, 4096, 64), (1024, 77, 64), (333, 300, 40), (333, 300, 80), (97, 1025, 111)]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("seq_q, seq_kv, head_dim", SD_SHAPES)
+@pytest.mark.parametrize("seq_q, seq_kv, head_dim", GPU_SHAPES)
 def test_attention_error_on_gpu_at_most_twice_torch_error(seq_q, seq_kv, head_dim, dtype):
     q, k, v = _inputs(2, 8, seq_q, seq_kv, head_dim, dtype, "cuda")
     ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
