@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fastdiff import ops
 from fastdiff.loading import CheckpointError, load_components
 from fastdiff.loading.common import Overrides
 from fastdiff.loading.ldm import infer_openai_clip_config
@@ -559,7 +560,8 @@ def test_single_file_loads_onto_cuda_in_float16(kind, tmp_path):
 
     unet_config = UNetConfig(**UNET_CONFIGS[kind])
     vae_config = VAEConfig.from_dict(VAE_CONFIG)
-    text_config = CLIPTextConfig.from_dict({k: v for k, v in TEXT_CONFIGS[kind].items() if not k.endswith("_id")})
+    fields = CLIPTextConfig.__dataclass_fields__
+    text_config = CLIPTextConfig(**{k: v for k, v in TEXT_CONFIGS[kind].items() if k in fields})
     unet, vae, text = (_perturbed(cls(config)) for cls, config in ((UNet2DConditionModel, unet_config),
                                                                   (AutoencoderKL, vae_config),
                                                                   (CLIPTextModel, text_config)))
@@ -579,7 +581,8 @@ def test_single_file_loads_onto_cuda_in_float16(kind, tmp_path):
     assert {p.dtype for p in gpu.text_encoder.parameters()} == {torch.float16}
     sample, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 128)
     ids = torch.randint(0, 1000, (2, 77))
-    with torch.no_grad():
+    # The tiny SD1 UNet's 4-wide heads are below the Triton attention kernel's minimum; loading is under test.
+    with torch.no_grad(), ops.use_backend("reference", op="attention"):
         pairs = {
             "unet": (gpu.unet(sample.cuda().half(), 500, context.cuda().half()), cpu.unet(sample, 500, context)),
             "vae decode": (gpu.vae.decode(sample[:1].cuda().half()), cpu.vae.decode(sample[:1])),
