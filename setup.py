@@ -70,6 +70,9 @@ def extension_setup() -> dict:
         """Never fails the install: on a failed CUDA build retries CPU-only, then gives up with a warning."""
 
         def run(self):
+            # run() replaces the compiler option by a compiler object and, on failure, leaves inplace off:
+            # a retry needs both back.
+            options = (self.compiler, self.inplace)
             try:
                 super().run()
                 return
@@ -82,6 +85,7 @@ def extension_setup() -> dict:
                     ext.sources = [s for s in ext.sources if s not in CUDA_SOURCES]
                     ext.define_macros = [m for m in ext.define_macros if m[0] != "FASTDIFF_WITH_CUDA"]
                     ext.libraries = [lib for lib in ext.libraries if lib not in CUDA_LIBRARIES]
+                self.compiler, self.inplace = options
                 try:
                     super().run()
                     return

@@ -5,8 +5,10 @@
 #include <torch/extension.h>
 
 #ifdef FASTDIFF_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+// c10's CUDA headers only: ATen/cuda/CUDAContext.h would also need the cuBLAS/cuSPARSE headers.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 #include <array>
@@ -111,8 +113,9 @@ std::tuple<at::Tensor, at::Tensor> scheduler_step(const at::Tensor& x, const at:
   if (x.is_cuda()) {
 #ifdef FASTDIFF_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
-    const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    C10_CUDA_CHECK(scheduler_step_cuda(dtype, args, sm_count, at::cuda::getCurrentCUDAStream()));
+    int sm_count = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, x.get_device()));
+    C10_CUDA_CHECK(scheduler_step_cuda(dtype, args, sm_count, c10::cuda::getCurrentCUDAStream()));
 #else
     TORCH_CHECK_NOT_IMPLEMENTED(false, "scheduler_step: fastdiff._C was built without its CUDA part, got x on ",
                                 x.device());
