@@ -289,6 +289,16 @@ def test_img2img_matches_diffusers(name, monkeypatch):
     compare_trajectories(name, steps, SD1, monkeypatch, start=start, x0=x0)
 
 
+@pytest.mark.parametrize("name", KARRAS)
+def test_karras_img2img_matches_diffusers(name, monkeypatch):
+    # img2img on Karras sigmas (the non-Karras case is above): noise added at the Karras sigmas[start]
+    # (diffusers' set_begin_index), the multistep history restarting there (first order, and no UniPC
+    # corrector, at the first step run) and the rounded Karras timesteps from there on
+    steps, start = 10, S.img2img_start_index(10, 0.6)
+    x0 = torch.randn(SHAPE, dtype=torch.float64)
+    compare_trajectories(name, steps, SD1, monkeypatch, karras=True, start=start, x0=x0)
+
+
 def test_img2img_start_index_edges():
     assert S.img2img_start_index(50, 1.0) == 0
     assert S.img2img_start_index(50, 0.0) == 50
