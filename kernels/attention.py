@@ -60,7 +60,7 @@ if triton is not None:
 
     # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_N = MAX_ONCHIP_KEYS marks an on-chip config; the
     # prune filter shrinks it to the keys' power of two.
-    _STREAM_GRID = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+    _STREAM_GRID = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (256, 64, 8, 3)]
     _ONCHIP_GRID = [(128, MAX_ONCHIP_KEYS, 8, 2), (64, MAX_ONCHIP_KEYS, 8, 2), (64, MAX_ONCHIP_KEYS, 4, 2)]
     _FP32_GRID = [(32, 32, 4, 2)]  # float32 runs exact fp32 dots on CUDA cores: small tiles, no spills
     _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
@@ -81,8 +81,8 @@ if triton is not None:
             grid = [c for c in _STREAM_GRID if c[1] <= 64]
         else:
             grid = _STREAM_GRID
-        # More than 64 x 128 float32 accumulators per 4 warps spill registers.
-        grid = [c for c in grid if c[2] > 4 or c[0] * width <= 64 * 128]
+        # Past 80 float32 accumulators per thread the kernel spills registers.
+        grid = [c for c in grid if c[0] * width <= 80 * 32 * c[2]]
         onchip_n = max(16, triton.next_power_of_2(skv))
         pruned = [triton.Config({"BLOCK_M": m, "BLOCK_N": min(n, onchip_n) if n == MAX_ONCHIP_KEYS else n},
                                 num_warps=w, num_stages=s) for m, n, w, s in grid]
