@@ -128,9 +128,20 @@ def resolve(op: str, device_type: str) -> str:
     return "reference"
 
 
+def _triton_attention_fits(q: Tensor) -> bool:
+    """Whether q's shape is inside the Triton kernel's limits (head dim 16..256, B*H grid). The VAE's single
+    512-wide head is not, nor are toy models' tiny heads: under `auto` those run on the reference path."""
+    kernel = importlib.import_module("fastdiff.kernels.attention")  # the module; the package exports the function
+    return (kernel.MIN_HEAD_DIM <= q.shape[-1] <= kernel.MAX_HEAD_DIM
+            and q.shape[0] * q.shape[1] <= kernel.MAX_GRID_Y)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
     """softmax(q k^T * scale) v. q: (B, H, Sq, D); k, v: (B, H, Skv, D) -> (B, H, Sq, D)."""
-    return _load("attention", resolve("attention", q.device.type))(q, k, v, scale)
+    backend = resolve("attention", q.device.type)
+    if backend == "triton" and _chosen["attention"] == "auto" and not _triton_attention_fits(q):
+        backend = "reference"
+    return _load("attention", backend)(q, k, v, scale)
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,

@@ -48,7 +48,9 @@ CASES = [("sd1", "ddim", False), ("sd1", "euler", False), ("sd1", "euler_a", Fal
 @pytest.mark.parametrize("kind, scheduler, karras", CASES)
 def test_txt2img_matches_diffusers(tiny, kind, scheduler, karras):
     ours, oracle = tiny[kind]
-    oracle.scheduler = diffusers_scheduler(scheduler, karras, oracle.scheduler.config)
+    # from the checkpoint's saved config, as ours: the previous case's scheduler would carry its options
+    # (use_karras_sigmas=True) into every later case on this model
+    oracle.scheduler = diffusers_scheduler(scheduler, karras, ours.scheduler_config)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     expected = oracle([PROMPT, "a blue square"], num_inference_steps=STEPS, guidance_scale=7.5,
                       negative_prompt=[NEGATIVE, NEGATIVE], latents=latents.clone(), output_type="np",
@@ -68,7 +70,7 @@ def test_img2img_matches_diffusers(tiny, scheduler):
 
     ours, oracle = tiny["sd1"]
     img2img = StableDiffusionImg2ImgPipeline(**oracle.components)
-    img2img.scheduler = diffusers_scheduler(scheduler, False, oracle.scheduler.config)
+    img2img.scheduler = diffusers_scheduler(scheduler, False, ours.scheduler_config)
     img2img.set_progress_bar_config(disable=True)
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     # diffusers draws the img2img noise from the generator; so does fastdiff (same order, same shape).
