@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The kernels' GPU run, from the repository root on a CUDA machine (the device tool's `run`):
-#     bash benchmarks/device_kernels.sh [tests|bench|all] [pytest -k filter for the benchmarks]
+#     bash benchmarks/device_kernels.sh [tests|bench|tune|all] [pytest -k filter for the benchmarks]
 # installs fastdiff (no CUDA build of csrc/), runs the kernels' GPU tests (8 workers: Triton compiles in
 # parallel; their timings do not matter), then the kernel benchmarks in one process, one at a time, and
-# prints a fastdiff-vs-torch table last. Logs and JSON land in $OUT (./device_out when unset).
+# prints a fastdiff-vs-torch table last. `tune` (not in `all`) A/Bs the kernels' tuning constants. Logs and JSON land in $OUT (./device_out when unset).
 set -u -o pipefail
 OUT=${OUT:-device_out}
 mkdir -p "$OUT"
@@ -32,4 +32,7 @@ if [ "$STAGE" = bench ] || [ "$STAGE" = all ]; then
     echo "benchmarks: exit $? in ${SECONDS}s"
     grep -E '^(FAILED|ERROR)' "$OUT/bench.log" | head
     python3 benchmarks/summarize_kernels.py "$OUT/bench.json" | tee "$OUT/summary.txt"
+fi
+if [ "$STAGE" = tune ]; then
+    python3 benchmarks/tune_kernels.py 2>&1 | tee "$OUT/tune.txt"
 fi

@@ -1,4 +1,5 @@
 """What every Triton kernel module shares: the optional import, interpreter mode, the device check."""
+import functools
 import os
 
 from torch import Tensor
@@ -19,3 +20,15 @@ def check_triton_device(t: Tensor) -> None:
     if t.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"Triton kernels need CUDA tensors, got a tensor on {t.device} "
                          "(set TRITON_INTERPRET=1 before importing fastdiff to run them on the CPU interpreter)")
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of `device` (1 for the CPU interpreter): sizes persistent grids."""
+    return _sm_count(str(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: str) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.startswith("cuda") else 1

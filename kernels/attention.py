@@ -16,7 +16,6 @@ Layouts: q (B, H, Sq, D), k and v (B, H, Skv, D) -> out (B, H, Sq, D).
 Scores, softmax and the output accumulate in float32 in both. Cross-attention at D = 160 streams 64-key
 blocks instead (a 256-wide padded tile does not fit shared memory).
 """
-import functools
 import math
 from typing import Optional
 
@@ -61,7 +60,8 @@ if triton is not None:
     # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_N = MAX_ONCHIP_KEYS marks an on-chip config; the
     # prune filter shrinks it to the keys' power of two.
     _STREAM_GRID = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (256, 64, 8, 3)]
-    _ONCHIP_GRID = [(128, MAX_ONCHIP_KEYS, 8, 2), (64, MAX_ONCHIP_KEYS, 8, 2), (64, MAX_ONCHIP_KEYS, 4, 2)]
+    _ONCHIP_GRID = [(128, MAX_ONCHIP_KEYS, 8, 2), (64, MAX_ONCHIP_KEYS, 8, 2), (64, MAX_ONCHIP_KEYS, 4, 2),
+                    (64, MAX_ONCHIP_KEYS, 4, 3)]
     _FP32_GRID = [(32, 32, 4, 2)]  # float32 runs exact fp32 dots on CUDA cores: small tiles, no spills
     _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                 for m, n, w, s in _STREAM_GRID + _ONCHIP_GRID + _FP32_GRID]
@@ -265,11 +265,6 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[floa
     check_triton_device(q)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def _stride_align(*tensors: Tensor) -> int:
     """The largest power of two (<= 16) dividing every batch, head and row stride of `tensors`."""
     align = 16
@@ -291,7 +286,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Te
     def grid(meta):
         tiles = triton.cdiv(seq_q, meta["BLOCK_M"])
         if meta["SINGLE_PASS"]:  # a few programs per SM, each looping over query tiles
-            tiles = min(tiles, triton.cdiv(ONCHIP_PROGRAMS_PER_SM * _sm_count(q.device), batch * heads))
+            tiles = min(tiles, triton.cdiv(ONCHIP_PROGRAMS_PER_SM * _triton.sm_count(q.device), batch * heads))
         return (tiles, batch * heads)
 
     _attention_kernel[grid](

@@ -5,13 +5,15 @@ x: (N, C, *spatial), contiguous or channels_last; statistics in float32; output 
 `group_norm` splits the reduction so the whole GPU is busy even when N * num_groups is small (64 groups
 at batch 2, 32 for the VAE's 1x128x512x512): a group of 10 channels x 4096 pixels, or 4 x 262144, is far
 too much work for one program. Three launches:
-  stats     many programs per group, each reduces one tile to (count, mean, M2) with a two-pass sum in
-            registers (no E[x^2] - E[x]^2 cancellation);
-  finalize  one program per group merges its partials (Chan et al.'s parallel variance) into mean, rstd;
-  apply     many programs per group normalize, scale, shift, apply SiLU and write. They walk the tiles in
-            the reverse order of `stats`, so the tiles read last (still in L2) are read again first.
-Tiles follow the memory layout: in contiguous x a group is one run of Cg * HW elements; in channels_last x
-a tile is ROWS pixels x all C channels, laid out as (ROWS, G, Cg) so that each group reduces on its own.
+  stats     a few programs per SM; each streams its slice of x and accumulates, element-wise in
+            registers, sums of (x - K) and (x - K)^2, where the shift K is one sample of the group (so the
+            variance does not cancel catastrophically when the mean is large); one reduction at the end;
+  finalize  one program per group adds up its partial sums into mean and rstd;
+  apply     the same slices, in reverse order (the slices read last are still in L2): normalize, scale,
+            shift, SiLU, write.
+Slices follow the memory layout: in contiguous x a group is one run of Cg * HW elements; in channels_last x
+a slice is a run of pixels with all C channels, tiled (ROWS, C) so loads stay contiguous and vectorized,
+with per-channel partial sums that finalize folds into groups.
 """
 from typing import Optional
 
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _triton
 from ._triton import check_triton_device, triton
 
 if triton is not None:
@@ -26,9 +29,11 @@ if triton is not None:
 
 ACTIVATIONS = (None, "silu")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TILE = 4096  # elements per stats/apply program: enough loads in flight, no spills
-MAX_ROW = 16384  # channels_last: G * next_power_of_2(Cg) elements of one pixel must fit one tile
-PARTIAL_BLOCK = 1024  # finalize merges partials this many at a time
+TILE = 4096  # elements per loop step of a stats/apply program: enough loads in flight, no spills
+MAX_CHANNELS = TILE  # channels_last: a tile holds at least one pixel's next_power_of_2(C) channels
+PROGRAMS_PER_SM = 4  # stats/apply programs per SM; each loops over its slice
+PARTIAL_BLOCK = 1024  # finalize adds partial sums this many at a time
+STAGES = 3  # software-pipelining depth of the stats/apply loops
 
 
 def group_norm_ref(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -50,82 +55,94 @@ if triton is not None:
     @triton.jit
     def _group_norm_stats_kernel(
         X,  # pointer to x, (N, C, HW) contiguous or (N, HW, C) channels_last
-        Partials,  # pointer to float32 (3, N * G, P): count, mean, M2 of each tile and group
-        NG,  # N * G
+        Partials,  # pointer to float32 (2, N, P, CP): sums of (x - K) and (x - K)^2 per slice and column
         HW,  # pixels per channel
         C,  # channels
         G,  # groups
         CG,  # channels per group
-        P,  # tiles per group
+        P,  # slices per group (contiguous) or per sample (channels_last)
+        PER_SLICE,  # elements (contiguous) or pixels (channels_last) per slice, a multiple of the tile
         CHANNELS_LAST: tl.constexpr,  # x's layout
-        BLOCK: tl.constexpr,  # contiguous: elements per tile
-        ROWS: tl.constexpr,  # channels_last: pixels per tile
-        BLOCK_G: tl.constexpr,  # channels_last: next_power_of_2(G)
-        BLOCK_CG: tl.constexpr,  # channels_last: next_power_of_2(CG)
+        BLOCK: tl.constexpr,  # contiguous: elements per loop step
+        ROWS: tl.constexpr,  # channels_last: pixels per loop step
+        BLOCK_C: tl.constexpr,  # channels_last: next_power_of_2(C)
+        STAGES: tl.constexpr,  # loads in flight per loop: copies into shared memory run STAGES - 1 steps ahead
     ):
-        tile = tl.program_id(0)
-        if CHANNELS_LAST:
+        p = tl.program_id(0)
+        if CHANNELS_LAST:  # partial columns: channels (CP = C)
             n = tl.program_id(1)
-            rows = tile * ROWS + tl.arange(0, ROWS)
-            g = tl.arange(0, BLOCK_G)
-            j = tl.arange(0, BLOCK_CG)
-            mask = (rows[:, None, None] < HW) & (g[None, :, None] < G) & (j[None, None, :] < CG)
-            offs = rows[:, None, None].to(tl.int64) * C + (g * CG)[None, :, None] + j[None, None, :]
-            x = tl.load(X + n.to(tl.int64) * HW * C + offs, mask=mask, other=0.0).to(tl.float32)
-            count = tl.sum(tl.sum(mask.to(tl.float32), 2), 0)  # (BLOCK_G,)
-            mean = tl.sum(tl.sum(x, 2), 0) / tl.maximum(count, 1.0)
-            d = tl.where(mask, x - mean[None, :, None], 0.0)
-            m2 = tl.sum(tl.sum(d * d, 2), 0)
-            out = (n * G + g) * P + tile
-            tl.store(Partials + out, count, mask=g < G)
-            tl.store(Partials + NG * P + out, mean, mask=g < G)  # NG * P: one plane of the (3, N*G, P) buffer
-            tl.store(Partials + 2 * NG * P + out, m2, mask=g < G)
-        else:
+            cols = tl.arange(0, BLOCK_C)
+            mask_c = cols < C
+            base = X + n.to(tl.int64) * HW * C
+            shift = tl.load(base + cols // CG * CG, mask=mask_c, other=0.0).to(tl.float32)  # K per group
+            acc1 = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+            acc2 = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+            end = tl.minimum((p + 1) * PER_SLICE, HW)
+            for start in tl.range(p * PER_SLICE, end, ROWS, num_stages=STAGES):
+                rows = start + tl.arange(0, ROWS)
+                mask = (rows < end)[:, None] & mask_c[None, :]
+                x = tl.load(base + rows[:, None].to(tl.int64) * C + cols[None, :], mask=mask, other=0.0)
+                d = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
+                acc1 += d
+                acc2 += d * d
+            out = Partials + (n * P + p) * C + cols
+            tl.store(out, tl.sum(acc1, 0), mask=mask_c)
+            tl.store(out + tl.num_programs(1) * P * C, tl.sum(acc2, 0), mask=mask_c)
+        else:  # partial columns: groups (CP = G)
             ng = tl.program_id(1)  # n * G + g
             group_size = CG * HW
-            offs = tile * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < group_size
-            x = tl.load(X + ng.to(tl.int64) * group_size + offs, mask=mask, other=0.0).to(tl.float32)
-            count = tl.minimum(group_size - tile * BLOCK, BLOCK).to(tl.float32)
-            mean = tl.sum(x, 0) / count
-            d = tl.where(mask, x - mean, 0.0)
-            m2 = tl.sum(d * d, 0)
-            out = ng * P + tile
-            tl.store(Partials + out, count)
-            tl.store(Partials + NG * P + out, mean)
-            tl.store(Partials + 2 * NG * P + out, m2)
+            base = X + ng.to(tl.int64) * group_size
+            shift = tl.load(base).to(tl.float32)  # K: the group's first element
+            acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+            end = tl.minimum((p + 1) * PER_SLICE, group_size)
+            for start in tl.range(p * PER_SLICE, end, BLOCK, num_stages=STAGES):
+                offs = start + tl.arange(0, BLOCK)
+                mask = offs < end
+                x = tl.load(base + offs, mask=mask, other=0.0)
+                d = tl.where(mask, x.to(tl.float32) - shift, 0.0)
+                acc1 += d
+                acc2 += d * d
+            out = Partials + ((ng // G) * P + p) * G + ng % G
+            tl.store(out, tl.sum(acc1, 0))
+            tl.store(out + tl.num_programs(1) // G * P * G, tl.sum(acc2, 0))
 
     @triton.jit
     def _group_norm_finalize_kernel(
-        Partials,  # pointer to float32 (3, N * G, P) from the stats kernel
+        X,  # pointer to x (for the shift K of each group)
+        Partials,  # pointer to float32 (2, N, P, CP) from the stats kernel
         Stats,  # pointer to float32 (2, N * G): mean, rstd
-        NG,  # N * G
-        P,  # tiles per group
+        HW,  # pixels per channel
+        G,  # groups
+        CG,  # channels per group
+        P,  # slices
+        CP,  # partial columns: C (channels_last) or G (contiguous)
+        J,  # partial columns per group: CG (channels_last) or 1 (contiguous)
+        stride_n,  # x's strides in elements: sample
+        stride_c,  # channel
         eps,  # added to the variance
-        BLOCK_P: tl.constexpr,  # partials merged per step
+        BLOCK_P: tl.constexpr,  # slices added per step
+        BLOCK_J: tl.constexpr,  # next_power_of_2(J)
     ):
         ng = tl.program_id(0)
-        count = 0.0
-        mean = 0.0
-        m2 = 0.0
+        n = ng // G
+        g = ng % G
+        NG = tl.num_programs(0)
+        j = tl.arange(0, BLOCK_J)
+        s1 = tl.zeros([BLOCK_P, BLOCK_J], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_P, BLOCK_J], dtype=tl.float32)
         for start in range(0, P, BLOCK_P):
-            offs = start + tl.arange(0, BLOCK_P)
-            mask = offs < P
-            c_i = tl.load(Partials + ng * P + offs, mask=mask, other=0.0)
-            mean_i = tl.load(Partials + NG * P + ng * P + offs, mask=mask, other=0.0)
-            m2_i = tl.load(Partials + 2 * NG * P + ng * P + offs, mask=mask, other=0.0)
-            # Chan et al.: merge this block's partials, then merge the block into the running totals.
-            c_b = tl.sum(c_i, 0)
-            mean_b = tl.sum(c_i * mean_i, 0) / tl.maximum(c_b, 1.0)
-            d_i = mean_i - mean_b
-            m2_b = tl.sum(m2_i + c_i * d_i * d_i, 0)
-            total = count + c_b
-            delta = mean_b - mean
-            mean += delta * c_b / total
-            m2 += m2_b + delta * delta * count * c_b / total
-            count = total
-        tl.store(Stats + ng, mean)
-        tl.store(Stats + NG + ng, 1.0 / tl.sqrt(m2 / count + eps))
+            slices = start + tl.arange(0, BLOCK_P)
+            mask = (slices < P)[:, None] & (j < J)[None, :]
+            offs = (n * P + slices)[:, None] * CP + g * J + j[None, :]
+            s1 += tl.load(Partials + offs, mask=mask, other=0.0)
+            s2 += tl.load(Partials + NG // G * P * CP + offs, mask=mask, other=0.0)
+        count = (CG * HW).to(tl.float32)
+        mean_shifted = tl.sum(tl.sum(s1, 1), 0) / count
+        var = tl.maximum(tl.sum(tl.sum(s2, 1), 0) / count - mean_shifted * mean_shifted, 0.0)
+        shift = tl.load(X + n.to(tl.int64) * stride_n + g * CG * stride_c).to(tl.float32)
+        tl.store(Stats + ng, shift + mean_shifted)
+        tl.store(Stats + NG + ng, 1.0 / tl.sqrt(var + eps))
 
     @triton.jit
     def _group_norm_apply_kernel(
@@ -134,62 +151,65 @@ if triton is not None:
         Stats,  # pointer to float32 (2, N * G): mean, rstd
         W,  # pointer to weight (C,), or None
         B,  # pointer to bias (C,), or None
-        NG,  # N * G
         HW,  # pixels per channel
         C,  # channels
         G,  # groups
         CG,  # channels per group
-        P,  # tiles per group
+        PER_SLICE,  # elements (contiguous) or pixels (channels_last) per slice, as in the stats kernel
+        NG,  # N * G
         CHANNELS_LAST: tl.constexpr,  # x's layout
         SILU: tl.constexpr,  # apply SiLU after the affine
-        BLOCK: tl.constexpr,  # contiguous: elements per tile
-        ROWS: tl.constexpr,  # channels_last: pixels per tile
-        BLOCK_G: tl.constexpr,  # channels_last: next_power_of_2(G)
-        BLOCK_CG: tl.constexpr,  # channels_last: next_power_of_2(CG)
+        BLOCK: tl.constexpr,  # contiguous: elements per loop step
+        ROWS: tl.constexpr,  # channels_last: pixels per loop step
+        BLOCK_C: tl.constexpr,  # channels_last: next_power_of_2(C)
+        STAGES: tl.constexpr,  # loads in flight per loop: copies into shared memory run STAGES - 1 steps ahead
     ):
-        # Reverse of the stats kernel's order: the tiles it read last are still in L2.
-        tile = tl.num_programs(0) - 1 - tl.program_id(0)
+        # Reverse of the stats kernel's order: the slices it read last are still in L2.
+        p = tl.num_programs(0) - 1 - tl.program_id(0)
         row = tl.num_programs(1) - 1 - tl.program_id(1)
         if CHANNELS_LAST:
             n = row
-            rows = tile * ROWS + tl.arange(0, ROWS)
-            g = tl.arange(0, BLOCK_G)
-            j = tl.arange(0, BLOCK_CG)
-            mask_c = (g[:, None] < G) & (j[None, :] < CG)  # (BLOCK_G, BLOCK_CG)
-            mask = (rows[:, None, None] < HW) & mask_c[None, :, :]
-            offs = rows[:, None, None].to(tl.int64) * C + (g * CG)[None, :, None] + j[None, None, :]
-            base = n.to(tl.int64) * HW * C
-            x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.load(Stats + n * G + g, mask=g < G, other=0.0)
-            rstd = tl.load(Stats + NG + n * G + g, mask=g < G, other=0.0)
-            channel = (g * CG)[:, None] + j[None, :]  # (BLOCK_G, BLOCK_CG)
-            scale = tl.broadcast_to(rstd[:, None], (BLOCK_G, BLOCK_CG))
+            cols = tl.arange(0, BLOCK_C)
+            mask_c = cols < C
+            stat = n * G + cols // CG
+            scale = tl.load(Stats + NG + stat, mask=mask_c, other=0.0)  # rstd, per channel
             if W is not None:
-                scale = scale * tl.load(W + channel, mask=mask_c, other=0.0).to(tl.float32)
-            shift = -mean[:, None] * scale
+                scale *= tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
+            shift = -tl.load(Stats + stat, mask=mask_c, other=0.0) * scale
             if B is not None:
-                shift += tl.load(B + channel, mask=mask_c, other=0.0).to(tl.float32)
-            y = x * scale[None, :, :] + shift[None, :, :]
+                shift += tl.load(B + cols, mask=mask_c, other=0.0).to(tl.float32)
+            base = n.to(tl.int64) * HW * C
+            end = tl.minimum((p + 1) * PER_SLICE, HW)
+            for start in tl.range(p * PER_SLICE, end, ROWS, num_stages=STAGES):
+                rows = start + tl.arange(0, ROWS)
+                mask = (rows < end)[:, None] & mask_c[None, :]
+                offs = base + rows[:, None].to(tl.int64) * C + cols[None, :]
+                y = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
+                if SILU:
+                    y = y * tl.sigmoid(y)
+                tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
         else:
             ng = row
             group_size = CG * HW
-            offs = tile * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < group_size
             base = ng.to(tl.int64) * group_size
-            x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
             mean = tl.load(Stats + ng)
             rstd = tl.load(Stats + NG + ng)
-            channel = (ng % G) * CG + offs // HW  # neighbours share a channel: these gathers hit L1
-            scale = tl.full([BLOCK], 1.0, tl.float32) * rstd
-            if W is not None:
-                scale = scale * tl.load(W + channel, mask=mask, other=0.0).to(tl.float32)
-            shift = -mean * scale
-            if B is not None:
-                shift += tl.load(B + channel, mask=mask, other=0.0).to(tl.float32)
-            y = x * scale + shift
-        if SILU:
-            y = y * tl.sigmoid(y)
-        tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=mask)
+            first_channel = (ng % G) * CG
+            end = tl.minimum((p + 1) * PER_SLICE, group_size)
+            for start in tl.range(p * PER_SLICE, end, BLOCK, num_stages=STAGES):
+                offs = start + tl.arange(0, BLOCK)
+                mask = offs < end
+                channel = first_channel + offs // HW  # neighbours share a channel: these gathers hit L1
+                scale = tl.full([BLOCK], 1.0, tl.float32) * rstd
+                if W is not None:
+                    scale *= tl.load(W + channel, mask=mask, other=0.0).to(tl.float32)
+                shift = -mean * scale
+                if B is not None:
+                    shift += tl.load(B + channel, mask=mask, other=0.0).to(tl.float32)
+                y = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32) * scale + shift
+                if SILU:
+                    y = y * tl.sigmoid(y)
+                tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
 def channels_last_perm(dim: int) -> tuple[int, ...]:
@@ -220,10 +240,8 @@ def check_group_norm_inputs(x: Tensor, num_groups: int, weight: Optional[Tensor]
             raise ValueError(f"{name} is on {t.device}, expected x's device {x.device}")
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    row = triton.next_power_of_2(num_groups) * triton.next_power_of_2(channels // num_groups) if triton else 0
-    if row > MAX_ROW and _is_channels_last(x):
-        raise ValueError(f"channels_last x with {channels} channels in {num_groups} groups needs {row} elements "
-                         f"per pixel tile, over the kernel's limit {MAX_ROW}")
+    if channels > MAX_CHANNELS and _is_channels_last(x):
+        raise ValueError(f"channels_last x has {channels} channels, over the kernel's limit {MAX_CHANNELS}")
     check_triton_device(x)
 
 
@@ -240,27 +258,33 @@ def _group_norm_op(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
     cg = channels // num_groups
     channels_last = _is_channels_last(x)
     y = torch.empty_like(x)  # same layout as x
+    target = PROGRAMS_PER_SM * _triton.sm_count(x.device)
     if channels_last:
-        block_g, block_cg = triton.next_power_of_2(num_groups), triton.next_power_of_2(cg)
-        rows = max(1, TILE // (block_g * block_cg))
-        tiles, block = triton.cdiv(hw, rows), 1
-        grid_rows = batch  # one tile covers every group of its pixels
+        block_c = triton.next_power_of_2(channels)
+        rows, block = max(1, TILE // block_c), 1
+        slices = max(1, min(triton.cdiv(target, batch), triton.cdiv(hw, rows)))
+        per_slice = triton.cdiv(triton.cdiv(hw, slices), rows) * rows
+        slices = triton.cdiv(hw, per_slice)
+        grid_rows, partial_cols, cols_per_group, stride_n, stride_c = batch, channels, cg, hw * channels, 1
     else:
-        block_g = block_cg = rows = 1
-        block = min(TILE, triton.next_power_of_2(cg * hw))
-        tiles = triton.cdiv(cg * hw, block)
-        grid_rows = batch * num_groups
+        group_size = cg * hw
+        block_c, rows, block = 1, 1, min(TILE, triton.next_power_of_2(group_size))
+        slices = max(1, min(triton.cdiv(target, batch * num_groups), triton.cdiv(group_size, block)))
+        per_slice = triton.cdiv(triton.cdiv(group_size, slices), block) * block
+        slices = triton.cdiv(group_size, per_slice)
+        grid_rows, partial_cols, cols_per_group, stride_n, stride_c = batch * num_groups, num_groups, 1, channels * hw, hw
     ng = batch * num_groups
-    partials = torch.empty((3, ng, tiles), device=x.device, dtype=torch.float32)
+    partials = torch.empty((2, batch, slices, partial_cols), device=x.device, dtype=torch.float32)
     stats = torch.empty((2, ng), device=x.device, dtype=torch.float32)
-    meta = dict(CHANNELS_LAST=channels_last, BLOCK=block, ROWS=rows, BLOCK_G=block_g, BLOCK_CG=block_cg)
-    warps = 8 if TILE >= 4096 else 4
-    _group_norm_stats_kernel[(tiles, grid_rows)](x, partials, ng, hw, channels, num_groups, cg, tiles,
-                                                 num_warps=warps, **meta)
-    _group_norm_finalize_kernel[(ng,)](partials, stats, ng, tiles, eps,
-                                       BLOCK_P=min(PARTIAL_BLOCK, triton.next_power_of_2(tiles)))
-    _group_norm_apply_kernel[(tiles, grid_rows)](x, y, stats, weight, bias, ng, hw, channels, num_groups, cg, tiles,
-                                                 SILU=activation == "silu", num_warps=warps, **meta)
+    meta = dict(CHANNELS_LAST=channels_last, BLOCK=block, ROWS=rows, BLOCK_C=block_c, STAGES=STAGES, num_warps=8)
+    _group_norm_stats_kernel[(slices, grid_rows)](x, partials, hw, channels, num_groups, cg, slices, per_slice,
+                                                  **meta)
+    _group_norm_finalize_kernel[(ng,)](x, partials, stats, hw, num_groups, cg, slices, partial_cols, cols_per_group,
+                                       stride_n, stride_c, eps,
+                                       BLOCK_P=min(PARTIAL_BLOCK, triton.next_power_of_2(slices)),
+                                       BLOCK_J=triton.next_power_of_2(cols_per_group))
+    _group_norm_apply_kernel[(slices, grid_rows)](x, y, stats, weight, bias, hw, channels, num_groups, cg, per_slice,
+                                                  ng, SILU=activation == "silu", **meta)
     return y
 
 

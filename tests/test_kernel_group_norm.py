@@ -1,7 +1,7 @@
 """The Triton GroupNorm(+SiLU) kernels against group_norm_ref.
 
 CPU: the kernels run under TRITON_INTERPRET=1 on C = 96 channels in 32 groups (3 channels each), 7x9
-pixels, both memory layouts; smaller tiles are forced to exercise the multi-tile and multi-block merges.
+pixels, both memory layouts; smaller tiles are forced to exercise the loops and the partial-sum merges.
 GPU (`-m gpu`): every dtype on the SD UNet and VAE shapes, judged against torch's own error.
 """
 import importlib
@@ -55,12 +55,15 @@ def test_group_norm_matches_reference_on_odd_shapes(activation, channels_last, d
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("programs_per_sm", [1, 64], ids=["long-slices", "many-slices"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-def test_group_norm_merges_many_tiles_and_partial_blocks(monkeypatch, channels_last):
-    # Small tiles give each group several partials, and a tiny merge block makes finalize loop over them.
+def test_group_norm_loops_over_tiles_and_adds_many_partials(monkeypatch, channels_last, programs_per_sm):
+    # Tiny tiles make each program loop over several of them (one program per group or sample), or give each
+    # group many slices that finalize adds up two at a time.
     monkeypatch.setattr(gn_module, "TILE", 64)
+    monkeypatch.setattr(gn_module, "PROGRAMS_PER_SM", programs_per_sm)
     monkeypatch.setattr(gn_module, "PARTIAL_BLOCK", 2)
-    x, weight, bias = _inputs((2, 12, 7, 9), torch.float32, channels_last)  # 3 (contiguous) or 16 tiles per group
+    x, weight, bias = _inputs((2, 12, 7, 9), torch.float32, channels_last)
     out = group_norm(x, 4, weight, bias, 1e-6, "silu")
     ref = _ref64(x, 4, weight, bias, 1e-6, "silu")
     _report("many tiles", out, ref)
