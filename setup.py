@@ -8,6 +8,7 @@ prints a warning and installs fastdiff without it (the ops seam then uses Triton
     TORCH_CUDA_ARCH_LIST         GPU targets instead of the default sm_80 + sm_90 (+ PTX for newer GPUs)
 """
 import os
+import subprocess
 import sys
 
 from setuptools import setup
@@ -53,6 +54,27 @@ def make_extension(cpp_extension, with_cuda: bool):
                                        extra_link_args=OPENMP)
 
 
+def link_shared_libstdcxx(compiler, extensions) -> None:
+    """Make the extension use the shared libstdc++ even where the compiler links it statically.
+
+    Some toolchains (a g++ wrapper adding -static-libstdc++, as on the project's GPU machines) copy
+    libstdc++ into the extension. torch has loaded the shared one already, and the two copies then share
+    part of their global state (locale facets) but not all: the first error message the extension formats
+    crashes the process. Naming the shared library before the driver's own -lstdc++ lets the linker take
+    every symbol from it. Skipped where the compiler cannot find it, so that no build breaks for this.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        found = subprocess.run([compiler.compiler_cxx[0], "-print-file-name=libstdc++.so.6"], capture_output=True,
+                               text=True, timeout=60).stdout.strip()
+    except (AttributeError, IndexError, OSError, subprocess.SubprocessError):
+        return
+    if os.path.isabs(found):
+        for ext in extensions:
+            ext.extra_link_args.append("-l:libstdc++.so.6")
+
+
 def extension_setup() -> dict:
     """setup() arguments for fastdiff._C, or {} when it cannot be built here."""
     try:
@@ -68,6 +90,10 @@ def extension_setup() -> dict:
 
     class OptionalBuildExt(cpp_extension.BuildExtension):
         """Never fails the install: on a failed CUDA build retries CPU-only, then gives up with a warning."""
+
+        def build_extensions(self):
+            link_shared_libstdcxx(self.compiler, self.extensions)
+            super().build_extensions()
 
         def run(self):
             # run() replaces the compiler option by a compiler object and, on failure, leaves inplace off:

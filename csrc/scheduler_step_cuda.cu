@@ -13,10 +13,11 @@
 namespace fastdiff {
 namespace {
 
-constexpr int kThreads = 256;
-// 8 blocks of 256 threads fill an SM (2048 resident threads on sm_80/sm_90); past that many blocks the
-// grid-stride loop takes over, so no block waits for a second wave.
-constexpr int kBlocksPerSm = 8;
+constexpr int kThreads = 256;    // block size for tensors large enough to fill the GPU
+constexpr int kMinThreads = 64;  // smallest block size, for small latents (see launch)
+// Resident threads per SM on sm_80/sm_90: the grid is capped at one full wave of these, and the
+// grid-stride loop does the rest, so no block waits for a second wave.
+constexpr int kThreadsPerSm = 2048;
 
 template <typename T>
 using math_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -107,11 +108,17 @@ cudaError_t launch(const StepArgs& s, int sm_count, cudaStream_t stream) {
                           aligned16(s.noise) && aligned16(s.x_next) && aligned16(s.x0);
   const int64_t n_vec = vectorised ? s.n / V : 0;
   const int64_t work = std::max<int64_t>(n_vec, s.n - n_vec * V);  // threads with something to do
-  const int64_t blocks = std::min<int64_t>((work + kThreads - 1) / kThreads, int64_t(sm_count) * kBlocksPerSm);
+  // A 512x512 latent (16 K elements, 2 K packs in fp16) would be 8 blocks of 256 threads on 8 of 132 SMs.
+  // So small a step is bound by each SM's latency, not by bandwidth: halve the blocks until they reach
+  // every SM, so that more SMs share the work.
+  int threads = kThreads;
+  while (threads > kMinThreads && (work + threads - 1) / threads < sm_count) threads /= 2;
+  const int64_t blocks =
+      std::min<int64_t>((work + threads - 1) / threads, int64_t(sm_count) * (kThreadsPerSm / threads));
   const auto k = coeffs_in<math_t<T>>(s);
   dispatch_flags(s.cond != nullptr, s.prev_x0 != nullptr, s.noise != nullptr, [&](auto g, auto p, auto z) {
     step_kernel<T, decltype(g)::value, decltype(p)::value, decltype(z)::value>
-        <<<unsigned(std::max<int64_t>(blocks, 1)), kThreads, 0, stream>>>(s, k, vectorised);
+        <<<unsigned(std::max<int64_t>(blocks, 1)), threads, 0, stream>>>(s, k, vectorised);
   });
   return cudaGetLastError();
 }
