@@ -4,16 +4,15 @@ x: (N, C, *spatial), contiguous or channels_last; statistics in float32; output 
 
 `group_norm` splits the reduction so the whole GPU is busy even when N * num_groups is small (64 groups
 at batch 2, 32 for the VAE's 1x128x512x512): a group of 10 channels x 4096 pixels, or 4 x 262144, is far
-too much work for one program. Three launches:
-  stats     a few programs per SM; each streams its slice of x and accumulates, element-wise in
-            registers, sums of (x - K) and (x - K)^2, where the shift K is one sample of the group (so the
-            variance does not cancel catastrophically when the mean is large); one reduction at the end;
-  finalize  one program per group adds up its partial sums into mean and rstd;
-  apply     the same slices, in reverse order (the slices read last are still in L2): normalize, scale,
-            shift, SiLU, write.
+too much work for one program. Two launches:
+  stats   a few programs per SM; each streams its slice of x and accumulates, element-wise in registers,
+          sums of (x - K) and (x - K)^2, where the shift K is one element of the group (so the variance
+          does not cancel catastrophically when the mean is large); one reduction per slice at the end;
+  apply   the same slices, in reverse order (the slices read last are still in L2): each program first adds
+          up its groups' partial sums into mean and rstd (a few hundred floats, from L2), then normalizes,
+          scales, shifts, applies SiLU and writes.
 Slices follow the memory layout: in contiguous x a group is one run of Cg * HW elements; in channels_last x
-a slice is a run of pixels with all C channels, tiled (ROWS, C) so loads stay contiguous and vectorized,
-with per-channel partial sums that finalize folds into groups.
+a slice is a run of pixels with all C channels, tiled (ROWS, C) so loads stay contiguous and vectorized.
 """
 from typing import Optional
 
@@ -31,8 +30,9 @@ ACTIVATIONS = (None, "silu")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TILE = 4096  # elements per loop step of a stats/apply program: enough loads in flight, no spills
 MAX_CHANNELS = TILE  # channels_last: a tile holds at least one pixel's next_power_of_2(C) channels
-PROGRAMS_PER_SM = 4  # stats/apply programs per SM; each loops over its slice
-PARTIAL_BLOCK = 1024  # finalize adds partial sums this many at a time
+PROGRAMS_PER_SM = 4  # contiguous: stats/apply programs per SM; each loops over its slice
+CL_PROGRAMS_PER_SM = 2  # channels_last: fewer, longer slices (each apply program reads every slice's sums)
+PARTIAL_TILE = 4096  # partial sums an apply program adds per step
 STAGES = 3  # software-pipelining depth of the stats/apply loops
 
 
@@ -55,7 +55,7 @@ if triton is not None:
     @triton.jit
     def _group_norm_stats_kernel(
         X,  # pointer to x, (N, C, HW) contiguous or (N, HW, C) channels_last
-        Partials,  # pointer to float32 (2, N, P, CP): sums of (x - K) and (x - K)^2 per slice and column
+        Partials,  # pointer to float32 (2, N, P, G): sums of (x - K) and (x - K)^2 per slice and group
         HW,  # pixels per channel
         C,  # channels
         G,  # groups
@@ -66,15 +66,16 @@ if triton is not None:
         BLOCK: tl.constexpr,  # contiguous: elements per loop step
         ROWS: tl.constexpr,  # channels_last: pixels per loop step
         BLOCK_C: tl.constexpr,  # channels_last: next_power_of_2(C)
+        BLOCK_G: tl.constexpr,  # channels_last: next_power_of_2(G)
         STAGES: tl.constexpr,  # loads in flight per loop: copies into shared memory run STAGES - 1 steps ahead
     ):
         p = tl.program_id(0)
-        if CHANNELS_LAST:  # partial columns: channels (CP = C)
+        if CHANNELS_LAST:
             n = tl.program_id(1)
             cols = tl.arange(0, BLOCK_C)
             mask_c = cols < C
             base = X + n.to(tl.int64) * HW * C
-            shift = tl.load(base + cols // CG * CG, mask=mask_c, other=0.0).to(tl.float32)  # K per group
+            shift = tl.load(base + cols // CG * CG, mask=mask_c, other=0.0).to(tl.float32)  # K of each group
             acc1 = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
             acc2 = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
             end = tl.minimum((p + 1) * PER_SLICE, HW)
@@ -85,10 +86,15 @@ if triton is not None:
                 d = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
                 acc1 += d
                 acc2 += d * d
-            out = Partials + (n * P + p) * C + cols
-            tl.store(out, tl.sum(acc1, 0), mask=mask_c)
-            tl.store(out + tl.num_programs(1) * P * C, tl.sum(acc2, 0), mask=mask_c)
-        else:  # partial columns: groups (CP = G)
+            # Channels -> groups once per slice, through a (group, channel) membership mask.
+            g = tl.arange(0, BLOCK_G)
+            member = ((cols // CG)[None, :] == g[:, None]) & mask_c[None, :]  # (BLOCK_G, BLOCK_C)
+            s1 = tl.sum(tl.where(member, tl.sum(acc1, 0)[None, :], 0.0), 1)
+            s2 = tl.sum(tl.where(member, tl.sum(acc2, 0)[None, :], 0.0), 1)
+            out = Partials + (n * P + p) * G + g
+            tl.store(out, s1, mask=g < G)
+            tl.store(out + tl.num_programs(1) * P * G, s2, mask=g < G)
+        else:
             ng = tl.program_id(1)  # n * G + g
             group_size = CG * HW
             base = X + ng.to(tl.int64) * group_size
@@ -108,77 +114,58 @@ if triton is not None:
             tl.store(out + tl.num_programs(1) // G * P * G, tl.sum(acc2, 0))
 
     @triton.jit
-    def _group_norm_finalize_kernel(
-        X,  # pointer to x (for the shift K of each group)
-        Partials,  # pointer to float32 (2, N, P, CP) from the stats kernel
-        Stats,  # pointer to float32 (2, N * G): mean, rstd
-        HW,  # pixels per channel
-        G,  # groups
-        CG,  # channels per group
-        P,  # slices
-        CP,  # partial columns: C (channels_last) or G (contiguous)
-        J,  # partial columns per group: CG (channels_last) or 1 (contiguous)
-        stride_n,  # x's strides in elements: sample
-        stride_c,  # channel
-        eps,  # added to the variance
-        BLOCK_P: tl.constexpr,  # slices added per step
-        BLOCK_J: tl.constexpr,  # next_power_of_2(J)
-    ):
-        ng = tl.program_id(0)
-        n = ng // G
-        g = ng % G
-        NG = tl.num_programs(0)
-        j = tl.arange(0, BLOCK_J)
-        s1 = tl.zeros([BLOCK_P, BLOCK_J], dtype=tl.float32)
-        s2 = tl.zeros([BLOCK_P, BLOCK_J], dtype=tl.float32)
-        for start in range(0, P, BLOCK_P):
-            slices = start + tl.arange(0, BLOCK_P)
-            mask = (slices < P)[:, None] & (j < J)[None, :]
-            offs = (n * P + slices)[:, None] * CP + g * J + j[None, :]
-            s1 += tl.load(Partials + offs, mask=mask, other=0.0)
-            s2 += tl.load(Partials + NG // G * P * CP + offs, mask=mask, other=0.0)
-        count = (CG * HW).to(tl.float32)
-        mean_shifted = tl.sum(tl.sum(s1, 1), 0) / count
-        var = tl.maximum(tl.sum(tl.sum(s2, 1), 0) / count - mean_shifted * mean_shifted, 0.0)
-        shift = tl.load(X + n.to(tl.int64) * stride_n + g * CG * stride_c).to(tl.float32)
-        tl.store(Stats + ng, shift + mean_shifted)
-        tl.store(Stats + NG + ng, 1.0 / tl.sqrt(var + eps))
-
-    @triton.jit
     def _group_norm_apply_kernel(
         X,  # pointer to x, (N, C, HW) contiguous or (N, HW, C) channels_last
         Y,  # pointer to the output, same shape and layout as x
-        Stats,  # pointer to float32 (2, N * G): mean, rstd
+        Partials,  # pointer to float32 (2, N, P, G) from the stats kernel
         W,  # pointer to weight (C,), or None
         B,  # pointer to bias (C,), or None
+        N,  # samples
         HW,  # pixels per channel
         C,  # channels
         G,  # groups
         CG,  # channels per group
+        P,  # slices, as in the stats kernel
         PER_SLICE,  # elements (contiguous) or pixels (channels_last) per slice, as in the stats kernel
-        NG,  # N * G
+        eps,  # added to the variance
         CHANNELS_LAST: tl.constexpr,  # x's layout
         SILU: tl.constexpr,  # apply SiLU after the affine
         BLOCK: tl.constexpr,  # contiguous: elements per loop step
         ROWS: tl.constexpr,  # channels_last: pixels per loop step
         BLOCK_C: tl.constexpr,  # channels_last: next_power_of_2(C)
-        STAGES: tl.constexpr,  # loads in flight per loop: copies into shared memory run STAGES - 1 steps ahead
+        BLOCK_G: tl.constexpr,  # channels_last: next_power_of_2(G)
+        BLOCK_P: tl.constexpr,  # partial sums added per step
+        STAGES: tl.constexpr,  # loads in flight per loop
     ):
         # Reverse of the stats kernel's order: the slices it read last are still in L2.
         p = tl.num_programs(0) - 1 - tl.program_id(0)
         row = tl.num_programs(1) - 1 - tl.program_id(1)
+        count = (CG * HW).to(tl.float32)
         if CHANNELS_LAST:
             n = row
+            g = tl.arange(0, BLOCK_G)
+            s1 = tl.zeros([BLOCK_P, BLOCK_G], dtype=tl.float32)
+            s2 = tl.zeros([BLOCK_P, BLOCK_G], dtype=tl.float32)
+            for start in range(0, P, BLOCK_P):  # every group's partial sums: this slice covers all groups
+                slices = start + tl.arange(0, BLOCK_P)
+                mask = (slices < P)[:, None] & (g < G)[None, :]
+                offs = (n * P + slices)[:, None] * G + g[None, :]
+                s1 += tl.load(Partials + offs, mask=mask, other=0.0)
+                s2 += tl.load(Partials + N * P * G + offs, mask=mask, other=0.0)
+            base = n.to(tl.int64) * HW * C
+            mean_shifted = tl.sum(s1, 0) / count  # (BLOCK_G,)
+            var = tl.maximum(tl.sum(s2, 0) / count - mean_shifted * mean_shifted, 0.0)
+            mean = tl.load(X + base + g * CG, mask=g < G, other=0.0).to(tl.float32) + mean_shifted
+            rstd = 1.0 / tl.sqrt(var + eps)
             cols = tl.arange(0, BLOCK_C)
             mask_c = cols < C
-            stat = n * G + cols // CG
-            scale = tl.load(Stats + NG + stat, mask=mask_c, other=0.0)  # rstd, per channel
+            member = ((cols // CG)[None, :] == g[:, None]) & mask_c[None, :]  # (BLOCK_G, BLOCK_C)
+            scale = tl.sum(tl.where(member, rstd[:, None], 0.0), 0)  # (BLOCK_C,): each channel's group
             if W is not None:
                 scale *= tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
-            shift = -tl.load(Stats + stat, mask=mask_c, other=0.0) * scale
+            shift = -tl.sum(tl.where(member, mean[:, None], 0.0), 0) * scale
             if B is not None:
                 shift += tl.load(B + cols, mask=mask_c, other=0.0).to(tl.float32)
-            base = n.to(tl.int64) * HW * C
             end = tl.minimum((p + 1) * PER_SLICE, HW)
             for start in tl.range(p * PER_SLICE, end, ROWS, num_stages=STAGES):
                 rows = start + tl.arange(0, ROWS)
@@ -190,10 +177,20 @@ if triton is not None:
                 tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
         else:
             ng = row
+            n = ng // G
+            s1 = tl.zeros([BLOCK_P], dtype=tl.float32)
+            s2 = tl.zeros([BLOCK_P], dtype=tl.float32)
+            for start in range(0, P, BLOCK_P):
+                slices = start + tl.arange(0, BLOCK_P)
+                offs = (n * P + slices) * G + ng % G
+                s1 += tl.load(Partials + offs, mask=slices < P, other=0.0)
+                s2 += tl.load(Partials + N * P * G + offs, mask=slices < P, other=0.0)
             group_size = CG * HW
             base = ng.to(tl.int64) * group_size
-            mean = tl.load(Stats + ng)
-            rstd = tl.load(Stats + NG + ng)
+            mean_shifted = tl.sum(s1, 0) / count
+            var = tl.maximum(tl.sum(s2, 0) / count - mean_shifted * mean_shifted, 0.0)
+            mean = tl.load(X + base).to(tl.float32) + mean_shifted
+            rstd = 1.0 / tl.sqrt(var + eps)
             first_channel = (ng % G) * CG
             end = tl.minimum((p + 1) * PER_SLICE, group_size)
             for start in tl.range(p * PER_SLICE, end, BLOCK, num_stages=STAGES):
@@ -258,33 +255,33 @@ def _group_norm_op(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
     cg = channels // num_groups
     channels_last = _is_channels_last(x)
     y = torch.empty_like(x)  # same layout as x
-    target = PROGRAMS_PER_SM * _triton.sm_count(x.device)
+    block_g = triton.next_power_of_2(num_groups)
     if channels_last:
         block_c = triton.next_power_of_2(channels)
         rows, block = max(1, TILE // block_c), 1
+        target = CL_PROGRAMS_PER_SM * _triton.sm_count(x.device)
         slices = max(1, min(triton.cdiv(target, batch), triton.cdiv(hw, rows)))
         per_slice = triton.cdiv(triton.cdiv(hw, slices), rows) * rows
         slices = triton.cdiv(hw, per_slice)
-        grid_rows, partial_cols, cols_per_group, stride_n, stride_c = batch, channels, cg, hw * channels, 1
+        grid_rows = batch  # a slice covers every group of its pixels
+        block_p = min(triton.next_power_of_2(slices), max(1, PARTIAL_TILE // block_g))
     else:
         group_size = cg * hw
         block_c, rows, block = 1, 1, min(TILE, triton.next_power_of_2(group_size))
+        target = PROGRAMS_PER_SM * _triton.sm_count(x.device)
         slices = max(1, min(triton.cdiv(target, batch * num_groups), triton.cdiv(group_size, block)))
         per_slice = triton.cdiv(triton.cdiv(group_size, slices), block) * block
         slices = triton.cdiv(group_size, per_slice)
-        grid_rows, partial_cols, cols_per_group, stride_n, stride_c = batch * num_groups, num_groups, 1, channels * hw, hw
-    ng = batch * num_groups
-    partials = torch.empty((2, batch, slices, partial_cols), device=x.device, dtype=torch.float32)
-    stats = torch.empty((2, ng), device=x.device, dtype=torch.float32)
-    meta = dict(CHANNELS_LAST=channels_last, BLOCK=block, ROWS=rows, BLOCK_C=block_c, STAGES=STAGES, num_warps=8)
+        grid_rows = batch * num_groups
+        block_p = min(triton.next_power_of_2(slices), PARTIAL_TILE)
+    partials = torch.empty((2, batch, slices, num_groups), device=x.device, dtype=torch.float32)
+    meta = dict(CHANNELS_LAST=channels_last, BLOCK=block, ROWS=rows, BLOCK_C=block_c, BLOCK_G=block_g,
+                STAGES=STAGES, num_warps=8)
     _group_norm_stats_kernel[(slices, grid_rows)](x, partials, hw, channels, num_groups, cg, slices, per_slice,
                                                   **meta)
-    _group_norm_finalize_kernel[(ng,)](x, partials, stats, hw, num_groups, cg, slices, partial_cols, cols_per_group,
-                                       stride_n, stride_c, eps,
-                                       BLOCK_P=min(PARTIAL_BLOCK, triton.next_power_of_2(slices)),
-                                       BLOCK_J=triton.next_power_of_2(cols_per_group))
-    _group_norm_apply_kernel[(slices, grid_rows)](x, y, stats, weight, bias, hw, channels, num_groups, cg, per_slice,
-                                                  ng, SILU=activation == "silu", **meta)
+    _group_norm_apply_kernel[(slices, grid_rows)](x, y, partials, weight, bias, batch, hw, channels, num_groups, cg,
+                                                  slices, per_slice, eps, SILU=activation == "silu",
+                                                  BLOCK_P=block_p, **meta)
     return y
 
 

@@ -59,10 +59,11 @@ def test_group_norm_matches_reference_on_odd_shapes(activation, channels_last, d
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 def test_group_norm_loops_over_tiles_and_adds_many_partials(monkeypatch, channels_last, programs_per_sm):
     # Tiny tiles make each program loop over several of them (one program per group or sample), or give each
-    # group many slices that finalize adds up two at a time.
+    # group many slices whose partial sums the apply kernel adds up two slices at a time.
     monkeypatch.setattr(gn_module, "TILE", 64)
     monkeypatch.setattr(gn_module, "PROGRAMS_PER_SM", programs_per_sm)
-    monkeypatch.setattr(gn_module, "PARTIAL_BLOCK", 2)
+    monkeypatch.setattr(gn_module, "CL_PROGRAMS_PER_SM", programs_per_sm)
+    monkeypatch.setattr(gn_module, "PARTIAL_TILE", 8)  # 8 // next_power_of_2(4 groups) = 2 slices per step
     x, weight, bias = _inputs((2, 12, 7, 9), torch.float32, channels_last)
     out = group_norm(x, 4, weight, bias, 1e-6, "silu")
     ref = _ref64(x, 4, weight, bias, 1e-6, "silu")
