@@ -34,8 +34,9 @@ MAX_SETS = 64  # input sets rotated at most
 
 
 def pytest_collect_file(file_path, parent):
-    """Collect bench_*.py as test modules (pytest's default only looks at test_*.py)."""
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    """Collect bench_*.py as test modules (pytest's default only looks at test_*.py, and at files named on
+    the command line, which must not be collected twice)."""
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 

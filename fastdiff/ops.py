@@ -14,6 +14,7 @@ forces one.
 import importlib
 import os
 from contextlib import contextmanager
+from types import ModuleType
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -104,14 +105,32 @@ def availability(backend: str, device_type: str) -> tuple[bool, str]:
 
 
 _impl_cache: dict[tuple[str, str], Callable] = {}
+_module_cache: dict[str, ModuleType] = {}
+
+
+def _module(name: str) -> ModuleType:
+    """importlib.import_module, cached: torch.compile cannot trace import_module (each call would break the
+    graph), but it traces a dict hit."""
+    if name not in _module_cache:
+        _module_cache[name] = importlib.import_module(name)
+    return _module_cache[name]
 
 
 def _load(op: str, backend: str) -> Callable:
     key = (op, backend)
     if key not in _impl_cache:
         module, name = _IMPLS[op][backend]
-        _impl_cache[key] = getattr(importlib.import_module(module), name)
+        _impl_cache[key] = getattr(_module(module), name)
     return _impl_cache[key]
+
+
+def preload(op: Optional[str] = None) -> None:
+    """Import every implementation of `op` (of every op when None) now. The first call of an op imports
+    it, which torch.compile cannot trace: code that is about to be compiled calls this first, or its graph
+    breaks at each op for good."""
+    for o in OPS if op is None else (op,):
+        for backend in _IMPLS[o]:
+            _load(o, backend)  # attention's also caches the kernel module that _triton_attention_fits reads
 
 
 def resolve(op: str, device_type: str) -> str:
@@ -131,7 +150,7 @@ def resolve(op: str, device_type: str) -> str:
 def _triton_attention_fits(q: Tensor) -> bool:
     """Whether q's shape is inside the Triton kernel's limits (head dim 16..256, B*H grid). The VAE's single
     512-wide head is not, nor are toy models' tiny heads: under `auto` those run on the reference path."""
-    kernel = importlib.import_module("fastdiff.kernels.attention")  # the module; the package exports the function
+    kernel = _module("fastdiff.kernels.attention")  # the module; the package exports the function
     return (kernel.MIN_HEAD_DIM <= q.shape[-1] <= kernel.MAX_HEAD_DIM
             and q.shape[0] * q.shape[1] <= kernel.MAX_GRID_Y)
 
