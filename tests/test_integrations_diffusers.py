@@ -351,6 +351,23 @@ def test_refuses_non_silu_resnets():
     assert not is_patched(unet)
 
 
+@pytest.mark.parametrize("hook", ["instance forward", "accelerate hook on norm1"])
+def test_refuses_hooked_resnets(hook):
+    """Sequential CPU offload hooks every leaf module; the fused forward would read norm1's weights around
+    the hook, so such blocks are refused (and nothing else gets patched)."""
+    unet = tiny_unet_for_kernels()
+    name, block = next((n, m) for n, m in unet.named_modules() if isinstance(m, ResnetBlock2D))
+    if hook == "instance forward":
+        block.forward = block.forward
+        expected = "has its forward replaced on the instance"
+    else:
+        block.norm1._hf_hook = object()
+        expected = "has an accelerate hook on norm1"
+    with pytest.raises(ValueError, match=f"UNet2DConditionModel.{name} {expected}"):
+        patch(unet)
+    assert not is_patched(unet)
+
+
 def test_refuses_wrong_objects_and_double_patching(tiny_pipes):
     with pytest.raises(ValueError, match="expected a diffusers pipeline, UNet2DConditionModel or AutoencoderKL, "
                                          "got torch.nn.modules.linear.Linear"):
