@@ -60,8 +60,7 @@ if triton is not None:
     # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_N = MAX_ONCHIP_KEYS marks an on-chip config; the
     # prune filter shrinks it to the keys' power of two.
     _STREAM_GRID = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (256, 64, 8, 3)]
-    _ONCHIP_GRID = [(128, MAX_ONCHIP_KEYS, 8, 2), (64, MAX_ONCHIP_KEYS, 8, 2), (64, MAX_ONCHIP_KEYS, 4, 2),
-                    (64, MAX_ONCHIP_KEYS, 4, 3)]
+    _ONCHIP_GRID = [(128, MAX_ONCHIP_KEYS, 8, 2), (64, MAX_ONCHIP_KEYS, 8, 2), (64, MAX_ONCHIP_KEYS, 4, 2)]
     _FP32_GRID = [(32, 32, 4, 2)]  # float32 runs exact fp32 dots on CUDA cores: small tiles, no spills
     _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                 for m, n, w, s in _STREAM_GRID + _ONCHIP_GRID + _FP32_GRID]

@@ -12,7 +12,9 @@ too much work for one program. Two launches:
           up its groups' partial sums into mean and rstd (a few hundred floats, from L2), then normalizes,
           scales, shifts, applies SiLU and writes.
 Slices follow the memory layout: in contiguous x a group is one run of Cg * HW elements; in channels_last x
-a slice is a run of pixels with all C channels, tiled (ROWS, C) so loads stay contiguous and vectorized.
+a slice is a run of pixels with all C channels, tiled (ROWS, C) so loads stay contiguous and vectorized;
+per-channel values pass through a small global scratch (write, CTA barrier, gather) to become per-group
+and back, which is cheaper than a (G, C) membership mask when a slice holds only a few pixels.
 """
 from typing import Optional
 
@@ -56,6 +58,7 @@ if triton is not None:
     def _group_norm_stats_kernel(
         X,  # pointer to x, (N, C, HW) contiguous or (N, HW, C) channels_last
         Partials,  # pointer to float32 (2, N, P, G): sums of (x - K) and (x - K)^2 per slice and group
+        Scratch,  # channels_last: pointer to float32 (N, P, 2, C), per-channel sums on their way to groups
         HW,  # pixels per channel
         C,  # channels
         G,  # groups
@@ -67,6 +70,7 @@ if triton is not None:
         ROWS: tl.constexpr,  # channels_last: pixels per loop step
         BLOCK_C: tl.constexpr,  # channels_last: next_power_of_2(C)
         BLOCK_G: tl.constexpr,  # channels_last: next_power_of_2(G)
+        BLOCK_CG: tl.constexpr,  # channels_last: next_power_of_2(CG)
         STAGES: tl.constexpr,  # loads in flight per loop: copies into shared memory run STAGES - 1 steps ahead
     ):
         p = tl.program_id(0)
@@ -86,11 +90,17 @@ if triton is not None:
                 d = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
                 acc1 += d
                 acc2 += d * d
-            # Channels -> groups once per slice, through a (group, channel) membership mask.
+            # Channels -> groups: park the per-channel sums in Scratch, then read them back as (G, CG).
+            scratch = Scratch + (n * P + p) * 2 * C
+            tl.store(scratch + cols, tl.sum(acc1, 0), mask=mask_c)
+            tl.store(scratch + C + cols, tl.sum(acc2, 0), mask=mask_c)
+            tl.debug_barrier()  # the CTA's stores above are visible to all its threads below
             g = tl.arange(0, BLOCK_G)
-            member = ((cols // CG)[None, :] == g[:, None]) & mask_c[None, :]  # (BLOCK_G, BLOCK_C)
-            s1 = tl.sum(tl.where(member, tl.sum(acc1, 0)[None, :], 0.0), 1)
-            s2 = tl.sum(tl.where(member, tl.sum(acc2, 0)[None, :], 0.0), 1)
+            j = tl.arange(0, BLOCK_CG)
+            member = (g < G)[:, None] & (j < CG)[None, :]
+            by_group = g[:, None] * CG + j[None, :]  # (BLOCK_G, BLOCK_CG) channel indices
+            s1 = tl.sum(tl.load(scratch + by_group, mask=member, other=0.0), 1)
+            s2 = tl.sum(tl.load(scratch + C + by_group, mask=member, other=0.0), 1)
             out = Partials + (n * P + p) * G + g
             tl.store(out, s1, mask=g < G)
             tl.store(out + tl.num_programs(1) * P * G, s2, mask=g < G)
@@ -118,6 +128,7 @@ if triton is not None:
         X,  # pointer to x, (N, C, HW) contiguous or (N, HW, C) channels_last
         Y,  # pointer to the output, same shape and layout as x
         Partials,  # pointer to float32 (2, N, P, G) from the stats kernel
+        Stats,  # channels_last: pointer to float32 (N, 2, G), each group's mean and rstd
         W,  # pointer to weight (C,), or None
         B,  # pointer to bias (C,), or None
         N,  # samples
@@ -134,6 +145,7 @@ if triton is not None:
         ROWS: tl.constexpr,  # channels_last: pixels per loop step
         BLOCK_C: tl.constexpr,  # channels_last: next_power_of_2(C)
         BLOCK_G: tl.constexpr,  # channels_last: next_power_of_2(G)
+        BLOCK_CG: tl.constexpr,  # channels_last: next_power_of_2(CG)
         BLOCK_P: tl.constexpr,  # partial sums added per step
         STAGES: tl.constexpr,  # loads in flight per loop
     ):
@@ -157,13 +169,18 @@ if triton is not None:
             var = tl.maximum(tl.sum(s2, 0) / count - mean_shifted * mean_shifted, 0.0)
             mean = tl.load(X + base + g * CG, mask=g < G, other=0.0).to(tl.float32) + mean_shifted
             rstd = 1.0 / tl.sqrt(var + eps)
+            # Groups -> channels: every program of sample n writes the same (mean, rstd) to Stats, so the
+            # overlapping writes agree, then gathers them back per channel.
+            tl.store(Stats + n * 2 * G + g, mean, mask=g < G)
+            tl.store(Stats + n * 2 * G + G + g, rstd, mask=g < G)
+            tl.debug_barrier()  # the CTA's stores above are visible to all its threads below
             cols = tl.arange(0, BLOCK_C)
             mask_c = cols < C
-            member = ((cols // CG)[None, :] == g[:, None]) & mask_c[None, :]  # (BLOCK_G, BLOCK_C)
-            scale = tl.sum(tl.where(member, rstd[:, None], 0.0), 0)  # (BLOCK_C,): each channel's group
+            group = n * 2 * G + cols // CG
+            scale = tl.load(Stats + G + group, mask=mask_c, other=0.0)  # (BLOCK_C,): each channel's rstd
             if W is not None:
                 scale *= tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
-            shift = -tl.sum(tl.where(member, mean[:, None], 0.0), 0) * scale
+            shift = -tl.load(Stats + group, mask=mask_c, other=0.0) * scale
             if B is not None:
                 shift += tl.load(B + cols, mask=mask_c, other=0.0).to(tl.float32)
             end = tl.minimum((p + 1) * PER_SLICE, HW)
@@ -275,13 +292,16 @@ def _group_norm_op(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
         grid_rows = batch * num_groups
         block_p = min(triton.next_power_of_2(slices), PARTIAL_TILE)
     partials = torch.empty((2, batch, slices, num_groups), device=x.device, dtype=torch.float32)
+    scratch = torch.empty((batch, slices, 2, channels) if channels_last else (1,), device=x.device,
+                          dtype=torch.float32)
+    stats = torch.empty((batch, 2, num_groups) if channels_last else (1,), device=x.device, dtype=torch.float32)
     meta = dict(CHANNELS_LAST=channels_last, BLOCK=block, ROWS=rows, BLOCK_C=block_c, BLOCK_G=block_g,
-                STAGES=STAGES, num_warps=8)
-    _group_norm_stats_kernel[(slices, grid_rows)](x, partials, hw, channels, num_groups, cg, slices, per_slice,
-                                                  **meta)
-    _group_norm_apply_kernel[(slices, grid_rows)](x, y, partials, weight, bias, batch, hw, channels, num_groups, cg,
-                                                  slices, per_slice, eps, SILU=activation == "silu",
-                                                  BLOCK_P=block_p, **meta)
+                BLOCK_CG=triton.next_power_of_2(cg), STAGES=STAGES, num_warps=8)
+    _group_norm_stats_kernel[(slices, grid_rows)](x, partials, scratch, hw, channels, num_groups, cg, slices,
+                                                  per_slice, **meta)
+    _group_norm_apply_kernel[(slices, grid_rows)](x, y, partials, stats, weight, bias, batch, hw, channels,
+                                                  num_groups, cg, slices, per_slice, eps,
+                                                  SILU=activation == "silu", BLOCK_P=block_p, **meta)
     return y
 
 
