@@ -92,9 +92,9 @@ def test_patched_pipeline_matches_unpatched_and_unpatch_restores_it_exactly(tiny
 
 def test_patched_pipeline_on_triton_kernels_matches_unpatched(tiny_pipes, monkeypatch):
     """The whole pipeline with every attention and GroupNorm+SiLU on the Triton kernels (interpreter, which
-    is slow: one prompt, two steps, 32x32 pixels)."""
+    is slow: one prompt, one step, 32x32 pixels)."""
     pipe = tiny_pipes["sd1"]
-    run = functools.partial(generate, prompts=(PROMPT,), steps=2, size=32)
+    run = functools.partial(generate, prompts=(PROMPT,), steps=1, size=32)
     original_unet = pipe.unet
     pipe.unet = tiny_unet_for_kernels(cross_attention_dim=pipe.text_encoder.config.hidden_size)
     try:
