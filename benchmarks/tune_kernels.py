@@ -27,7 +27,8 @@ def main():
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     for nbytes in (2**31, 21 * 2**20, 134 * 2**20):
         ms = copy_ms(nbytes, input_sets(nbytes // 2), 20)
-        print(f"copy {nbytes / 2**20:7.0f} MiB: " + ", ".join(f"{k} {nbytes / v / 1e6:5.0f} GB/s" for k, v in ms.items()))
+        rates = ", ".join(f"{k} {nbytes / v / 1e6:5.0f} GB/s" for k, v in ms.items())
+        print(f"copy {nbytes / 2**20:7.0f} MiB: {rates}")
     for shape, layout in itertools.product([(2, 320, 64, 64), (2, 1280, 16, 16), (1, 128, 512, 512)],
                                            ["contiguous", "channels_last"]):
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format

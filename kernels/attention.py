@@ -274,8 +274,7 @@ def _stride_align(*tensors: Tensor) -> int:
     return align
 
 
-@torch.library.custom_op("fastdiff::triton_attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
+def _attention_launch(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
     batch, heads, seq_q, head_dim = q.shape
     seq_kv = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
@@ -300,6 +299,11 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Te
     return out
 
 
+# Registered so torch.compile traces through it (fake tensors give the output layout) and keeps it in
+# graphs; eager calls skip the dispatcher and launch directly, which saves tens of microseconds of host time.
+_attention_op = torch.library.custom_op("fastdiff::triton_attention", mutates_args=())(_attention_launch)
+
+
 @_attention_op.register_fake
 def _(q, k, v, scale):
     return torch.empty_like(q)
@@ -315,4 +319,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     check_attention_inputs(q, k, v, scale)
     if q.numel() == 0:
         return torch.empty_like(q)
-    return _attention_op(q, k, v, scale)
+    op = _attention_op if torch.compiler.is_compiling() else _attention_launch
+    return op(q, k, v, scale)

@@ -264,8 +264,7 @@ def _is_channels_last(x: Tensor) -> bool:
     return not x.is_contiguous() and x.permute(channels_last_perm(x.dim())).is_contiguous()
 
 
-@torch.library.custom_op("fastdiff::triton_group_norm", mutates_args=())
-def _group_norm_op(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+def _group_norm_launch(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                    activation: Optional[str]) -> Tensor:
     batch, channels = x.shape[:2]
     hw = x.numel() // (batch * channels)
@@ -305,6 +304,11 @@ def _group_norm_op(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: O
     return y
 
 
+# Registered so torch.compile traces through it (fake tensors give the output layout) and keeps it in
+# graphs; eager calls skip the dispatcher and launch directly, which saves tens of microseconds of host time.
+_group_norm_op = torch.library.custom_op("fastdiff::triton_group_norm", mutates_args=())(_group_norm_launch)
+
+
 @_group_norm_op.register_fake
 def _(x, num_groups, weight, bias, eps, activation):
     return torch.empty_like(x)
@@ -327,4 +331,5 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias
         bias = bias.contiguous()
     if x.numel() == 0:
         return torch.empty_like(x)
-    return _group_norm_op(x, num_groups, weight, bias, float(eps), activation)
+    op = _group_norm_op if torch.compiler.is_compiling() else _group_norm_launch
+    return op(x, num_groups, weight, bias, float(eps), activation)

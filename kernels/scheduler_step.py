@@ -144,8 +144,7 @@ def _same_dense_layout(tensors: list[Tensor]) -> bool:
     return False
 
 
-@torch.library.custom_op("fastdiff::triton_scheduler_step", mutates_args=())
-def _scheduler_step_op(x: Tensor, model_output: Tensor, c_x: float, c_m: float, a_x: float, a_0: float,
+def _scheduler_step_launch(x: Tensor, model_output: Tensor, c_x: float, c_m: float, a_x: float, a_0: float,
                        a_p: float, a_n: float, guidance_scale: Optional[float], prev_x0: Optional[Tensor],
                        noise: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     x_next = torch.empty_like(x)  # x's layout; the caller made every input share it
@@ -157,6 +156,11 @@ def _scheduler_step_op(x: Tensor, model_output: Tensor, c_x: float, c_m: float, 
         GUIDANCE=guidance_scale is not None,
     )
     return x_next, x0
+
+
+# Registered so torch.compile traces through it (fake tensors give the output layout) and keeps it in
+# graphs; eager calls skip the dispatcher and launch directly, which saves tens of microseconds of host time.
+_scheduler_step_op = torch.library.custom_op("fastdiff::triton_scheduler_step", mutates_args=())(_scheduler_step_launch)
 
 
 @_scheduler_step_op.register_fake
@@ -193,5 +197,6 @@ def scheduler_step(x: Tensor, model_output: Tensor, coeffs: StepCoeffs,
         noise = None if noise is None else noise.contiguous()
     if x.numel() == 0:
         return torch.empty_like(x), torch.empty_like(x)
-    return _scheduler_step_op(x, model_output, float(c.c_x), float(c.c_m), float(c.a_x), float(c.a_0),
+    op = _scheduler_step_op if torch.compiler.is_compiling() else _scheduler_step_launch
+    return op(x, model_output, float(c.c_x), float(c.c_m), float(c.a_x), float(c.a_0),
                               float(c.a_p), float(c.a_n), guidance_scale, prev_x0, noise)
