@@ -91,7 +91,8 @@ if triton is not None:
                      prune_configs_by={"early_config_prune": _prune_configs})
     @triton.heuristics({
         "EVEN_N": lambda a: a["Skv"] % a["BLOCK_N"] == 0,  # no key mask needed
-        "SINGLE_PASS": lambda a: a["Skv"] <= a["BLOCK_N"],  # all keys in one block: exact softmax
+        # All keys in one block: exact softmax. Past D_PAD 128 the padded tiles overflow shared memory.
+        "SINGLE_PASS": lambda a: a["Skv"] <= a["BLOCK_N"] and a["D_PAD"] <= 128,
     })
     @triton.jit
     def _attention_kernel(
