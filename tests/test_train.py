@@ -146,6 +146,8 @@ def test_export_is_a_diffusers_folder_that_loads_and_generates(run):
     c = load_components(model)
     assert isinstance(c.tokenizer, CLIPTokenizer) and len(c.tokenizer.vocab) == recipe.text_encoder.vocab_size
     assert c.vae.config.scaling_factor != 0.18215, "the measured latent scale replaces SD's"
+    vae_info = json.loads((model / "vae" / "config.json").read_text())["_fastdiff_train"]
+    assert set(vae_info["reconstruction"]) == {"color", "shape", "position", "size", "background", "l1"}
     # Shipped weights: float16 of the EMA average.
     shipped = load_file(model / "unet" / "diffusion_pytorch_model.safetensors")
     ema = load_checkpoint(run / "unet.pt", CPU)["ema"]["shadow"]["unet"]

@@ -58,6 +58,10 @@ def _train(args: argparse.Namespace) -> int:
         began = time.monotonic()
         result = stages[name](recipe, out, device, left, progress=not args.quiet)
         print(f"{name}: {result.steps_done} steps, loss {result.last_loss:.4f}, {time.monotonic() - began:.0f} s")
+        if name == "vae":
+            info = json.loads((out / "vae" / "config.json").read_text())
+            scores = ", ".join(f"{k} {v:.3g}" for k, v in info["_fastdiff_train"]["reconstruction"].items())
+            print(f"vae: scaling_factor {info['scaling_factor']:.4f}; reconstructions: {scores}")
         if not result.finished:
             print(f"{name}: stopped by --time-limit; rerun the command to continue from the checkpoint")
             return EXIT_INCOMPLETE
