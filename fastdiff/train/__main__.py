@@ -156,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:  # a missing stage or model, a mismatched checkpoint: say which
+        raise SystemExit(f"fastdiff.train: {e}") from None
 
 
 if __name__ == "__main__":

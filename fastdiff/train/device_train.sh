@@ -1,60 +1,90 @@
 #!/usr/bin/env bash
 # The default model's training run on one CUDA GPU, from the repository root (the device tool's `run`):
-#     bash fastdiff/train/device_train.sh
-# Installs fastdiff, trains the VAE and then the UNet + text encoder with the default recipe
-# (`python -m fastdiff.train all --config default`), exports the diffusers folder, measures prompt adherence
-# over 300 captions at several guidance scales, times one CPU-only `fastdiff generate`, and packs the folder
-# into $OUT as <= 15 MB parts (the device tool returns at most 8 files of at most 16 MB).
-#
-# Afterwards, on the machine that called it:
+#     bash fastdiff/train/device_train.sh [all|vae|unet]
+#   all   (default) one call: the VAE stage, then the UNet + text encoder stage, export, evaluation
+#   vae   first of two calls: the VAE stage; $OUT/vae/ comes back (config.json + 7 MB of float32 weights)
+#   unet  second call, with that folder carried at $VAE_FROM (default device_carry/vae: put it there, list
+#         device_carry/ in .git/info/exclude and pass carry=["device_carry"]): the UNet stage, export, evaluation
+# Both ways run the same recipe (`python -m fastdiff.train ... --config default`); two calls give each stage a
+# whole 10-minute command. The end of a run measures prompt adherence over 300 captions at several guidance
+# scales, times one CPU-only `fastdiff generate`, and packs the model folder into $OUT as <= 15 MB parts (the
+# device tool returns at most 8 files of at most 16 MB). Then, on the calling machine:
 #     mkdir -p fastdiff/assets/default && cat FILES_AT/default_model.tar.part-* | tar -xf - -C fastdiff/assets/default
 #
-# Time (an estimate: it has not run on a GPU yet). The default recipe's FLOPs per step (torch's FLOP counter):
-# UNet stage ~1.9 TFLOP (batch 256: UNet fwd+bwd 1.07, VAE encoder fwd 0.76, text encoder 0.07), VAE stage
-# ~0.9 TFLOP (batch 32). On this project's 2-core CPU the same code ran at 140-170 GFLOP/s (UNet step at batch 8:
-# 0.24 s; VAE step at batch 4: 0.65 s). Assuming 40-100 TFLOP/s on an H100 in bf16 (5-12% of its peak: 64-128
-# channel convolutions, float32 GroupNorms, eager launches; the step is likely bound by Python launching
-# ~3000 kernels, ~30-50 ms), 3000 VAE steps take 0.5-1.2 min and 8000 UNet steps 2.5-6.5 min; install, start-up,
-# export and evaluation ~1.5 min: 4.5-9 min of command time, plus the machine's start. TIME_LIMIT caps the
-# training so the command ends inside the tool's 10 minutes; a stage cut short is exported as it stands and the
-# log says so (the run is then exactly `--unet-steps <steps done>`: the learning rate is constant after warm-up).
+# Time: an estimate, not yet run on a GPU. FLOPs per step of the default recipe (torch's FLOP counter): UNet
+# stage ~1.9 TFLOP (batch 256: UNet fwd+bwd 1.07, VAE encoder fwd 0.76, text encoder 0.07), VAE stage ~0.9
+# TFLOP (batch 32). The project's 2-core CPU ran the same code at 140-170 GFLOP/s (UNet step at batch 8: 0.24 s;
+# VAE step at batch 4: 0.65 s). Assuming 40-100 TFLOP/s on an H100 in bf16 (5-12% of its peak: 32-128 channel
+# convolutions, float32 GroupNorms, eager PyTorch; the UNet step is likely bound by launching ~3000 kernels
+# from Python, ~30-50 ms), 5000 VAE steps take 1-2 min and 8000 UNet steps 2.5-6.5 min; install, start-up,
+# measurements, export and evaluation ~1.5 min. `all`: 5-10 min of command time, which TIME_LIMIT keeps inside
+# the tool's 10 minutes; `vae` + `unet`: 3 + 4-8 min, plus a second machine start. A stage cut short by
+# TIME_LIMIT is exported as it stands and the log says so; since the learning rate is constant after warm-up,
+# that model is exactly the recipe run with `--unet-steps <steps done>` (recorded in model_index.json).
 set -u -o pipefail
+MODE=${1:-all}
 OUT=${OUT:-device_out}
 RUN=${RUN:-/tmp/fastdiff_default}  # checkpoints and logs; only what is copied to $OUT comes back
-TIME_LIMIT=${TIME_LIMIT:-7.5}  # minutes of training at most (both stages together)
+VAE_FROM=${VAE_FROM:-device_carry/vae}
 GUIDANCE=${GUIDANCE:-1.5,3,5,7.5}
-mkdir -p "$OUT"
+TIME_LIMIT=${TIME_LIMIT:-7.5}  # minutes of training at most in this call (the tool stops a command at 10)
+# A CPU smoke test of this script: CONFIG=tiny DEVICE=cpu INSTALL=0 EVAL_N=4 bash fastdiff/train/device_train.sh
+CONFIG=${CONFIG:-default}
+DEVICE=${DEVICE:-cuda}
+INSTALL=${INSTALL:-1}
+EVAL_N=${EVAL_N:-300}
+case "$MODE" in
+    all | vae | unet) ;;
+    *) echo "usage: $0 [all|vae|unet]"; exit 2 ;;
+esac
+mkdir -p "$OUT" "$RUN"
 LOG="$OUT/log.txt"
 export PYTHONUNBUFFERED=1
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee "$LOG"
-FASTDIFF_SKIP_CUDA_BUILD=1 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
-    || { echo "pip install failed, see install.log"; exit 1; }
-rm "$OUT/install.log"
+if [ "$INSTALL" = 1 ]; then
+    FASTDIFF_SKIP_CUDA_BUILD=1 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
+        || { echo "pip install failed, see install.log"; exit 1; }
+    rm "$OUT/install.log"
+fi
 
+if [ "$MODE" = unet ]; then
+    [ -f "$VAE_FROM/config.json" ] || { echo "no trained VAE at $VAE_FROM (run the vae mode first)"; exit 1; }
+    rm -rf "$RUN/vae" && cp -r "$VAE_FROM" "$RUN/vae"
+fi
 SECONDS=0
-python3 -m fastdiff.train all --out "$RUN" --config default --time-limit "$TIME_LIMIT" --quiet 2>&1 | tee -a "$LOG"
+python3 -m fastdiff.train "$MODE" --out "$RUN" --config "$CONFIG" --device "$DEVICE" --time-limit "$TIME_LIMIT" \
+    --quiet 2>&1 | tee -a "$LOG"
 status=$?
-echo "training: exit $status in ${SECONDS}s" | tee -a "$LOG"
+echo "training ($MODE): exit $status in ${SECONDS}s" | tee -a "$LOG"
 if [ "$status" -eq 3 ]; then
-    echo "TIME LIMIT: a stage stopped early; exporting what was trained (steps in model_index.json)" | tee -a "$LOG"
-    [ -d "$RUN/vae" ] && [ -f "$RUN/unet.pt" ] || { echo "nothing to export"; exit 1; }
-    python3 -m fastdiff.train export --out "$RUN" 2>&1 | tee -a "$LOG"
+    echo "TIME LIMIT: a stage stopped early; going on with what was trained (steps are recorded)" | tee -a "$LOG"
 elif [ "$status" -ne 0 ]; then
     exit "$status"
 fi
 for stage in vae unet; do
-    echo "--- $stage loss log (step, loss, lr, seconds)" >> "$LOG"
-    cat "$RUN/${stage}_log.tsv" >> "$LOG"
+    if [ -f "$RUN/${stage}_log.tsv" ]; then
+        echo "--- $stage loss (step, loss, lr, seconds since the call began)" >> "$LOG"
+        cat "$RUN/${stage}_log.tsv" >> "$LOG"
+    fi
 done
+if [ "$MODE" = vae ]; then
+    cp -r "$RUN/vae" "$OUT/vae"
+    ls -l "$OUT" "$OUT/vae" | tee -a "$LOG"
+    exit 0
+fi
+if [ "$MODE" = unet ] || [ "$status" -eq 3 ]; then  # `all` exports by itself when it finishes
+    [ -f "$RUN/unet.pt" ] || { echo "no UNet checkpoint to export"; exit 1; }
+    python3 -m fastdiff.train export --out "$RUN" 2>&1 | tee -a "$LOG"
+fi
 
 SECONDS=0
-# The reference ops, as on a CPU: the run measures the model, not the Triton kernels (which would also
-# spend a minute autotuning here).
-FASTDIFF_BACKEND=reference python3 -m fastdiff.train eval --model "$RUN/model" --n 300 --guidance "$GUIDANCE" \
-    --device cuda --json "$OUT/eval.json" --grid "$OUT/grid.png" 2>&1 | tee -a "$LOG"
+# The reference ops, as on a CPU: this measures the model, not the Triton kernels (which would also spend a
+# minute autotuning here).
+FASTDIFF_BACKEND=reference python3 -m fastdiff.train eval --model "$RUN/model" --n "$EVAL_N" --guidance "$GUIDANCE" \
+    --device "$DEVICE" --json "$OUT/eval.json" --grid "$OUT/grid.png" 2>&1 | tee -a "$LOG"
 echo "eval: ${SECONDS}s" | tee -a "$LOG"
 
 SECONDS=0
