@@ -5,9 +5,25 @@
 Each op lives in one file beside its plain-PyTorch twin `<op>_ref`. The Triton versions run on CUDA
 tensors, or on the CPU when TRITON_INTERPRET=1 is set before this package is imported.
 """
-from .attention import attention, attention_ref
-from .group_norm import group_norm, group_norm_ref
-from .scheduler_step import StepCoeffs, scheduler_step, scheduler_step_ref
+import importlib
+import sys
 
-__all__ = ["attention", "attention_ref", "group_norm", "group_norm_ref", "scheduler_step", "scheduler_step_ref",
-           "StepCoeffs"]
+if __name__ != "fastdiff.kernels":
+    # This folder is the repository's top-level `kernels/`, so wherever the repository root is on sys.path
+    # (`python -m pytest` or `python -m fastdiff` run from it) `import kernels` finds it too, and transformers
+    # does import it: it probes for Hugging Face's `kernels` package by that name. A second copy of these
+    # modules would register the torch.library custom ops again, and torch then destroys the first
+    # registrations, which fastdiff.kernels still calls: freed memory, so a torch.compile trace fails with
+    # `vector::reserve` or segfaults. Under any other name this package and its modules are therefore
+    # fastdiff.kernels' own (`import kernels.group_norm` included).
+    sys.modules[__name__] = importlib.import_module("fastdiff.kernels")
+    for name, module in list(sys.modules.items()):
+        if name.startswith("fastdiff.kernels."):
+            sys.modules[__name__ + name[len("fastdiff.kernels"):]] = module
+else:
+    from .attention import attention, attention_ref
+    from .group_norm import group_norm, group_norm_ref
+    from .scheduler_step import StepCoeffs, scheduler_step, scheduler_step_ref
+
+    __all__ = ["attention", "attention_ref", "group_norm", "group_norm_ref", "scheduler_step",
+               "scheduler_step_ref", "StepCoeffs"]
