@@ -16,9 +16,10 @@
 # TFLOP (batch 32). The project's 2-core CPU ran the same code at 140-170 GFLOP/s (UNet step at batch 8: 0.24 s;
 # VAE step at batch 4: 0.65 s). Assuming 40-100 TFLOP/s on an H100 in bf16 (5-12% of its peak: 32-128 channel
 # convolutions, float32 GroupNorms, eager PyTorch, which launches ~2000 kernels per UNet step: 15-30 ms of
-# host time at least), 5000 VAE steps take 1-2 min and 8000 UNet steps 2.5-6.5 min; install, start-up,
-# measurements, export and evaluation ~1.5 min. `all`: 5-10 min of command time, which TIME_LIMIT keeps inside
-# the tool's 10 minutes; `vae` + `unet`: 3 + 4-8 min, plus a second machine start. A stage cut short by
+# host time at least), 8000 VAE steps take 1-3 min and 8000 UNet steps 2.5-6.5 min; install, start-up,
+# measurements, export and evaluation ~1.5 min. Prefer two calls: `vae` 2.5-4.5 min, `unet` 4-8 min (each well
+# inside the tool's 10 minutes), ~15 min of device time with two machine starts. `all` needs 5-11 min, so its
+# TIME_LIMIT may cut the UNet stage short at the slow end of the estimate. A stage cut short by
 # TIME_LIMIT is exported as it stands and the log says so; since the learning rate is constant after warm-up,
 # that model is exactly the recipe run with `--unet-steps <steps done>` (recorded in model_index.json).
 set -u -o pipefail

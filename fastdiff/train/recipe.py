@@ -60,7 +60,7 @@ class Recipe:
     unet_stage: StageConfig
     kl_weight: float = 1e-6  # weight of the VAE posterior's KL divergence (per latent element) vs. L1 + MSE
     #   (per pixel); 1e-4 learnt colours more slowly in a CPU trial (1200 steps of batch 4: colour read right
-    #   in 16% of reconstructions, against 29% with 1e-6)
+    #   in 16% of reconstructions, against 29% with 1e-6; 65% after 3000 steps, position 100%, shape 91%)
     caption_dropout: float = 0.1  # fraction of captions replaced by "" so one model also predicts unconditionally
     seed: int = 0  # seeds the dataset and every random draw of training
     scheduler: dict = field(default_factory=lambda: dict(SCHEDULER_CONFIG))
@@ -100,7 +100,7 @@ def default_recipe() -> Recipe:
         vae=VAEConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=2, sample_size=IMAGE_SIZE),
         unet=_unet((64, 128, 128), layers=2, context=128, groups=32, head_width=32),
         text_encoder=_text(128, layers=3, heads=2),
-        vae_stage=StageConfig(steps=5000, batch=32, lr=3e-4, warmup=100),
+        vae_stage=StageConfig(steps=8000, batch=32, lr=3e-4, warmup=100),
         unet_stage=StageConfig(steps=8000, batch=256, lr=3e-4, warmup=200, weight_decay=0.01, ema_decay=0.999),
     )
 
