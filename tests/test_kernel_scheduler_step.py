@@ -1,16 +1,16 @@
 """The Triton fused scheduler step against scheduler_step_ref.
 
-Coefficients come from real solvers at one step each (Euler, Euler ancestral, DDIM, DPM++ 2M), so every
+Coefficients come from real solvers at one step each (tests/step_cases.py), so every
 specialisation of the kernel (guidance or not, prev_x0 or not, noise or not) is hit as the samplers hit it.
 CPU: under TRITON_INTERPRET=1 on a small odd latent; GPU (`-m gpu`): every dtype on SD latents.
 """
 import importlib
-import math
 
 import pytest
 import torch
 
-from fastdiff.kernels.scheduler_step import StepCoeffs, scheduler_step, scheduler_step_ref
+from fastdiff.kernels.scheduler_step import scheduler_step, scheduler_step_ref
+from step_cases import SOLVERS
 
 # Against a float64 reference: dtype, atol, rtol. Low precision: one rounding of outputs of size ~10
 # (guidance 7.5 amplifies cond - uncond).
@@ -19,29 +19,6 @@ CPU_TOLERANCES = [
     (torch.float16, 2e-2, 2e-3),
     (torch.bfloat16, 1.5e-1, 1e-2),
 ]
-
-
-def _solvers() -> dict[str, StepCoeffs]:
-    # k-diffusion sigma space (x0 = x - sigma eps) and DDIM's alpha-bar space, at plausible mid-schedule steps.
-    sigma, sigma_next, sigma_prev = 3.0, 2.4, 3.8
-    euler_dt = (sigma_next - sigma) / sigma
-    sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
-    down_dt = (math.sqrt(sigma_next**2 - sigma_up**2) - sigma) / sigma
-    h = math.log(sigma / sigma_next)
-    r = math.log(sigma_prev / sigma) / h
-    ab, ab_prev = 0.30, 0.45  # alpha-bar at t and at the next (less noisy) t
-    ddim_a_x = math.sqrt(1 - ab_prev) / math.sqrt(1 - ab)
-    return {
-        "euler": StepCoeffs(1.0, -sigma, 1 + euler_dt, -euler_dt),
-        "euler_ancestral": StepCoeffs(1.0, -sigma, 1 + down_dt, -down_dt, a_n=sigma_up),
-        "ddim": StepCoeffs(1 / math.sqrt(ab), -math.sqrt(1 - ab) / math.sqrt(ab), ddim_a_x,
-                           math.sqrt(ab_prev) - ddim_a_x * math.sqrt(ab)),
-        "dpmpp_2m": StepCoeffs(1.0, -sigma, sigma_next / sigma, -math.expm1(-h) * (1 + 1 / (2 * r)),
-                               a_p=math.expm1(-h) / (2 * r)),
-    }
-
-
-SOLVERS = _solvers()
 
 
 def _inputs(shape, dtype, guidance, device="cpu"):

@@ -163,17 +163,22 @@ class CLIPTokenizer:
             best = min(pairs, key=lambda pair: self.merge_ranks.get(pair, float("inf")))
             if best not in self.merge_ranks:
                 break
-            merged, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    merged.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = merged
+            word = merge_pair(word, best)
         self._bpe_cache[symbols] = word
         return word
+
+
+def merge_pair(word: list[str], pair: tuple[str, str]) -> list[str]:
+    """`word` with every occurrence of the adjacent `pair` joined into one symbol, left to right."""
+    merged, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            merged.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            merged.append(word[i])
+            i += 1
+    return merged
 
 
 def _parse_merges(text: str) -> list[tuple[str, str]]:

@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-from fastdiff.models.tokenizer import BOS_TOKEN, END_OF_WORD, EOS_TOKEN, bytes_to_unicode
+from fastdiff.models.tokenizer import BOS_TOKEN, END_OF_WORD, EOS_TOKEN, bytes_to_unicode, merge_pair
 
 MAX_LENGTH = 77  # token ids per prompt: CLIP's context length, kept so prompts behave as in SD
 
@@ -41,16 +41,7 @@ def learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
         pairs = Counter(pair for s in spelled for pair in zip(s, s[1:]))
         best = min(pairs, key=lambda pair: (-pairs[pair], pair))
         merges.append(best)
-        for k, s in enumerate(spelled):
-            merged, i = [], 0
-            while i < len(s):
-                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
-                    merged.append(s[i] + s[i + 1])
-                    i += 2
-                else:
-                    merged.append(s[i])
-                    i += 1
-            spelled[k] = merged
+        spelled = [merge_pair(s, best) for s in spelled]
     return merges
 
 
