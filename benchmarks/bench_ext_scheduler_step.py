@@ -29,6 +29,7 @@ import torch
 
 from fastdiff import _ext, ops
 from fastdiff.kernels.scheduler_step import StepCoeffs
+from timing import graph_ms
 
 # DPM++ 2M coefficients at a mid-schedule step (sigma 3.0 -> 2.4, previous sigma 3.8), epsilon model in
 # k-diffusion's sigma space: x0 = x - sigma eps; only the values matter for speed.
@@ -68,27 +69,7 @@ def make_inputs(batch, side, dtype, device):
 
 def graph_time_us(calls, reps=20):
     """Median time per call (µs) of `calls` (zero-argument callables) captured back to back in one graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up outside the capture, as torch.cuda.graphs requires
-        for call in calls[:3]:
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return statistics.median(times)
+    return graph_ms(calls, reps)[0] * 1e3
 
 
 def loop_time_us(calls, reps=10):

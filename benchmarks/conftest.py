@@ -18,10 +18,11 @@ which checks that the benchmarks work, not how fast anything is.
 """
 import math
 import os
-import statistics
 
 import pytest
 import torch
+
+from timing import graph_ms
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
@@ -29,7 +30,6 @@ if not ON_GPU:
 
 PROVIDERS = ("fastdiff", "torch")
 MIN_CALLS = 20  # calls per captured graph
-REPLAYS = 15  # timed graph replays; the median is reported
 MAX_SETS = 64  # input sets rotated at most
 
 
@@ -47,31 +47,6 @@ def input_sets(bytes_per_set: int) -> int:
         return 1
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     return max(1, min(MAX_SETS, math.ceil(3 * l2 / bytes_per_set)))
-
-
-def _graph_ms(calls) -> tuple[float, "torch.cuda.CUDAGraph"]:
-    """Median ms per call of zero-argument `calls` captured back to back in one CUDA graph, and the graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile, autotune and warm up outside the capture
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(REPLAYS):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / len(calls))
-    return statistics.median(times), graph
 
 
 if ON_GPU:
@@ -103,7 +78,7 @@ def copy_ms(nbytes: int, n_sets: int, calls: int) -> dict:
     srcs = [torch.randn(numel, device="cuda", dtype=torch.float16) for _ in range(n_sets)]
     dsts = [torch.empty_like(t) for t in srcs]
     methods = [copy_calls(a, b) for a, b in zip(srcs, dsts)]
-    return {name: _graph_ms([methods[i % n_sets][name] for i in range(calls)])[0] for name in methods[0]}
+    return {name: graph_ms([methods[i % n_sets][name] for i in range(calls)])[0] for name in methods[0]}
 
 
 @pytest.fixture(scope="session")
@@ -128,7 +103,7 @@ def measure(benchmark, big_copy_gbs):
             info["ms"] = benchmark.stats.stats.median * 1e3
             return info
         calls = [call_for_set(i % n_sets) for i in range(max(MIN_CALLS, n_sets))]
-        ms, graph = _graph_ms(calls)
+        ms, graph = graph_ms(calls)
         info.update(ms=ms, calls=len(calls), input_sets=n_sets, gpu=torch.cuda.get_device_name(),
                     big_copy_gbs=big_copy_gbs)
         if flops:

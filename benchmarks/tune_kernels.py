@@ -13,14 +13,15 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import _graph_ms, copy_ms, input_sets  # noqa: E402
+from conftest import copy_ms, input_sets  # noqa: E402
+from timing import graph_ms  # noqa: E402
 
 attention_module = importlib.import_module("fastdiff.kernels.attention")
 gn_module = importlib.import_module("fastdiff.kernels.group_norm")
 
 
 def timed(fn, sets):
-    return _graph_ms([(lambda s=sets[i % len(sets)]: fn(*s)) for i in range(max(20, len(sets)))])[0]
+    return graph_ms([(lambda s=sets[i % len(sets)]: fn(*s)) for i in range(max(20, len(sets)))])[0]
 
 
 def main():
