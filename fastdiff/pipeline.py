@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastdiff import schedulers
+from fastdiff.fast import FastConfig, FastUNet, prepare_vae
 from fastdiff.loading import load_components
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -51,27 +52,43 @@ class _Request:
 
 
 class Pipeline:
-    """The Stable Diffusion stack: `unet`, `vae`, `text_encoder`, `tokenizer` and the scheduler config."""
+    """The Stable Diffusion stack: `unet`, `vae`, `text_encoder`, `tokenizer` and the scheduler config.
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict, source: str = ""):
+    fast: the CUDA fast path (`fastdiff.fast`: channels_last, fused projections, CUDA graphs). None (the
+    default) uses it whenever the models are on a CUDA device; True or a `FastConfig` requires it; False
+    runs the plain modules. It is set up on the first call, preparing the UNet and VAE in place.
+    """
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict, source: str = "",
+                 fast: Union[None, bool, FastConfig] = None):
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.scheduler_config = dict(scheduler_config)
         self.source = source
+        if not (fast is None or isinstance(fast, (bool, FastConfig))):
+            raise ValueError(f"fast must be None, True, False or a fastdiff.fast.FastConfig, got {fast!r}")
+        graphs = fast is True or (isinstance(fast, FastConfig) and fast.cuda_graphs)
+        if graphs and self.device.type != "cuda":
+            raise ValueError(f"fast={fast!r} captures CUDA graphs, which needs the models on a CUDA device, they "
+                             f"are on {self.device}; pass fast=None to use the fast path only where it applies")
+        self.fast = fast
+        self._fast_unet: Optional[FastUNet] = None
 
     @classmethod
-    def from_pretrained(cls, path: Union[str, os.PathLike], device=None, dtype=None, **kwargs) -> "Pipeline":
+    def from_pretrained(cls, path: Union[str, os.PathLike], device=None, dtype=None,
+                        fast: Union[None, bool, FastConfig] = None, **kwargs) -> "Pipeline":
         """Load a diffusers-format folder or a single-file (CompVis/LDM) checkpoint. Never touches the network.
 
         device: defaults to CUDA when available, else CPU. dtype: defaults to float16 on CUDA, float32 on CPU.
-        Extra kwargs (`variant="fp16"`, `config=...`) go to `fastdiff.loading.load_components`.
+        fast: see the class docstring. Extra kwargs (`variant="fp16"`, `config=...`) go to
+        `fastdiff.loading.load_components`.
         """
         device = torch.device(device) if device is not None else _default_device()
         dtype = dtype if dtype is not None else (torch.float16 if device.type == "cuda" else torch.float32)
         c = load_components(path, device=device, dtype=dtype, **kwargs)
-        return cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config, source=c.source)
+        return cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config, source=c.source, fast=fast)
 
     @property
     def device(self) -> torch.device:
@@ -183,18 +200,35 @@ class Pipeline:
         image = self.vae.decode((x / self.vae.config.scaling_factor).to(vae_dtype)).float()
         return (image / 2 + 0.5).clamp(0, 1)
 
+    def fast_unet(self) -> Optional[FastUNet]:
+        """The fast path's UNet (built, and the UNet and VAE prepared, on first use), or None when off."""
+        if self.fast is False or (self.fast is None and self.device.type != "cuda"):
+            return None
+        if self._fast_unet is None:
+            config = self.fast if isinstance(self.fast, FastConfig) else FastConfig()
+            self._fast_unet = FastUNet(self.unet, config)
+            prepare_vae(self.vae, config)
+        return self._fast_unet
+
     def _model_fn(self, context: Tensor, req: _Request) -> Callable[[Tensor, Tensor], Tensor]:
-        unet, dtype = self.unet, self.dtype
+        fast = self.fast_unet()
+        if fast is not None:
+            unet_fn = fast.denoiser(context, req.cfg)
+        else:
+            unet, dtype = self.unet, self.dtype
 
-        def model_fn(x_in: Tensor, t: Tensor) -> Tensor:
-            if not req.cfg:
-                return unet(x_in.to(dtype), t, context).float()
-            out = unet(torch.cat([x_in, x_in]).to(dtype), t, context).float()  # (2B, ...) = [uncond; cond]
-            if req.guidance_rescale > 0.0:  # not linear: combine here instead of inside the fused step
-                out = schedulers.combine_guidance(out, req.guidance_scale, req.guidance_rescale)
-            return out
+            def unet_fn(x_in: Tensor, t: Tensor) -> Tensor:
+                x = torch.cat([x_in, x_in]) if req.cfg else x_in  # (2B, ...) = [uncond; cond]
+                return unet(x.to(dtype), t, context).float()
 
-        return model_fn
+        if not (req.cfg and req.guidance_rescale > 0.0):
+            return unet_fn
+
+        def rescaled_fn(x_in: Tensor, t: Tensor) -> Tensor:
+            # not linear: combine here instead of inside the fused step
+            return schedulers.combine_guidance(unet_fn(x_in, t), req.guidance_scale, req.guidance_rescale)
+
+        return rescaled_fn
 
     def _validate(self, prompt, steps, negative_prompt, guidance_scale, guidance_rescale, height, width,
                   scheduler, karras, num_images, output_type, strength, init_image) -> _Request:

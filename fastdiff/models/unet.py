@@ -262,24 +262,53 @@ class Upsample2D(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head attention without biases on q, k, v (diffusers' Attention with SD's settings).
-    Self-attention when `context_dim` is None, else cross-attention onto a context of that width."""
+    Self-attention when `context_dim` is None, else cross-attention onto a context of that width.
+
+    `attend(q, k, v, scale)` computes softmax(q k^T * scale) v; it is `ops.attention` unless a fast path
+    (`fastdiff.fast`) picks another implementation. After `fuse_projections()` one matmul makes q, k and v
+    (self-attention) or k and v (cross-attention)."""
 
     def __init__(self, dim: int, heads: int, context_dim: Optional[int], dropout: float):
         super().__init__()
         self.heads = heads
         self.scale = (dim // heads) ** -0.5
+        self.is_cross_attention = context_dim is not None
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(dropout)])
+        self.attend = ops.attention
+        # (3 * dim, dim) [q; k; v] for self-attention, (2 * dim, context_dim) [k; v] for cross-attention, once
+        # fused; not in the state dict (to_q/to_k/to_v keep their keys, as views into it).
+        self.register_buffer("fused_weight", None, persistent=False)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Concatenate the projection weights that read the same input into `fused_weight` and make to_q,
+        to_k, to_v's weights views into it: the same parameters and state-dict keys, no second copy, and
+        `load_state_dict` afterwards still updates the fused tensor."""
+        parts = (self.to_k, self.to_v) if self.is_cross_attention else (self.to_q, self.to_k, self.to_v)
+        fused = torch.cat([p.weight for p in parts])  # (n * dim, in)
+        self.fused_weight = fused
+        for i, p in enumerate(parts):
+            rows = p.weight.shape[0]
+            p.weight = nn.Parameter(fused[i * rows:(i + 1) * rows], requires_grad=False)
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """x: (B, S, dim); context: (B, T, context_dim), or None to attend over x -> (B, S, dim)."""
-        context = x if context is None else context
-        q = self.to_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, S, D)
-        k = self.to_k(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, T, D)
-        v = self.to_v(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, T, D)
-        out = ops.attention(q, k, v, self.scale).transpose(1, 2).flatten(2)  # (B, S, H * D)
+        if self.fused_weight is None:
+            context = x if context is None else context
+            q = self.to_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, S, D)
+            k = self.to_k(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, T, D)
+            v = self.to_v(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, T, D)
+        elif self.is_cross_attention:
+            q = self.to_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, S, D)
+            kv = F.linear(context, self.fused_weight).unflatten(-1, (2, self.heads, -1))  # (B, T, 2, H, D)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) views
+        else:
+            qkv = F.linear(x, self.fused_weight).unflatten(-1, (3, self.heads, -1))  # (B, S, 3, H, D)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, S, D) views
+        out = self.attend(q, k, v, self.scale).transpose(1, 2).flatten(2)  # (B, S, H * D)
         return self.to_out[1](self.to_out[0](out))
 
 

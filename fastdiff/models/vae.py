@@ -163,13 +163,14 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # diffusers' key: to_out.0
+        self.attend = ops.attention  # softmax(q k^T * scale) v; a fast path (fastdiff.fast) may pick another
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""
         B, C, H, W = x.shape
         h = _group_norm(self.group_norm, x, None).flatten(2).transpose(1, 2)  # (B, S, C), S = H*W
         # q, k, v: (B, 1, S, C), passed as temporaries so they are freed when attention returns.
-        h = ops.attention(*(proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v)), scale=C ** -0.5)
+        h = self.attend(*(proj(h).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v)), scale=C ** -0.5)
         h = self.to_out[0](h.squeeze(1))  # (B, S, C)
         return x + h.transpose(1, 2).view(B, C, H, W)
 

@@ -1,0 +1,235 @@
+"""The CUDA fast path: a loaded UNet made fast in place, and its calls replayed from CUDA graphs.
+
+    fast = FastUNet(pipe.unet, FastConfig())            # fp16, channels_last, fused projections
+    model_fn = fast.denoiser(context, cfg=True)         # (x (B, 4, h, w) float32, t) -> (2B, 4, h, w) float32
+    out = model_fn(x, t)                                # first call per shape captures, later calls replay
+
+`Pipeline` does this by itself on CUDA (`Pipeline(..., fast=None)`, the default; `fast=False` opts out).
+What the preparation changes, and why:
+  dtype          float16 (or bfloat16) weights and activations: tensor cores.
+  channels_last  NHWC convs, cuDNN's fastest layout for half precision; the transformers' (B, C, H, W) ->
+                 (B, H*W, C) token view and back become free views instead of copies.
+  fused q/k/v    one matmul for self-attention's q, k, v and one for cross-attention's k, v (the same
+                 parameters and state-dict keys: `Attention.fuse_projections` makes them views).
+  attention      per kind, fastdiff's Triton kernel (`ops.attention`) or torch SDPA, whichever was measured
+                 faster: SDPA for self-attention at SD1.5's head dims, Triton for cross-attention.
+  CUDA graphs    the UNet call (with the CFG duplication and dtype casts) captured once per input shape and
+                 replayed; a new (batch, height, width) captures a new graph, nothing else is rebuilt.
+  torch.compile  optional, of fastdiff's own UNet before capture (`compile="max-autotune-no-cudagraphs"`).
+The fused sampling update runs eagerly between replays (its coefficients change every step); the loop makes
+no host synchronisation once a shape is captured.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastdiff import ops
+
+ATTENTION_IMPLS = ("fastdiff", "sdpa")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Inductor modes that capture CUDA graphs themselves: a graph cannot be captured inside another capture.
+_SELF_GRAPHING_MODES = ("reduce-overhead", "max-autotune")
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+    """torch's scaled_dot_product_attention with `ops.attention`'s signature. q: (B, H, Sq, D); k, v:
+    (B, H, Skv, D), any strides with the head dim contiguous -> (B, H, Sq, D)."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+_ATTEND = {"fastdiff": ops.attention, "sdpa": sdpa_attention}
+
+
+@dataclass(frozen=True)
+class FastConfig:
+    """How the fast path prepares and runs a UNet (and the VAE's layout)."""
+
+    dtype: Optional[torch.dtype] = None  # UNet weights/activations; None keeps the loaded dtype (float16 on
+    #   CUDA by default); bfloat16 selectable; float32 allowed (slow, for checks)
+    channels_last: bool = True  # NHWC memory layout for the UNet's and the VAE's convolutions
+    fuse_projections: bool = True  # one matmul for q, k, v (self-attention) and for k, v (cross-attention)
+    self_attention: str = "sdpa"  # "sdpa" or "fastdiff" (Triton): SDPA measured 1.01-1.12x faster at
+    #   head dims 40/80/160 on an H200 (benchmarks/RESULTS.md); bench_e2e.py times both
+    cross_attention: str = "fastdiff"  # Triton's on-chip path for the 77 text keys: 1.1-1.6x SDPA
+    vae_attention: str = "sdpa"  # the VAE's single 512-wide head is outside the Triton kernel's limits
+    cuda_graphs: bool = True  # capture the UNet call once per input shape and replay it
+    compile: Optional[str] = None  # torch.compile mode for the UNet before capture, e.g. "default" or
+    #   "max-autotune-no-cudagraphs"; None runs the eager kernels (no compile time at all)
+    warmup: int = 2  # eager calls before a capture (autotuning, cuBLAS/cuDNN plans, lazy inits)
+
+    def __post_init__(self):
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES} or None, got {self.dtype}")
+        for name in ("self_attention", "cross_attention", "vae_attention"):
+            if getattr(self, name) not in ATTENTION_IMPLS:
+                raise ValueError(f"{name} must be one of {ATTENTION_IMPLS}, got {getattr(self, name)!r}")
+        if self.compile is not None and self.cuda_graphs and self.compile in _SELF_GRAPHING_MODES:
+            raise ValueError(f"compile={self.compile!r} captures CUDA graphs itself, which cannot nest in the "
+                             f"fast path's own; use 'default' or 'max-autotune-no-cudagraphs', or cuda_graphs=False")
+        if self.warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (autotuning must not run inside a capture), got {self.warmup}")
+
+
+def prepare_unet(unet: nn.Module, config: FastConfig) -> nn.Module:
+    """Make a fastdiff UNet2DConditionModel fast in place (see the module docstring) and return it.
+    State-dict keys and values are unchanged (up to the dtype); calling it twice is harmless."""
+    from fastdiff.models.unet import Attention
+
+    if config.dtype is not None:
+        unet.to(config.dtype)
+    if config.channels_last:
+        unet.to(memory_format=torch.channels_last)  # 4-D weights only: the convolutions
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            if config.fuse_projections and module.fused_weight is None:
+                module.fuse_projections()
+            module.attend = _ATTEND[config.cross_attention if module.is_cross_attention else config.self_attention]
+    return unet
+
+
+def prepare_vae(vae: nn.Module, config: FastConfig) -> nn.Module:
+    """The VAE's part of the fast path, in place: channels_last convolutions and its attention choice."""
+    from fastdiff.models.vae import Attention
+
+    if config.channels_last:
+        vae.to(memory_format=torch.channels_last)
+    for module in vae.modules():
+        if isinstance(module, Attention):
+            module.attend = _ATTEND[config.vae_attention]
+    return vae
+
+
+class _Captured(NamedTuple):
+    graph: "torch.cuda.CUDAGraph"
+    inputs: tuple[Tensor, ...]  # static input buffers, copied into before each replay
+    output: Tensor  # static output buffer, rewritten by each replay
+
+
+class CUDAGraphRunner:
+    """Calls `fn(*inputs) -> Tensor` through CUDA graphs: one capture per input signature (shapes, dtypes,
+    strides, device), then copy the inputs into that graph's static buffers and replay.
+
+    The returned tensor is the graph's static output: the next call of the same signature overwrites it, so
+    read it (or clone it) before calling again. Graphs share one memory pool (they never run concurrently),
+    so a second resolution costs only what it needs beyond the first. `fn` must have no host
+    synchronisation and no branch on tensor values; it may allocate (from the graph's pool).
+    """
+
+    def __init__(self, fn: Callable[..., Tensor], warmup: int = 2):
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDAGraphRunner needs a CUDA device and torch sees none; call the model directly "
+                               "on the CPU (Pipeline does so when fast=None)")
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (autotuning must not run inside a capture), got {warmup}")
+        self.fn = fn
+        self.warmup = warmup
+        self._graphs: dict[tuple, _Captured] = {}
+        self._pool = None
+
+    @staticmethod
+    def signature(inputs: tuple[Tensor, ...]) -> tuple:
+        return tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs)
+
+    @property
+    def captured(self) -> int:
+        """How many graphs (input signatures) are held."""
+        return len(self._graphs)
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        for i, t in enumerate(inputs):
+            if not isinstance(t, Tensor) or t.device.type != "cuda":
+                raise ValueError(f"input {i} must be a CUDA tensor, got "
+                                 f"{t.device if isinstance(t, Tensor) else type(t).__name__}")
+        key = self.signature(inputs)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(inputs)
+        for static, t in zip(entry.inputs, inputs):
+            if static.data_ptr() != t.data_ptr():
+                static.copy_(t)
+        entry.graph.replay()
+        return entry.output
+
+    def _capture(self, inputs: tuple[Tensor, ...]) -> _Captured:
+        static = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+                       for t in inputs)
+        # Warm up on a side stream, as torch.cuda.graphs' own make_graphed_callables does: lazy cuBLAS/cuDNN
+        # state and Triton autotuning (which synchronises) happen here, never inside the capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.fn(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = self.fn(*static)
+        if not isinstance(output, Tensor):
+            raise TypeError(f"the captured function must return one tensor, got {type(output).__name__}")
+        return _Captured(graph, static, output)
+
+    def clear(self) -> None:
+        """Drop every graph and its memory pool."""
+        self._graphs.clear()
+        self._pool = None
+
+
+class FastUNet:
+    """A UNet prepared for CUDA (`prepare_unet`), optionally compiled, whose calls replay CUDA graphs.
+
+    `denoiser(context, cfg)` gives the sampling loop's model_fn: (x (B, C, h, w) float32, t 0-d float32)
+    -> model output float32, (2B, C, h, w) = [uncond; cond] when cfg, else (B, C, h, w), contiguous.
+    """
+
+    def __init__(self, unet: nn.Module, config: Optional[FastConfig] = None):
+        self.config = config or FastConfig()
+        device = next(unet.parameters()).device
+        if self.config.cuda_graphs and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the UNet on a CUDA device, it is on {device}; move it there, or "
+                             f"pass FastConfig(cuda_graphs=False) to run the prepared modules without graphs")
+        self.unet = prepare_unet(unet, self.config)
+        self.dtype = next(self.unet.parameters()).dtype
+        forward = self.unet
+        if self.config.compile is not None:
+            ops.preload()  # the first call of an op imports it, which would break the compiled graph there
+            forward = torch.compile(self.unet, mode=self.config.compile, dynamic=False)
+        self._forward = forward
+        graphs = self.config.cuda_graphs
+        self._guided = CUDAGraphRunner(self._call_guided, self.config.warmup) if graphs else self._call_guided
+        self._plain = CUDAGraphRunner(self._call_plain, self.config.warmup) if graphs else self._call_plain
+
+    def _input(self, x: Tensor) -> Tensor:
+        fmt = torch.channels_last if self.config.channels_last else torch.contiguous_format
+        return x.to(self.dtype, memory_format=fmt)
+
+    def _call_guided(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        out = self._forward(self._input(torch.cat([x, x])), t, context)  # (2B, C, h, w) = [uncond; cond]
+        return out.float().contiguous()
+
+    def _call_plain(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        return self._forward(self._input(x), t, context).float().contiguous()
+
+    def denoiser(self, context: Tensor, cfg: bool) -> Callable[[Tensor, Tensor], Tensor]:
+        """model_fn for `fastdiff.schedulers.sample`. context: (2B, T, D) = [uncond; cond] with cfg, else
+        (B, T, D). The returned output is a static buffer when CUDA graphs are on: the loop consumes it
+        (the fused step reads it) before the next call rewrites it."""
+        context = context.to(self.dtype)
+        call = self._guided if cfg else self._plain
+
+        def model_fn(x: Tensor, t: Tensor) -> Tensor:
+            return call(x, t.reshape(()).to(torch.float32), context)
+
+        return model_fn
+
+    @property
+    def graphs_captured(self) -> int:
+        """CUDA graphs held (one per input shape and guidance mode)."""
+        return sum(r.captured for r in (self._guided, self._plain) if isinstance(r, CUDAGraphRunner))

@@ -1,0 +1,157 @@
+"""The fast path's model preparation on the CPU (float32): fused projections, channels_last and the SDPA
+attention choice leave the UNet's and VAE's outputs unchanged; the CUDA-graph parts refuse clearly without
+CUDA; a Pipeline with the prepared modules (graphs off) samples the same latents as the plain one."""
+import copy
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.fast import CUDAGraphRunner, FastConfig, FastUNet, prepare_unet, prepare_vae
+from fastdiff.models import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig
+from fastdiff.models.unet import Attention
+from tiny_models import make_tiny_sd
+
+# Tiny SD1-style (conv proj_in, one head count) and SD2-style (linear proj_in, heads per level) UNets.
+# Head dims 16 and 8/16: big enough for SDPA's fused kernels, small enough for two CPU cores.
+TINY_UNETS = {
+    "sd1": UNetConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=24,
+                      attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    "sd2": UNetConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=40,
+                      attention_head_dim=(4, 4), use_linear_projection=True, transformer_layers_per_block=2,
+                      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+}
+
+
+def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _randomise(module: torch.nn.Module) -> None:
+    """Move every parameter away from its initial value (zero biases would hide a wrong fused bias)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+
+def _tiny_unet(kind: str) -> UNet2DConditionModel:
+    unet = UNet2DConditionModel(TINY_UNETS[kind]).eval().requires_grad_(False)
+    _randomise(unet)
+    return unet
+
+
+def _unet_inputs(cfg: UNetConfig, batch: int = 2, h: int = 12, w: int = 10):
+    return (torch.randn(batch, cfg.in_channels, h, w), torch.tensor([501.0, 17.0])[:batch],
+            torch.randn(batch, 7, cfg.cross_attention_dim))
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_fused_projections_match_unfused(kind):
+    plain = _tiny_unet(kind)
+    fused = copy.deepcopy(plain)
+    for m in fused.modules():
+        if isinstance(m, Attention):
+            m.fuse_projections()
+    x, t, ctx = _unet_inputs(plain.config)
+    ref, out = plain(x, t, ctx), fused(x, t, ctx)
+    err = (out - ref).abs()
+    print(f"{kind}: fused q/k/v vs separate: max {err.max():.2e} mean {err.mean():.2e} rel {rel(out, ref):.2e}")
+    assert rel(out, ref) <= 1e-5
+
+
+def test_fused_projections_keep_state_dict_and_follow_loads():
+    unet = _tiny_unet("sd1")
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    prepare_unet(unet, FastConfig())
+    after = unet.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    # to_q/to_k/to_v are views into the fused tensor: loading new weights reaches the matmul that runs.
+    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    assert attn.to_k.weight.data_ptr() == attn.fused_weight[attn.to_q.weight.shape[0]:].data_ptr()
+    x, t, ctx = _unet_inputs(unet.config)
+    other = _tiny_unet("sd1")
+    unet.load_state_dict(other.state_dict())
+    ref, out = other(x, t, ctx), unet(x, t, ctx)
+    print(f"after load_state_dict: rel {rel(out, ref):.2e}")
+    assert rel(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("self_attention, cross_attention", [("sdpa", "fastdiff"), ("fastdiff", "sdpa")])
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_prepared_unet_matches_plain(kind, self_attention, cross_attention):
+    plain = _tiny_unet(kind)
+    fast = prepare_unet(copy.deepcopy(plain), FastConfig(self_attention=self_attention,
+                                                         cross_attention=cross_attention))
+    assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x, t, ctx = _unet_inputs(plain.config)
+    ref = plain(x, t, ctx)
+    out = fast(x.contiguous(memory_format=torch.channels_last), t, ctx)
+    err = (out - ref).abs()
+    print(f"{kind} self={self_attention} cross={cross_attention}: max {err.max():.2e} mean {err.mean():.2e} "
+          f"rel {rel(out, ref):.2e}")
+    assert out.shape == ref.shape
+    assert rel(out, ref) <= 1e-5
+
+
+def test_prepared_vae_matches_plain():
+    cfg = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
+    plain = AutoencoderKL(cfg).eval().requires_grad_(False)
+    _randomise(plain)
+    fast = prepare_vae(copy.deepcopy(plain), FastConfig())
+    z = torch.randn(2, cfg.latent_channels, 6, 5)
+    ref, out = plain.decode(z), fast.decode(z)
+    err = (out - ref).abs()
+    print(f"vae decode: max {err.max():.2e} mean {err.mean():.2e} rel {rel(out, ref):.2e}")
+    assert rel(out, ref) <= 1e-5
+
+
+def test_fast_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match="self_attention must be one of"):
+        FastConfig(self_attention="flash")
+    with pytest.raises(ValueError, match="reduce-overhead.*captures CUDA graphs itself"):
+        FastConfig(compile="reduce-overhead")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        FastConfig(dtype=torch.int8)
+    FastConfig(compile="reduce-overhead", cuda_graphs=False)  # inductor's own graphs alone are fine
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_graph_parts_refuse_without_cuda():
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        CUDAGraphRunner(lambda x: x)
+    with pytest.raises(ValueError, match="CUDA graphs need the UNet on a CUDA device, it is on cpu"):
+        FastUNet(_tiny_unet("sd1"))
+
+
+@pytest.fixture(scope="module")
+def tiny_pipes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd1")
+    make_tiny_sd(folder, "sd1")
+    return folder
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU defaults")
+def test_pipeline_fast_modes_on_cpu(tiny_pipes):
+    with pytest.raises(ValueError, match="captures CUDA graphs, which needs the models on a CUDA device"):
+        fastdiff.Pipeline.from_pretrained(tiny_pipes, device="cpu", fast=True)
+    with pytest.raises(ValueError, match="fast must be None, True, False or a fastdiff.fast.FastConfig"):
+        fastdiff.Pipeline.from_pretrained(tiny_pipes, device="cpu", fast="yes")
+    assert fastdiff.Pipeline.from_pretrained(tiny_pipes, device="cpu").fast_unet() is None  # auto: off on CPU
+
+
+@pytest.mark.parametrize("guidance_scale, guidance_rescale", [(7.5, 0.0), (7.5, 0.7), (1.0, 0.0)])
+def test_pipeline_prepared_modules_sample_the_same_latents(tiny_pipes, guidance_scale, guidance_rescale):
+    plain = fastdiff.Pipeline.from_pretrained(tiny_pipes, device="cpu", fast=False)
+    fast = fastdiff.Pipeline.from_pretrained(tiny_pipes, device="cpu", fast=FastConfig(cuda_graphs=False))
+    kw = dict(steps=4, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, seed=3,
+              output_type="latent", progress=False)
+    ref = torch.stack(plain(["a red circle", "a blue square"], **kw))
+    out = torch.stack(fast(["a red circle", "a blue square"], **kw))
+    assert fast.fast_unet() is not None and fast.fast_unet().graphs_captured == 0
+    err = (out - ref).abs()
+    print(f"cfg {guidance_scale} rescale {guidance_rescale}: max {err.max():.2e} mean {err.mean():.2e} "
+          f"rel {rel(out, ref):.2e}")
+    assert rel(out, ref) <= 1e-5
