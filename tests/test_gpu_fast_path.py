@@ -1,0 +1,118 @@
+"""The CUDA fast path on a GPU: CUDA-graph replay equals the prepared modules called eagerly, two resolutions
+hold two graphs that both stay right, the fast UNet in float16 is as close to a float32 reference as the plain
+float16 UNet, and the sampling loop makes no host synchronisation. Run on the device: `pytest -m gpu`."""
+import copy
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import ops
+from fastdiff.fast import FastConfig, FastUNet
+from fastdiff.models import UNet2DConditionModel, UNetConfig
+
+pytestmark = pytest.mark.gpu
+
+SD15 = UNetConfig(cross_attention_dim=768, attention_head_dim=8)
+
+
+def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def sd15_fp32():
+    """The SD1.5 UNet with random weights, float32, on the GPU."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return UNet2DConditionModel(SD15).eval().requires_grad_(False)
+
+
+def _inputs(batch: int, h: int, w: int):
+    g = torch.Generator("cuda").manual_seed(batch * 1000 + h + w)
+    x = torch.randn(batch, 4, h, w, device="cuda", generator=g)
+    context = torch.randn(2 * batch, 77, 768, device="cuda", generator=g, dtype=torch.float16)
+    return x, torch.tensor(601.0, device="cuda"), context
+
+
+@torch.no_grad()
+def test_graph_replay_matches_eager_and_fp16_budget(sd15_fp32):
+    x, t, context = _inputs(1, 64, 64)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with ops.use_backend("reference"):
+            ref = sd15_fp32(torch.cat([x, x]), t, context.float())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    plain16 = copy.deepcopy(sd15_fp32).half()
+    theirs = plain16(torch.cat([x, x]).half(), t, context).float()
+    fast = FastUNet(plain16, FastConfig())
+    replayed = fast.denoiser(context, cfg=True)(x, t).clone()
+    eager = fast.unet(torch.cat([x, x]).half().contiguous(memory_format=torch.channels_last), t, context).float()
+    print(f"graph vs eager prepared: rel {rel(replayed, eager):.2e}; fast fp16 vs fp32 {rel(replayed, ref):.2e}, "
+          f"plain fp16 vs fp32 {rel(theirs, ref):.2e}")
+    assert fast.graphs_captured == 1
+    assert torch.isfinite(replayed).all()
+    assert rel(replayed, eager) <= 1e-3
+    assert rel(replayed, ref) <= 2 * rel(theirs, ref) + 1e-3
+
+
+@torch.no_grad()
+def test_two_resolutions_keep_two_graphs(sd15_fp32):
+    fast = FastUNet(copy.deepcopy(sd15_fp32).half(), FastConfig())
+    cases = [_inputs(1, 64, 64), _inputs(2, 48, 80)]
+    eager = [fast.unet(torch.cat([x, x]).half().contiguous(memory_format=torch.channels_last), t, c).float()
+             for x, t, c in cases]
+    for round_ in range(2):  # the second round replays the first graph after the second was captured
+        for (x, t, c), expected in zip(cases, eager):
+            out = fast.denoiser(c, cfg=True)(x, t)
+            print(f"round {round_} {tuple(x.shape)}: rel {rel(out, expected):.2e}")
+            assert out.shape == (2 * x.shape[0], 4, *x.shape[2:])
+            assert rel(out, expected) <= 1e-3
+    assert fast.graphs_captured == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from tiny_models import make_tiny_sd
+
+    folder = tmp_path_factory.mktemp("sd1")
+    make_tiny_sd(folder, "sd1")
+    return folder
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m", "euler_a"])
+def test_sampling_loop_has_no_host_sync(tiny_folder, scheduler, monkeypatch):
+    pipe = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda")  # fast=None: on by default on CUDA
+    kw = dict(steps=6, scheduler=scheduler, seed=5, output_type="latent", progress=False)
+    first = torch.stack(pipe(["a red circle", "a blue square"], **kw))  # captures, autotunes: may sync
+    sample = fastdiff.schedulers.sample
+
+    def strict_sample(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return sample(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(fastdiff.schedulers, "sample", strict_sample)
+    second = torch.stack(pipe(["a red circle", "a blue square"], **kw))
+    plain = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda", fast=False)
+    monkeypatch.setattr(fastdiff.schedulers, "sample", sample)
+    unfused = torch.stack(plain(["a red circle", "a blue square"], **kw))
+    print(f"{scheduler}: replay vs first {rel(second, first):.2e}, fast vs plain fp16 {rel(second, unfused):.2e}")
+    assert pipe.fast_unet().graphs_captured == 1
+    assert rel(second, first) <= 1e-6
+    assert rel(second, unfused) <= 1e-2
+
+
+def test_bfloat16_fast_path(tiny_folder):
+    ref = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda", dtype=torch.float32, fast=False)
+    pipe = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda", fast=FastConfig(dtype=torch.bfloat16))
+    kw = dict(steps=6, seed=5, output_type="latent", progress=False)
+    expected, got = torch.stack(ref("a red circle", **kw)), torch.stack(pipe("a red circle", **kw))
+    print(f"bf16 fast path vs fp32 plain: rel {rel(got, expected):.2e}")
+    assert pipe.dtype == torch.bfloat16
+    assert rel(got, expected) <= 5e-2
