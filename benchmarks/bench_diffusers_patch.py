@@ -1,5 +1,6 @@
 """diffusers' StableDiffusionPipeline patched onto fastdiff's kernels (`fastdiff.integrations.diffusers`)
-against the same pipeline unpatched, eager and with the UNet under torch.compile, side by side in one process.
+against the same pipeline unpatched, eager and with the UNet under torch.compile (default mode, and
+mode="reduce-overhead" as extra information), side by side in one process.
 
 GPU: the SD1.5 architecture with random weights (speed does not depend on the weights), float16, 512x512,
 25 DPM++ 2M steps, classifier-free guidance 7.5 (the UNet runs on a batch of 2), decoded to pixels.
@@ -7,12 +8,17 @@ extra_info of each (mode, provider):
   ms       median wall time of one whole image (prompt to pixels, CUDA synchronised), ROUNDS runs after warm-up
   parity   ||latents - latents_fp32|| / ||latents_fp32||: the final latents of this case against the unpatched
            eager float32 pipeline (TF32 off), same prompt and initial noise
+  graph_breaks, graphs, frames   compiled modes: dynamo's graph breaks, distinct graphs and compiled frames
+           (a recompile adds a frame) over the whole case, warm-up included
+`test_host_us_per_call` times the host alone: back-to-back eager calls of one attention layer and one ResNet
+block at SD1.5's smallest level (GPU work ~ a few us), patched and unpatched; us per call.
 CPU: a tiny random pipeline in float32, a few steps, one round each, compiled with backend "eager": checks
 that the benchmark works, not how fast anything is.
 
     pytest benchmarks/bench_diffusers_patch.py --benchmark-only
 """
 import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +34,7 @@ DEVICE, DTYPE = ("cuda", torch.float16) if ON_GPU else ("cpu", torch.float32)
 SIZE, STEPS = (512, 25) if ON_GPU else (64, 2)
 WARMUP, ROUNDS = (2, 5) if ON_GPU else (0, 1)  # the first compiled run compiles; the first patched one autotunes
 COMPILE_BACKEND = "inductor" if ON_GPU else "eager"
+MODES = {"eager": None, "compile": "default", "compile-reduce-overhead": "reduce-overhead"}  # torch.compile mode
 
 # Stable Diffusion 1.5's architecture, and a tiny stand-in for the CPU (diffusers' / transformers' names).
 UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
@@ -96,17 +103,20 @@ def sd15():
 
 
 @pytest.mark.parametrize("provider", ["unpatched", "patched"])
-@pytest.mark.parametrize("mode", ["eager", "compile"])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_diffusers_pipeline(benchmark, sd15, mode, provider):
     import diffusers
+    from torch._dynamo.utils import counters
 
     pipe, noise, reference = sd15
     unet = pipe.unet
     if provider == "patched":
         patch(pipe)
-    if mode == "compile":
+    if MODES[mode] is not None:
         torch._dynamo.reset()  # a graph compiled for the other provider must not be reused
-        pipe.unet = torch.compile(unet, backend=COMPILE_BACKEND)
+        counters.clear()
+        options = dict(mode=MODES[mode]) if ON_GPU else {}  # the CPU's "eager" backend takes no mode
+        pipe.unet = torch.compile(unet, backend=COMPILE_BACKEND, **options)
     try:
         with torch.no_grad():
             latents = []
@@ -124,4 +134,53 @@ def test_diffusers_pipeline(benchmark, sd15, mode, provider):
         ms=statistics.median(benchmark.stats.stats.data) * 1e3, parity=parity,
         reference_std=reference.std().item(), finite=bool(torch.isfinite(final).all()),
         diffusers=diffusers.__version__)
+    if MODES[mode] is not None:
+        benchmark.extra_info.update(graph_breaks=sum(counters["graph_break"].values()),
+                                    graph_break_reasons=sorted(counters["graph_break"])[:5],
+                                    graphs=counters["stats"]["unique_graphs"], frames=counters["frames"]["ok"])
     assert torch.isfinite(final).all(), f"{mode} {provider}: non-finite final latents"
+
+
+def _host_us(fn, calls: int) -> float:
+    """Microseconds of host time per call of fn(): calls back-to-back, one synchronisation at the end."""
+    fn()
+    if ON_GPU:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    if ON_GPU:
+        torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+@pytest.mark.parametrize("provider", ["unpatched", "patched"])
+def test_host_us_per_call(benchmark, sd15, provider):
+    """Host cost of one attention layer (self-attention, the transformer's attn1) and one ResNet block at
+    the UNet's 8x8 level, whose GPU work is a few microseconds: the loop runs at the host's pace."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    pipe = sd15[0]
+    unet = pipe.unet
+    attn = unet.mid_block.attentions[0].transformer_blocks[0].attn1
+    resnet = next(m for m in unet.mid_block.modules() if isinstance(m, ResnetBlock2D))
+    assert isinstance(attn, Attention)
+    side = SIZE // 64  # the mid block's latent side: 8 at 512x512
+    channels = resnet.in_channels
+    hidden = torch.randn(2, side * side, channels, device=DEVICE, dtype=DTYPE)
+    x = torch.randn(2, channels, side, side, device=DEVICE, dtype=DTYPE)
+    temb = torch.randn(2, unet.config.block_out_channels[0] * 4, device=DEVICE, dtype=DTYPE)
+    calls = 300 if ON_GPU else 3
+    if provider == "patched":
+        patch(unet)
+    try:
+        with torch.no_grad():
+            us = {"attention": _host_us(lambda: attn(hidden), calls),
+                  "resnet": _host_us(lambda: resnet(x, temb), calls)}
+            benchmark.pedantic(lambda: attn(hidden), rounds=1, iterations=1)
+    finally:
+        unpatch(unet)
+    benchmark.group = "host us per call"
+    benchmark.extra_info.update(op="host_us_per_call", provider=provider, channels=channels, side=side, **us)
