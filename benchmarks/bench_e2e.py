@@ -1,0 +1,670 @@
+"""End to end: fastdiff's CUDA fast path against diffusers eager and diffusers + torch.compile, whole images,
+side by side in one process.
+
+GPU (the default list; FASTDIFF_E2E_CASES narrows it): SD1.5 and SD2.1-base architectures with random weights
+(speed does not depend on the weights), float16, 512x512, 25 DPM++ 2M steps, classifier-free guidance 7.5,
+decoded to pixels. Systems:
+  fastdiff            Pipeline(fast=None): channels_last, fused q/k/v, SDPA self-attention, Triton
+                      cross-attention and GroupNorm+SiLU, the UNet call replayed from a CUDA graph
+  fastdiff_compile    the same with fastdiff's UNet under torch.compile before capture (optional, last)
+  diffusers_eager     StableDiffusionPipeline as it comes (SDPA)
+  diffusers_compile   diffusers' recipe: fuse_qkv_projections, channels_last UNet and VAE, the UNet under
+                      torch.compile(mode="reduce-overhead", fullgraph=True)
+Case kinds (one pytest case each, run in the order of CASES, skipped once FASTDIFF_E2E_DEADLINE_S is near):
+  parity      final latents from one initial noise: fastdiff fast fp16 vs fastdiff reference fp32 (reference
+              ops, TF32 off) against diffusers fp16 vs diffusers fp32; the acceptance budget is 2x theirs
+  image       ms per whole image (prompt to pixels, CUDA synchronised), images/s, first-call seconds
+  unet_step   ms per UNet call at the CFG batch (fastdiff with SDPA and with Triton self-attention, diffusers
+              eager and compiled), effective TFLOP/s from torch.utils.flop_counter; VAE decode ms
+  profile     torch.profiler per-kernel table of one fastdiff UNet step (eager launch of the prepared UNet,
+              the same kernels the graph replays) and GPU time per kernel category
+  cold_start  fresh processes (this file run as a script) to the first image: fastdiff with empty Triton and
+              inductor caches, then warm ones; diffusers eager; each with peak GPU memory
+  memory      fresh processes at a larger batch: fastdiff and diffusers eager peak GPU memory
+Results accumulate in FASTDIFF_E2E_JSON (default $TMPDIR/fastdiff_e2e_results.json) after every case, so a run cut short
+keeps what it measured; `python benchmarks/bench_e2e.py --summary FILE` prints the table.
+
+CPU (or FASTDIFF_E2E_TINY=1): tiny random models, 64x64, 2 steps, one round each, compile with backend
+"eager": checks that the benchmark works, not how fast anything is.
+
+    pytest benchmarks/bench_e2e.py --benchmark-only
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before fastdiff's kernels are defined (script mode too)
+TINY = not ON_GPU or os.environ.get("FASTDIFF_E2E_TINY") == "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPE = torch.float16 if ON_GPU else torch.float32
+SIZE, STEPS = (64, 2) if TINY else (512, 25)
+GUIDANCE = 7.5
+PROMPT = "a photograph of an astronaut riding a horse"
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                 steps_offset=1, prediction_type="epsilon")
+CLIP_ASSETS = Path(__file__).resolve().parent.parent / "fastdiff" / "assets" / "clip"
+STARTED = time.monotonic()
+DEADLINE_S = float(os.environ.get("FASTDIFF_E2E_DEADLINE_S", "inf"))  # seconds after import to stop starting cases
+JSON_PATH = Path(os.environ.get("FASTDIFF_E2E_JSON", Path(tempfile.gettempdir()) / "fastdiff_e2e_results.json"))
+FLOPS_NOTE = "UNet FLOPs counted by torch.utils.flop_counter on the reference ops (SD1.5, CFG batch 2: 1606 GFLOP)"
+
+# diffusers / transformers constructor settings per architecture (fastdiff reads the same names).
+ARCHS = {
+    "sd15": dict(
+        unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  hidden_act="quick_gelu", projection_dim=768)),
+    "sd21": dict(  # SD2.1-base: OpenCLIP ViT-H text tower (23 layers used), 64-wide heads, linear projections
+        unet=dict(sample_size=64, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                  use_linear_projection=True, upcast_attention=True),
+        text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                  hidden_act="gelu", projection_dim=512)),
+}
+VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, sample_size=512)
+if TINY:  # head dims of 16 keep the Triton kernels inside their limits on the interpreter
+    ARCHS = {name: dict(
+        unet=dict(sample_size=8, cross_attention_dim=32, attention_head_dim=2, block_out_channels=[32, 64],
+                  layers_per_block=1, norm_num_groups=8, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], use_linear_projection=name == "sd21"),
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  hidden_act=spec["text"]["hidden_act"], projection_dim=32)) for name, spec in ARCHS.items()}
+    VAE = dict(block_out_channels=[16, 32, 32, 32], layers_per_block=1, latent_channels=4, norm_num_groups=8,
+               sample_size=64)
+
+# (architecture, kind, system, batch) in priority order: the acceptance's figures first.
+GPU_CASES = [
+    ("sd15", "parity", "all", 1),
+    ("sd15", "image", "fastdiff", 1), ("sd15", "image", "diffusers_compile", 1),
+    ("sd15", "image", "diffusers_eager", 1),
+    ("sd15", "unet_step", "all", 1), ("sd15", "profile", "fastdiff", 1),
+    ("sd15", "image", "fastdiff", 4), ("sd15", "image", "diffusers_compile", 4),
+    ("sd15", "image", "diffusers_eager", 4),
+    ("sd15", "image", "fastdiff", 8), ("sd15", "image", "diffusers_compile", 8),
+    ("sd15", "image", "diffusers_eager", 8),
+    ("sd15", "cold_start", "all", 1), ("sd15", "memory", "all", 8),
+    ("sd21", "parity", "all", 1),
+    ("sd21", "image", "fastdiff", 1), ("sd21", "image", "diffusers_compile", 1),
+    ("sd21", "image", "diffusers_eager", 1),
+    ("sd15", "image", "fastdiff_compile", 1),
+]
+CPU_CASES = [("sd15", "parity", "all", 1), ("sd15", "image", "fastdiff", 1), ("sd15", "image", "diffusers_eager", 1),
+             ("sd15", "image", "diffusers_compile", 1), ("sd15", "image", "fastdiff", 2),
+             ("sd15", "unet_step", "all", 1), ("sd15", "profile", "fastdiff", 1), ("sd15", "cold_start", "all", 1),
+             ("sd21", "image", "fastdiff", 1)]  # fastdiff_compile: inductor's CPU compile takes a minute here
+# Rough seconds each case needs (compiles dominate), to skip what cannot finish before the deadline.
+COST_S = {"parity": 25, "image": 15, "unet_step": 20, "profile": 10, "cold_start": 120, "memory": 60}
+COMPILE_COST_S = 100
+
+
+def _cases() -> list[tuple]:
+    cases = GPU_CASES if not TINY else CPU_CASES
+    wanted = os.environ.get("FASTDIFF_E2E_CASES")  # e.g. "sd15:image,sd15:parity" (arch:kind or arch:kind:system)
+    if not wanted:
+        return cases
+    keys = {w.strip() for w in wanted.split(",") if w.strip()}
+    return [c for c in cases if f"{c[0]}:{c[1]}" in keys or f"{c[0]}:{c[1]}:{c[2]}" in keys]
+
+
+def _have_diffusers() -> bool:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def versions() -> dict:
+    import triton
+
+    out = {"gpu": torch.cuda.get_device_name() if ON_GPU else "cpu", "torch": torch.__version__,
+           "cuda": torch.version.cuda, "triton": triton.__version__, "diffusers": None}
+    if _have_diffusers():
+        import diffusers
+
+        out["diffusers"] = diffusers.__version__
+    return out
+
+
+def sync() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+# ---- building the models ---------------------------------------------------------------------------------
+
+def build_diffusers(arch: str):
+    """A random-weight float32 StableDiffusionPipeline on DEVICE with DPM++ 2M (diffusers' defaults)."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    spec = ARCHS[arch]
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        unet = UNet2DConditionModel(**spec["unet"])
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * len(VAE["block_out_channels"]),
+                            up_block_types=("UpDecoderBlock2D",) * len(VAE["block_out_channels"]), **VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                                                    eos_token_id=49407, pad_token_id=1, **spec["text"]))
+    tokenizer = CLIPTokenizer(str(CLIP_ASSETS / "vocab.json"), str(CLIP_ASSETS / "merges.txt"),
+                              pad_token="<|endoftext|>", model_max_length=77)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DPMSolverMultistepScheduler(**SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_fastdiff(arch: str, oracle=None, fast=None):
+    """A float32 fastdiff Pipeline on DEVICE: the oracle's weights when given, else its own random init."""
+    import fastdiff
+    from fastdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, CLIPTokenizer,
+                                 UNet2DConditionModel, UNetConfig, VAEConfig)
+
+    spec = ARCHS[arch]
+    vae_cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in VAE.items()})
+    text_cfg = CLIPTextConfig(**{k: v for k, v in spec["text"].items() if k != "projection_dim"})
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        unet = UNet2DConditionModel(UNetConfig(**spec["unet"]))
+        vae = AutoencoderKL(vae_cfg)
+        text_encoder = CLIPTextModel(text_cfg)
+    if oracle is not None:
+        unet.load_state_dict(oracle.unet.state_dict())
+        vae.load_state_dict(oracle.vae.state_dict())
+        text_encoder.load_state_dict(oracle.text_encoder.state_dict())
+    return fastdiff.Pipeline(unet, vae, text_encoder, CLIPTokenizer.default(), SCHEDULER, source=f"random {arch}",
+                             fast=fast)
+
+
+@contextlib.contextmanager
+def no_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def noise_for(arch: str, batch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + batch)
+    return torch.randn(batch, 4, SIZE // 8, SIZE // 8, generator=g)
+
+
+def run_fastdiff(pipe, noise: torch.Tensor, output_type: str = "pt") -> torch.Tensor:
+    out = pipe([PROMPT] * noise.shape[0], STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE, latents=noise,
+               scheduler="dpmpp_2m", output_type=output_type, progress=False)
+    sync()
+    return torch.stack(out)
+
+
+def run_diffusers(pipe, noise: torch.Tensor, output_type: str = "pt") -> torch.Tensor:
+    out = pipe([PROMPT] * noise.shape[0], num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE,
+               width=SIZE, latents=noise.to(DEVICE, pipe.unet.dtype), output_type=output_type).images
+    sync()
+    return out
+
+
+def default_fast():
+    """The Pipeline's own default on CUDA; on the CPU the prepared modules without graphs, so that the CPU run
+    goes through the fast path's code too."""
+    from fastdiff.fast import FastConfig
+
+    return None if ON_GPU else FastConfig(cuda_graphs=False)
+
+
+def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double().cpu() - ref.double().cpu()).norm() / ref.double().cpu().norm()).item()
+
+
+class Systems:
+    """The models of one architecture, built once and kept while that architecture's cases run."""
+
+    def __init__(self, arch: str):
+        self.arch = arch
+        self.oracle32 = build_diffusers(arch) if _have_diffusers() else None
+        self.fastdiff = build_fastdiff(arch, self.oracle32, fast=False)  # float32 until parity has run
+        self.diffusers = None  # float16 eager
+        self.compiled = None  # float16 diffusers with the compile recipe, built on first use
+        self.parity: dict = {}
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Run the float32 references, then move everything to DTYPE with the fast path on."""
+        noise = noise_for(self.arch, 1)
+        with no_tf32():
+            from fastdiff import ops
+
+            with ops.use_backend("reference"):
+                ref32 = run_fastdiff(self.fastdiff, noise, "latent")
+            oracle32 = run_diffusers(self.oracle32, noise, "latent") if self.oracle32 is not None else None
+        for part in (self.fastdiff.unet, self.fastdiff.vae, self.fastdiff.text_encoder):
+            part.to(DTYPE)
+        import fastdiff
+
+        f = self.fastdiff
+        self.fastdiff = fastdiff.Pipeline(f.unet, f.vae, f.text_encoder, f.tokenizer, f.scheduler_config,
+                                          source=f.source, fast=default_fast())
+        ours = run_fastdiff(self.fastdiff, noise, "latent")
+        self.parity = {"fastdiff_fast_vs_fastdiff_ref32": rel(ours, ref32),
+                       "finite": bool(torch.isfinite(ours).all())}
+        if oracle32 is not None:
+            self.diffusers = self.oracle32.to(DTYPE)
+            self.oracle32 = None
+            theirs = run_diffusers(self.diffusers, noise, "latent")
+            self.parity.update(diffusers_fp16_vs_fp32=rel(theirs, oracle32),
+                               fastdiff_ref32_vs_diffusers_fp32=rel(ref32, oracle32))
+            theirs_err = self.parity["diffusers_fp16_vs_fp32"]  # 0 on the CPU, where both run float32
+            self.parity["ratio"] = self.parity["fastdiff_fast_vs_fastdiff_ref32"] / theirs_err if theirs_err else None
+
+    def compiled_diffusers(self):
+        """diffusers' own fast recipe on a copy of the float16 pipeline (the eager one stays as it comes)."""
+        if self.compiled is None:
+            from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+            d = self.diffusers  # the text encoder and tokenizer are shared: the recipe leaves them as they are
+            pipe = StableDiffusionPipeline(vae=copy.deepcopy(d.vae), text_encoder=d.text_encoder,
+                                           tokenizer=d.tokenizer, unet=copy.deepcopy(d.unet),
+                                           scheduler=DPMSolverMultistepScheduler(**SCHEDULER), safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+            pipe.fuse_qkv_projections()
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+            pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead" if ON_GPU else None, fullgraph=True,
+                                      backend="inductor" if ON_GPU else "eager")
+            self.compiled = pipe
+        return self.compiled
+
+    def fastdiff_compiled(self):
+        """fastdiff's fast path with its UNet under torch.compile, on a copy of the float16 models."""
+        import fastdiff
+        from fastdiff.fast import FastConfig
+
+        f = self.fastdiff
+        # "default": max-autotune's GEMM search would take minutes of the run's budget
+        config = FastConfig(compile="default", cuda_graphs=ON_GPU)
+        return fastdiff.Pipeline(copy.deepcopy(f.unet), f.vae, f.text_encoder, f.tokenizer, f.scheduler_config,
+                                 source=f.source, fast=config)
+
+
+_systems: dict[str, Systems] = {}
+
+
+def systems_for(arch: str) -> Systems:
+    if arch not in _systems:
+        _systems.clear()  # one architecture's models at a time
+        gc.collect()
+        if ON_GPU:
+            torch.cuda.empty_cache()
+        _systems[arch] = Systems(arch)
+    return _systems[arch]
+
+
+# ---- results file --------------------------------------------------------------------------------------
+
+_results: dict = {"versions": None, "settings": None, "cases": {}}
+
+
+def record(name: str, info: dict) -> None:
+    """Keep `info` under `name` and rewrite the JSON file (partial results survive a cut-short run)."""
+    if _results["versions"] is None:
+        _results["versions"] = versions()
+        _results["settings"] = dict(size=SIZE, steps=STEPS, guidance=GUIDANCE, scheduler="dpmpp_2m",
+                                    dtype=str(DTYPE), tiny=TINY, weights="random")
+    _results["cases"][name] = info
+    JSON_PATH.write_text(json.dumps(_results, indent=1, default=str))
+
+
+# ---- the cases -----------------------------------------------------------------------------------------
+
+def _case_id(case) -> str:
+    return f"{case[0]}-{case[1]}-{case[2]}-b{case[3]}"
+
+
+
+def time_calls(fn, calls: int = 20) -> float:
+    """Mean ms per call of `fn` over `calls` back-to-back calls after 3 warm-up calls (CUDA events
+    around the whole run; host launch cost counts, as it does in a sampling loop). CPU: one call."""
+    if not ON_GPU:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    for _ in range(3):
+        fn()
+    sync()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def unet_flops(arch: str, batch: int) -> float:
+    """FLOPs of one UNet call on `batch` latents of SIZE, counted on the meta device with the reference ops."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastdiff import ops
+    from fastdiff.models import UNet2DConditionModel, UNetConfig
+
+    cfg = UNetConfig(**ARCHS[arch]["unet"])
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cfg)
+        x = torch.empty(batch, 4, SIZE // 8, SIZE // 8)
+        context = torch.empty(batch, 77, cfg.cross_attention_dim)
+    with ops.use_backend("reference"), FlopCounterMode(display=False) as counter:
+        unet(x, torch.tensor(500.0, device="meta"), context)
+    return float(counter.get_total_flops())
+
+
+def case_parity(benchmark, arch: str, system: str, batch: int) -> dict:
+    s = systems_for(arch)
+    noise = noise_for(arch, 1)
+    benchmark.pedantic(lambda: run_fastdiff(s.fastdiff, noise, "latent"), rounds=1, iterations=1)
+    return dict(s.parity, budget="fastdiff_fast_vs_fastdiff_ref32 <= 2 x diffusers_fp16_vs_fp32")
+
+
+def case_image(benchmark, arch: str, system: str, batch: int) -> dict:
+    s = systems_for(arch)
+    noise = noise_for(arch, batch)
+    if system == "fastdiff":
+        pipe, run = s.fastdiff, run_fastdiff
+    elif system == "fastdiff_compile":
+        pipe, run = s.fastdiff_compiled(), run_fastdiff
+    elif system == "diffusers_eager":
+        pipe, run = s.diffusers, run_diffusers
+    else:
+        pipe, run = s.compiled_diffusers(), run_diffusers
+    t0 = time.perf_counter()
+    run(pipe, noise)  # captures graphs / compiles for this shape
+    first_call_s = time.perf_counter() - t0
+    rounds = 1 if TINY else (5 if batch == 1 else 3)
+    warmup = 0 if TINY else (2 if "compile" in system else 1)  # reduce-overhead records its graphs on later calls
+    benchmark.pedantic(lambda: run(pipe, noise), rounds=rounds, iterations=1, warmup_rounds=warmup)
+    ms = statistics.median(benchmark.stats.stats.data) * 1e3
+    return dict(ms=ms, images_per_s=batch * 1e3 / ms, first_call_s=first_call_s,
+                ms_all=[t * 1e3 for t in benchmark.stats.stats.data])
+
+
+def case_unet_step(benchmark, arch: str, system: str, batch: int) -> dict:
+    from fastdiff.fast import FastConfig, FastUNet, prepare_unet
+
+    s = systems_for(arch)
+    cfg_batch = 2 * batch
+    flops = unet_flops(arch, cfg_batch)
+    context = s.fastdiff.encode_prompt([PROMPT] * batch, [""] * batch, 1, True)  # (2B, 77, D)
+    x = torch.randn(batch, 4, SIZE // 8, SIZE // 8, device=DEVICE)
+    t = torch.tensor(601.0, device=DEVICE)
+    info = {"flops": flops, "cfg_batch": cfg_batch, "note": FLOPS_NOTE}
+    default = s.fastdiff.fast_unet()
+    if default is None:
+        pytest.skip("the fast path is off (no CUDA): nothing to time per step")
+    step = default.denoiser(context, True)
+    benchmark.pedantic(lambda: step(x, t), rounds=5, iterations=1, warmup_rounds=1)
+    variants = {"fastdiff_sdpa_self": step}
+    alt = FastUNet(s.fastdiff.unet, FastConfig(self_attention="fastdiff", cuda_graphs=default.config.cuda_graphs))
+    variants["fastdiff_triton_self"] = alt.denoiser(context, True)
+    for name, fn in variants.items():
+        ms = time_calls(lambda: fn(x, t))
+        info[name] = {"ms": ms, "tflops": flops / ms / 1e9}
+    prepare_unet(s.fastdiff.unet, default.config)  # the pipeline's modules back to the default choice
+    del alt, variants
+    if s.diffusers is not None:
+        x2 = torch.randn(cfg_batch, 4, SIZE // 8, SIZE // 8, device=DEVICE, dtype=DTYPE)
+        ctx = context.to(DTYPE)
+        for name, unet in (("diffusers_eager", s.diffusers.unet),
+                           ("diffusers_compile", s.compiled.unet if s.compiled is not None else None)):
+            if unet is None:
+                info[name] = "not compiled in this run (its image case was skipped)"
+                continue
+            # the pipeline's exact call (an int64 timestep, these keywords): anything else would fail the
+            # compiled module's guards and recompile
+            t_int = torch.tensor(601, device=DEVICE, dtype=torch.int64)
+            with torch.no_grad():
+                ms = time_calls(lambda: unet(x2, t_int, encoder_hidden_states=ctx, timestep_cond=None,
+                                             cross_attention_kwargs=None, added_cond_kwargs=None,
+                                             return_dict=False)[0])
+            info[name] = {"ms": ms, "tflops": flops / ms / 1e9}
+    latents = torch.randn(batch, 4, SIZE // 8, SIZE // 8, device=DEVICE)
+    with torch.no_grad():
+        info["vae_decode_ms"] = {"fastdiff": time_calls(lambda: s.fastdiff.decode_latents(latents), 5)}
+        if s.diffusers is not None:
+            vae = s.diffusers.vae
+            info["vae_decode_ms"]["diffusers"] = time_calls(
+                lambda: vae.decode(latents.to(DTYPE) / vae.config.scaling_factor).sample, 5)
+    return info
+
+
+_KERNEL_CATEGORIES = (  # first match wins; lower-case substrings of kernel names
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("group_norm", ("group_norm",)),
+    ("conv", ("conv", "fprop", "implicit", "dgrad", "wgrad", "nhwc", "winograd")),
+    ("gemm", ("gemm", "cutlass", "cublas", "matmul", "sm90_xmma", "sm80_xmma")),
+    ("layer_norm", ("layer_norm",)),
+    ("copy_cat_layout", ("copy", "cat", "transpose", "permute", "contiguous", "nchwtonhwc", "nhwctonchw")),
+)
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    for category, needles in _KERNEL_CATEGORIES:
+        if any(n in low for n in needles):
+            return category
+    return "elementwise_other"
+
+
+def case_profile(benchmark, arch: str, system: str, batch: int) -> dict:
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    s = systems_for(arch)
+    fast = s.fastdiff.fast_unet()
+    unet = fast.unet if fast is not None else s.fastdiff.unet
+    fmt = torch.channels_last if fast is not None and fast.config.channels_last else torch.contiguous_format
+    context = s.fastdiff.encode_prompt([PROMPT] * batch, [""] * batch, 1, True).to(s.fastdiff.dtype)
+    x = torch.randn(2 * batch, 4, SIZE // 8, SIZE // 8, device=DEVICE, dtype=s.fastdiff.dtype).contiguous(
+        memory_format=fmt)
+    t = torch.tensor(601.0, device=DEVICE)
+
+    def step():
+        with torch.no_grad():
+            unet(x, t, context)
+        sync()
+
+    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])
+    with profile(activities=activities) as prof:
+        step()
+    sort = "cuda_time_total" if ON_GPU else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    by_category: dict[str, float] = {}
+    for e in kernels:
+        by_category[kernel_category(e.name)] = by_category.get(kernel_category(e.name), 0.0) + e.device_time / 1e3
+    total = sum(by_category.values())
+    return {"table": table, "kernels": len(kernels), "gpu_ms_total": total,
+            "gpu_ms_by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
+            "note": "one eager launch of the prepared UNet (the kernels the CUDA graph replays), CFG batch "
+                    f"{2 * batch}; GPU time summed over kernels"}
+
+
+def run_child(system: str, arch: str, batch: int, env: dict, timeout: float = 400) -> dict:
+    """Run this file as a fresh process that builds `system` and makes two images; its JSON report, plus the
+    wall time the parent saw."""
+    env = dict(env, FASTDIFF_E2E_SPAWNED_AT=repr(time.time()), PYTHONUNBUFFERED="1")
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, __file__, "--child", system, arch, str(batch)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"error": f"exit {done.returncode}: {(done.stderr or done.stdout)[-2000:]}", "wall_s": wall}
+    return dict(json.loads(lines[-1]), wall_s=wall)
+
+
+def case_cold_start(benchmark, arch: str, system: str, batch: int) -> dict:
+    caches = Path(tempfile.mkdtemp(prefix="fastdiff_caches_"))
+    env = dict(os.environ, TRITON_CACHE_DIR=str(caches / "triton"), TORCHINDUCTOR_CACHE_DIR=str(caches / "inductor"))
+    info = {}
+    benchmark.pedantic(lambda: info.__setitem__("fastdiff_cold_cache", run_child("fastdiff", arch, batch, env)),
+                       rounds=1, iterations=1)
+    info["fastdiff_warm_cache"] = run_child("fastdiff", arch, batch, env)
+    if _have_diffusers():
+        info["diffusers_eager"] = run_child("diffusers_eager", arch, batch, env)
+    info["note"] = ("seconds from spawning a fresh Python process to the first image (random weights built on the "
+                    "device instead of read from disk); cold = empty TRITON_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR")
+    return info
+
+
+def case_memory(benchmark, arch: str, system: str, batch: int) -> dict:
+    info = {}
+    env = dict(os.environ)
+    benchmark.pedantic(lambda: info.__setitem__("fastdiff", run_child("fastdiff", arch, batch, env)),
+                       rounds=1, iterations=1)
+    if _have_diffusers():
+        info["diffusers_eager"] = run_child("diffusers_eager", arch, batch, env)
+    return info
+
+
+KINDS = {"parity": case_parity, "image": case_image, "unet_step": case_unet_step, "profile": case_profile,
+         "cold_start": case_cold_start, "memory": case_memory}
+
+
+@pytest.mark.parametrize("case", _cases(), ids=_case_id)
+def test_end_to_end(benchmark, case):
+    arch, kind, system, batch = case
+    name = _case_id(case)
+    if system.startswith("diffusers") and not _have_diffusers():
+        pytest.skip("diffusers is not installed")
+    cost = (COMPILE_COST_S if "compile" in system else COST_S[kind]) + (0 if arch in _systems else 30)
+    left = DEADLINE_S - (time.monotonic() - STARTED)
+    if cost > left:
+        record(name, {"skipped": f"~{cost} s needed, {left:.0f} s left before FASTDIFF_E2E_DEADLINE_S"})
+        pytest.skip(f"{name}: about {cost} s needed, {left:.0f} s left before the deadline")
+    benchmark.group = f"e2e {arch} {kind}"
+    t0 = time.monotonic()
+    info = KINDS[kind](benchmark, arch, system, batch)
+    info["case_s"] = time.monotonic() - t0
+    benchmark.extra_info.update(arch=arch, kind=kind, system=system, batch=batch,
+                                **{k: v for k, v in info.items() if k != "table"})
+    record(name, info)
+
+
+# ---- script modes: a fresh-process child, and the summary table --------------------------------------------
+
+def child_main(system: str, arch: str, batch: int) -> None:
+    """Build `system` from nothing, make two images, print one JSON line of timings and peak memory."""
+    spawned = float(os.environ.get("FASTDIFF_E2E_SPAWNED_AT", time.time()))
+    import fastdiff  # noqa: F401  (import time belongs to the cold start)
+
+    imported = time.time() - spawned
+    if system == "fastdiff":
+        pipe = build_fastdiff(arch, fast=default_fast())
+        for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+            part.to(DTYPE)
+        run = run_fastdiff
+    elif system == "diffusers_eager":
+        pipe, run = build_diffusers(arch).to(DTYPE), run_diffusers
+    else:
+        raise ValueError(f"child system must be fastdiff or diffusers_eager, got {system!r}")
+    built = time.time() - spawned
+    if ON_GPU:
+        torch.cuda.reset_peak_memory_stats()
+    noise = noise_for(arch, batch)
+    run(pipe, noise)
+    first = time.time() - spawned
+    t0 = time.perf_counter()
+    run(pipe, noise)
+    second_ms = (time.perf_counter() - t0) * 1e3
+    mb = 2 ** 20
+    report = dict(system=system, arch=arch, batch=batch, import_s=imported, built_s=built, first_image_s=first,
+                  second_image_ms=second_ms,
+                  max_allocated_mb=torch.cuda.max_memory_allocated() / mb if ON_GPU else None,
+                  max_reserved_mb=torch.cuda.max_memory_reserved() / mb if ON_GPU else None)
+    print(json.dumps(report))
+
+
+def _fmt(v, spec=".1f") -> str:
+    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else "-"
+
+
+def summary(path: Path) -> str:
+    """The human table of a results file: what RESULTS.md needs, one line per figure."""
+    data = json.loads(path.read_text())
+    cases, v, st = data["cases"], data["versions"] or {}, data["settings"] or {}
+    lines = [f"{v.get('gpu')}, torch {v.get('torch')} (CUDA {v.get('cuda')}), triton {v.get('triton')}, "
+             f"diffusers {v.get('diffusers')}; {st.get('size')}x{st.get('size')}, {st.get('steps')} steps DPM++ 2M, "
+             f"CFG {st.get('guidance')}, {st.get('dtype')}, random weights"]
+    for arch in ARCHS:
+        for batch in sorted({int(k.rsplit('-b', 1)[1]) for k in cases if k.startswith(f"{arch}-image-")}):
+            row = {sys_: cases.get(f"{arch}-image-{sys_}-b{batch}", {}) for sys_ in
+                   ("fastdiff", "fastdiff_compile", "diffusers_eager", "diffusers_compile")}
+            ours, base = row["fastdiff"].get("ms"), row["diffusers_compile"].get("ms")
+            speed = f"{base / ours:.2f}x vs diffusers+compile" if ours and base else "no ratio"
+            lines.append(f"{arch} b{batch} ms/image: " + ", ".join(
+                f"{k} {_fmt(r.get('ms'))} ({_fmt(r.get('images_per_s'), '.2f')} img/s, "
+                f"first {_fmt(r.get('first_call_s'))} s)"
+                if "ms" in r else f"{k} {r.get('skipped', 'not run')}" for k, r in row.items()) + f"; {speed}")
+        p = cases.get(f"{arch}-parity-all-b1")
+        if p and "fastdiff_fast_vs_fastdiff_ref32" in p:
+            lines.append(f"{arch} parity: fastdiff fast vs ref32 {p['fastdiff_fast_vs_fastdiff_ref32']:.2e}, diffusers "
+                         f"fp16 vs fp32 {_fmt(p.get('diffusers_fp16_vs_fp32'), '.2e')}, ratio "
+                         f"{_fmt(p.get('ratio'), '.2f')} (budget 2), fastdiff ref32 vs diffusers fp32 "
+                         f"{_fmt(p.get('fastdiff_ref32_vs_diffusers_fp32'), '.2e')}")
+        u = cases.get(f"{arch}-unet_step-all-b1")
+        if u and "flops" in u:
+            parts = [f"{k} {r['ms']:.2f} ms = {r['tflops']:.3g} TFLOP/s" for k, r in u.items()
+                     if isinstance(r, dict) and "tflops" in r]
+            lines.append(f"{arch} UNet step (CFG batch {u['cfg_batch']}, {u['flops'] / 1e9:.4g} GFLOP): "
+                         + "; ".join(parts))
+            lines.append(f"{arch} VAE decode ms: {u.get('vae_decode_ms')}")
+        pr = cases.get(f"{arch}-profile-fastdiff-b1")
+        if pr and "gpu_ms_by_category" in pr:
+            lines.append(f"{arch} profile, GPU ms per category of one UNet step ({pr['kernels']} kernels, "
+                         f"{pr['gpu_ms_total']:.2f} ms): " + ", ".join(
+                             f"{k} {ms:.2f}" for k, ms in pr["gpu_ms_by_category"].items()))
+        for kind in ("cold_start", "memory"):
+            for key in [k for k in cases if k.startswith(f"{arch}-{kind}-")]:
+                for who, r in cases[key].items():
+                    if isinstance(r, dict):
+                        lines.append(f"{key} {who}: " + (r["error"][-300:] if "error" in r else
+                                     f"first image {_fmt(r.get('first_image_s'))} s (wall {_fmt(r.get('wall_s'))} s), "
+                                     f"second {_fmt(r.get('second_image_ms'))} ms, peak allocated "
+                                     f"{_fmt(r.get('max_allocated_mb'), '.0f')} MB, reserved "
+                                     f"{_fmt(r.get('max_reserved_mb'), '.0f')} MB"))
+    skipped = [k for k, r in cases.items() if "skipped" in r]
+    if skipped:
+        lines.append("skipped (deadline): " + ", ".join(skipped))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=3, metavar=("SYSTEM", "ARCH", "BATCH"))
+    parser.add_argument("--summary", type=Path, metavar="RESULTS_JSON")
+    args = parser.parse_args()
+    if args.child:
+        child_main(args.child[0], args.child[1], int(args.child[2]))
+    elif args.summary:
+        print(summary(args.summary))
+    else:
+        parser.error("pass --child SYSTEM ARCH BATCH or --summary FILE (benchmarks run under pytest)")
