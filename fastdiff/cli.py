@@ -1,4 +1,5 @@
-"""The `fastdiff` console script: `fastdiff generate "PROMPT" --out x.png`, `fastdiff info`."""
+"""The `fastdiff` console script: `fastdiff generate "PROMPT" --out x.png`, `fastdiff info`,
+`fastdiff eval-default` (prompt adherence of the embedded default model)."""
 import argparse
 import os
 import platform
@@ -81,6 +82,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_default(args: argparse.Namespace) -> int:
+    """`python -m fastdiff.train eval` under the main command: its options pass through unchanged."""
+    from fastdiff.train.__main__ import main as train_main
+
+    return train_main(["eval", *args.options])
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -115,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weights dtype (default: float16 on CUDA, float32 on CPU)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval-default", add_help=False,
+                        help="prompt adherence of the default model, read from pixels by the analyser "
+                             "(`fastdiff eval-default --help` for its options)")
+    ev.add_argument("options", nargs=argparse.REMAINDER)
+    ev.set_defaults(func=cmd_eval_default)
     return parser
 
 

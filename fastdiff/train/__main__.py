@@ -4,7 +4,7 @@
     python -m fastdiff.train vae --out runs/default [--steps N] [--batch N] [--config tiny|default]
     python -m fastdiff.train unet --out runs/default [--steps N] [--batch N]
     python -m fastdiff.train export --out runs/default [--model-dir DIR]
-    python -m fastdiff.train eval [--model DIR] [--n 300] [--guidance 3,5,7.5]
+    python -m fastdiff.train eval [--model DIR] [--n 300] [--guidance 3,5,7.5]   # also: fastdiff eval-default
 
 Every stage resumes from its checkpoint in OUT when one exists, so rerunning a stopped command continues it.
 """
@@ -84,7 +84,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from fastdiff.pipeline import default_model_path
 
-    from .evaluate import evaluate, image_grid
+    from .evaluate import TARGETS, evaluate, image_grid
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     model = args.model or default_model_path()
@@ -96,6 +96,8 @@ def _eval(args: argparse.Namespace) -> int:
     print("guidance  " + "  ".join(f"{k:>10}" for k in results[guidance[0]]["accuracy"]))
     for g, r in results.items():
         print(f"{g:8.2f}  " + "  ".join(f"{v:10.1%}" for v in r["accuracy"].values()))
+    print("target    " + "  ".join(f"{TARGETS[k]:10.0%}" if k in TARGETS else " " * 10
+                                   for k in results[guidance[0]]["accuracy"]))
     best = max(results, key=lambda g: results[g]["accuracy"]["all"])
     print(f"\nconfusion at guidance {best} (rows: caption, columns: read from the image)\n"
           + results[best]["confusion"])
@@ -142,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=300, help="captions (default 300)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="dpmpp_2m", help="sampler (default dpmpp_2m)")
-    p.add_argument("--guidance", default="5", help="comma-separated guidance scales to compare (default 5)")
+    p.add_argument("--guidance", default="7.5",
+                   help="comma-separated guidance scales to compare (default 7.5, as `fastdiff generate`)")
     p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i (default 0)")
     p.add_argument("--batch", type=int, default=50, help="images per pipeline call (default 50)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
