@@ -82,11 +82,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval_default(args: argparse.Namespace) -> int:
+def cmd_eval_default(options: Sequence[str]) -> int:
     """`python -m fastdiff.train eval` under the main command: its options pass through unchanged."""
     from fastdiff.train.__main__ import main as train_main
 
-    return train_main(["eval", *args.options])
+    return train_main(["eval", *options])
 
 
 def _positive_int(text: str) -> int:
@@ -124,15 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
 
-    ev = sub.add_parser("eval-default", add_help=False,
-                        help="prompt adherence of the default model, read from pixels by the analyser "
-                             "(`fastdiff eval-default --help` for its options)")
-    ev.add_argument("options", nargs=argparse.REMAINDER)
-    ev.set_defaults(func=cmd_eval_default)
+    # Listed for --help only: main() hands everything after `eval-default` to `python -m fastdiff.train eval`.
+    sub.add_parser("eval-default", help="prompt adherence of the default model over 300 random captions, read "
+                                        "from the pixels (`fastdiff eval-default --help` for its options)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval-default"]:
+        return cmd_eval_default(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -72,3 +72,15 @@ def test_cli_generate_without_model_writes_the_prompted_image(tmp_path):
     print(result.stdout, result.stderr)
     assert result.returncode == 0
     assert read(Image.open(out)) == ("red", "circle", "on the left", "medium", "white")
+
+
+def test_eval_default_reports_adherence_against_the_targets(capsys):
+    from fastdiff.cli import main
+
+    assert main(["eval-default", "--n", "3", "--batch", "3"]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
+    assert rows["guidance"][:4] == ["color", "shape", "position", "size"]
+    assert rows["7.50"][:4] == ["100.0%"] * 4  # the first 3 evaluation captions, all read right
+    assert rows["target"] == ["95%", "85%", "90%", "85%"]

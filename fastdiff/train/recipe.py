@@ -101,7 +101,10 @@ def default_recipe() -> Recipe:
         unet=_unet((64, 128, 128), layers=2, context=128, groups=32, head_width=32),
         text_encoder=_text(128, layers=3, heads=2),
         vae_stage=StageConfig(steps=8000, batch=32, lr=3e-4, warmup=100),
-        unet_stage=StageConfig(steps=8000, batch=256, lr=3e-4, warmup=200, weight_decay=0.01, ema_decay=0.999),
+        # 2376 steps is what 7 minutes of an H200 trained for the shipped model (a run of 8000 was cut by its
+        # time limit; the constant learning rate makes that exactly a 2376-step run). It already reaches
+        # 99-100% prompt adherence on every attribute (fastdiff/train/README.md).
+        unet_stage=StageConfig(steps=2376, batch=256, lr=3e-4, warmup=200, weight_decay=0.01, ema_decay=0.999),
     )
 
 
