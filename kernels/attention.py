@@ -133,6 +133,9 @@ if triton is not None:
         stride_ob = stride_ob // STRIDE_ALIGN * STRIDE_ALIGN
         stride_oh = stride_oh // STRIDE_ALIGN * STRIDE_ALIGN
         stride_om = stride_om // STRIDE_ALIGN * STRIDE_ALIGN
+        # torch.compile types Python floats as float64 (inductor keeps their precision); a float64 scale would
+        # promote the scores, the running max and the accumulators, which must stay float32.
+        qk_scale = tl.cast(qk_scale, tl.float32)
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)

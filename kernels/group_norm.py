@@ -153,6 +153,7 @@ if triton is not None:
         p = tl.num_programs(0) - 1 - tl.program_id(0)
         row = tl.num_programs(1) - 1 - tl.program_id(1)
         count = (CG * HW).to(tl.float32)
+        eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as float64: keep the statistics float32
         if CHANNELS_LAST:
             n = row
             g = tl.arange(0, BLOCK_G)
