@@ -458,7 +458,7 @@ _KERNEL_CATEGORIES = (  # first match wins; lower-case substrings of kernel name
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("group_norm", ("group_norm",)),
     ("conv", ("conv", "fprop", "implicit", "dgrad", "wgrad", "nhwc", "winograd")),
-    ("gemm", ("gemm", "cutlass", "cublas", "matmul", "sm90_xmma", "sm80_xmma")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "cublas", "matmul", "sm90_xmma", "sm80_xmma")),  # nvjet: cuBLASLt on Hopper
     ("layer_norm", ("layer_norm",)),
     ("copy_cat_layout", ("copy", "cat", "transpose", "permute", "contiguous", "nchwtonhwc", "nhwctonchw")),
 )
