@@ -1,7 +1,8 @@
 """fastdiff: a custom-kernel Stable Diffusion inference engine.
 
     import fastdiff
-    images = fastdiff.generate("a red circle on the left", steps=25, model="path/to/checkpoint")
+    images = fastdiff.generate("a red circle on the left on a white background")  # the embedded default model
+    images = fastdiff.generate("an astronaut riding a horse", steps=25, model="path/to/checkpoint")
 """
 __version__ = "0.1.0"
 
