@@ -13,6 +13,7 @@ What the preparation changes, and why:
                  parameters and state-dict keys: `Attention.fuse_projections` makes them views).
   attention      per kind, fastdiff's Triton kernel (`ops.attention`) or torch SDPA, whichever was measured
                  faster: SDPA for self-attention at SD1.5's head dims, Triton for cross-attention.
+  GEGLU          opt-in (`fuse_geglu`, off until measured): the MLP's value * GELU(gate) in one Triton pass.
   CUDA graphs    the UNet call (with the CFG duplication and dtype casts) captured once per input shape and
                  replayed; a new (batch, height, width) captures a new graph, nothing else is rebuilt.
   torch.compile  optional, of fastdiff's own UNet before capture (`compile="max-autotune-no-cudagraphs"`).
@@ -58,6 +59,8 @@ class FastConfig:
     #   head dims 40/80/160 on an H200 (benchmarks/RESULTS.md); bench_e2e.py times both
     cross_attention: str = "fastdiff"  # Triton's on-chip path for the 77 text keys: 1.1-1.6x SDPA
     vae_attention: str = "sdpa"  # the VAE's single 512-wide head is outside the Triton kernel's limits
+    fuse_geglu: bool = False  # GEGLU's value * GELU(gate) in one Triton pass (ops.geglu) instead of eager gelu
+    #   and mul; not measured yet: off until bench_e2e.py's fastdiff_geglu case decides
     cuda_graphs: bool = True  # capture the UNet call once per input shape and replay it
     compile: Optional[str] = None  # torch.compile mode for the UNet before capture, e.g. "default" or
     #   "max-autotune-no-cudagraphs"; None runs the eager kernels (no compile time at all)
@@ -79,7 +82,7 @@ class FastConfig:
 def prepare_unet(unet: nn.Module, config: FastConfig) -> nn.Module:
     """Make a fastdiff UNet2DConditionModel fast in place (see the module docstring) and return it.
     State-dict keys and values are unchanged (up to the dtype); calling it twice is harmless."""
-    from fastdiff.models.unet import Attention
+    from fastdiff.models.unet import GEGLU, Attention
 
     if config.dtype is not None:
         unet.to(config.dtype)
@@ -90,6 +93,8 @@ def prepare_unet(unet: nn.Module, config: FastConfig) -> nn.Module:
             if config.fuse_projections and module.fused_weight is None:
                 module.fuse_projections()
             module.attend = _ATTEND[config.cross_attention if module.is_cross_attention else config.self_attention]
+        elif isinstance(module, GEGLU):
+            module.fused = config.fuse_geglu
     return unet
 
 

@@ -1,6 +1,6 @@
 """The one seam between model code and kernel implementations.
 
-Model code calls `ops.attention`, `ops.group_norm` and `ops.scheduler_step` and never branches on the
+Model code calls `ops.attention`, `ops.group_norm`, `ops.geglu` and `ops.scheduler_step` and never branches on the
 backend. Each op has up to three implementations:
 
     reference  plain PyTorch (`fastdiff.kernels.<op>.<op>_ref`), any device; the oracle for every test
@@ -32,6 +32,10 @@ _IMPLS = {
         "reference": ("fastdiff.kernels.group_norm", "group_norm_ref"),
         "triton": ("fastdiff.kernels.group_norm", "group_norm"),
     },
+    "geglu": {
+        "reference": ("fastdiff.kernels.geglu", "geglu_ref"),
+        "triton": ("fastdiff.kernels.geglu", "geglu"),
+    },
     "scheduler_step": {
         "reference": ("fastdiff.kernels.scheduler_step", "scheduler_step_ref"),
         "triton": ("fastdiff.kernels.scheduler_step", "scheduler_step"),
@@ -46,8 +50,9 @@ OPS = tuple(_IMPLS)
 # graph host time vanishes and Triton is the (slightly) faster one. On CPU the C++ step is 4-60x the reference.
 _AUTO_ORDER = {
     "cuda": {"attention": ("triton", "reference"), "group_norm": ("triton", "reference"),
-             "scheduler_step": ("cuda", "triton", "reference")},
-    "cpu": {"attention": ("reference",), "group_norm": ("reference",), "scheduler_step": ("cuda", "reference")},
+             "geglu": ("triton", "reference"), "scheduler_step": ("cuda", "triton", "reference")},
+    "cpu": {"attention": ("reference",), "group_norm": ("reference",), "geglu": ("reference",),
+            "scheduler_step": ("cuda", "reference")},
 }
 
 _env_backend = os.environ.get("FASTDIFF_BACKEND", "auto")
@@ -170,6 +175,13 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias
                eps: float = 1e-5, activation: Optional[str] = None) -> Tensor:
     """GroupNorm over x: (N, C, *spatial), then `activation` (None or "silu")."""
     return _load("group_norm", resolve("group_norm", x.device.type))(x, num_groups, weight, bias, eps, activation)
+
+
+def geglu(h: Tensor) -> Tensor:
+    """value * GELU(gate) (exact erf GELU) of a GEGLU projection's output. h: (..., 2N) = [value | gate]
+    -> (..., N) in h's dtype; see `fastdiff.kernels.geglu`. The UNet calls it only when a fast path set
+    `GEGLU.fused`."""
+    return _load("geglu", resolve("geglu", h.device.type))(h)
 
 
 def scheduler_step(x: Tensor, model_output: Tensor, coeffs, guidance_scale: Optional[float] = None,

@@ -22,8 +22,9 @@ if __name__ != "fastdiff.kernels":
             sys.modules[__name__ + name[len("fastdiff.kernels"):]] = module
 else:
     from .attention import attention, attention_ref
+    from .geglu import geglu, geglu_ref
     from .group_norm import group_norm, group_norm_ref
     from .scheduler_step import StepCoeffs, scheduler_step, scheduler_step_ref
 
-    __all__ = ["attention", "attention_ref", "group_norm", "group_norm_ref", "scheduler_step",
+    __all__ = ["attention", "attention_ref", "geglu", "geglu_ref", "group_norm", "group_norm_ref", "scheduler_step",
                "scheduler_step_ref", "StepCoeffs"]

@@ -9,7 +9,8 @@ import torch
 import fastdiff
 from fastdiff.fast import CUDAGraphRunner, FastConfig, FastUNet, prepare_unet, prepare_vae
 from fastdiff.models import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig
-from fastdiff.models.unet import Attention
+from fastdiff import ops
+from fastdiff.models.unet import GEGLU, Attention
 from tiny_models import make_tiny_sd
 
 # Tiny SD1-style (conv proj_in, one head count) and SD2-style (linear proj_in, heads per level) UNets.
@@ -94,6 +95,30 @@ def test_prepared_unet_matches_plain(kind, self_attention, cross_attention):
           f"rel {rel(out, ref):.2e}")
     assert out.shape == ref.shape
     assert rel(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_fused_geglu_matches_unfused(kind):
+    """FastConfig(fuse_geglu=True) runs every GEGLU through the Triton kernel (the interpreter here) and
+    changes neither the state dict nor, beyond float32 rounding, the output; preparing again without it
+    turns it off."""
+    plain = _tiny_unet(kind)
+    fused = prepare_unet(copy.deepcopy(plain), FastConfig(fuse_geglu=True))
+    plain = prepare_unet(plain, FastConfig())
+    geglus = [m for m in fused.modules() if isinstance(m, GEGLU)]
+    assert geglus and all(m.fused for m in geglus)
+    assert not any(m.fused for m in plain.modules() if isinstance(m, GEGLU))
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    x, t, ctx = _unet_inputs(plain.config)
+    x = x.contiguous(memory_format=torch.channels_last)
+    ref = plain(x, t, ctx)
+    with ops.use_backend("triton", op="geglu"):
+        out = fused(x, t, ctx)
+    err = (out - ref).abs()
+    print(f"{kind} fused GEGLU (triton) vs eager: max {err.max():.2e} mean {err.mean():.2e} rel {rel(out, ref):.2e}")
+    assert rel(out, ref) <= 1e-5
+    prepare_unet(fused, FastConfig())
+    assert not any(m.fused for m in geglus)
 
 
 def test_prepared_vae_matches_plain():

@@ -8,6 +8,7 @@ from fastdiff import ops
 def test_auto_on_cpu_uses_reference_for_model_ops():
     assert ops.resolve("attention", "cpu") == "reference"
     assert ops.resolve("group_norm", "cpu") == "reference"
+    assert ops.resolve("geglu", "cpu") == "reference"
 
 
 def test_set_backend_rejects_unknown_names_and_unimplemented_pairs():
@@ -43,3 +44,16 @@ def test_auto_falls_back_to_reference_for_head_dims_outside_the_kernel(monkeypat
         q = torch.randn(1, 1, 3, d)
         ops.attention(q, q, q)
     assert used == ["reference", "reference", "triton"]
+
+
+def test_geglu_backends_agree():
+    """The Triton GEGLU (interpreter on the CPU) and the reference behind the seam: one (..., 2N) -> (..., N)."""
+    h = torch.randn(2, 9, 2 * 24)
+    with ops.use_backend("reference", op="geglu"):
+        ref = ops.geglu(h)
+    with ops.use_backend("triton", op="geglu"):
+        out = ops.geglu(h)
+    err = (out - ref).abs()
+    print(f"geglu triton vs reference: max {err.max():.2e} mean {err.mean():.2e}")
+    assert out.shape == (2, 9, 24)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

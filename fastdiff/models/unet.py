@@ -313,14 +313,20 @@ class Attention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """Gated GELU (Shazeer 2020): one Linear makes value and gate, out = value * GELU(gate)."""
+    """Gated GELU (Shazeer 2020): one Linear makes value and gate, out = value * GELU(gate).
+
+    `fused` (a plain attribute, not in the state dict) runs the gate through `ops.geglu`, one pass over the
+    projection's output instead of eager `gelu` and `mul`; a fast path sets it (`FastConfig.fuse_geglu`)."""
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = nn.Linear(dim_in, 2 * dim_out)
+        self.fused = False
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, S, dim_in) -> (B, S, dim_out)."""
+        if self.fused:
+            return ops.geglu(self.proj(x))
         value, gate = self.proj(x).chunk(2, dim=-1)
         return value * F.gelu(gate)
 
