@@ -6,6 +6,8 @@ GPU (the default list; FASTDIFF_E2E_CASES narrows it): SD1.5 and SD2.1-base arch
 decoded to pixels. Systems:
   fastdiff            Pipeline(fast=None): channels_last, fused q/k/v, SDPA self-attention, Triton
                       cross-attention and GroupNorm+SiLU, the UNet call replayed from a CUDA graph
+  fastdiff_geglu      the same with FastConfig(fuse_geglu=True): GEGLU's gelu and mul as one Triton kernel
+                      (opt-in until this case shows it pays)
   fastdiff_compile    the same with fastdiff's UNet under torch.compile before capture (optional, last)
   diffusers_eager     StableDiffusionPipeline as it comes (SDPA)
   diffusers_compile   diffusers' recipe: fuse_qkv_projections, channels_last UNet and VAE, the UNet under
@@ -14,8 +16,9 @@ Case kinds (one pytest case each, run in the order of CASES, skipped once FASTDI
   parity      final latents from one initial noise: fastdiff fast fp16 vs fastdiff reference fp32 (reference
               ops, TF32 off) against diffusers fp16 vs diffusers fp32; the acceptance budget is 2x theirs
   image       ms per whole image (prompt to pixels, CUDA synchronised), images/s, first-call seconds
-  unet_step   ms per UNet call at the CFG batch (fastdiff with SDPA and with Triton self-attention, diffusers
-              eager and compiled), effective TFLOP/s from torch.utils.flop_counter; VAE decode ms
+  unet_step   ms per UNet call at the CFG batch (fastdiff with SDPA self-attention, with Triton self-attention
+              and with the fused GEGLU; diffusers eager and compiled), effective TFLOP/s from
+              torch.utils.flop_counter; VAE decode ms
   profile     torch.profiler per-kernel table of one fastdiff UNet step (eager launch of the prepared UNet,
               the same kernels the graph replays) and GPU time per kernel category
   cold_start  fresh processes (this file run as a script) to the first image: fastdiff with empty Triton and
@@ -91,8 +94,8 @@ if TINY:  # head dims of 16 keep the Triton kernels inside their limits on the i
 # (architecture, kind, system, batch) in priority order: the acceptance's figures first.
 GPU_CASES = [
     ("sd15", "parity", "all", 1),
-    ("sd15", "image", "fastdiff", 1), ("sd15", "image", "diffusers_compile", 1),
-    ("sd15", "image", "diffusers_eager", 1),
+    ("sd15", "image", "fastdiff", 1), ("sd15", "image", "fastdiff_geglu", 1),
+    ("sd15", "image", "diffusers_compile", 1), ("sd15", "image", "diffusers_eager", 1),
     ("sd15", "unet_step", "all", 1), ("sd15", "profile", "fastdiff", 1),
     ("sd15", "image", "fastdiff", 4), ("sd15", "image", "diffusers_compile", 4),
     ("sd15", "image", "diffusers_eager", 4),
@@ -104,7 +107,8 @@ GPU_CASES = [
     ("sd21", "image", "diffusers_eager", 1),
     ("sd15", "image", "fastdiff_compile", 1),
 ]
-CPU_CASES = [("sd15", "parity", "all", 1), ("sd15", "image", "fastdiff", 1), ("sd15", "image", "diffusers_eager", 1),
+CPU_CASES = [("sd15", "parity", "all", 1), ("sd15", "image", "fastdiff", 1), ("sd15", "image", "fastdiff_geglu", 1),
+             ("sd15", "image", "diffusers_eager", 1),
              ("sd15", "image", "diffusers_compile", 1), ("sd15", "image", "fastdiff", 2),
              ("sd15", "unet_step", "all", 1), ("sd15", "profile", "fastdiff", 1), ("sd15", "cold_start", "all", 1),
              ("sd21", "image", "fastdiff", 1)]  # fastdiff_compile: inductor's CPU compile takes a minute here
@@ -293,6 +297,15 @@ class Systems:
             self.compiled = pipe
         return self.compiled
 
+    def fastdiff_geglu(self):
+        """fastdiff's fast path with the fused GEGLU kernel, on a copy of the float16 UNet."""
+        import fastdiff
+        from fastdiff.fast import FastConfig
+
+        f = self.fastdiff
+        return fastdiff.Pipeline(copy.deepcopy(f.unet), f.vae, f.text_encoder, f.tokenizer, f.scheduler_config,
+                                 source=f.source, fast=FastConfig(fuse_geglu=True, cuda_graphs=ON_GPU))
+
     def fastdiff_compiled(self):
         """fastdiff's fast path with its UNet under torch.compile, on a copy of the float16 models."""
         import fastdiff
@@ -388,6 +401,8 @@ def case_image(benchmark, arch: str, system: str, batch: int) -> dict:
     noise = noise_for(arch, batch)
     if system == "fastdiff":
         pipe, run = s.fastdiff, run_fastdiff
+    elif system == "fastdiff_geglu":
+        pipe, run = s.fastdiff_geglu(), run_fastdiff
     elif system == "fastdiff_compile":
         pipe, run = s.fastdiff_compiled(), run_fastdiff
     elif system == "diffusers_eager":
@@ -420,14 +435,18 @@ def case_unet_step(benchmark, arch: str, system: str, batch: int) -> dict:
         pytest.skip("the fast path is off (no CUDA): nothing to time per step")
     step = default.denoiser(context, True)
     benchmark.pedantic(lambda: step(x, t), rounds=5, iterations=1, warmup_rounds=1)
-    variants = {"fastdiff_sdpa_self": step}
-    alt = FastUNet(s.fastdiff.unet, FastConfig(self_attention="fastdiff", cuda_graphs=default.config.cuda_graphs))
-    variants["fastdiff_triton_self"] = alt.denoiser(context, True)
-    for name, fn in variants.items():
+    ms = time_calls(lambda: step(x, t))
+    info["fastdiff_sdpa_self"] = {"ms": ms, "tflops": flops / ms / 1e9}
+    graphs = default.config.cuda_graphs
+    # Each variant re-prepares the shared UNet in place, so each is built right before it is timed (its
+    # graph is captured in time_calls' warm-up, with the modules as that variant set them).
+    for name, config in (("fastdiff_triton_self", FastConfig(self_attention="fastdiff", cuda_graphs=graphs)),
+                         ("fastdiff_geglu", FastConfig(fuse_geglu=True, cuda_graphs=graphs))):
+        fn = FastUNet(s.fastdiff.unet, config).denoiser(context, True)
         ms = time_calls(lambda: fn(x, t))
         info[name] = {"ms": ms, "tflops": flops / ms / 1e9}
+        del fn
     prepare_unet(s.fastdiff.unet, default.config)  # the pipeline's modules back to the default choice
-    del alt, variants
     if s.diffusers is not None:
         x2 = torch.randn(cfg_batch, 4, SIZE // 8, SIZE // 8, device=DEVICE, dtype=DTYPE)
         ctx = context.to(DTYPE)
@@ -617,7 +636,7 @@ def summary(path: Path) -> str:
     for arch in ARCHS:
         for batch in sorted({int(k.rsplit('-b', 1)[1]) for k in cases if k.startswith(f"{arch}-image-")}):
             row = {sys_: cases.get(f"{arch}-image-{sys_}-b{batch}", {}) for sys_ in
-                   ("fastdiff", "fastdiff_compile", "diffusers_eager", "diffusers_compile")}
+                   ("fastdiff", "fastdiff_geglu", "fastdiff_compile", "diffusers_eager", "diffusers_compile")}
             ours, base = row["fastdiff"].get("ms"), row["diffusers_compile"].get("ms")
             speed = f"{base / ours:.2f}x vs diffusers+compile" if ours and base else "no ratio"
             lines.append(f"{arch} b{batch} ms/image: " + ", ".join(

@@ -22,15 +22,16 @@ fi
 if [ "$STAGE" = tests ] || [ "$STAGE" = all ]; then
     SECONDS=0
     python3 -m pytest -m gpu tests/test_kernel_attention.py tests/test_kernel_group_norm.py \
-        tests/test_kernel_scheduler_step.py -n 8 -q -s -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+        tests/test_kernel_scheduler_step.py tests/test_kernel_geglu.py -n 8 -q -s -p no:cacheprovider \
+        > "$OUT/gpu_tests.log" 2>&1
     echo "gpu tests: exit $? in ${SECONDS}s; $(grep -E '^(FAILED|ERROR)' "$OUT/gpu_tests.log" | wc -l) failed"
     grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/gpu_tests.log" | tail -n 25
 fi
 if [ "$STAGE" = bench ] || [ "$STAGE" = all ]; then
     SECONDS=0
     TRITON_PRINT_AUTOTUNING=1 python3 -m pytest benchmarks/bench_attention.py benchmarks/bench_group_norm.py \
-        benchmarks/bench_scheduler_step.py --benchmark-only --benchmark-json="$OUT/bench.json" -q -s \
-        -p no:cacheprovider ${FILTER:+-k "$FILTER"} > "$OUT/bench.log" 2>&1
+        benchmarks/bench_scheduler_step.py benchmarks/bench_geglu.py --benchmark-only \
+        --benchmark-json="$OUT/bench.json" -q -s -p no:cacheprovider ${FILTER:+-k "$FILTER"} > "$OUT/bench.log" 2>&1
     echo "benchmarks: exit $? in ${SECONDS}s"
     grep -E '^(FAILED|ERROR)' "$OUT/bench.log" | head
     python3 benchmarks/summarize_kernels.py "$OUT/bench.json" | tee "$OUT/summary.txt"
