@@ -1,0 +1,183 @@
+"""Which Triton kernels the first SD1.5 image compiles, and how long compiling them takes, measured on the CPU.
+
+    python benchmarks/cold_start_compiles.py
+
+A fast-path image with an empty kernel cache spends most of its cold start compiling Triton kernels (issue 7:
+20.7 s to the first image on an H200 with an empty cache, 6.5 s with a warm one). Compiling is CPU work, and
+Triton compiles for a GPU it does not see, so this script measures that cost here:
+1. It runs the SD1.5 UNet (CFG batch 2, 64x64 latents) and the VAE decoder on the meta device, prepared as
+   the fast path prepares them, and records every call of the Triton-backed ops (their shapes, layouts and
+   dtypes). The ops return empty tensors, so no real work is done.
+2. It replays each call through the kernel's own launch function with the kernels replaced by recorders.
+   That gives each compiled variant: the constexprs, the autotuner's candidate configs after pruning, and
+   the integer arguments Triton specialises on (== 1, divisible by 16).
+3. It compiles every distinct variant for sm_90 with a fresh cache and prints the count and the seconds per
+   kernel.
+The scheduler step is left out: it is the CUDA extension's whenever that is built.
+"""
+import importlib
+import tempfile
+import time
+
+import torch
+
+import fastdiff.fast as fast
+from fastdiff import ops
+from fastdiff.models import UNet2DConditionModel, UNetConfig
+from fastdiff.models.vae import AutoencoderKL, VAEConfig
+
+import triton  # noqa: E402  (after fastdiff: the kernels are defined on import)
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+attention_module = importlib.import_module("fastdiff.kernels.attention")
+group_norm_module = importlib.import_module("fastdiff.kernels.group_norm")
+triton_module = importlib.import_module("fastdiff.kernels._triton")
+TARGET = GPUTarget("cuda", 90, 32)
+SM_COUNT = 132  # an H200's: the launch functions size their grids with it
+TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def jit_function(kernel):
+    while not isinstance(kernel, triton.runtime.jit.JITFunction):  # under autotune / heuristics
+        kernel = kernel.fn
+    return kernel
+
+
+def heuristics_of(kernel) -> dict:
+    """The @triton.heuristics rules wrapped around a kernel (name -> function of the arguments)."""
+    while not isinstance(kernel, triton.runtime.jit.JITFunction):
+        if isinstance(kernel, triton.runtime.autotuner.Heuristics):
+            return kernel.values
+        kernel = kernel.fn
+    return {}
+
+
+def record_op_calls() -> dict[str, list]:
+    """The arguments of every attention / group_norm call of one SD1.5 UNet step and one VAE decode."""
+    calls = {"attention": [], "group_norm": []}
+
+    def attention(q, k, v, scale=None):
+        calls["attention"].append((q, k, scale))
+        return torch.empty_like(q)
+
+    def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None):
+        calls["group_norm"].append((x, num_groups, weight, bias, eps, activation))
+        return torch.empty_like(x)
+
+    saved = ops.attention, ops.group_norm, fast._ATTEND["fastdiff"]
+    ops.attention, ops.group_norm, fast._ATTEND["fastdiff"] = attention, group_norm, attention
+    try:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(UNetConfig(sample_size=64, cross_attention_dim=768, attention_head_dim=8))
+            vae = AutoencoderKL(VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                          latent_channels=4, sample_size=512))
+        config = fast.FastConfig()
+        fast.prepare_unet(unet.half(), config)
+        fast.prepare_vae(vae.half(), config)
+        latents = torch.empty(2, 4, 64, 64, device="meta", dtype=torch.float16).to(memory_format=torch.channels_last)
+        unet(latents, torch.tensor(500.0, device="meta"), torch.empty(2, 77, 768, device="meta", dtype=torch.float16))
+        vae.decode(latents[:1])
+    finally:
+        ops.attention, ops.group_norm, fast._ATTEND["fastdiff"] = saved
+    return calls
+
+
+def argument_type(value) -> tuple:
+    """How Triton's launcher types (and specialises) one argument."""
+    if isinstance(value, torch.Tensor):
+        return ("*" + TRITON_TYPES[value.dtype],)
+    if isinstance(value, bool):
+        return ("i1",)
+    if isinstance(value, int):
+        return ("constexpr", 1) if value == 1 else ("i32", value % 16 == 0)
+    if isinstance(value, float):
+        return ("fp32",)
+    if value is None:
+        return ("constexpr", None)
+    raise TypeError(f"unexpected kernel argument {value!r}")
+
+
+class Recorder:
+    """Stands in for a kernel: `kernel[grid](*args, **meta)` records the variants that call would compile."""
+
+    def __init__(self, kernel, variants: set, prune=None, configs=None):
+        self.fn, self.variants, self.heuristics = jit_function(kernel), variants, heuristics_of(kernel)
+        self.prune, self.configs = prune, configs
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            names = [n for n in self.fn.arg_names if n not in meta]
+            named = dict(zip(names, args), **meta)
+            types = tuple((n, argument_type(a)) for n, a in zip(names, args))
+            options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
+            configs = self.prune(self.configs, named) if self.prune else [None]
+            for config in configs:
+                constants = dict(meta)
+                if config is not None:
+                    constants.update(config.kwargs)
+                    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+                for name, rule in self.heuristics.items():
+                    constants[name] = rule({**named, **constants})
+                self.variants.add((self.fn.__name__, types, tuple(sorted(constants.items())),
+                                   tuple(sorted(options.items()))))
+        return launch
+
+
+def kernel_variants(calls: dict[str, list]) -> set:
+    """Replay the recorded calls through the launch functions with recorder kernels."""
+    variants: set = set()
+    saved = (attention_module._attention_kernel, group_norm_module._group_norm_stats_kernel,
+             group_norm_module._group_norm_apply_kernel, triton_module._sm_count)
+    attention_module._attention_kernel = Recorder(saved[0], variants, prune=attention_module._prune_configs,
+                                                  configs=attention_module._CONFIGS)
+    group_norm_module._group_norm_stats_kernel = Recorder(saved[1], variants)
+    group_norm_module._group_norm_apply_kernel = Recorder(saved[2], variants)
+    triton_module._sm_count = lambda device: SM_COUNT
+    try:
+        for q, k, scale in calls["attention"]:
+            if ops._triton_attention_fits(q):
+                attention_module._attention_launch(q, k, k, scale)
+        for args in calls["group_norm"]:
+            group_norm_module._group_norm_launch(*args)
+    finally:
+        (attention_module._attention_kernel, group_norm_module._group_norm_stats_kernel,
+         group_norm_module._group_norm_apply_kernel, triton_module._sm_count) = saved
+    return variants
+
+
+def compile_seconds(variants: set) -> dict[str, tuple[int, float]]:
+    """Compile every variant for sm_90 into an empty cache: kernel name -> (variants, seconds)."""
+    kernels = {jit_function(k).__name__: jit_function(k) for k in (
+        attention_module._attention_kernel, group_norm_module._group_norm_stats_kernel,
+        group_norm_module._group_norm_apply_kernel)}
+    totals: dict[str, tuple[int, float]] = {}
+    for name, types, constants, options in sorted(variants, key=str):
+        fn = kernels[name]
+        signature = {n: t[0] for n, t in types} | {n: "constexpr" for n, _ in constants}
+        constexprs = {(fn.arg_names.index(n),): t[1] for n, t in types if t[0] == "constexpr"}
+        constexprs |= {(fn.arg_names.index(n),): v for n, v in constants}
+        began = time.perf_counter()
+        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET,
+                       options=dict(options))
+        count, seconds = totals.get(name, (0, 0.0))
+        totals[name] = (count + 1, seconds + time.perf_counter() - began)
+    return totals
+
+
+def main():
+    calls = record_op_calls()
+    print(f"op calls: {len(calls['attention'])} attention (SDPA calls not counted), "
+          f"{len(calls['group_norm'])} group_norm")
+    variants = kernel_variants(calls)
+    with tempfile.TemporaryDirectory() as cache:
+        triton.knobs.cache.dir = cache
+        totals = compile_seconds(variants)
+    for name, (count, seconds) in totals.items():
+        print(f"{name:<28} {count:3d} variants  {seconds:6.1f} s")
+    print(f"{'total':<28} {sum(c for c, _ in totals.values()):3d} variants  "
+          f"{sum(s for _, s in totals.values()):6.1f} s (sequential, this CPU)")
+
+
+if __name__ == "__main__":
+    main()
