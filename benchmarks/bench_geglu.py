@@ -6,10 +6,9 @@ minimum; eager torch moves 5 * M * N: it also writes and re-reads GELU(gate)).
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import ON_GPU, PROVIDERS, input_sets
-from fastdiff.kernels.geglu import geglu
+from fastdiff.kernels.geglu import geglu, geglu_ref
 
 # (name, h's shape): CFG batch 2 at 512 px, (B, H*W, 2 * 4 * channels) for each resolution level.
 SHAPES = [("sd15-64x64", (2, 4096, 2 * 1280)), ("sd15-32x32", (2, 1024, 2 * 2560)),
@@ -17,13 +16,8 @@ SHAPES = [("sd15-64x64", (2, 4096, 2 * 1280)), ("sd15-32x32", (2, 1024, 2 * 2560
 DTYPES = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float32]
 
 
-def torch_geglu(h):
-    """What fastdiff's GEGLU runs when not fused, and what diffusers' GEGLU runs."""
-    value, gate = h.chunk(2, dim=-1)
-    return value * F.gelu(gate)
-
-
-PROVIDER_FNS = {"fastdiff": geglu, "torch": torch_geglu}
+# torch: geglu_ref, eager `value * F.gelu(gate)`, what fastdiff's GEGLU runs unfused and diffusers' GEGLU runs.
+PROVIDER_FNS = {"fastdiff": geglu, "torch": geglu_ref}
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

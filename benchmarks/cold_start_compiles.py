@@ -33,15 +33,10 @@ from triton.compiler import ASTSource  # noqa: E402
 attention_module = importlib.import_module("fastdiff.kernels.attention")
 group_norm_module = importlib.import_module("fastdiff.kernels.group_norm")
 triton_module = importlib.import_module("fastdiff.kernels._triton")
+jit_function = triton_module.jit_function
 TARGET = GPUTarget("cuda", 90, 32)
 SM_COUNT = 132  # an H200's: the launch functions size their grids with it
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def jit_function(kernel):
-    while not isinstance(kernel, triton.runtime.jit.JITFunction):  # under autotune / heuristics
-        kernel = kernel.fn
-    return kernel
 
 
 def heuristics_of(kernel) -> dict:

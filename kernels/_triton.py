@@ -22,6 +22,14 @@ def check_triton_device(t: Tensor) -> None:
                          "(set TRITON_INTERPRET=1 before importing fastdiff to run them on the CPU interpreter)")
 
 
+def jit_function(kernel):
+    """The @triton.jit function under a kernel's @triton.autotune / @triton.heuristics wrappers (tools that
+    compile a kernel for a GPU they do not run on need it; not under the interpreter)."""
+    while not isinstance(kernel, triton.runtime.jit.JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
 def sm_count(device) -> int:
     """Streaming multiprocessors of `device` (1 for the CPU interpreter): sizes persistent grids."""
     return _sm_count(str(device))

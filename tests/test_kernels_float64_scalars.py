@@ -26,15 +26,10 @@ from triton.compiler.compiler import make_backend
 
 attention = importlib.import_module("fastdiff.kernels.attention")
 group_norm = importlib.import_module("fastdiff.kernels.group_norm")
+jit_function = importlib.import_module("fastdiff.kernels._triton").jit_function
 TARGET = GPUTarget("cuda", 90, 32)
 BACKEND = make_backend(TARGET)
 OPTIONS = BACKEND.parse_options({})
-
-
-def jit_function(kernel):
-    while not isinstance(kernel, triton.runtime.jit.JITFunction):  # under autotune / heuristics
-        kernel = kernel.fn
-    return kernel
 
 
 def build_ir(kernel, pointers, floats, float_type, constants):
