@@ -25,7 +25,7 @@ FASTDIFF_SKIP_CUDA_BUILD=1 python3 -m pip install -q --no-deps --no-build-isolat
 } 2>&1 | tee "$OUT/env.txt"
 
 SECONDS=0
-python3 -m pytest -m gpu tests/test_integrations_diffusers.py -q -s -p no:cacheprovider \
+python3 -m pytest -m gpu tests/test_integrations_diffusers.py tests/test_kernels_compile.py -q -s -p no:cacheprovider \
     > "$OUT/gpu_test.log" 2>&1
 echo "gpu tests: exit $? in ${SECONDS}s"
 grep -E "float16 relative error|opaque op calls|compiled vs eager|passed|failed|^(FAILED|ERROR)" "$OUT/gpu_test.log" \

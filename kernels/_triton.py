@@ -1,13 +1,17 @@
 """What every Triton kernel module shares: the optional import, interpreter mode, the device check."""
 import functools
 import os
+from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 try:
     import triton
+    from triton import knobs
+    from triton.runtime import driver
 except ImportError:  # CPU-only installs without triton keep the `<op>_ref` twins
-    triton = None
+    triton = knobs = driver = None
 
 # TRITON_INTERPRET is read when a kernel is defined: set it before importing fastdiff to run on the CPU.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -37,6 +41,97 @@ def sm_count(device) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: str) -> int:
-    import torch
-
     return torch.cuda.get_device_properties(device).multi_processor_count if device.startswith("cuda") else 1
+
+
+class Launcher:
+    """A kernel's `kernel[grid](*args, **meta)` that skips Triton's per-call Python on repeated calls.
+
+    Triton's launch path binds the arguments, builds the specialization key, looks up the autotuner's cache
+    and evaluates the heuristics in Python on every call: tens of microseconds of host time, against a few
+    for a torch C++ op. Eager callers at batch 1 (a diffusers pipeline) are bound by exactly that host time.
+    The first call with a given argument signature goes through Triton (compiling and autotuning as usual)
+    and records what it chose: the compiled kernel, the constexprs (call-site, autotuned, heuristic) and the
+    grid. Later calls with the same signature call the compiled kernel's launcher with them directly.
+
+    The signature holds every integer argument's value, each tensor's dtype and 16-byte alignment, and the
+    call-site constexprs: everything Triton specializes on and the autotune keys and grids depend on, so a
+    recorded launch is the one Triton would have made. Runtime arguments must be positional and constexprs
+    keywords (the kernels' signatures list runtime arguments first). Under the interpreter, while a launch
+    hook is set (profilers), or with `Launcher.enabled = False` (comparisons, debugging), every call goes
+    through Triton.
+    """
+
+    enabled = True
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.jit = None if INTERPRET else jit_function(kernel)
+        if self.jit is not None:
+            self.jit.pre_run_hooks.append(self._record)
+        self._recorded: Optional[tuple] = None
+        self._launches: dict[tuple, tuple] = {}
+
+    def _record(self, *args, **kwargs) -> None:
+        self._recorded = args, kwargs  # the arguments of the launch Triton is about to make, constexprs included
+
+    def __getitem__(self, grid):
+        return functools.partial(self._launch, grid)
+
+    def _launch(self, grid, *args, **meta) -> None:
+        if not self.enabled or INTERPRET or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+            self.kernel[grid](*args, **meta)
+            return
+        device = driver.active.get_current_device()
+        key = (device, *map(_signature, args), *meta.items())
+        launch = self._launches.get(key)
+        if launch is None:
+            compiled = self.kernel[grid](*args, **meta)
+            self._launches[key] = self._recorded_launch(compiled, len(args), grid)
+            return
+        compiled, (grid_0, grid_1, grid_2), constexprs = launch
+        compiled.run(grid_0, grid_1, grid_2, driver.active.get_current_stream(device), compiled.function,
+                     compiled.packed_metadata, None, None, None, *args, *constexprs)
+
+    def _recorded_launch(self, compiled, n_args: int, grid) -> tuple:
+        args, kwargs = self._recorded
+        named = {**dict(zip(self.jit.arg_names, args)), **kwargs}
+        constexpr_names = self.jit.arg_names[n_args:]
+        if len(args) != n_args or any(i not in self.jit.constexprs for i in range(n_args, len(self.jit.arg_names))):
+            raise TypeError(f"{self.jit.fn.__name__}: Launcher needs runtime arguments positional and constexprs "
+                            f"as keywords, got {n_args} positional arguments for {self.jit.arg_names}")
+        grid = grid(named) if callable(grid) else grid
+        grid = (*grid, 1, 1)[:3]
+        return compiled, grid, tuple(named[name] for name in constexpr_names)
+
+
+def _hooked(hook) -> bool:
+    """Whether a Triton launch hook would do anything (Triton >= 3.5 keeps an empty HookChain when none is set)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _signature(arg):
+    """What of one kernel argument a compiled launch depends on (see Launcher)."""
+    if isinstance(arg, Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, float):
+        return float
+    return arg  # ints (their values), None and bools
+
+
+def register_op(name: str, launch: Callable, traced: Callable, fake: Callable):
+    """Register a kernel's host function as the torch.library op that torch.compile calls.
+
+    With compiled kernels this is a `torch.library.triton_op` over `traced` (the launch with each kernel
+    wrapped by `torch.library.wrap_triton`): inductor traces into it, autotunes the kernels itself and
+    launches them from its generated code, so a compiled graph neither pays the Python dispatcher and
+    launcher (~100 us of host time per call) nor loses the buffers around the op to an opaque call.
+    The interpreter's kernels (TRITON_INTERPRET=1, CPU tests) cannot be traced with fake tensors, so there
+    `launch` becomes an opaque `custom_op` whose output layout comes from `fake`. Eager calls skip both and
+    call `launch` directly.
+    """
+    if triton is None or INTERPRET:
+        op = torch.library.custom_op(name, launch, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return torch.library.triton_op(name, traced, mutates_args=())

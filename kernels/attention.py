@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.library import wrap_triton
 
 from . import _triton
 from ._triton import check_triton_device, triton
@@ -57,43 +58,48 @@ def head_dim_split(head_dim: int) -> tuple[int, int]:
 
 if triton is not None:
 
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_N = MAX_ONCHIP_KEYS marks an on-chip config; the
-    # prune filter shrinks it to the keys' power of two.
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages). The on-chip path takes one config per key block width,
+    # BLOCK_N = next_power_of_2(Skv) >= 16; float32 runs exact fp32 dots on CUDA cores: small tiles, no spills.
     _STREAM_GRID = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (256, 64, 8, 3)]
-    _ONCHIP_GRID = [(128, MAX_ONCHIP_KEYS, 8, 2), (64, MAX_ONCHIP_KEYS, 8, 2), (64, MAX_ONCHIP_KEYS, 4, 2)]
-    _FP32_GRID = [(32, 32, 4, 2)]  # float32 runs exact fp32 dots on CUDA cores: small tiles, no spills
-    _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                for m, n, w, s in _STREAM_GRID + _ONCHIP_GRID + _FP32_GRID]
+    _ONCHIP_GRID = [(m, n, w, 2) for n in (16, 32, 64, MAX_ONCHIP_KEYS) for m, w in ((128, 8), (64, 8), (64, 4))]
+    _FP32_GRID = [(32, 32, 4, 2)]
+    # Every config names its path (SINGLE_PASS) and the prune filter only picks among them, never edits one:
+    # torch.compile applies the heuristics below to every config before it prunes (Triton prunes first), so
+    # a config changed by the filter would lose its heuristic values.
+    _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "SINGLE_PASS": single}, num_warps=w, num_stages=s)
+                for grid, paths in ((_STREAM_GRID, (False,)), (_ONCHIP_GRID, (True,)), (_FP32_GRID, (False, True)))
+                for m, n, w, s in grid for single in paths]
+
+    def _wanted_configs(dtype: torch.dtype, skv: int, width: int, d_pad: int) -> set[tuple]:
+        """(BLOCK_M, BLOCK_N, SINGLE_PASS, num_warps, num_stages) of the configs that suit a call: on-chip
+        for short keys, small tiles for fp32, no more than 80 float32 accumulators per thread (past that
+        the kernel spills registers). width: D1 + D2, the streaming path's accumulator columns."""
+        onchip = skv <= MAX_ONCHIP_KEYS and d_pad <= 128  # all keys in one block, padded head dim on chip
+        if dtype == torch.float32:
+            grid = [(m, n, skv <= n and d_pad <= 128, w, s) for m, n, w, s in _FP32_GRID]
+        elif onchip:
+            block_n = max(16, triton.next_power_of_2(skv))
+            grid, width = [(m, n, True, w, s) for m, n, w, s in _ONCHIP_GRID if n == block_n], d_pad
+        elif skv <= MAX_ONCHIP_KEYS or width > 128:
+            # D_PAD 256 does not fit shared memory on chip, and three stages of 128-key blocks overflow it
+            # past 128 columns: stream 64-key blocks.
+            grid = [(m, n, False, w, s) for m, n, w, s in _STREAM_GRID if n <= 64]
+        else:
+            grid = [(m, n, False, w, s) for m, n, w, s in _STREAM_GRID]
+        return {c for c in grid if c[0] * width <= 80 * 32 * c[3]}
 
     def _prune_configs(configs, named_args, **kwargs):
-        """Keep the configs that suit this call's shapes: on-chip for short keys, small tiles for fp32."""
+        """Keep the configs that suit this call's shapes (see _wanted_configs)."""
         args = {**named_args, **kwargs}
-        skv = args["Skv"]
-        width = args["D1"] + args["D2"]  # accumulator columns
-        if args["Q"].dtype == torch.float32:
-            grid = _FP32_GRID
-        elif skv <= MAX_ONCHIP_KEYS and args["D_PAD"] <= 128:
-            grid, width = _ONCHIP_GRID, args["D_PAD"]
-        elif skv <= MAX_ONCHIP_KEYS:  # D_PAD 256 would not fit shared memory on chip: stream 64-key blocks
-            grid = [c for c in _STREAM_GRID if c[1] <= 64]
-        elif width > 128:  # three stages of 128-key blocks overflow shared memory
-            grid = [c for c in _STREAM_GRID if c[1] <= 64]
-        else:
-            grid = _STREAM_GRID
-        # Past 80 float32 accumulators per thread the kernel spills registers.
-        grid = [c for c in grid if c[0] * width <= 80 * 32 * c[2]]
-        onchip_n = max(16, triton.next_power_of_2(skv))
-        pruned = [triton.Config({"BLOCK_M": m, "BLOCK_N": min(n, onchip_n) if n == MAX_ONCHIP_KEYS else n},
-                                num_warps=w, num_stages=s) for m, n, w, s in grid]
+        wanted = _wanted_configs(args["Q"].dtype, args["Skv"], args["D1"] + args["D2"], args["D_PAD"])
+        pruned = [c for c in configs
+                  if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["SINGLE_PASS"], c.num_warps,
+                      c.num_stages) in wanted]
         return pruned[:1] if _triton.INTERPRET else pruned  # the interpreter cannot time configs
 
     @triton.autotune(configs=_CONFIGS, key=["Sq", "Skv", "HEAD_DIM"],
                      prune_configs_by={"early_config_prune": _prune_configs})
-    @triton.heuristics({
-        "EVEN_N": lambda a: a["Skv"] % a["BLOCK_N"] == 0,  # no key mask needed
-        # All keys in one block: exact softmax. Past D_PAD 128 the padded tiles overflow shared memory.
-        "SINGLE_PASS": lambda a: a["Skv"] <= a["BLOCK_N"] and a["D_PAD"] <= 128,
-    })
+    @triton.heuristics({"EVEN_N": lambda a: a["Skv"] % a["BLOCK_N"] == 0})  # no key mask needed
     @triton.jit
     def _attention_kernel(
         Q,  # pointer to q, shape (B, H, Sq, D), any strides
@@ -117,7 +123,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr,  # query rows per program
         BLOCK_N: tl.constexpr,  # keys per block
         EVEN_N: tl.constexpr,  # Skv % BLOCK_N == 0
-        SINGLE_PASS: tl.constexpr,  # Skv <= BLOCK_N
+        SINGLE_PASS: tl.constexpr,  # all keys in one block (Skv <= BLOCK_N): the on-chip path
     ):
         # The JIT only learns divisibility by 16 by itself; D = 40 rows are 80 bytes, still 16-byte aligned.
         # (x // A * A is x here, but it tells the compiler x is a multiple of A, so loads vectorize.)
@@ -238,6 +244,8 @@ if triton is not None:
                 tl.store(Out + offs_m[:, None] * stride_om + offs_d2[None, :] * stride_od, out2,
                          mask=mask_m[:, None] & mask_d2[None, :])
 
+    _attention_launcher = _triton.Launcher(_attention_kernel)  # repeat launches skip Triton's Python
+
 
 def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> None:
     """Raise ValueError naming the bad value when the Triton kernel cannot compute attention(q, k, v)."""
@@ -278,7 +286,9 @@ def _stride_align(*tensors: Tensor) -> int:
     return align
 
 
-def _attention_launch(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
+def _attention_run(kernel, q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
+    """Launch `kernel`: the autotuned kernel's Launcher, or the kernel wrapped by wrap_triton while torch.compile
+    traces."""
     batch, heads, seq_q, head_dim = q.shape
     seq_kv = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
@@ -291,7 +301,7 @@ def _attention_launch(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -
             tiles = min(tiles, triton.cdiv(ONCHIP_PROGRAMS_PER_SM * _triton.sm_count(q.device), batch * heads))
         return (tiles, batch * heads)
 
-    _attention_kernel[grid](
+    kernel[grid](
         q, k, v, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, seq_q, seq_kv,
@@ -303,14 +313,17 @@ def _attention_launch(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -
     return out
 
 
-# Registered so torch.compile traces through it (fake tensors give the output layout) and keeps it in
-# graphs; eager calls skip the dispatcher and launch directly, which saves tens of microseconds of host time.
-_attention_op = torch.library.custom_op("fastdiff::triton_attention", mutates_args=())(_attention_launch)
+def _attention_launch(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
+    return _attention_run(_attention_launcher, q, k, v, scale)
 
 
-@_attention_op.register_fake
-def _(q, k, v, scale):
-    return torch.empty_like(q)
+def _attention_traced(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
+    return _attention_run(wrap_triton(_attention_kernel), q, k, v, scale)
+
+
+# The op torch.compile puts in its graphs (see _triton.register_op); eager calls launch directly.
+_attention_op = _triton.register_op("fastdiff::triton_attention", _attention_launch, _attention_traced,
+                                    fake=lambda q, k, v, scale: torch.empty_like(q))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:

@@ -132,6 +132,8 @@ if triton is not None:
         tl.store(XNext + offs, x_next.to(XNext.dtype.element_ty), mask=mask)
         tl.store(X0 + offs, x0.to(X0.dtype.element_ty), mask=mask)
 
+    _scheduler_step_launcher = _triton.Launcher(_scheduler_step_kernel)  # repeat launches skip Triton's Python
+
 
 def _same_dense_layout(tensors: list[Tensor]) -> bool:
     """True when every tensor is dense in one memory order with the batch outermost (contiguous, or all
@@ -150,7 +152,7 @@ def _scheduler_step_launch(x: Tensor, model_output: Tensor, c_x: float, c_m: flo
     x_next = torch.empty_like(x)  # x's layout; the caller made every input share it
     x0 = torch.empty_like(x)
     n = x.numel()
-    _scheduler_step_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](
+    _scheduler_step_launcher[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](
         x, model_output, prev_x0, noise, x_next, x0, n,
         0.0 if guidance_scale is None else guidance_scale, c_x, c_m, a_x, a_0, a_p, a_n,
         GUIDANCE=guidance_scale is not None,
