@@ -2,19 +2,35 @@
 
 x: (N, C, *spatial), contiguous or channels_last; statistics in float32; output in x's dtype and layout.
 
-`group_norm` splits the reduction so the whole GPU is busy even when N * num_groups is small (64 groups
-at batch 2, 32 for the VAE's 1x128x512x512): a group of 10 channels x 4096 pixels, or 4 x 262144, is far
-too much work for one program. Two launches:
-  stats   a few programs per SM; each streams its slice of x and accumulates, element-wise in registers,
-          sums of (x - K) and (x - K)^2, where the shift K is one element of the group (so the variance
-          does not cancel catastrophically when the mean is large); one reduction per slice at the end;
+Two strategies, picked per call by the group's size Cg * HW (elements per (sample, group)):
+
+single launch (Cg * HW <= SINGLE_LAUNCH_MAX: the SD UNet at 64x64 latents, the VAE decoder at 64x64)
+  One program per (sample, group) reads its group twice: first the shifted sums (below) give mean and rstd,
+  then it normalizes, scales, shifts, applies SiLU and writes; the second read hits L2. Splitting such a
+  group buys nothing on the GPU, and one launch instead of two halves the host time of an eager call (each
+  Triton launch costs tens of microseconds of Python; torch's silu(group_norm(x)) is two C++ ops).
+
+split (larger groups: the VAE's 1x128x512x512 has 4 x 262144 elements per group)
+  The reduction is split so the whole GPU is busy even when N * num_groups is small (32 groups for the
+  VAE): one program per group would stream far too much. Two launches:
+  stats   a few programs per SM; each streams its slice of x and accumulates the shifted sums element-wise
+          in registers; one reduction per slice at the end;
   apply   the same slices, in reverse order (the slices read last are still in L2): each program first adds
           up its groups' partial sums into mean and rstd (a few hundred floats, from L2), then normalizes,
           scales, shifts, applies SiLU and writes.
-Slices follow the memory layout: in contiguous x a group is one run of Cg * HW elements; in channels_last x
-a slice is a run of pixels with all C channels, tiled (ROWS, C) so loads stay contiguous and vectorized;
-per-channel values pass through a small global scratch (write, CTA barrier, gather) to become per-group
-and back, which is cheaper than a (G, C) membership mask when a slice holds only a few pixels.
+
+Shifted sums: float32 sums of (x - K) and (x - K)^2, where the shift K is one element of the group, so the
+variance does not cancel catastrophically when the mean is large.
+Layouts: in contiguous x a group is one run of Cg * HW elements. In channels_last x ((N, HW, C) in memory)
+a group is Cg contiguous channels at each pixel. The single-launch kernel tiles it (ROWS pixels, Cg
+channels), with Cg a constexpr so that each pixel's run is known aligned and its loads vectorize and
+pipeline (one compiled variant per Cg: 10, 20, 40 for the SD UNet). A split slice is a run of pixels with
+all C channels, tiled (ROWS, C) so loads stay contiguous and vectorized; its per-channel values pass through
+a small global scratch (write, CTA barrier, gather) to become per-group and back, which is cheaper than a
+(G, C) membership mask when a slice holds few pixels.
+SiLU is a runtime flag of the kernels, not a constexpr, so calls with and without it share one compiled
+kernel (half the apply and single-launch variants a cold start compiles; the cost is one branch per tile of
+a memory-bound loop).
 """
 from typing import Optional
 
@@ -30,12 +46,17 @@ if triton is not None:
 
 ACTIVATIONS = (None, "silu")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TILE = 4096  # elements per loop step of a stats/apply program: enough loads in flight, no spills
+TILE = 4096  # elements per loop step of a kernel's program: enough loads in flight, no spills
 MAX_CHANNELS = TILE  # channels_last: a tile holds at least one pixel's next_power_of_2(C) channels
 PROGRAMS_PER_SM = 4  # contiguous: stats/apply programs per SM; each loops over its slice
 CL_PROGRAMS_PER_SM = 2  # channels_last: fewer, longer slices (each apply program reads every slice's sums)
 PARTIAL_TILE = 4096  # partial sums an apply program adds per step
-STAGES = 3  # software-pipelining depth of the stats/apply loops
+STAGES = 3  # software-pipelining depth of the stats/apply/single-launch loops
+# Largest group (Cg * HW elements) normalized by the single-launch kernel; larger ones take the split path.
+# 64K covers the SD UNet at 64x64 latents (2x320x64x64: 10 x 4096). A module constant so that benchmarks
+# can force either path (0: always split; a huge value: always single); the value awaits the device
+# measurement of both paths on the SD shapes (benchmarks/bench_group_norm.py, provider fastdiff_split).
+SINGLE_LAUNCH_MAX = 64 * 1024
 
 
 def group_norm_ref(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -123,7 +144,7 @@ if triton is not None:
             tl.store(out, tl.sum(acc1, 0))
             tl.store(out + tl.num_programs(1) // G * P * G, tl.sum(acc2, 0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["silu"])  # Triton would otherwise compile silu == 1 as a constant
     def _group_norm_apply_kernel(
         X,  # pointer to x, (N, C, HW) contiguous or (N, HW, C) channels_last
         Y,  # pointer to the output, same shape and layout as x
@@ -139,8 +160,8 @@ if triton is not None:
         P,  # slices, as in the stats kernel
         PER_SLICE,  # elements (contiguous) or pixels (channels_last) per slice, as in the stats kernel
         eps,  # added to the variance
+        silu,  # 1: SiLU after the affine, 0: none (runtime: both share one compiled kernel)
         CHANNELS_LAST: tl.constexpr,  # x's layout
-        SILU: tl.constexpr,  # apply SiLU after the affine
         BLOCK: tl.constexpr,  # contiguous: elements per loop step
         ROWS: tl.constexpr,  # channels_last: pixels per loop step
         BLOCK_C: tl.constexpr,  # channels_last: next_power_of_2(C)
@@ -190,7 +211,7 @@ if triton is not None:
                 mask = (rows < end)[:, None] & mask_c[None, :]
                 offs = base + rows[:, None].to(tl.int64) * C + cols[None, :]
                 y = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
-                if SILU:
+                if silu != 0:
                     y = y * tl.sigmoid(y)
                 tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
         else:
@@ -222,9 +243,113 @@ if triton is not None:
                 if B is not None:
                     shift += tl.load(B + channel, mask=mask, other=0.0).to(tl.float32)
                 y = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32) * scale + shift
-                if SILU:
+                if silu != 0:
                     y = y * tl.sigmoid(y)
                 tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+    # Not specialized: silu (Triton would compile silu == 1 as a constant) and CG (its divisibility by 16
+    # changes nothing here, as HW's gives the alignment): one compiled variant per dtype and tile.
+    @triton.jit(do_not_specialize=["CG", "silu"])
+    def _group_norm_single_kernel(
+        X,  # pointer to x, (N, C, HW) contiguous
+        Y,  # pointer to the output, same shape and layout as x
+        W,  # pointer to weight (C,), or None
+        B,  # pointer to bias (C,), or None
+        HW,  # pixels per channel
+        G,  # groups
+        CG,  # channels per group
+        eps,  # added to the variance
+        silu,  # 1: SiLU after the affine, 0: none (runtime: both share one compiled kernel)
+        BLOCK: tl.constexpr,  # elements per loop step
+        STAGES: tl.constexpr,  # loads in flight per loop
+    ):
+        ng = tl.program_id(0)  # n * G + g: one program normalizes one group of one sample
+        group_size = CG * HW
+        base = ng.to(tl.int64) * group_size
+        shift = tl.load(X + base).to(tl.float32)  # K: the group's first element
+        acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in tl.range(0, group_size, BLOCK, num_stages=STAGES):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < group_size
+            x = tl.load(X + base + offs, mask=mask, other=0.0)
+            d = tl.where(mask, x.to(tl.float32) - shift, 0.0)
+            acc1 += d
+            acc2 += d * d
+        eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as float64: keep the statistics float32
+        count = group_size.to(tl.float32)
+        mean_shifted = tl.sum(acc1, 0) / count
+        var = tl.maximum(tl.sum(acc2, 0) / count - mean_shifted * mean_shifted, 0.0)
+        mean = shift + mean_shifted
+        rstd = 1.0 / tl.sqrt(var + eps)
+        first_channel = (ng % G) * CG
+        for start in tl.range(0, group_size, BLOCK, num_stages=STAGES):  # again, from L2
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < group_size
+            channel = first_channel + offs // HW  # neighbours share a channel: these gathers hit L1
+            scale = tl.full([BLOCK], 1.0, tl.float32) * rstd
+            if W is not None:
+                scale *= tl.load(W + channel, mask=mask, other=0.0).to(tl.float32)
+            offset = -mean * scale
+            if B is not None:
+                offset += tl.load(B + channel, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32) * scale + offset
+            if silu != 0:
+                y = y * tl.sigmoid(y)
+            tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["silu"])
+    def _group_norm_single_cl_kernel(
+        X,  # pointer to x, (N, HW, C) in memory (channels_last)
+        Y,  # pointer to the output, same shape and layout as x
+        W,  # pointer to weight (C,), or None
+        B,  # pointer to bias (C,), or None
+        HW,  # pixels per channel
+        C,  # channels
+        G,  # groups
+        eps,  # added to the variance
+        silu,  # 1: SiLU after the affine, 0: none (runtime: both share one compiled kernel)
+        CG: tl.constexpr,  # channels per group: a constant, so that the compiler knows each pixel's run of CG
+                           # channels is aligned to CG elements and vectorizes and pipelines its loads
+        BLOCK_CG: tl.constexpr,  # next_power_of_2(CG)
+        ROWS: tl.constexpr,  # pixels per loop step
+        STAGES: tl.constexpr,  # loads in flight per loop
+    ):
+        ng = tl.program_id(0)  # n * G + g: one program normalizes one group of one sample
+        j = tl.arange(0, BLOCK_CG)
+        mask_c = j < CG
+        cols = (ng % G) * CG + j  # the group's channels
+        base = (ng // G).to(tl.int64) * HW * C
+        shift = tl.load(X + base + (ng % G) * CG).to(tl.float32)  # K: the group's first element
+        acc1 = tl.zeros([ROWS, BLOCK_CG], dtype=tl.float32)
+        acc2 = tl.zeros([ROWS, BLOCK_CG], dtype=tl.float32)
+        for start in tl.range(0, HW, ROWS, num_stages=STAGES):
+            rows = start + tl.arange(0, ROWS)
+            mask = (rows < HW)[:, None] & mask_c[None, :]
+            x = tl.load(X + base + rows[:, None].to(tl.int64) * C + cols[None, :], mask=mask, other=0.0)
+            d = tl.where(mask, x.to(tl.float32) - shift, 0.0)
+            acc1 += d
+            acc2 += d * d
+        eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as float64: keep the statistics float32
+        count = (HW * CG).to(tl.float32)
+        mean_shifted = tl.sum(acc1) / count
+        var = tl.maximum(tl.sum(acc2) / count - mean_shifted * mean_shifted, 0.0)
+        mean = shift + mean_shifted
+        rstd = 1.0 / tl.sqrt(var + eps)
+        scale = tl.full([BLOCK_CG], 1.0, tl.float32) * rstd  # (BLOCK_CG,): per channel
+        if W is not None:
+            scale *= tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
+        offset = -mean * scale
+        if B is not None:
+            offset += tl.load(B + cols, mask=mask_c, other=0.0).to(tl.float32)
+        for start in tl.range(0, HW, ROWS, num_stages=STAGES):  # again, from L2
+            rows = start + tl.arange(0, ROWS)
+            mask = (rows < HW)[:, None] & mask_c[None, :]
+            offs = base + rows[:, None].to(tl.int64) * C + cols[None, :]
+            y = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) * scale[None, :] + offset[None, :]
+            if silu != 0:
+                y = y * tl.sigmoid(y)
+            tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
 def channels_last_perm(dim: int) -> tuple[int, ...]:
@@ -266,15 +391,37 @@ def _is_channels_last(x: Tensor) -> bool:
 
 
 def _group_norm_launch(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                   activation: Optional[str]) -> Tensor:
+                       activation: Optional[str]) -> Tensor:
     batch, channels = x.shape[:2]
     hw = x.numel() // (batch * channels)
-    cg = channels // num_groups
-    channels_last = _is_channels_last(x)
     y = torch.empty_like(x)  # same layout as x
-    block_g = triton.next_power_of_2(num_groups)
+    launch = _launch_single if channels // num_groups * hw <= SINGLE_LAUNCH_MAX else _launch_split
+    launch(x, y, num_groups, weight, bias, eps, int(activation == "silu"), batch, channels, hw, _is_channels_last(x))
+    return y
+
+
+def _launch_single(x: Tensor, y: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                   eps: float, silu: int, batch: int, channels: int, hw: int, channels_last: bool) -> None:
+    """One program per (sample, group): statistics, then the normalized output, in one launch."""
+    cg = channels // num_groups
+    grid = (batch * num_groups,)
     if channels_last:
-        block_c = triton.next_power_of_2(channels)
+        block_cg = triton.next_power_of_2(cg)
+        _group_norm_single_cl_kernel[grid](x, y, weight, bias, hw, channels, num_groups, eps, silu, CG=cg,
+                                           BLOCK_CG=block_cg, ROWS=max(1, TILE // block_cg), STAGES=STAGES,
+                                           num_warps=8)
+    else:
+        _group_norm_single_kernel[grid](x, y, weight, bias, hw, num_groups, cg, eps, silu,
+                                        BLOCK=min(TILE, triton.next_power_of_2(cg * hw)), STAGES=STAGES,
+                                        num_warps=8)
+
+
+def _launch_split(x: Tensor, y: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                  eps: float, silu: int, batch: int, channels: int, hw: int, channels_last: bool) -> None:
+    """Statistics over slices of each group (or sample), then the output: two launches that fill the GPU."""
+    cg = channels // num_groups
+    if channels_last:
+        block_c, block_g, block_cg = (triton.next_power_of_2(n) for n in (channels, num_groups, cg))
         rows, block = max(1, TILE // block_c), 1
         target = CL_PROGRAMS_PER_SM * _triton.sm_count(x.device)
         slices = max(1, min(triton.cdiv(target, batch), triton.cdiv(hw, rows)))
@@ -284,7 +431,8 @@ def _group_norm_launch(x: Tensor, num_groups: int, weight: Optional[Tensor], bia
         block_p = min(triton.next_power_of_2(slices), max(1, PARTIAL_TILE // block_g))
     else:
         group_size = cg * hw
-        block_c, rows, block = 1, 1, min(TILE, triton.next_power_of_2(group_size))
+        block_c = block_g = block_cg = 1  # unused by the contiguous branches: one compiled variant per tile
+        rows, block = 1, min(TILE, triton.next_power_of_2(group_size))
         target = PROGRAMS_PER_SM * _triton.sm_count(x.device)
         slices = max(1, min(triton.cdiv(target, batch * num_groups), triton.cdiv(group_size, block)))
         per_slice = triton.cdiv(triton.cdiv(group_size, slices), block) * block
@@ -296,13 +444,12 @@ def _group_norm_launch(x: Tensor, num_groups: int, weight: Optional[Tensor], bia
                           dtype=torch.float32)
     stats = torch.empty((batch, 2, num_groups) if channels_last else (1,), device=x.device, dtype=torch.float32)
     meta = dict(CHANNELS_LAST=channels_last, BLOCK=block, ROWS=rows, BLOCK_C=block_c, BLOCK_G=block_g,
-                BLOCK_CG=triton.next_power_of_2(cg), STAGES=STAGES, num_warps=8)
+                BLOCK_CG=block_cg, STAGES=STAGES, num_warps=8)
     _group_norm_stats_kernel[(slices, grid_rows)](x, partials, scratch, hw, channels, num_groups, cg, slices,
                                                   per_slice, **meta)
     _group_norm_apply_kernel[(slices, grid_rows)](x, y, partials, stats, weight, bias, batch, hw, channels,
-                                                  num_groups, cg, slices, per_slice, eps,
-                                                  SILU=activation == "silu", BLOCK_P=block_p, **meta)
-    return y
+                                                  num_groups, cg, slices, per_slice, eps, silu,
+                                                  BLOCK_P=block_p, **meta)
 
 
 # Registered so torch.compile traces through it (fake tensors give the output layout) and keeps it in

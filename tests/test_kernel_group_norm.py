@@ -1,8 +1,10 @@
 """The Triton GroupNorm(+SiLU) kernels against group_norm_ref.
 
 CPU: the kernels run under TRITON_INTERPRET=1 on C = 96 channels in 32 groups (3 channels each), 7x9
-pixels, both memory layouts; smaller tiles are forced to exercise the loops and the partial-sum merges.
-GPU (`-m gpu`): every dtype on the SD UNet and VAE shapes, judged against torch's own error.
+pixels, both memory layouts, through both strategies (single launch, split statistics/apply: each test that
+takes a `path` forces one through SINGLE_LAUNCH_MAX and checks it ran); smaller tiles are forced to exercise
+the loops and the partial-sum merges.
+GPU (`-m gpu`): every dtype on the SD UNet and VAE shapes, both strategies, judged against torch's own error.
 """
 import importlib
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastdiff.kernels._triton import jit_function
 from fastdiff.kernels.group_norm import group_norm, group_norm_ref
 
 gn_module = importlib.import_module("fastdiff.kernels.group_norm")  # the package re-exports the function
@@ -20,6 +23,25 @@ CPU_TOLERANCES = [
     (torch.float16, 5e-3, 2e-3),
     (torch.bfloat16, 4e-2, 1e-2),
 ]
+
+
+PATHS = ("single", "split")
+
+
+def _force_path(monkeypatch, path):
+    """Make group_norm take `path` ("single" or "split") whatever the group size; returns the list of the
+    strategies it then launches, one entry per call, for the test to check."""
+    monkeypatch.setattr(gn_module, "SINGLE_LAUNCH_MAX", 2**62 if path == "single" else 0)
+    return _record_paths(monkeypatch)
+
+
+def _record_paths(monkeypatch):
+    launched = []
+    for path in PATHS:
+        launch = getattr(gn_module, f"_launch_{path}")
+        monkeypatch.setattr(gn_module, f"_launch_{path}",
+                            lambda *args, path=path, launch=launch: (launched.append(path), launch(*args))[1])
+    return launched
 
 
 def _inputs(shape, dtype, channels_last, affine=True, device="cpu"):
@@ -46,20 +68,35 @@ def _report(name, out, ref):
 @pytest.mark.parametrize("dtype, atol, rtol", CPU_TOLERANCES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("activation", [None, "silu"])
-def test_group_norm_matches_reference_on_odd_shapes(activation, channels_last, dtype, atol, rtol):
-    x, weight, bias = _inputs((2, 96, 7, 9), dtype, channels_last)
+@pytest.mark.parametrize("path, affine", [("single", True), ("single", False), ("split", True)],
+                         ids=["single-affine", "single-no-affine", "split-affine"])  # split, no affine: below
+def test_group_norm_matches_reference_on_odd_shapes(monkeypatch, path, affine, activation, channels_last, dtype,
+                                                    atol, rtol):
+    launched = _force_path(monkeypatch, path)
+    x, weight, bias = _inputs((2, 96, 7, 9), dtype, channels_last, affine)
     out = group_norm(x, 32, weight, bias, 1e-5, activation)
     ref = _ref64(x, 32, weight, bias, 1e-5, activation)
-    _report(f"{dtype} {'channels_last' if channels_last else 'contiguous'} {activation}", out, ref)
+    _report(f"{path} {dtype} {'channels_last' if channels_last else 'contiguous'} {activation}", out, ref)
+    assert launched == [path]
     assert out.dtype == dtype and out.stride() == x.stride()
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("programs_per_sm", [1, 64], ids=["long-slices", "many-slices"])
+@pytest.mark.parametrize("limit, path", [(3 * 7 * 9, "single"), (3 * 7 * 9 - 1, "split")])
+def test_group_norm_takes_single_launch_up_to_the_limit(monkeypatch, limit, path):
+    monkeypatch.setattr(gn_module, "SINGLE_LAUNCH_MAX", limit)
+    launched = _record_paths(monkeypatch)
+    group_norm(torch.randn(2, 96, 7, 9), 32)  # groups of 3 channels x 63 pixels
+    assert launched == [path]
+
+
+@pytest.mark.parametrize("path, programs_per_sm", [("single", 1), ("split", 1), ("split", 64)],
+                         ids=["single", "split-long-slices", "split-many-slices"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-def test_group_norm_loops_over_tiles_and_adds_many_partials(monkeypatch, channels_last, programs_per_sm):
+def test_group_norm_loops_over_tiles_and_adds_many_partials(monkeypatch, channels_last, path, programs_per_sm):
     # Tiny tiles make each program loop over several of them (one program per group or sample), or give each
     # group many slices whose partial sums the apply kernel adds up two slices at a time.
+    launched = _force_path(monkeypatch, path)
     monkeypatch.setattr(gn_module, "TILE", 64)
     monkeypatch.setattr(gn_module, "PROGRAMS_PER_SM", programs_per_sm)
     monkeypatch.setattr(gn_module, "CL_PROGRAMS_PER_SM", programs_per_sm)
@@ -67,17 +104,21 @@ def test_group_norm_loops_over_tiles_and_adds_many_partials(monkeypatch, channel
     x, weight, bias = _inputs((2, 12, 7, 9), torch.float32, channels_last)
     out = group_norm(x, 4, weight, bias, 1e-6, "silu")
     ref = _ref64(x, 4, weight, bias, 1e-6, "silu")
-    _report("many tiles", out, ref)
+    _report(f"many tiles, {path}", out, ref)
+    assert launched == [path]
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape, groups", [((3, 12), 4), ((2, 24, 11), 6), ((1, 8, 3, 4, 5), 2)])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-def test_group_norm_any_spatial_rank_without_affine(shape, groups, channels_last):
+@pytest.mark.parametrize("path", PATHS)
+def test_group_norm_any_spatial_rank_without_affine(monkeypatch, path, shape, groups, channels_last):
+    launched = _force_path(monkeypatch, path)
     x, _, _ = _inputs(shape, torch.float32, channels_last, affine=False)
     out = group_norm(x, groups)
     ref = _ref64(x, groups, None, None, 1e-5, None)
-    _report(f"{shape}", out, ref)
+    _report(f"{path} {shape}", out, ref)
+    assert launched == [path]
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -111,32 +152,42 @@ def test_group_norm_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
         group_norm(torch.randn(2, 96, 7, 9), 32)
 
 
-def test_group_norm_op_traces_without_graph_breaks():
+@pytest.mark.parametrize("path", PATHS)
+def test_group_norm_op_traces_without_graph_breaks(monkeypatch, path):
+    launched = _force_path(monkeypatch, path)
     x, weight, bias = _inputs((2, 96, 7, 9), torch.float32, True)
     compiled = torch.compile(group_norm, backend="aot_eager", fullgraph=True)
-    expected = group_norm(x, 32, weight, bias, 1e-5, "silu")
-    torch.testing.assert_close(compiled(x, 32, weight, bias, 1e-5, "silu"), expected)
+    expected = _ref64(x, 32, weight, bias, 1e-5, "silu")
+    out = compiled(x, 32, weight, bias, 1e-5, "silu")
+    _report(f"compiled, {path}", out, expected)
+    assert set(launched) == {path}  # the custom op's launch took the forced path
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ GPU
 
-# SD1.5 UNet levels at batch 2, and the VAE decoder's largest GroupNorms at 512 px.
-SD_SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (1, 128, 512, 512), (1, 512, 128, 128)]
+# SD1.5 UNet levels at batch 2, and the VAE decoder at 512 px: its mid block (groups of 16 x 4096, the default
+# SINGLE_LAUNCH_MAX) and its largest GroupNorms.
+SD_SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (1, 512, 64, 64), (1, 128, 512, 512),
+             (1, 512, 128, 128)]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", SD_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_group_norm_error_on_gpu_at_most_twice_torch_error(shape, channels_last, dtype):
+@pytest.mark.parametrize("path", PATHS)
+def test_group_norm_error_on_gpu_at_most_twice_torch_error(monkeypatch, path, shape, channels_last, dtype):
+    launched = _force_path(monkeypatch, path)
     x, weight, bias = _inputs(shape, dtype, channels_last, device="cuda")
     ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
     up = (lambda t: t.to(ref_dtype))
     ref = F.silu(F.group_norm(up(x), 32, up(weight), up(bias), 1e-6))
     out = group_norm(x, 32, weight, bias, 1e-6, "silu")
     ref_torch = F.silu(F.group_norm(x, 32, weight, bias, 1e-6))
-    err = _report(f"fastdiff {dtype} {shape}", out, ref)
+    err = _report(f"fastdiff {path} {dtype} {shape}", out, ref)
     err_torch = _report(f"torch    {dtype} {shape}", ref_torch, ref)
+    assert launched == [path]
     assert out.stride() == x.stride()
     assert torch.isfinite(out).all()
     floor = 1e-5 if dtype == torch.float32 else 0.0
@@ -145,7 +196,9 @@ def test_group_norm_error_on_gpu_at_most_twice_torch_error(shape, channels_last,
 
 
 @pytest.mark.gpu
-def test_group_norm_survives_cuda_graph_capture():
+@pytest.mark.parametrize("path", PATHS)
+def test_group_norm_survives_cuda_graph_capture(monkeypatch, path):
+    launched = _force_path(monkeypatch, path)
     x, weight, bias = _inputs((2, 320, 64, 64), torch.float16, True, device="cuda")
     group_norm(x, 32, weight, bias, 1e-5, "silu")  # compiles outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -154,5 +207,25 @@ def test_group_norm_survives_cuda_graph_capture():
     x.copy_(torch.randn_like(x))
     graph.replay()
     fresh = group_norm_ref(x, 32, weight, bias, 1e-5, "silu")
-    _report("graph replay", out, fresh)
+    _report(f"graph replay, {path}", out, fresh)
+    assert set(launched) == {path}
     torch.testing.assert_close(out, fresh, atol=5e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("path", PATHS)
+def test_group_norm_silu_and_none_share_one_compiled_kernel(monkeypatch, path, channels_last):
+    # SiLU is a runtime argument kept out of Triton's specialization: one compile serves both activations.
+    _force_path(monkeypatch, path)
+    name = {"split": "_group_norm_apply_kernel", "single": "_group_norm_single_kernel"}[path]
+    name = "_group_norm_single_cl_kernel" if channels_last and path == "single" else name
+    cache = jit_function(getattr(gn_module, name)).device_caches[torch.cuda.current_device()][0]
+    x, weight, bias = _inputs((2, 40, 5, 7), torch.float16, channels_last, device="cuda")  # a shape no other test uses
+    compiled_before = len(cache)
+    outs = {activation: group_norm(x, 8, weight, bias, 1e-5, activation) for activation in ("silu", None)}
+    assert len(cache) == compiled_before + 1
+    for activation, out in outs.items():
+        ref = group_norm_ref(x, 8, weight, bias, 1e-5, activation)
+        _report(f"{path} {activation}", out, ref)
+        torch.testing.assert_close(out, ref, atol=5e-3, rtol=2e-3)

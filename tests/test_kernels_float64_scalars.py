@@ -57,11 +57,19 @@ for float_type in ("fp32", "fp64"):
                          float_type, constants)
                 print("attention", float_type, dtype, head_dim, "single pass" if single_pass else "streaming", "ok")
         for channels_last in (False, True):
-            constants = dict(CHANNELS_LAST=channels_last, SILU=True, BLOCK=1024, ROWS=8, BLOCK_C=128, BLOCK_G=32,
+            layout = "channels_last" if channels_last else "contiguous"
+            constants = dict(CHANNELS_LAST=channels_last, BLOCK=1024, ROWS=8, BLOCK_C=128, BLOCK_G=32,
                              BLOCK_CG=4, BLOCK_P=16, STAGES=2)
             pointers = dict(X=dtype, Y=dtype, W=dtype, B=dtype, Partials="fp32", Stats="fp32")
             build_ir(group_norm._group_norm_apply_kernel, pointers, {"eps"}, float_type, constants)
-            print("group_norm apply", float_type, dtype, "channels_last" if channels_last else "contiguous", "ok")
+            print("group_norm apply", float_type, dtype, layout, "ok")
+            if channels_last:
+                single = group_norm._group_norm_single_cl_kernel
+                constants = dict(CG=10, BLOCK_CG=16, ROWS=256, STAGES=2)
+            else:
+                single, constants = group_norm._group_norm_single_kernel, dict(BLOCK=1024, STAGES=2)
+            build_ir(single, dict(X=dtype, Y=dtype, W=dtype, B=dtype), {"eps"}, float_type, constants)
+            print("group_norm single", float_type, dtype, layout, "ok")
 """
 
 
@@ -70,4 +78,4 @@ def test_kernels_build_with_float64_scalar_arguments():
     result = subprocess.run([sys.executable, "-c", _BUILD_IR], capture_output=True, text=True, env=env, timeout=600)
     print(result.stdout[-3000:], result.stderr[-3000:])
     assert result.returncode == 0
-    assert result.stdout.count(" ok") == 2 * 3 * (3 * 3 + 2)  # every case of the loops above built
+    assert result.stdout.count(" ok") == 2 * 3 * (3 * 3 + 2 * 2)  # every case of the loops above built
