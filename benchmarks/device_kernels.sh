@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
 # The kernels' GPU run, from the repository root on a CUDA machine (the device tool's `run`):
-#     bash benchmarks/device_kernels.sh [tests|bench|tune|all] [pytest -k filter for the benchmarks]
+#     bash benchmarks/device_kernels.sh [tests|bench|tune|all|group_norm] [pytest -k filter for the benchmarks]
 # installs fastdiff (no CUDA build of csrc/), runs the kernels' GPU tests (8 workers: Triton compiles in
 # parallel; their timings do not matter), then the kernel benchmarks in one process, one at a time, and
-# prints a fastdiff-vs-torch table last. `tune` (not in `all`) A/Bs the kernels' tuning constants. Logs and JSON land in $OUT (./device_out when unset).
+# prints a fastdiff-vs-torch table last. `tune` (not in `all`) A/Bs the kernels' tuning constants;
+# `group_norm` runs tests and benchmarks of GroupNorm alone (its single and split strategies side by side).
+# Logs and JSON land in $OUT (./device_out when unset).
 set -u -o pipefail
 OUT=${OUT:-device_out}
 mkdir -p "$OUT"
 STAGE=${1:-all}
 FILTER=${2:-}
 export PYTHONUNBUFFERED=1
+TESTS="tests/test_kernel_attention.py tests/test_kernel_group_norm.py tests/test_kernel_scheduler_step.py
+       tests/test_kernel_geglu.py"
+BENCHES="benchmarks/bench_attention.py benchmarks/bench_group_norm.py benchmarks/bench_scheduler_step.py
+         benchmarks/bench_geglu.py"
+if [ "$STAGE" = group_norm ]; then
+    TESTS=tests/test_kernel_group_norm.py BENCHES=benchmarks/bench_group_norm.py STAGE=all
+fi
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
@@ -21,17 +30,14 @@ fi
 
 if [ "$STAGE" = tests ] || [ "$STAGE" = all ]; then
     SECONDS=0
-    python3 -m pytest -m gpu tests/test_kernel_attention.py tests/test_kernel_group_norm.py \
-        tests/test_kernel_scheduler_step.py tests/test_kernel_geglu.py -n 8 -q -s -p no:cacheprovider \
-        > "$OUT/gpu_tests.log" 2>&1
+    python3 -m pytest -m gpu $TESTS -n 8 -q -s -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
     echo "gpu tests: exit $? in ${SECONDS}s; $(grep -E '^(FAILED|ERROR)' "$OUT/gpu_tests.log" | wc -l) failed"
     grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/gpu_tests.log" | tail -n 25
 fi
 if [ "$STAGE" = bench ] || [ "$STAGE" = all ]; then
     SECONDS=0
-    TRITON_PRINT_AUTOTUNING=1 python3 -m pytest benchmarks/bench_attention.py benchmarks/bench_group_norm.py \
-        benchmarks/bench_scheduler_step.py benchmarks/bench_geglu.py --benchmark-only \
-        --benchmark-json="$OUT/bench.json" -q -s -p no:cacheprovider ${FILTER:+-k "$FILTER"} > "$OUT/bench.log" 2>&1
+    TRITON_PRINT_AUTOTUNING=1 python3 -m pytest $BENCHES --benchmark-only --benchmark-json="$OUT/bench.json" \
+        -q -s -p no:cacheprovider ${FILTER:+-k "$FILTER"} > "$OUT/bench.log" 2>&1
     echo "benchmarks: exit $? in ${SECONDS}s"
     grep -E '^(FAILED|ERROR)' "$OUT/bench.log" | head
     python3 benchmarks/summarize_kernels.py "$OUT/bench.json" | tee "$OUT/summary.txt"

@@ -1,4 +1,6 @@
-"""Print the kernel benchmarks side by side: fastdiff against torch per shape, from pytest-benchmark's JSON.
+"""Print the kernel benchmarks side by side: fastdiff against torch per shape, from pytest-benchmark's JSON;
+then, for ops that also time forced variants (providers `fastdiff_<variant>`, e.g. GroupNorm's single and
+split strategies), each variant's ms and speedup over torch.
 
     python benchmarks/summarize_kernels.py bench.json
 """
@@ -29,6 +31,19 @@ def main(path: str) -> None:
         print(f"{op:16} {shape:22} {layout:13} {dtype:8} {ours['ms']:9.4f} {theirs['ms']:9.4f} "
               f"{theirs['ms'] / ours['ms']:6.2f}x {tflops:>8} {ours.get('gbs', 0):6.0f} {pct_same:>6} "
               f"{ours.get('pct_copy_big', 0):6.0f}% {theirs.get('gbs', 0):10.0f}")
+
+    variants = sorted({p for by in rows.values() for p in by if p.startswith("fastdiff_")})
+    if not variants:
+        return
+    print(f"\nvariants: ms (speedup over torch)\n{'op':16} {'shape':22} {'layout':13} {'dtype':8} "
+          + " ".join(f"{v:>22}" for v in ["fastdiff", *variants]))
+    for (op, shape, layout, dtype), by in rows.items():
+        theirs = by.get("torch")
+        if theirs is None or not any(v in by for v in variants):
+            continue
+        cells = [f"{by[v]['ms']:.4f} ({theirs['ms'] / by[v]['ms']:.2f}x)" if v in by else "-"
+                 for v in ["fastdiff", *variants]]
+        print(f"{op:16} {shape:22} {layout:13} {dtype:8} " + " ".join(f"{c:>22}" for c in cells))
 
 
 if __name__ == "__main__":
