@@ -37,6 +37,8 @@ jit_function = triton_module.jit_function
 TARGET = GPUTarget("cuda", 90, 32)
 SM_COUNT = 132  # an H200's: the launch functions size their grids with it
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+GROUP_NORM_KERNELS = ("_group_norm_stats_kernel", "_group_norm_apply_kernel", "_group_norm_single_kernel",
+                      "_group_norm_single_cl_kernel")
 
 
 def heuristics_of(kernel) -> dict:
@@ -78,12 +80,15 @@ def record_op_calls() -> dict[str, list]:
     return calls
 
 
-def argument_type(value) -> tuple:
-    """How Triton's launcher types (and specialises) one argument."""
+def argument_type(value, specialize: bool = True) -> tuple:
+    """How Triton's launcher types (and specialises, unless the kernel lists it in do_not_specialize) one
+    argument."""
     if isinstance(value, torch.Tensor):
         return ("*" + TRITON_TYPES[value.dtype],)
     if isinstance(value, bool):
         return ("i1",)
+    if isinstance(value, int) and not specialize:
+        return ("i32",)
     if isinstance(value, int):
         return ("constexpr", 1) if value == 1 else ("i32", value % 16 == 0)
     if isinstance(value, float):
@@ -99,12 +104,13 @@ class Recorder:
     def __init__(self, kernel, variants: set, prune=None, configs=None):
         self.fn, self.variants, self.heuristics = jit_function(kernel), variants, heuristics_of(kernel)
         self.prune, self.configs = prune, configs
+        self.unspecialized = {p.name for p in self.fn.params if p.do_not_specialize}
 
     def __getitem__(self, grid):
         def launch(*args, **meta):
             names = [n for n in self.fn.arg_names if n not in meta]
             named = dict(zip(names, args), **meta)
-            types = tuple((n, argument_type(a)) for n, a in zip(names, args))
+            types = tuple((n, argument_type(a, n not in self.unspecialized)) for n, a in zip(names, args))
             options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
             configs = self.prune(self.configs, named) if self.prune else [None]
             for config in configs:
@@ -122,13 +128,13 @@ class Recorder:
 def kernel_variants(calls: dict[str, list]) -> set:
     """Replay the recorded calls through the launch functions with recorder kernels."""
     variants: set = set()
-    saved = (attention_module._attention_kernel, group_norm_module._group_norm_stats_kernel,
-             group_norm_module._group_norm_apply_kernel, triton_module._sm_count)
+    saved = (attention_module._attention_kernel, triton_module._sm_count,
+             *(getattr(group_norm_module, name) for name in GROUP_NORM_KERNELS))
     attention_module._attention_kernel = Recorder(saved[0], variants, prune=attention_module._prune_configs,
                                                   configs=attention_module._CONFIGS)
-    group_norm_module._group_norm_stats_kernel = Recorder(saved[1], variants)
-    group_norm_module._group_norm_apply_kernel = Recorder(saved[2], variants)
     triton_module._sm_count = lambda device: SM_COUNT
+    for name, kernel in zip(GROUP_NORM_KERNELS, saved[2:]):
+        setattr(group_norm_module, name, Recorder(kernel, variants))
     try:
         for q, k, scale in calls["attention"]:
             if ops._triton_attention_fits(q):
@@ -136,16 +142,16 @@ def kernel_variants(calls: dict[str, list]) -> set:
         for args in calls["group_norm"]:
             group_norm_module._group_norm_launch(*args)
     finally:
-        (attention_module._attention_kernel, group_norm_module._group_norm_stats_kernel,
-         group_norm_module._group_norm_apply_kernel, triton_module._sm_count) = saved
+        attention_module._attention_kernel, triton_module._sm_count = saved[:2]
+        for name, kernel in zip(GROUP_NORM_KERNELS, saved[2:]):
+            setattr(group_norm_module, name, kernel)
     return variants
 
 
 def compile_seconds(variants: set) -> dict[str, tuple[int, float]]:
     """Compile every variant for sm_90 into an empty cache: kernel name -> (variants, seconds)."""
     kernels = {jit_function(k).__name__: jit_function(k) for k in (
-        attention_module._attention_kernel, group_norm_module._group_norm_stats_kernel,
-        group_norm_module._group_norm_apply_kernel)}
+        attention_module._attention_kernel, *(getattr(group_norm_module, name) for name in GROUP_NORM_KERNELS))}
     totals: dict[str, tuple[int, float]] = {}
     for name, types, constants, options in sorted(variants, key=str):
         fn = kernels[name]
