@@ -128,23 +128,19 @@ class Recorder:
 def kernel_variants(calls: dict[str, list]) -> set:
     """Replay the recorded calls through the launch functions with recorder kernels."""
     variants: set = set()
-    saved = (attention_module._attention_kernel, triton_module._sm_count,
-             *(getattr(group_norm_module, name) for name in GROUP_NORM_KERNELS))
-    attention_module._attention_kernel = Recorder(saved[0], variants, prune=attention_module._prune_configs,
-                                                  configs=attention_module._CONFIGS)
-    triton_module._sm_count = lambda device: SM_COUNT
-    for name, kernel in zip(GROUP_NORM_KERNELS, saved[2:]):
-        setattr(group_norm_module, name, Recorder(kernel, variants))
+    attention = Recorder(attention_module._attention_kernel, variants, prune=attention_module._prune_configs,
+                         configs=attention_module._CONFIGS)
+    group_norm = group_norm_module._Kernels(*(Recorder(getattr(group_norm_module, name), variants)
+                                              for name in GROUP_NORM_KERNELS))
+    saved_sm_count, triton_module._sm_count = triton_module._sm_count, lambda device: SM_COUNT
     try:
         for q, k, scale in calls["attention"]:
             if ops._triton_attention_fits(q):
-                attention_module._attention_launch(q, k, k, scale)
+                attention_module._attention_run(attention, q, k, k, scale)
         for args in calls["group_norm"]:
-            group_norm_module._group_norm_launch(*args)
+            group_norm_module._group_norm_run(group_norm, *args)
     finally:
-        attention_module._attention_kernel, triton_module._sm_count = saved[:2]
-        for name, kernel in zip(GROUP_NORM_KERNELS, saved[2:]):
-            setattr(group_norm_module, name, kernel)
+        triton_module._sm_count = saved_sm_count
     return variants
 
 

@@ -34,6 +34,16 @@ def jit_function(kernel):
     return kernel
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code: triton.cdiv is a constexpr function, microseconds per call from Python."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), for host code (see cdiv)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def sm_count(device) -> int:
     """Streaming multiprocessors of `device` (1 for the CPU interpreter): sizes persistent grids."""
     return _sm_count(str(device))

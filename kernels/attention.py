@@ -52,7 +52,7 @@ def head_dim_split(head_dim: int) -> tuple[int, int]:
     """
     d1 = 1 << (head_dim.bit_length() - 1)
     rest = head_dim - d1
-    d2 = 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
+    d2 = 0 if rest <= 0 else max(16, _triton.next_power_of_2(rest))
     return d1, d2
 
 
@@ -78,7 +78,7 @@ if triton is not None:
         if dtype == torch.float32:
             grid = [(m, n, skv <= n and d_pad <= 128, w, s) for m, n, w, s in _FP32_GRID]
         elif onchip:
-            block_n = max(16, triton.next_power_of_2(skv))
+            block_n = max(16, _triton.next_power_of_2(skv))
             grid, width = [(m, n, True, w, s) for m, n, w, s in _ONCHIP_GRID if n == block_n], d_pad
         elif skv <= MAX_ONCHIP_KEYS or width > 128:
             # D_PAD 256 does not fit shared memory on chip, and three stages of 128-key blocks overflow it
@@ -296,9 +296,9 @@ def _attention_run(kernel, q: Tensor, k: Tensor, v: Tensor, scale: Optional[floa
     d1, d2 = head_dim_split(head_dim)
 
     def grid(meta):
-        tiles = triton.cdiv(seq_q, meta["BLOCK_M"])
+        tiles = _triton.cdiv(seq_q, meta["BLOCK_M"])
         if meta["SINGLE_PASS"]:  # a few programs per SM, each looping over query tiles
-            tiles = min(tiles, triton.cdiv(ONCHIP_PROGRAMS_PER_SM * _triton.sm_count(q.device), batch * heads))
+            tiles = min(tiles, _triton.cdiv(ONCHIP_PROGRAMS_PER_SM * _triton.sm_count(q.device), batch * heads))
         return (tiles, batch * heads)
 
     kernel[grid](
@@ -306,7 +306,7 @@ def _attention_run(kernel, q: Tensor, k: Tensor, v: Tensor, scale: Optional[floa
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, seq_q, seq_kv,
         scale * 1.4426950408889634,  # log2(e)
-        HEAD_DIM=head_dim, D1=d1, D2=d2, D_PAD=triton.next_power_of_2(head_dim),
+        HEAD_DIM=head_dim, D1=d1, D2=d2, D_PAD=_triton.next_power_of_2(head_dim),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         STRIDE_ALIGN=_stride_align(q, k, v, out),
     )

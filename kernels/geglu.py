@@ -42,7 +42,7 @@ if triton is not None:
 
     def _prune_configs(configs, named_args, **kwargs):
         n = {**named_args, **kwargs}["N"]
-        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max(256, triton.next_power_of_2(n))]
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max(256, _triton.next_power_of_2(n))]
         return kept[:1] if _triton.INTERPRET else kept  # the interpreter cannot time configs
 
     @triton.autotune(configs=_CONFIGS, key=["M", "N"], prune_configs_by={"early_config_prune": _prune_configs})
@@ -74,7 +74,7 @@ def _geglu_launch(h: Tensor) -> Tensor:
     n = h.shape[-1] // 2
     out = torch.empty((*h.shape[:-1], n), dtype=h.dtype, device=h.device)
     m = h.numel() // h.shape[-1]
-    _geglu_launcher[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](h, out, m, n)
+    _geglu_launcher[lambda meta: (_triton.cdiv(m, meta["BLOCK_M"]) * _triton.cdiv(n, meta["BLOCK_N"]),)](h, out, m, n)
     return out
 
 

@@ -32,11 +32,12 @@ SiLU is a runtime flag of the kernels, not a constexpr, so calls with and withou
 kernel (half the apply and single-launch variants a cold start compiles; the cost is one branch per tile of
 a memory-bound loop).
 """
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.library import wrap_triton
 
 from . import _triton
 from ._triton import check_triton_device, triton
@@ -57,6 +58,15 @@ STAGES = 3  # software-pipelining depth of the stats/apply/single-launch loops
 # can force either path (0: always split; a huge value: always single); the value awaits the device
 # measurement of both paths on the SD shapes (benchmarks/bench_group_norm.py, provider fastdiff_split).
 SINGLE_LAUNCH_MAX = 64 * 1024
+
+
+class _Kernels(NamedTuple):
+    """The four kernels as one call site launches them: their Launchers for eager calls, or the kernels
+    wrapped by wrap_triton while torch.compile traces."""
+    stats: Any
+    apply: Any
+    single: Any
+    single_cl: Any
 
 
 def group_norm_ref(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -173,7 +183,7 @@ if triton is not None:
         # Reverse of the stats kernel's order: the slices it read last are still in L2.
         p = tl.num_programs(0) - 1 - tl.program_id(0)
         row = tl.num_programs(1) - 1 - tl.program_id(1)
-        count = (CG * HW).to(tl.float32)
+        count = tl.cast(CG * HW, tl.float32)
         eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as float64: keep the statistics float32
         if CHANNELS_LAST:
             n = row
@@ -277,7 +287,7 @@ if triton is not None:
             acc1 += d
             acc2 += d * d
         eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as float64: keep the statistics float32
-        count = group_size.to(tl.float32)
+        count = tl.cast(group_size, tl.float32)
         mean_shifted = tl.sum(acc1, 0) / count
         var = tl.maximum(tl.sum(acc2, 0) / count - mean_shifted * mean_shifted, 0.0)
         mean = shift + mean_shifted
@@ -331,7 +341,7 @@ if triton is not None:
             acc1 += d
             acc2 += d * d
         eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as float64: keep the statistics float32
-        count = (HW * CG).to(tl.float32)
+        count = tl.cast(HW * CG, tl.float32)
         mean_shifted = tl.sum(acc1) / count
         var = tl.maximum(tl.sum(acc2) / count - mean_shifted * mean_shifted, 0.0)
         mean = shift + mean_shifted
@@ -350,6 +360,9 @@ if triton is not None:
             if silu != 0:
                 y = y * tl.sigmoid(y)
             tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+    _LAUNCHERS = _Kernels(*map(_triton.Launcher, (_group_norm_stats_kernel, _group_norm_apply_kernel,
+                                                  _group_norm_single_kernel, _group_norm_single_cl_kernel)))
 
 
 def channels_last_perm(dim: int) -> tuple[int, ...]:
@@ -390,76 +403,86 @@ def _is_channels_last(x: Tensor) -> bool:
     return not x.is_contiguous() and x.permute(channels_last_perm(x.dim())).is_contiguous()
 
 
-def _group_norm_launch(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                       activation: Optional[str]) -> Tensor:
+def _group_norm_run(kernels: _Kernels, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                    eps: float, activation: Optional[str]) -> Tensor:
     batch, channels = x.shape[:2]
     hw = x.numel() // (batch * channels)
     y = torch.empty_like(x)  # same layout as x
     launch = _launch_single if channels // num_groups * hw <= SINGLE_LAUNCH_MAX else _launch_split
-    launch(x, y, num_groups, weight, bias, eps, int(activation == "silu"), batch, channels, hw, _is_channels_last(x))
+    launch(kernels, x, y, num_groups, weight, bias, eps, int(activation == "silu"), batch, channels, hw,
+           _is_channels_last(x))
     return y
 
 
-def _launch_single(x: Tensor, y: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                   eps: float, silu: int, batch: int, channels: int, hw: int, channels_last: bool) -> None:
+def _launch_single(kernels: _Kernels, x: Tensor, y: Tensor, num_groups: int, weight: Optional[Tensor],
+                   bias: Optional[Tensor], eps: float, silu: int, batch: int, channels: int, hw: int,
+                   channels_last: bool) -> None:
     """One program per (sample, group): statistics, then the normalized output, in one launch."""
     cg = channels // num_groups
     grid = (batch * num_groups,)
     if channels_last:
-        block_cg = triton.next_power_of_2(cg)
-        _group_norm_single_cl_kernel[grid](x, y, weight, bias, hw, channels, num_groups, eps, silu, CG=cg,
+        block_cg = _triton.next_power_of_2(cg)
+        kernels.single_cl[grid](x, y, weight, bias, hw, channels, num_groups, eps, silu, CG=cg,
                                            BLOCK_CG=block_cg, ROWS=max(1, TILE // block_cg), STAGES=STAGES,
                                            num_warps=8)
     else:
-        _group_norm_single_kernel[grid](x, y, weight, bias, hw, num_groups, cg, eps, silu,
-                                        BLOCK=min(TILE, triton.next_power_of_2(cg * hw)), STAGES=STAGES,
+        kernels.single[grid](x, y, weight, bias, hw, num_groups, cg, eps, silu,
+                                        BLOCK=min(TILE, _triton.next_power_of_2(cg * hw)), STAGES=STAGES,
                                         num_warps=8)
 
 
-def _launch_split(x: Tensor, y: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                  eps: float, silu: int, batch: int, channels: int, hw: int, channels_last: bool) -> None:
+def _launch_split(kernels: _Kernels, x: Tensor, y: Tensor, num_groups: int, weight: Optional[Tensor],
+                  bias: Optional[Tensor], eps: float, silu: int, batch: int, channels: int, hw: int,
+                  channels_last: bool) -> None:
     """Statistics over slices of each group (or sample), then the output: two launches that fill the GPU."""
     cg = channels // num_groups
     if channels_last:
-        block_c, block_g, block_cg = (triton.next_power_of_2(n) for n in (channels, num_groups, cg))
+        block_c, block_g, block_cg = (_triton.next_power_of_2(n) for n in (channels, num_groups, cg))
         rows, block = max(1, TILE // block_c), 1
         target = CL_PROGRAMS_PER_SM * _triton.sm_count(x.device)
-        slices = max(1, min(triton.cdiv(target, batch), triton.cdiv(hw, rows)))
-        per_slice = triton.cdiv(triton.cdiv(hw, slices), rows) * rows
-        slices = triton.cdiv(hw, per_slice)
+        slices = max(1, min(_triton.cdiv(target, batch), _triton.cdiv(hw, rows)))
+        per_slice = _triton.cdiv(_triton.cdiv(hw, slices), rows) * rows
+        slices = _triton.cdiv(hw, per_slice)
         grid_rows = batch  # a slice covers every group of its pixels
-        block_p = min(triton.next_power_of_2(slices), max(1, PARTIAL_TILE // block_g))
+        block_p = min(_triton.next_power_of_2(slices), max(1, PARTIAL_TILE // block_g))
     else:
         group_size = cg * hw
         block_c = block_g = block_cg = 1  # unused by the contiguous branches: one compiled variant per tile
-        rows, block = 1, min(TILE, triton.next_power_of_2(group_size))
+        rows, block = 1, min(TILE, _triton.next_power_of_2(group_size))
         target = PROGRAMS_PER_SM * _triton.sm_count(x.device)
-        slices = max(1, min(triton.cdiv(target, batch * num_groups), triton.cdiv(group_size, block)))
-        per_slice = triton.cdiv(triton.cdiv(group_size, slices), block) * block
-        slices = triton.cdiv(group_size, per_slice)
+        slices = max(1, min(_triton.cdiv(target, batch * num_groups), _triton.cdiv(group_size, block)))
+        per_slice = _triton.cdiv(_triton.cdiv(group_size, slices), block) * block
+        slices = _triton.cdiv(group_size, per_slice)
         grid_rows = batch * num_groups
-        block_p = min(triton.next_power_of_2(slices), PARTIAL_TILE)
+        block_p = min(_triton.next_power_of_2(slices), PARTIAL_TILE)
     partials = torch.empty((2, batch, slices, num_groups), device=x.device, dtype=torch.float32)
     scratch = torch.empty((batch, slices, 2, channels) if channels_last else (1,), device=x.device,
                           dtype=torch.float32)
     stats = torch.empty((batch, 2, num_groups) if channels_last else (1,), device=x.device, dtype=torch.float32)
     meta = dict(CHANNELS_LAST=channels_last, BLOCK=block, ROWS=rows, BLOCK_C=block_c, BLOCK_G=block_g,
                 BLOCK_CG=block_cg, STAGES=STAGES, num_warps=8)
-    _group_norm_stats_kernel[(slices, grid_rows)](x, partials, scratch, hw, channels, num_groups, cg, slices,
+    kernels.stats[(slices, grid_rows)](x, partials, scratch, hw, channels, num_groups, cg, slices,
                                                   per_slice, **meta)
-    _group_norm_apply_kernel[(slices, grid_rows)](x, y, partials, stats, weight, bias, batch, hw, channels,
+    kernels.apply[(slices, grid_rows)](x, y, partials, stats, weight, bias, batch, hw, channels,
                                                   num_groups, cg, slices, per_slice, eps, silu,
                                                   BLOCK_P=block_p, **meta)
 
 
-# Registered so torch.compile traces through it (fake tensors give the output layout) and keeps it in
-# graphs; eager calls skip the dispatcher and launch directly, which saves tens of microseconds of host time.
-_group_norm_op = torch.library.custom_op("fastdiff::triton_group_norm", mutates_args=())(_group_norm_launch)
+def _group_norm_launch(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                       activation: Optional[str]) -> Tensor:
+    return _group_norm_run(_LAUNCHERS, x, num_groups, weight, bias, eps, activation)
 
 
-@_group_norm_op.register_fake
-def _(x, num_groups, weight, bias, eps, activation):
-    return torch.empty_like(x)
+def _group_norm_traced(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                       activation: Optional[str]) -> Tensor:
+    kernels = _Kernels(wrap_triton(_group_norm_stats_kernel), wrap_triton(_group_norm_apply_kernel),
+                       wrap_triton(_group_norm_single_kernel), wrap_triton(_group_norm_single_cl_kernel))
+    return _group_norm_run(kernels, x, num_groups, weight, bias, eps, activation)
+
+
+# The op torch.compile puts in its graphs (see _triton.register_op); eager calls launch directly.
+_group_norm_op = _triton.register_op("fastdiff::triton_group_norm", _group_norm_launch, _group_norm_traced,
+                                     fake=lambda x, num_groups, weight, bias, eps, activation: torch.empty_like(x))
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,

@@ -95,7 +95,7 @@ if triton is not None:
 
     def _prune_configs(configs, named_args, **kwargs):
         n = {**named_args, **kwargs}["n_elements"]
-        kept = [c for c in configs if c.kwargs["BLOCK"] <= max(1024, triton.next_power_of_2(n) // 8)]
+        kept = [c for c in configs if c.kwargs["BLOCK"] <= max(1024, _triton.next_power_of_2(n) // 8)]
         return kept[:1] if _triton.INTERPRET else kept  # the interpreter cannot time configs
 
     @triton.autotune(configs=_CONFIGS, key=["n_elements"], prune_configs_by={"early_config_prune": _prune_configs})
@@ -152,7 +152,7 @@ def _scheduler_step_launch(x: Tensor, model_output: Tensor, c_x: float, c_m: flo
     x_next = torch.empty_like(x)  # x's layout; the caller made every input share it
     x0 = torch.empty_like(x)
     n = x.numel()
-    _scheduler_step_launcher[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](
+    _scheduler_step_launcher[lambda meta: (_triton.cdiv(n, meta["BLOCK"]),)](
         x, model_output, prev_x0, noise, x_next, x0, n,
         0.0 if guidance_scale is None else guidance_scale, c_x, c_m, a_x, a_0, a_p, a_n,
         GUIDANCE=guidance_scale is not None,
