@@ -4,13 +4,12 @@ x: (N, C, *spatial), contiguous or channels_last; statistics in float32; output 
 
 Two strategies, picked per call by the group's size Cg * HW (elements per (sample, group)):
 
-single launch (Cg * HW <= SINGLE_LAUNCH_MAX: the SD UNet at 64x64 latents, the VAE decoder at 64x64)
+single launch (Cg * HW <= SINGLE_LAUNCH_MAX: the SD UNet's 32x32 and 16x16 levels at 512 px)
   One program per (sample, group) reads its group twice: first the shifted sums (below) give mean and rstd,
   then it normalizes, scales, shifts, applies SiLU and writes; the second read hits L2. Splitting such a
-  group buys nothing on the GPU, and one launch instead of two halves the host time of an eager call (each
-  Triton launch costs tens of microseconds of Python; torch's silu(group_norm(x)) is two C++ ops).
+  group buys little on the GPU, and one launch instead of two saves host time in an eager call.
 
-split (larger groups: the VAE's 1x128x512x512 has 4 x 262144 elements per group)
+split (larger groups: the UNet's 64x64 level, 10 x 4096; the VAE's 1x128x512x512, 4 x 262144)
   The reduction is split so the whole GPU is busy even when N * num_groups is small (32 groups for the
   VAE): one program per group would stream far too much. Two launches:
   stats   a few programs per SM; each streams its slice of x and accumulates the shifted sums element-wise
@@ -54,10 +53,12 @@ CL_PROGRAMS_PER_SM = 2  # channels_last: fewer, longer slices (each apply progra
 PARTIAL_TILE = 4096  # partial sums an apply program adds per step
 STAGES = 3  # software-pipelining depth of the stats/apply/single-launch loops
 # Largest group (Cg * HW elements) normalized by the single-launch kernel; larger ones take the split path.
-# 64K covers the SD UNet at 64x64 latents (2x320x64x64: 10 x 4096). A module constant so that benchmarks
-# can force either path (0: always split; a huge value: always single); the value awaits the device
-# measurement of both paths on the SD shapes (benchmarks/bench_group_norm.py, provider fastdiff_split).
-SINGLE_LAUNCH_MAX = 64 * 1024
+# Measured on an H200 (fp16, CUDA-graph replay, benchmarks/RESULTS.md), single vs split µs: 2x1280x16x16
+# (10K per group) 6.1 vs 6.5 contiguous, 6.9 vs 10.9 channels_last; 2x640x32x32 (20K) 8.5 vs 7.8, 12.9 vs
+# 15.9; 2x320x64x64 (40K) 14.3 vs 10.7, 31.0 vs 23.0; 1x512x64x64 (64K) 20.7 vs 9.7. One program per group
+# leaves SMs idle once groups are large; up to 32K the single launch also saves a launch's host time.
+# A module constant, so benchmarks and tests can force either path (0: always split; huge: always single).
+SINGLE_LAUNCH_MAX = 32 * 1024
 
 
 class _Kernels(NamedTuple):

@@ -166,8 +166,8 @@ def test_group_norm_op_traces_without_graph_breaks(monkeypatch, path):
 
 # ------------------------------------------------------------------------------------------------ GPU
 
-# SD1.5 UNet levels at batch 2, and the VAE decoder at 512 px: its mid block (groups of 16 x 4096, the default
-# SINGLE_LAUNCH_MAX) and its largest GroupNorms.
+# SD1.5 UNet levels at batch 2, and the VAE decoder at 512 px: its mid block (groups of 16 x 4096) and its
+# largest GroupNorms.
 SD_SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (1, 512, 64, 64), (1, 128, 512, 512),
              (1, 512, 128, 128)]
 
