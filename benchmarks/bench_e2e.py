@@ -6,8 +6,8 @@ GPU (the default list; FASTDIFF_E2E_CASES narrows it): SD1.5 and SD2.1-base arch
 decoded to pixels. Systems:
   fastdiff            Pipeline(fast=None): channels_last, fused q/k/v, SDPA self-attention, Triton
                       cross-attention and GroupNorm+SiLU, the UNet call replayed from a CUDA graph
-  fastdiff_geglu      the same with FastConfig(fuse_geglu=True): GEGLU's gelu and mul as one Triton kernel
-                      (opt-in until this case shows it pays)
+  fastdiff_unfused_geglu  the same with FastConfig(fuse_geglu=False): GEGLU's gelu and mul as two eager
+                      kernels (what the fused kernel, on by default, saves)
   fastdiff_compile    the same with fastdiff's UNet under torch.compile before capture (optional, last)
   diffusers_eager     StableDiffusionPipeline as it comes (SDPA)
   diffusers_compile   diffusers' recipe: fuse_qkv_projections, channels_last UNet and VAE, the UNet under
@@ -94,7 +94,7 @@ if TINY:  # head dims of 16 keep the Triton kernels inside their limits on the i
 # (architecture, kind, system, batch) in priority order: the acceptance's figures first.
 GPU_CASES = [
     ("sd15", "parity", "all", 1),
-    ("sd15", "image", "fastdiff", 1), ("sd15", "image", "fastdiff_geglu", 1),
+    ("sd15", "image", "fastdiff", 1), ("sd15", "image", "fastdiff_unfused_geglu", 1),
     ("sd15", "image", "diffusers_compile", 1), ("sd15", "image", "diffusers_eager", 1),
     ("sd15", "unet_step", "all", 1), ("sd15", "profile", "fastdiff", 1),
     ("sd15", "image", "fastdiff", 4), ("sd15", "image", "diffusers_compile", 4),
@@ -107,7 +107,8 @@ GPU_CASES = [
     ("sd21", "image", "diffusers_eager", 1),
     ("sd15", "image", "fastdiff_compile", 1),
 ]
-CPU_CASES = [("sd15", "parity", "all", 1), ("sd15", "image", "fastdiff", 1), ("sd15", "image", "fastdiff_geglu", 1),
+CPU_CASES = [("sd15", "parity", "all", 1), ("sd15", "image", "fastdiff", 1),
+             ("sd15", "image", "fastdiff_unfused_geglu", 1),
              ("sd15", "image", "diffusers_eager", 1),
              ("sd15", "image", "diffusers_compile", 1), ("sd15", "image", "fastdiff", 2),
              ("sd15", "unet_step", "all", 1), ("sd15", "profile", "fastdiff", 1), ("sd15", "cold_start", "all", 1),
@@ -297,14 +298,14 @@ class Systems:
             self.compiled = pipe
         return self.compiled
 
-    def fastdiff_geglu(self):
-        """fastdiff's fast path with the fused GEGLU kernel, on a copy of the float16 UNet."""
+    def fastdiff_unfused_geglu(self):
+        """fastdiff's fast path with GEGLU's gelu and mul unfused, on a copy of the float16 UNet."""
         import fastdiff
         from fastdiff.fast import FastConfig
 
         f = self.fastdiff
         return fastdiff.Pipeline(copy.deepcopy(f.unet), f.vae, f.text_encoder, f.tokenizer, f.scheduler_config,
-                                 source=f.source, fast=FastConfig(fuse_geglu=True, cuda_graphs=ON_GPU))
+                                 source=f.source, fast=FastConfig(fuse_geglu=False, cuda_graphs=ON_GPU))
 
     def fastdiff_compiled(self):
         """fastdiff's fast path with its UNet under torch.compile, on a copy of the float16 models."""
@@ -401,8 +402,8 @@ def case_image(benchmark, arch: str, system: str, batch: int) -> dict:
     noise = noise_for(arch, batch)
     if system == "fastdiff":
         pipe, run = s.fastdiff, run_fastdiff
-    elif system == "fastdiff_geglu":
-        pipe, run = s.fastdiff_geglu(), run_fastdiff
+    elif system == "fastdiff_unfused_geglu":
+        pipe, run = s.fastdiff_unfused_geglu(), run_fastdiff
     elif system == "fastdiff_compile":
         pipe, run = s.fastdiff_compiled(), run_fastdiff
     elif system == "diffusers_eager":
@@ -441,7 +442,7 @@ def case_unet_step(benchmark, arch: str, system: str, batch: int) -> dict:
     # Each variant re-prepares the shared UNet in place, so each is built right before it is timed (its
     # graph is captured in time_calls' warm-up, with the modules as that variant set them).
     for name, config in (("fastdiff_triton_self", FastConfig(self_attention="fastdiff", cuda_graphs=graphs)),
-                         ("fastdiff_geglu", FastConfig(fuse_geglu=True, cuda_graphs=graphs))):
+                         ("fastdiff_unfused_geglu", FastConfig(fuse_geglu=False, cuda_graphs=graphs))):
         fn = FastUNet(s.fastdiff.unet, config).denoiser(context, True)
         ms = time_calls(lambda: fn(x, t))
         info[name] = {"ms": ms, "tflops": flops / ms / 1e9}
@@ -636,7 +637,8 @@ def summary(path: Path) -> str:
     for arch in ARCHS:
         for batch in sorted({int(k.rsplit('-b', 1)[1]) for k in cases if k.startswith(f"{arch}-image-")}):
             row = {sys_: cases.get(f"{arch}-image-{sys_}-b{batch}", {}) for sys_ in
-                   ("fastdiff", "fastdiff_geglu", "fastdiff_compile", "diffusers_eager", "diffusers_compile")}
+                   ("fastdiff", "fastdiff_unfused_geglu", "fastdiff_compile", "diffusers_eager",
+                    "diffusers_compile")}
             ours, base = row["fastdiff"].get("ms"), row["diffusers_compile"].get("ms")
             speed = f"{base / ours:.2f}x vs diffusers+compile" if ours and base else "no ratio"
             lines.append(f"{arch} b{batch} ms/image: " + ", ".join(

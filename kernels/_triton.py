@@ -8,6 +8,7 @@ from torch import Tensor
 
 try:
     import triton
+    import triton.testing
     from triton import knobs
     from triton.runtime import driver
 except ImportError:  # CPU-only installs without triton keep the `<op>_ref` twins
@@ -32,6 +33,14 @@ def jit_function(kernel):
     while not isinstance(kernel, triton.runtime.jit.JITFunction):
         kernel = kernel.fn
     return kernel
+
+
+def autotune_bench(kernel_call, quantiles):
+    """How the autotuners time one candidate config: 5 ms of warm-up and 20 ms of repeats (Triton's default
+    is 25 + 100 ms). The first call of every new shape times each candidate, so on a fresh process these
+    timings add up to seconds of the first image; at SD's microsecond kernels 20 ms is still thousands of
+    runs."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -58,10 +58,15 @@ def head_dim_split(head_dim: int) -> tuple[int, int]:
 
 if triton is not None:
 
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages). The on-chip path takes one config per key block width,
-    # BLOCK_N = next_power_of_2(Skv) >= 16; float32 runs exact fp32 dots on CUDA cores: small tiles, no spills.
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages). Long keys are autotuned among _STREAM_GRID. Short keys (the
+    # 77-token cross-attention) take one config, so the first image compiles and times no candidates: the
+    # on-chip path one per key block width (BLOCK_N = next_power_of_2(Skv) >= 16), 64 x 4 warps, the
+    # autotuner's pick on an H200 at SD1.5's D 40 and 80 (4096 and 1024 queries); past D_PAD 128, 64 x 64
+    # x 4 warps streaming, its pick at D 160 (256 and 64 queries). float32 runs exact fp32 dots on CUDA
+    # cores: small tiles, no spills.
     _STREAM_GRID = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (256, 64, 8, 3)]
-    _ONCHIP_GRID = [(m, n, w, 2) for n in (16, 32, 64, MAX_ONCHIP_KEYS) for m, w in ((128, 8), (64, 8), (64, 4))]
+    _SHORT_KEYS_STREAM = (64, 64, 4, 3)
+    _ONCHIP_GRID = [(64, n, 4, 2) for n in (16, 32, 64, MAX_ONCHIP_KEYS)]
     _FP32_GRID = [(32, 32, 4, 2)]
     # Every config names its path (SINGLE_PASS) and the prune filter only picks among them, never edits one:
     # torch.compile applies the heuristics below to every config before it prunes (Triton prunes first), so
@@ -80,9 +85,10 @@ if triton is not None:
         elif onchip:
             block_n = max(16, _triton.next_power_of_2(skv))
             grid, width = [(m, n, True, w, s) for m, n, w, s in _ONCHIP_GRID if n == block_n], d_pad
-        elif skv <= MAX_ONCHIP_KEYS or width > 128:
-            # D_PAD 256 does not fit shared memory on chip, and three stages of 128-key blocks overflow it
-            # past 128 columns: stream 64-key blocks.
+        elif skv <= MAX_ONCHIP_KEYS:  # D_PAD 256 does not fit shared memory on chip
+            m, n, w, s = _SHORT_KEYS_STREAM
+            grid = [(m, n, False, w, s)]
+        elif width > 128:  # three stages of 128-key blocks overflow shared memory past 128 columns
             grid = [(m, n, False, w, s) for m, n, w, s in _STREAM_GRID if n <= 64]
         else:
             grid = [(m, n, False, w, s) for m, n, w, s in _STREAM_GRID]
@@ -98,7 +104,8 @@ if triton is not None:
         return pruned[:1] if _triton.INTERPRET else pruned  # the interpreter cannot time configs
 
     @triton.autotune(configs=_CONFIGS, key=["Sq", "Skv", "HEAD_DIM"],
-                     prune_configs_by={"early_config_prune": _prune_configs})
+                     prune_configs_by={"early_config_prune": _prune_configs},
+                     do_bench=_triton.autotune_bench)
     @triton.heuristics({"EVEN_N": lambda a: a["Skv"] % a["BLOCK_N"] == 0})  # no key mask needed
     @triton.jit
     def _attention_kernel(

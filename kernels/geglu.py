@@ -45,7 +45,8 @@ if triton is not None:
         kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max(256, _triton.next_power_of_2(n))]
         return kept[:1] if _triton.INTERPRET else kept  # the interpreter cannot time configs
 
-    @triton.autotune(configs=_CONFIGS, key=["M", "N"], prune_configs_by={"early_config_prune": _prune_configs})
+    @triton.autotune(configs=_CONFIGS, key=["M", "N"], prune_configs_by={"early_config_prune": _prune_configs},
+                     do_bench=_triton.autotune_bench)
     @triton.jit
     def _geglu_kernel(
         H,  # pointer to h, (M, 2N) contiguous: [value | gate] per row

@@ -98,7 +98,8 @@ if triton is not None:
         kept = [c for c in configs if c.kwargs["BLOCK"] <= max(1024, _triton.next_power_of_2(n) // 8)]
         return kept[:1] if _triton.INTERPRET else kept  # the interpreter cannot time configs
 
-    @triton.autotune(configs=_CONFIGS, key=["n_elements"], prune_configs_by={"early_config_prune": _prune_configs})
+    @triton.autotune(configs=_CONFIGS, key=["n_elements"], prune_configs_by={"early_config_prune": _prune_configs},
+                     do_bench=_triton.autotune_bench)
     @triton.jit
     def _scheduler_step_kernel(
         X,  # pointer to x, n_elements, dense

@@ -99,12 +99,12 @@ def test_prepared_unet_matches_plain(kind, self_attention, cross_attention):
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
 def test_fused_geglu_matches_unfused(kind):
-    """FastConfig(fuse_geglu=True) runs every GEGLU through the Triton kernel (the interpreter here) and
-    changes neither the state dict nor, beyond float32 rounding, the output; preparing again without it
-    turns it off."""
+    """FastConfig(fuse_geglu=True), the default, runs every GEGLU through the Triton kernel (the interpreter
+    here) and changes neither the state dict nor, beyond float32 rounding, the output; preparing again with
+    fuse_geglu=False turns it off."""
     plain = _tiny_unet(kind)
-    fused = prepare_unet(copy.deepcopy(plain), FastConfig(fuse_geglu=True))
-    plain = prepare_unet(plain, FastConfig())
+    fused = prepare_unet(copy.deepcopy(plain), FastConfig())
+    plain = prepare_unet(plain, FastConfig(fuse_geglu=False))
     geglus = [m for m in fused.modules() if isinstance(m, GEGLU)]
     assert geglus and all(m.fused for m in geglus)
     assert not any(m.fused for m in plain.modules() if isinstance(m, GEGLU))
@@ -117,7 +117,7 @@ def test_fused_geglu_matches_unfused(kind):
     err = (out - ref).abs()
     print(f"{kind} fused GEGLU (triton) vs eager: max {err.max():.2e} mean {err.mean():.2e} rel {rel(out, ref):.2e}")
     assert rel(out, ref) <= 1e-5
-    prepare_unet(fused, FastConfig())
+    prepare_unet(fused, FastConfig(fuse_geglu=False))
     assert not any(m.fused for m in geglus)
 
 
