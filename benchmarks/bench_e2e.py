@@ -442,7 +442,6 @@ def case_unet_step(benchmark, arch: str, system: str, batch: int) -> dict:
     # Each variant re-prepares the shared UNet in place, so each is built right before it is timed (its
     # graph is captured in time_calls' warm-up, with the modules as that variant set them).
     for name, config in (("fastdiff_triton_self", FastConfig(self_attention="fastdiff", cuda_graphs=graphs)),
-                         ("fastdiff_cudnn_self", FastConfig(self_attention="sdpa_cudnn", cuda_graphs=graphs)),
                          ("fastdiff_unfused_geglu", FastConfig(fuse_geglu=False, cuda_graphs=graphs))):
         fn = FastUNet(s.fastdiff.unet, config).denoiser(context, True)
         ms = time_calls(lambda: fn(x, t))

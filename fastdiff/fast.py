@@ -30,11 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastdiff import ops
 
-ATTENTION_IMPLS = ("fastdiff", "sdpa", "sdpa_cudnn")
+ATTENTION_IMPLS = ("fastdiff", "sdpa")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Inductor modes that capture CUDA graphs themselves: a graph cannot be captured inside another capture.
 _SELF_GRAPHING_MODES = ("reduce-overhead", "max-autotune")
@@ -46,15 +45,7 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = Non
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-def sdpa_cudnn_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
-    """sdpa_attention with cuDNN's fused attention first (Hopper kernels; torch ranks it below
-    FlashAttention-2 by default), FlashAttention-2 where cuDNN does not take the call."""
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                      SDPBackend.MATH], set_priority=True):
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-
-
-_ATTEND = {"fastdiff": ops.attention, "sdpa": sdpa_attention, "sdpa_cudnn": sdpa_cudnn_attention}
+_ATTEND = {"fastdiff": ops.attention, "sdpa": sdpa_attention}
 
 
 @dataclass(frozen=True)
@@ -65,9 +56,8 @@ class FastConfig:
     #   CUDA by default); bfloat16 selectable; float32 allowed (slow, for checks)
     channels_last: bool = True  # NHWC memory layout for the UNet's and the VAE's convolutions
     fuse_projections: bool = True  # one matmul for q, k, v (self-attention) and for k, v (cross-attention)
-    self_attention: str = "sdpa"  # "sdpa", "sdpa_cudnn" (cuDNN's kernels first) or "fastdiff" (Triton): SDPA
-    #   measured 1.01-1.12x faster than Triton at head dims 40/80/160 on an H200 (benchmarks/RESULTS.md);
-    #   bench_e2e.py times all three
+    self_attention: str = "sdpa"  # "sdpa" or "fastdiff" (Triton): SDPA measured 1.01-1.12x faster at
+    #   head dims 40/80/160 on an H200 (benchmarks/RESULTS.md); bench_e2e.py times both
     cross_attention: str = "fastdiff"  # Triton's on-chip path for the 77 text keys: 1.1-1.6x SDPA
     vae_attention: str = "sdpa"  # the VAE's single 512-wide head is outside the Triton kernel's limits
     fuse_geglu: bool = True  # GEGLU's value * GELU(gate) in one Triton pass (ops.geglu) instead of eager gelu
