@@ -46,7 +46,8 @@ OPS = tuple(_IMPLS)
 
 # auto's order of preference, per device type; the first available wins. scheduler_step prefers fastdiff._C
 # on CUDA because the sampling loop launches it eagerly: ~9 us of host time per call against 67-113 us for the
-# Triton custom op (GPU time 1.4 vs 1.25 us, fp16 B=1, H200; benchmarks/RESULTS.md). Under a captured CUDA
+# Triton kernel as measured before kernels._triton.Launcher cut Triton's per-call Python (GPU time 1.4 vs
+# 1.25 us, fp16 B=1, H200; benchmarks/RESULTS.md; not re-measured since). Under a captured CUDA
 # graph host time vanishes and Triton is the (slightly) faster one. On CPU the C++ step is 4-60x the reference.
 _AUTO_ORDER = {
     "cuda": {"attention": ("triton", "reference"), "group_norm": ("triton", "reference"),

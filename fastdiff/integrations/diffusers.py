@@ -18,7 +18,8 @@ shapes a kernel does not cover (the SD VAE's 512-wide attention head).
 
 `patch` inspects everything first and raises ValueError, naming each module it cannot handle, before it
 changes anything: a model is never left half patched. Patch before `torch.compile` (the ops are
-`torch.library` custom ops, so the compiled graph keeps them) and before enabling CPU offload.
+`torch.library.triton_op`s: inductor traces into them and launches the Triton kernels from its own code) and
+before enabling CPU offload.
 
 diffusers is imported only when `patch` or `unpatch` runs.
 """
