@@ -1,7 +1,12 @@
-"""kernels._triton.Launcher: repeated launches through the compiled kernel's launcher give what Triton's own
-launch gives, also under CUDA-graph capture. GPU only: the interpreter always launches through Triton."""
+"""kernels._triton.Launcher: a repeated launch goes through the compiled kernel's launcher with what Triton's
+own launch recorded, and gives the same results, also under CUDA-graph capture.
+
+The CPU tests run the record-and-replay logic against a stand-in for Triton's launch path (the interpreter
+never uses the Launcher); the GPU tests run the real kernels.
+"""
 import importlib
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,14 +15,110 @@ from fastdiff.kernels import _triton
 from fastdiff.kernels.attention import attention, attention_ref
 
 attention_module = importlib.import_module("fastdiff.kernels.attention")  # the package exports the function
+triton = pytest.importorskip("triton")
+tl = triton.language
 
-pytestmark = pytest.mark.gpu
+
+def _toy_kernel(X, Y, n, scale, BLOCK: tl.constexpr, SILU: tl.constexpr):
+    pass  # never compiled: the stand-in below plays Triton's launch
+
+
+class _FakeCompiled:
+    function, packed_metadata = "function", "packed_metadata"
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, *args):
+        self.runs.append(args)
+
+
+class _FakeAutotuned:
+    """Triton's `kernel[grid](...)` as the Launcher sees it: the JIT's pre-run hooks get the launch's
+    arguments with the autotuned constexpr added, and the call returns the compiled kernel."""
+
+    def __init__(self):
+        self.fn = triton.runtime.jit.JITFunction(_toy_kernel)
+        self.compiled, self.launches = _FakeCompiled(), []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.launches.append((grid, args, meta))
+            for hook in self.fn.pre_run_hooks:
+                hook(*args, **meta, BLOCK=128)
+            return self.compiled
+        return launch
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    """A Launcher over the stand-in kernel, outside the interpreter, on a fake device 0 / stream 7."""
+    monkeypatch.setattr(_triton, "INTERPRET", False)
+    monkeypatch.setattr(_triton, "driver", SimpleNamespace(active=SimpleNamespace(
+        get_current_device=lambda: 0, get_current_stream=lambda device: 7)))
+    kernel = _FakeAutotuned()
+    return kernel, _triton.Launcher(kernel)
+
+
+def _grid(meta):
+    return (_triton.cdiv(meta["n"], meta["BLOCK"]),)
+
+
+def test_repeat_call_runs_the_recorded_launch_with_the_new_pointers(toy):
+    kernel, launcher = toy
+    x, y = torch.empty(1000), torch.empty(1000)
+    launcher[_grid](x, y, 1000, 0.5, SILU=True)
+    assert len(kernel.launches) == 1 and not kernel.compiled.runs  # the first call goes through Triton
+    x2, y2 = torch.empty(1000), torch.empty(1000)
+    launcher[_grid](x2, y2, 1000, 0.25, SILU=True)
+    assert len(kernel.launches) == 1
+    (run,) = kernel.compiled.runs
+    # grid from the recorded BLOCK (ceil(1000 / 128) = 8), stream, handles, no hooks, then every argument
+    assert run[:9] == (8, 1, 1, 7, "function", "packed_metadata", None, None, None)
+    assert run[9] is x2 and run[10] is y2 and run[11:] == (1000, 0.25, 128, True)
+
+
+@pytest.mark.parametrize("change", ["int argument", "dtype", "alignment", "constexpr"])
+def test_a_new_signature_goes_through_triton_again(toy, change):
+    kernel, launcher = toy
+    x, y = torch.empty(1000), torch.empty(1000)
+    launcher[_grid](x, y, 1000, 0.5, SILU=True)
+    args, meta = [x, y, 1000, 0.5], {"SILU": True}
+    if change == "int argument":
+        args[2] = 999
+    elif change == "dtype":
+        args[0] = torch.empty(1000, dtype=torch.float16)
+    elif change == "alignment":
+        args[0] = torch.empty(1001)[1:]  # 4 bytes past a 16-byte boundary
+    else:
+        meta["SILU"] = False
+    launcher[_grid](*args, **meta)
+    assert len(kernel.launches) == 2 and not kernel.compiled.runs
+
+
+def test_disabled_launcher_always_goes_through_triton(toy, monkeypatch):
+    kernel, launcher = toy
+    monkeypatch.setattr(_triton.Launcher, "enabled", False)
+    x, y = torch.empty(64), torch.empty(64)
+    for _ in range(3):
+        launcher[_grid](x, y, 64, 0.5, SILU=False)
+    assert len(kernel.launches) == 3 and not kernel.compiled.runs
+
+
+def test_runtime_argument_given_as_keyword_is_refused(toy):
+    _, launcher = toy
+    with pytest.raises(TypeError, match="runtime arguments positional"):
+        launcher[_grid](torch.empty(64), torch.empty(64), 64, scale=0.5, SILU=False)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
 
 
 def _qkv(seq_q=333, seq_kv=77, head_dim=40, dtype=torch.float16):
     return [torch.randn(2, 8, s, head_dim, device="cuda", dtype=dtype) for s in (seq_q, seq_kv, seq_kv)]
 
 
+@pytest.mark.gpu
 def test_repeated_launch_skips_triton_and_matches_its_launch():
     launcher = attention_module._attention_launcher
     q, k, v = _qkv()
@@ -34,6 +135,7 @@ def test_repeated_launch_skips_triton_and_matches_its_launch():
     assert err < 1e-2
 
 
+@pytest.mark.gpu
 def test_new_signature_is_recorded_not_reused():
     launcher = attention_module._attention_launcher
     q, k, v = _qkv(seq_q=200)
@@ -54,6 +156,7 @@ def test_new_signature_is_recorded_not_reused():
     assert err3 < 1e-2
 
 
+@pytest.mark.gpu
 def test_repeated_launch_under_cuda_graph_capture():
     q, k, v = _qkv()
     attention(q, k, v)  # record outside the capture (the first launch may compile and autotune)
