@@ -2,11 +2,11 @@
 
 Shapes from SD1.5's 8x8 level, where the GPU work is a few microseconds, so the time per call is the
 host's: fastdiff's ops (the public kernel functions, checks included) against torch's eager equivalents,
-and fastdiff with `Launcher.enabled = False` (every call through Triton's own `kernel[grid](...)`), which
+and fastdiff inside `Launcher.disabled()` (every call through Triton's own `kernel[grid](...)`), which
 shows what the launcher saves. Each round times `ITERATIONS` back-to-back calls without synchronizing
 (the GPU keeps up), so the figure is microseconds of host time per call. CUDA only: skipped elsewhere.
 """
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -43,21 +43,12 @@ CASES = {"attention 2x8x64x64 D160": _attention_case, "group_norm+silu 2x1280x8x
          "geglu 2x64x10240": _geglu_case}
 
 
-@contextmanager
-def _launcher(enabled: bool):
-    saved, _triton.Launcher.enabled = _triton.Launcher.enabled, enabled
-    try:
-        yield
-    finally:
-        _triton.Launcher.enabled = saved
-
-
 @pytest.mark.parametrize("provider", ["torch", "fastdiff", "fastdiff_triton_launch"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_host_overhead(benchmark, provider, case):
     calls = CASES[case]()
     fn = calls["torch" if provider == "torch" else "fastdiff"]
-    with _launcher(provider != "fastdiff_triton_launch"):
+    with _triton.Launcher.disabled() if provider == "fastdiff_triton_launch" else nullcontext():
         fn()  # compile, autotune and record outside the timing
         torch.cuda.synchronize()
         benchmark.group = f"host time {case}"

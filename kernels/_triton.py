@@ -1,7 +1,8 @@
 """What every Triton kernel module shares: the optional import, interpreter mode, the device check."""
 import functools
 import os
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -77,11 +78,21 @@ class Launcher:
     call-site constexprs: everything Triton specializes on and the autotune keys and grids depend on, so a
     recorded launch is the one Triton would have made. Runtime arguments must be positional and constexprs
     keywords (the kernels' signatures list runtime arguments first). Under the interpreter, while a launch
-    hook is set (profilers), or with `Launcher.enabled = False` (comparisons, debugging), every call goes
+    hook is set (profilers), or inside `with Launcher.disabled():` (comparisons, debugging), every call goes
     through Triton.
     """
 
     enabled = True
+
+    @staticmethod
+    @contextmanager
+    def disabled() -> Iterator[None]:
+        """Every launch inside the block goes through Triton's own launch path."""
+        saved, Launcher.enabled = Launcher.enabled, False
+        try:
+            yield
+        finally:
+            Launcher.enabled = saved
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -98,7 +109,8 @@ class Launcher:
         return functools.partial(self._launch, grid)
 
     def _launch(self, grid, *args, **meta) -> None:
-        if not self.enabled or INTERPRET or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+        hooked = _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook)
+        if not self.enabled or INTERPRET or hooked:
             self.kernel[grid](*args, **meta)
             return
         device = driver.active.get_current_device()

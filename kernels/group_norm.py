@@ -87,6 +87,26 @@ def group_norm_ref(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
 if triton is not None:
 
     @triton.jit
+    def _normalize_contiguous(X, Y, W, B, begin, end, first_channel, HW, mean, rstd, silu, BLOCK: tl.constexpr,
+                              STAGES: tl.constexpr):
+        """y = (x - mean) * rstd * weight + bias, then SiLU when silu != 0, for elements begin..end of one
+        contiguous group at X (output at Y); element i belongs to channel first_channel + i // HW."""
+        for start in tl.range(begin, end, BLOCK, num_stages=STAGES):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < end
+            channel = first_channel + offs // HW  # neighbours share a channel: these gathers hit L1
+            scale = tl.full([BLOCK], 1.0, tl.float32) * rstd
+            if W is not None:
+                scale *= tl.load(W + channel, mask=mask, other=0.0).to(tl.float32)
+            shift = -mean * scale
+            if B is not None:
+                shift += tl.load(B + channel, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) * scale + shift
+            if silu != 0:
+                y = y * tl.sigmoid(y)
+            tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _group_norm_stats_kernel(
         X,  # pointer to x, (N, C, HW) contiguous or (N, HW, C) channels_last
         Partials,  # pointer to float32 (2, N, P, G): sums of (x - K) and (x - K)^2 per slice and group
@@ -241,22 +261,9 @@ if triton is not None:
             var = tl.maximum(tl.sum(s2, 0) / count - mean_shifted * mean_shifted, 0.0)
             mean = tl.load(X + base).to(tl.float32) + mean_shifted
             rstd = 1.0 / tl.sqrt(var + eps)
-            first_channel = (ng % G) * CG
             end = tl.minimum((p + 1) * PER_SLICE, group_size)
-            for start in tl.range(p * PER_SLICE, end, BLOCK, num_stages=STAGES):
-                offs = start + tl.arange(0, BLOCK)
-                mask = offs < end
-                channel = first_channel + offs // HW  # neighbours share a channel: these gathers hit L1
-                scale = tl.full([BLOCK], 1.0, tl.float32) * rstd
-                if W is not None:
-                    scale *= tl.load(W + channel, mask=mask, other=0.0).to(tl.float32)
-                shift = -mean * scale
-                if B is not None:
-                    shift += tl.load(B + channel, mask=mask, other=0.0).to(tl.float32)
-                y = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32) * scale + shift
-                if silu != 0:
-                    y = y * tl.sigmoid(y)
-                tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=mask)
+            _normalize_contiguous(X + base, Y + base, W, B, p * PER_SLICE, end, (ng % G) * CG, HW, mean, rstd, silu,
+                                  BLOCK, STAGES)
 
     # Not specialized: silu (Triton would compile silu == 1 as a constant) and CG (its divisibility by 16
     # changes nothing here, as HW's gives the alignment): one compiled variant per dtype and tile.
@@ -293,21 +300,9 @@ if triton is not None:
         var = tl.maximum(tl.sum(acc2, 0) / count - mean_shifted * mean_shifted, 0.0)
         mean = shift + mean_shifted
         rstd = 1.0 / tl.sqrt(var + eps)
-        first_channel = (ng % G) * CG
-        for start in tl.range(0, group_size, BLOCK, num_stages=STAGES):  # again, from L2
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < group_size
-            channel = first_channel + offs // HW  # neighbours share a channel: these gathers hit L1
-            scale = tl.full([BLOCK], 1.0, tl.float32) * rstd
-            if W is not None:
-                scale *= tl.load(W + channel, mask=mask, other=0.0).to(tl.float32)
-            offset = -mean * scale
-            if B is not None:
-                offset += tl.load(B + channel, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32) * scale + offset
-            if silu != 0:
-                y = y * tl.sigmoid(y)
-            tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=mask)
+        # the second pass reads the group again, from L2
+        _normalize_contiguous(X + base, Y + base, W, B, 0, group_size, (ng % G) * CG, HW, mean, rstd, silu, BLOCK,
+                              STAGES)
 
     @triton.jit(do_not_specialize=["silu"])
     def _group_norm_single_cl_kernel(

@@ -5,7 +5,6 @@ The CPU tests run the record-and-replay logic against a stand-in for Triton's la
 never uses the Launcher); the GPU tests run the real kernels.
 """
 import importlib
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -96,13 +95,16 @@ def test_a_new_signature_goes_through_triton_again(toy, change):
     assert len(kernel.launches) == 2 and not kernel.compiled.runs
 
 
-def test_disabled_launcher_always_goes_through_triton(toy, monkeypatch):
+def test_disabled_launcher_always_goes_through_triton(toy):
     kernel, launcher = toy
-    monkeypatch.setattr(_triton.Launcher, "enabled", False)
     x, y = torch.empty(64), torch.empty(64)
-    for _ in range(3):
-        launcher[_grid](x, y, 64, 0.5, SILU=False)
+    with _triton.Launcher.disabled():
+        for _ in range(3):
+            launcher[_grid](x, y, 64, 0.5, SILU=False)
     assert len(kernel.launches) == 3 and not kernel.compiled.runs
+    launcher[_grid](x, y, 64, 0.5, SILU=False)  # enabled again: records
+    launcher[_grid](x, y, 64, 0.5, SILU=False)
+    assert len(kernel.launches) == 4 and len(kernel.compiled.runs) == 1
 
 
 def test_runtime_argument_given_as_keyword_is_refused(toy):
@@ -122,7 +124,7 @@ def _qkv(seq_q=333, seq_kv=77, head_dim=40, dtype=torch.float16):
 def test_repeated_launch_skips_triton_and_matches_its_launch():
     launcher = attention_module._attention_launcher
     q, k, v = _qkv()
-    with _launcher_enabled(False):
+    with _triton.Launcher.disabled():
         through_triton = attention(q, k, v)
     first = attention(q, k, v)  # records this signature
     launcher._recorded = None
@@ -171,12 +173,3 @@ def test_repeated_launch_under_cuda_graph_capture():
         err = (out.float() - attention_ref(q, k, v).float()).abs().max().item()
         print(f"max abs error of a replayed graph: {err:.3e}")
         assert err < 1e-2
-
-
-@contextmanager
-def _launcher_enabled(enabled: bool):
-    saved, _triton.Launcher.enabled = _triton.Launcher.enabled, enabled
-    try:
-        yield
-    finally:
-        _triton.Launcher.enabled = saved
