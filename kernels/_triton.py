@@ -147,7 +147,9 @@ def _signature(arg):
         return arg.dtype, arg.data_ptr() % 16 == 0
     if isinstance(arg, float):
         return float
-    return arg  # ints (their values), None and bools
+    if isinstance(arg, bool):
+        return bool, arg  # not equal to the int 1 or 0, which Triton types differently
+    return arg  # ints (their values) and None
 
 
 def register_op(name: str, launch: Callable, traced: Callable, fake: Callable):
