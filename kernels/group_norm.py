@@ -87,6 +87,14 @@ def group_norm_ref(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
 if triton is not None:
 
     @triton.jit
+    def _mean_rstd(sum1, sum2, count, shift, eps):
+        """Mean and 1/sqrt(var + eps) from the sums of (x - shift) and (x - shift)^2 over count elements (the
+        shift keeps the variance from cancelling when the mean is large)."""
+        mean_shifted = sum1 / count
+        var = tl.maximum(sum2 / count - mean_shifted * mean_shifted, 0.0)
+        return shift + mean_shifted, 1.0 / tl.sqrt(var + eps)
+
+    @triton.jit
     def _normalize_contiguous(X, Y, W, B, begin, end, first_channel, HW, mean, rstd, silu, BLOCK: tl.constexpr,
                               STAGES: tl.constexpr):
         """y = (x - mean) * rstd * weight + bias, then SiLU when silu != 0, for elements begin..end of one
@@ -218,10 +226,8 @@ if triton is not None:
                 s1 += tl.load(Partials + offs, mask=mask, other=0.0)
                 s2 += tl.load(Partials + N * P * G + offs, mask=mask, other=0.0)
             base = n.to(tl.int64) * HW * C
-            mean_shifted = tl.sum(s1, 0) / count  # (BLOCK_G,)
-            var = tl.maximum(tl.sum(s2, 0) / count - mean_shifted * mean_shifted, 0.0)
-            mean = tl.load(X + base + g * CG, mask=g < G, other=0.0).to(tl.float32) + mean_shifted
-            rstd = 1.0 / tl.sqrt(var + eps)
+            first = tl.load(X + base + g * CG, mask=g < G, other=0.0).to(tl.float32)  # K of each group
+            mean, rstd = _mean_rstd(tl.sum(s1, 0), tl.sum(s2, 0), count, first, eps)  # (BLOCK_G,)
             # Groups -> channels: every program of sample n writes the same (mean, rstd) to Stats, so the
             # overlapping writes agree, then gathers them back per channel.
             tl.store(Stats + n * 2 * G + g, mean, mask=g < G)
@@ -257,10 +263,7 @@ if triton is not None:
                 s2 += tl.load(Partials + N * P * G + offs, mask=slices < P, other=0.0)
             group_size = CG * HW
             base = ng.to(tl.int64) * group_size
-            mean_shifted = tl.sum(s1, 0) / count
-            var = tl.maximum(tl.sum(s2, 0) / count - mean_shifted * mean_shifted, 0.0)
-            mean = tl.load(X + base).to(tl.float32) + mean_shifted
-            rstd = 1.0 / tl.sqrt(var + eps)
+            mean, rstd = _mean_rstd(tl.sum(s1, 0), tl.sum(s2, 0), count, tl.load(X + base).to(tl.float32), eps)
             end = tl.minimum((p + 1) * PER_SLICE, group_size)
             _normalize_contiguous(X + base, Y + base, W, B, p * PER_SLICE, end, (ng % G) * CG, HW, mean, rstd, silu,
                                   BLOCK, STAGES)
@@ -295,11 +298,7 @@ if triton is not None:
             acc1 += d
             acc2 += d * d
         eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as float64: keep the statistics float32
-        count = tl.cast(group_size, tl.float32)
-        mean_shifted = tl.sum(acc1, 0) / count
-        var = tl.maximum(tl.sum(acc2, 0) / count - mean_shifted * mean_shifted, 0.0)
-        mean = shift + mean_shifted
-        rstd = 1.0 / tl.sqrt(var + eps)
+        mean, rstd = _mean_rstd(tl.sum(acc1, 0), tl.sum(acc2, 0), tl.cast(group_size, tl.float32), shift, eps)
         # the second pass reads the group again, from L2
         _normalize_contiguous(X + base, Y + base, W, B, 0, group_size, (ng % G) * CG, HW, mean, rstd, silu, BLOCK,
                               STAGES)
@@ -337,11 +336,7 @@ if triton is not None:
             acc1 += d
             acc2 += d * d
         eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as float64: keep the statistics float32
-        count = tl.cast(HW * CG, tl.float32)
-        mean_shifted = tl.sum(acc1) / count
-        var = tl.maximum(tl.sum(acc2) / count - mean_shifted * mean_shifted, 0.0)
-        mean = shift + mean_shifted
-        rstd = 1.0 / tl.sqrt(var + eps)
+        mean, rstd = _mean_rstd(tl.sum(acc1), tl.sum(acc2), tl.cast(HW * CG, tl.float32), shift, eps)
         scale = tl.full([BLOCK_CG], 1.0, tl.float32) * rstd  # (BLOCK_CG,): per channel
         if W is not None:
             scale *= tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
