@@ -1,7 +1,7 @@
 """The one seam between model code and kernel implementations.
 
-Model code calls `ops.attention`, `ops.group_norm`, `ops.geglu` and `ops.scheduler_step` and never branches on the
-backend. Each op has up to three implementations:
+Model code calls `ops.attention`, `ops.group_norm`, `ops.geglu`, `ops.layer_norm`, `ops.add_layer_norm` and
+`ops.scheduler_step` and never branches on the backend. Each op has up to three implementations:
 
     reference  plain PyTorch (`fastdiff.kernels.<op>.<op>_ref`), any device; the oracle for every test
     triton     `fastdiff.kernels.<op>.<op>`: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests)
@@ -36,6 +36,14 @@ _IMPLS = {
         "reference": ("fastdiff.kernels.geglu", "geglu_ref"),
         "triton": ("fastdiff.kernels.geglu", "geglu"),
     },
+    "layer_norm": {
+        "reference": ("fastdiff.kernels.layer_norm", "layer_norm_ref"),
+        "triton": ("fastdiff.kernels.layer_norm", "layer_norm"),
+    },
+    "add_layer_norm": {
+        "reference": ("fastdiff.kernels.layer_norm", "add_layer_norm_ref"),
+        "triton": ("fastdiff.kernels.layer_norm", "add_layer_norm"),
+    },
     "scheduler_step": {
         "reference": ("fastdiff.kernels.scheduler_step", "scheduler_step_ref"),
         "triton": ("fastdiff.kernels.scheduler_step", "scheduler_step"),
@@ -51,9 +59,10 @@ OPS = tuple(_IMPLS)
 # graph host time vanishes and Triton is the (slightly) faster one. On CPU the C++ step is 4-60x the reference.
 _AUTO_ORDER = {
     "cuda": {"attention": ("triton", "reference"), "group_norm": ("triton", "reference"),
-             "geglu": ("triton", "reference"), "scheduler_step": ("cuda", "triton", "reference")},
+             "geglu": ("triton", "reference"), "layer_norm": ("triton", "reference"),
+             "add_layer_norm": ("triton", "reference"), "scheduler_step": ("cuda", "triton", "reference")},
     "cpu": {"attention": ("reference",), "group_norm": ("reference",), "geglu": ("reference",),
-            "scheduler_step": ("cuda", "reference")},
+            "layer_norm": ("reference",), "add_layer_norm": ("reference",), "scheduler_step": ("cuda", "reference")},
 }
 
 _env_backend = os.environ.get("FASTDIFF_BACKEND", "auto")
@@ -183,6 +192,19 @@ def geglu(h: Tensor) -> Tensor:
     -> (..., N) in h's dtype; see `fastdiff.kernels.geglu`. The UNet calls it only when a fast path set
     `GEGLU.fused`."""
     return _load("geglu", resolve("geglu", h.device.type))(h)
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the last dim of x: (..., C); see `fastdiff.kernels.layer_norm`."""
+    return _load("layer_norm", resolve("layer_norm", x.device.type))(x, weight, bias, eps)
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                   eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """s = x + residual (in x's dtype) and LayerNorm(s) over the last dim, one pass on the Triton backend.
+    x, residual: (..., C) -> (s, LayerNorm(s)); see `fastdiff.kernels.layer_norm`."""
+    return _load("add_layer_norm", resolve("add_layer_norm", x.device.type))(x, residual, weight, bias, eps)
 
 
 def scheduler_step(x: Tensor, model_output: Tensor, coeffs, guidance_scale: Optional[float] = None,

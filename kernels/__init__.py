@@ -24,7 +24,8 @@ else:
     from .attention import attention, attention_ref
     from .geglu import geglu, geglu_ref
     from .group_norm import group_norm, group_norm_ref
+    from .layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
     from .scheduler_step import StepCoeffs, scheduler_step, scheduler_step_ref
 
-    __all__ = ["attention", "attention_ref", "geglu", "geglu_ref", "group_norm", "group_norm_ref", "scheduler_step",
-               "scheduler_step_ref", "StepCoeffs"]
+    __all__ = ["add_layer_norm", "add_layer_norm_ref", "attention", "attention_ref", "geglu", "geglu_ref", "group_norm",
+               "group_norm_ref", "layer_norm", "layer_norm_ref", "scheduler_step", "scheduler_step_ref", "StepCoeffs"]

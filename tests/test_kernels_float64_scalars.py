@@ -26,6 +26,7 @@ from triton.compiler.compiler import make_backend
 
 attention = importlib.import_module("fastdiff.kernels.attention")
 group_norm = importlib.import_module("fastdiff.kernels.group_norm")
+layer_norm = importlib.import_module("fastdiff.kernels.layer_norm")
 jit_function = importlib.import_module("fastdiff.kernels._triton").jit_function
 TARGET = GPUTarget("cuda", 90, 32)
 BACKEND = make_backend(TARGET)
@@ -70,6 +71,10 @@ for float_type in ("fp32", "fp64"):
                 single, constants = group_norm._group_norm_single_kernel, dict(BLOCK=1024, STAGES=2)
             build_ir(single, dict(X=dtype, Y=dtype, W=dtype, B=dtype), {"eps"}, float_type, constants)
             print("group_norm single", float_type, dtype, layout, "ok")
+        for has_residual in (False, True):
+            build_ir(layer_norm._layer_norm_kernel, dict.fromkeys(("X", "R", "S", "Y", "W", "B"), dtype), {"eps"},
+                     float_type, dict(HAS_RESIDUAL=has_residual, BLOCK_M=8, BLOCK_N=512))
+            print("layer_norm", float_type, dtype, "add" if has_residual else "no add", "ok")
 """
 
 
@@ -78,4 +83,4 @@ def test_kernels_build_with_float64_scalar_arguments():
     result = subprocess.run([sys.executable, "-c", _BUILD_IR], capture_output=True, text=True, env=env, timeout=600)
     print(result.stdout[-3000:], result.stderr[-3000:])
     assert result.returncode == 0
-    assert result.stdout.count(" ok") == 2 * 3 * (3 * 3 + 2 * 2)  # every case of the loops above built
+    assert result.stdout.count(" ok") == 2 * 3 * (3 * 3 + 2 * 2 + 2)  # every case of the loops above built

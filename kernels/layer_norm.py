@@ -1,0 +1,214 @@
+"""LayerNorm over the last dim, optionally fused with the residual add before it.
+
+The UNet's transformer blocks run `x = x + branch(...)` and then LayerNorm the sum, twice per block (and
+LayerNorm the block's input once). Eager PyTorch makes that two kernels: the add reads x and the branch's
+output and writes the sum, then LayerNorm reads the sum again and writes its output. `add_layer_norm`
+reads x and the residual once and writes both the sum (the residual stream, still needed by the next add)
+and LayerNorm(sum): 4 tensors moved instead of 5.
+
+The sum is rounded to x's dtype before it is normalized, exactly as eager `s = x + r; F.layer_norm(s)`
+does, so the residual stream written out is the tensor that was normalized.
+
+One program holds BLOCK_M whole rows of BLOCK_N = next_power_of_2(C) columns in registers (SD's widths
+320, 640, 1280; at most MAX_WIDTH). Mean and variance come from two passes over those registers, the second
+over x - mean, so nothing cancels. There is no autotuning: rows per program and warps follow from the tile
+size, so a cold start compiles one variant per (dtype, width, rows per program, residual or not).
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.library import wrap_triton
+
+from . import _triton
+from ._triton import check_triton_device, triton
+
+if triton is not None:
+    import triton.language as tl
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TILE = 4096  # elements per program (BLOCK_M * BLOCK_N) when the width allows it
+MAX_WIDTH = 8192  # widest row held in registers: 16 float32 values per thread and tensor at MAX_WARPS
+MAX_WARPS = 16  # warps per program: one per 512 elements of the tile
+
+
+def check_layer_norm_shapes(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                            bias: Optional[Tensor]) -> None:
+    """Validation shared by every backend: x (..., C), residual x's shape, weight and bias (C,)."""
+    if x.dim() == 0:
+        raise ValueError("x must have a last dim to normalize over, got a 0-d tensor")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual has shape {tuple(residual.shape)}, expected x's shape {tuple(x.shape)}")
+    width = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (width,):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({width},)")
+
+
+def layer_norm_ref(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                   eps: float = 1e-5) -> Tensor:
+    """Plain-PyTorch twin: F.layer_norm over the last dim, as nn.LayerNorm computes it. x: (..., C)."""
+    check_layer_norm_shapes(x, None, weight, bias)
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def add_layer_norm_ref(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                       eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Plain-PyTorch twin: s = x + residual in x's dtype, then F.layer_norm(s), exactly as
+    fastdiff.models.unet.BasicTransformerBlock computes them. x, residual: (..., C) -> (s, LayerNorm(s))."""
+    check_layer_norm_shapes(x, residual, weight, bias)
+    s = x + residual
+    return s, F.layer_norm(s, s.shape[-1:], weight, bias, eps)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _layer_norm_kernel(
+        X,  # pointer to x, (M, N) contiguous
+        R,  # pointer to the residual, (M, N) contiguous, or None without HAS_RESIDUAL
+        S,  # pointer to the output s = x + residual, (M, N), or None without HAS_RESIDUAL
+        Y,  # pointer to the output LayerNorm(s) (or LayerNorm(x)), (M, N)
+        W,  # pointer to weight (N,), or None
+        B,  # pointer to bias (N,), or None
+        M,  # rows: x's leading dims flattened
+        N,  # columns: the normalized width C
+        eps,  # added to the variance
+        HAS_RESIDUAL: tl.constexpr,  # add the residual first and write the sum to S
+        BLOCK_M: tl.constexpr,  # rows per program
+        BLOCK_N: tl.constexpr,  # next_power_of_2(N): whole rows in registers
+    ):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        mask_n = cols < N
+        mask = (rows < M)[:, None] & mask_n[None, :]
+        offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            # Round the sum to the dtype, as eager `x + r` does: the stored residual stream is what is normalized.
+            s = (x.to(tl.float32) + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(S.dtype.element_ty)
+            tl.store(S + offs, s, mask=mask)
+            x = s
+        x = x.to(tl.float32)
+        eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as float64: keep the statistics float32
+        count = tl.cast(N, tl.float32)
+        mean = tl.sum(x, 1) / count  # padded columns hold zeros
+        d = tl.where(mask_n[None, :], x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / count + eps)
+        y = d * rstd[:, None]
+        if W is not None:
+            y *= tl.load(W + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if B is not None:
+            y += tl.load(B + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+    _layer_norm_launcher = _triton.Launcher(_layer_norm_kernel)  # repeat launches skip Triton's Python
+
+
+def _rows_per_program(rows: int, block_n: int, device) -> int:
+    """TILE // block_n rows per program, fewer when that would leave SMs without a program (SD's 2x64x1280:
+    128 rows, one per program)."""
+    per_sm = _triton.cdiv(rows, _triton.sm_count(device))
+    return max(1, min(TILE // block_n, 1 << (per_sm.bit_length() - 1)))
+
+
+def _layer_norm_run(kernel, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                    eps: float) -> tuple[Optional[Tensor], Tensor]:
+    """Launch `kernel` (the Launcher, or the kernel wrapped by wrap_triton while torch.compile traces);
+    returns (s or None, y)."""
+    width = x.shape[-1]
+    rows = x.numel() // width
+    s = None if residual is None else torch.empty_like(x)
+    y = torch.empty_like(x)
+    block_n = _triton.next_power_of_2(width)
+    block_m = _rows_per_program(rows, block_n, x.device)
+    num_warps = min(MAX_WARPS, max(1, block_m * block_n // 512))  # 16 values per thread and tensor
+    kernel[(_triton.cdiv(rows, block_m),)](x, residual, s, y, weight, bias, rows, width, eps,
+                                           HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                                           num_warps=num_warps)
+    return s, y
+
+
+def _layer_norm_launch(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    return _layer_norm_run(_layer_norm_launcher, x, None, weight, bias, eps)[1]
+
+
+def _layer_norm_traced(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    return _layer_norm_run(wrap_triton(_layer_norm_kernel), x, None, weight, bias, eps)[1]
+
+
+def _add_layer_norm_launch(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                           eps: float) -> tuple[Tensor, Tensor]:
+    return _layer_norm_run(_layer_norm_launcher, x, residual, weight, bias, eps)
+
+
+def _add_layer_norm_traced(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                           eps: float) -> tuple[Tensor, Tensor]:
+    return _layer_norm_run(wrap_triton(_layer_norm_kernel), x, residual, weight, bias, eps)
+
+
+# The ops torch.compile puts in its graphs (see _triton.register_op); eager calls launch directly.
+_layer_norm_op = _triton.register_op("fastdiff::triton_layer_norm", _layer_norm_launch, _layer_norm_traced,
+                                     fake=lambda x, weight, bias, eps: torch.empty_like(x))
+_add_layer_norm_op = _triton.register_op(
+    "fastdiff::triton_add_layer_norm", _add_layer_norm_launch, _add_layer_norm_traced,
+    fake=lambda x, residual, weight, bias, eps: (torch.empty_like(x), torch.empty_like(x)))
+
+
+def check_layer_norm_inputs(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                            eps: float) -> None:
+    """Raise ValueError naming the bad value when the Triton kernel cannot compute this LayerNorm."""
+    check_layer_norm_shapes(x, residual, weight, bias)
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x has dtype {x.dtype}, expected one of {DTYPES}")
+    if x.shape[-1] > MAX_WIDTH:
+        raise ValueError(f"x's last dim is {x.shape[-1]}, over the kernel's limit {MAX_WIDTH}")
+    for name, t in (("x", x), ("residual", residual)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got shape {tuple(t.shape)} with strides {t.stride()} "
+                             "(call .contiguous() first)")
+    for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}, expected x's dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, expected x's device {x.device}")
+    if not eps >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    check_triton_device(x)
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the last dim with the Triton kernel: one read of x, one write.
+
+    x: (..., C), contiguous, float16, bfloat16 or float32, C <= MAX_WIDTH; weight, bias: (C,) in x's dtype,
+    or None. Statistics in float32. Returns (..., C) in x's dtype, contiguous. Runs on CUDA tensors, or on
+    the CPU under TRITON_INTERPRET=1.
+    """
+    check_layer_norm_inputs(x, None, weight, bias, eps)
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    op = _layer_norm_op if torch.compiler.is_compiling() else _layer_norm_launch
+    return op(x, weight, bias, float(eps))
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                   eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """s = x + residual and LayerNorm(s) over the last dim with one Triton kernel: reads x and residual once,
+    writes s and LayerNorm(s).
+
+    x, residual: (..., C), same shape and dtype (float16, bfloat16 or float32), contiguous, C <= MAX_WIDTH;
+    weight, bias: (C,) in x's dtype, or None. s is rounded to the dtype before it is normalized, as eager
+    `s = x + residual; F.layer_norm(s)` does; statistics in float32. Returns (s, LayerNorm(s)), both
+    (..., C) in x's dtype, contiguous. Runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1.
+    """
+    check_layer_norm_inputs(x, residual, weight, bias, eps)
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
+    if x.numel() == 0:
+        return torch.empty_like(x), torch.empty_like(x)
+    op = _add_layer_norm_op if torch.compiler.is_compiling() else _add_layer_norm_launch
+    return op(x, residual, weight, bias, float(eps))
