@@ -518,11 +518,16 @@ def case_profile(benchmark, arch: str, system: str, batch: int) -> dict:
     table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     by_category: dict[str, float] = {}
+    by_name: dict[str, list] = {}  # kernel name -> [launches, GPU ms]
     for e in kernels:
         by_category[kernel_category(e.name)] = by_category.get(kernel_category(e.name), 0.0) + e.device_time / 1e3
+        entry = by_name.setdefault(e.name[:120], [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.device_time / 1e3
     total = sum(by_category.values())
     return {"table": table, "kernels": len(kernels), "gpu_ms_total": total,
             "gpu_ms_by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
+            "gpu_ms_by_kernel": dict(sorted(by_name.items(), key=lambda kv: -kv[1][1])[:60]),
             "note": "one eager launch of the prepared UNet (the kernels the CUDA graph replays), CFG batch "
                     f"{2 * batch}; GPU time summed over kernels"}
 

@@ -19,9 +19,9 @@ diffusers' naming: `attention_head_dim` is the number of HEADS (SD1: 8 at every 
 the head size is channels // heads. diffusers keeps the name for old configs and so does this file.
 
 Parameter names and state-dict keys are diffusers' exactly, so `load_state_dict(diffusers_unet.state_dict())`
-works unchanged. Attention and GroupNorm(+SiLU) run through `fastdiff.ops`. The forward has no host
-synchronisation and no branch on tensor values, so a CUDA graph can capture it (pass the timestep as a
-device tensor then).
+works unchanged. Attention, GroupNorm(+SiLU), LayerNorm (with the residual add before it) and GEGLU run through
+`fastdiff.ops`. The forward has no host synchronisation and no branch on tensor values, so a CUDA graph can
+capture it (pass the timestep as a device tensor then).
 """
 import math
 from dataclasses import asdict, dataclass, fields
@@ -173,6 +173,14 @@ def _group_norm(norm: nn.GroupNorm, x: Tensor, activation: Optional[str] = None)
     """Apply the nn.GroupNorm `norm` (which only holds the parameters and their keys) through the ops seam,
     fused with the SiLU that follows it when activation="silu"."""
     return ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation=activation)
+
+
+def _layer_norm(norm: nn.LayerNorm, x: Tensor, residual: Optional[Tensor] = None):
+    """Apply the nn.LayerNorm `norm` (which only holds the parameters and their keys) through the ops seam:
+    LayerNorm(x), or with `residual` the pair (s, LayerNorm(s)) for s = x + residual."""
+    if residual is None:
+        return ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
+    return ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float,
@@ -358,10 +366,13 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, cfg.dropout)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        """x: (B, S, dim); context: (B, T, cross_attention_dim) -> (B, S, dim)."""
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        """x: (B, S, dim); context: (B, T, cross_attention_dim) -> (B, S, dim).
+        Each residual add that feeds a LayerNorm is one op with it (`ops.add_layer_norm`: one pass over memory
+        on the Triton backend): x = x + attn1(norm1(x)), then x = x + attn2(norm2(x)), then x + ff(norm3(x))."""
+        h = _layer_norm(self.norm1, x)
+        x, h = _layer_norm(self.norm2, x, self.attn1(h))
+        x, h = _layer_norm(self.norm3, x, self.attn2(h, context))
+        return x + self.ff(h)
 
 
 def _projection(channels: int, linear: bool) -> Union[nn.Linear, nn.Conv2d]:
