@@ -223,6 +223,12 @@ class FastUNet:
     def _call_plain(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
         return self._forward(self._input(x), t, context).float().contiguous()
 
+    def eager_call(self, x: Tensor, t: Tensor, context: Tensor, cfg: bool) -> Tensor:
+        """One call of the prepared UNet as `denoiser` makes it, but eager: no graph, no torch.compile.
+        (`Pipeline` runs it inside `fastdiff.kernels.compiling_ahead` to compile a new shape's kernels.)"""
+        x_in = torch.cat([x, x]) if cfg else x
+        return self.unet(self._input(x_in), t.reshape(()).to(torch.float32), context.to(self.dtype))
+
     def denoiser(self, context: Tensor, cfg: bool) -> Callable[[Tensor, Tensor], Tensor]:
         """model_fn for `fastdiff.schedulers.sample`. context: (2B, T, D) = [uncond; cond] with cfg, else
         (B, T, D). The returned output is a static buffer when CUDA graphs are on: the loop consumes it

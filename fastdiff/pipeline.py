@@ -17,6 +17,7 @@ from torch import Tensor
 
 from fastdiff import schedulers
 from fastdiff.fast import FastConfig, FastUNet, prepare_vae
+from fastdiff.kernels import compiling_ahead
 from fastdiff.loading import load_components
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -75,6 +76,7 @@ class Pipeline:
                              f"are on {self.device}; pass fast=None to use the fast path only where it applies")
         self.fast = fast
         self._fast_unet: Optional[FastUNet] = None
+        self._compiled_for: set[tuple] = set()  # input shapes whose Triton kernels compile_kernels compiled
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], device=None, dtype=None,
@@ -149,6 +151,7 @@ class Pipeline:
         noise = noise.to(self.device, torch.float32)
         x = noise * sched.init_noise_sigma if x0 is None else schedulers.add_noise(x0, noise, sched, start)
 
+        self.compile_kernels(x, context, req.cfg, decode=req.output_type != "latent")
         model_fn = self._model_fn(context, req)
         bar = _progress(req.steps - start, progress)
 
@@ -209,6 +212,25 @@ class Pipeline:
             self._fast_unet = FastUNet(self.unet, config)
             prepare_vae(self.vae, config)
         return self._fast_unet
+
+    def compile_kernels(self, x: Tensor, context: Tensor, cfg: bool, decode: bool = True) -> None:
+        """Compile, all at once, the Triton kernels that sampling latents shaped like `x` (and decoding them)
+        will launch on the fast path; the call does it before the first image of a new shape.
+
+        It runs the UNet and the VAE decoder eagerly inside `fastdiff.kernels.compiling_ahead`: their Triton
+        launches do not run but hand their compiles to a thread pool, and the block waits for them. With an
+        empty kernel cache the first image then waits for about the slowest compile instead of their sum (on
+        a warm cache the compiles are cache reads). Does nothing off the fast path, when the UNet goes through
+        torch.compile (inductor compiles its own kernels), or for shapes done before."""
+        fast = self.fast_unet()
+        key = (tuple(x.shape), tuple(context.shape), cfg, decode)
+        if fast is None or fast.config.compile is not None or key in self._compiled_for:
+            return
+        with compiling_ahead():
+            fast.eager_call(x, torch.zeros((), device=x.device), context, cfg)  # outputs unwritten: dropped
+            if decode:
+                self.decode_latents(x)
+        self._compiled_for.add(key)
 
     def _model_fn(self, context: Tensor, req: _Request) -> Callable[[Tensor, Tensor], Tensor]:
         fast = self.fast_unet()

@@ -3,7 +3,8 @@
     from fastdiff.kernels import attention, group_norm
 
 Each op lives in one file beside its plain-PyTorch twin `<op>_ref`. The Triton versions run on CUDA
-tensors, or on the CPU when TRITON_INTERPRET=1 is set before this package is imported.
+tensors, or on the CPU when TRITON_INTERPRET=1 is set before this package is imported. `compiling_ahead()`
+compiles, in parallel, the kernels a block of code would launch (a cold start's compiles at once).
 """
 import importlib
 import sys
@@ -21,11 +22,13 @@ if __name__ != "fastdiff.kernels":
         if name.startswith("fastdiff.kernels."):
             sys.modules[__name__ + name[len("fastdiff.kernels"):]] = module
 else:
+    from ._triton import compiling_ahead
     from .attention import attention, attention_ref
     from .geglu import geglu, geglu_ref
     from .group_norm import group_norm, group_norm_ref
     from .layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
     from .scheduler_step import StepCoeffs, scheduler_step, scheduler_step_ref
 
-    __all__ = ["add_layer_norm", "add_layer_norm_ref", "attention", "attention_ref", "geglu", "geglu_ref", "group_norm",
-               "group_norm_ref", "layer_norm", "layer_norm_ref", "scheduler_step", "scheduler_step_ref", "StepCoeffs"]
+    __all__ = ["add_layer_norm", "add_layer_norm_ref", "attention", "attention_ref", "compiling_ahead", "geglu",
+               "geglu_ref", "group_norm", "group_norm_ref", "layer_norm", "layer_norm_ref", "scheduler_step",
+               "scheduler_step_ref", "StepCoeffs"]

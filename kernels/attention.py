@@ -105,7 +105,7 @@ if triton is not None:
 
     @triton.autotune(configs=_CONFIGS, key=["Sq", "Skv", "HEAD_DIM"],
                      prune_configs_by={"early_config_prune": _prune_configs},
-                     do_bench=_triton.autotune_bench)
+                     **_triton.autotune_options())
     @triton.heuristics({"EVEN_N": lambda a: a["Skv"] % a["BLOCK_N"] == 0})  # no key mask needed
     @triton.jit
     def _attention_kernel(

@@ -46,7 +46,7 @@ if triton is not None:
         return kept[:1] if _triton.INTERPRET else kept  # the interpreter cannot time configs
 
     @triton.autotune(configs=_CONFIGS, key=["M", "N"], prune_configs_by={"early_config_prune": _prune_configs},
-                     do_bench=_triton.autotune_bench)
+                     **_triton.autotune_options())
     @triton.jit
     def _geglu_kernel(
         H,  # pointer to h, (M, 2N) contiguous: [value | gate] per row

@@ -99,7 +99,7 @@ if triton is not None:
         return kept[:1] if _triton.INTERPRET else kept  # the interpreter cannot time configs
 
     @triton.autotune(configs=_CONFIGS, key=["n_elements"], prune_configs_by={"early_config_prune": _prune_configs},
-                     do_bench=_triton.autotune_bench)
+                     **_triton.autotune_options())
     @triton.jit
     def _scheduler_step_kernel(
         X,  # pointer to x, n_elements, dense

@@ -3,6 +3,8 @@ hold two graphs that both stay right, the fast UNet in float16 is as close to a 
 float16 UNet, and the sampling loop makes no host synchronisation. Run on the device: `pytest -m gpu`."""
 import copy
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -116,3 +118,40 @@ def test_bfloat16_fast_path(tiny_folder):
     print(f"bf16 fast path vs fp32 plain: rel {rel(got, expected):.2e}")
     assert pipe.dtype == torch.bfloat16
     assert rel(got, expected) <= 5e-2
+
+
+def _compiled_variants() -> int:
+    """Triton kernel variants compiled in this process for the UNet's and the VAE's kernels (the sampling
+    update is outside both, so compile_kernels leaves it to the loop)."""
+    import importlib
+
+    from fastdiff.kernels import _triton
+
+    names = {"attention": ["_attention_kernel"], "geglu": ["_geglu_kernel"], "layer_norm": ["_layer_norm_kernel"],
+             "group_norm": ["_group_norm_stats_kernel", "_group_norm_apply_kernel", "_group_norm_single_kernel",
+                            "_group_norm_single_cl_kernel"]}
+    device = torch.cuda.current_device()
+    total = 0
+    for module, kernels in names.items():
+        module = importlib.import_module(f"fastdiff.kernels.{module}")
+        for name in kernels:
+            jit = _triton.jit_function(getattr(module, name))
+            total += len(jit.device_caches[device][0]) if device in jit.device_caches else 0
+    return total
+
+
+def test_compile_kernels_leaves_nothing_for_the_image_to_compile(tiny_folder):
+    pipe = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda")
+    # 72x56 pixels: 9x7 latents, a shape no other test compiles for
+    x = torch.zeros(2, 4, 9, 7, device="cuda")
+    context = pipe.encode_prompt(["a red circle", "a blue square"], ["", ""], 1, True)
+    before = _compiled_variants()
+    pipe.compile_kernels(x, context, cfg=True)
+    ahead = _compiled_variants()
+    images = pipe(["a red circle", "a blue square"], steps=3, seed=5, height=72, width=56, output_type="np",
+                  progress=False)
+    after = _compiled_variants()
+    print(f"kernel variants: {before} before, {ahead} after compile_kernels, {after} after the images")
+    assert ahead > before
+    assert after == ahead, "the images compiled kernels that compile_kernels did not"
+    assert all(np.isfinite(image).all() for image in images)

@@ -5,6 +5,7 @@ The CPU tests run the record-and-replay logic against a stand-in for Triton's la
 never uses the Launcher); the GPU tests run the real kernels.
 """
 import importlib
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -111,6 +112,84 @@ def test_runtime_argument_given_as_keyword_is_refused(toy):
     _, launcher = toy
     with pytest.raises(TypeError, match="runtime arguments positional"):
         launcher[_grid](torch.empty(64), torch.empty(64), 64, scale=0.5, SILU=False)
+
+
+# ------------------------------------------------------------------- compiling_ahead (CPU stand-ins)
+
+
+class _FakeJIT:
+    """Stands in for a kernel's `run(*args, grid=, warmup=, **constexprs)`: records what it is asked to compile,
+    from which thread, and can fail like a compile error."""
+
+    def __init__(self, fail: bool = False):
+        self.compiles, self.fail = [], fail
+
+    def run(self, *args, grid, warmup, **meta):
+        assert warmup, "compiling ahead must never launch"
+        if self.fail:
+            raise RuntimeError("PassManager::run failed")
+        self.compiles.append((args, meta, threading.current_thread().name))
+
+
+@pytest.fixture
+def ahead(monkeypatch):
+    """Outside the interpreter, on device -1 (torch.cuda.device's no-op index: the pool's threads run here)."""
+    monkeypatch.setattr(_triton, "INTERPRET", False)
+    monkeypatch.setattr(_triton, "driver", SimpleNamespace(active=SimpleNamespace(
+        get_current_device=lambda: -1, get_current_stream=lambda device: 7)))
+
+
+def test_compiling_ahead_compiles_each_new_signature_once_and_launches_nothing(ahead):
+    kernel = _FakeAutotuned()
+    launcher = _triton.Launcher(kernel)
+    kernel.run = (fake := _FakeJIT()).run  # a plain (not autotuned) kernel: one compile per signature
+    x, y = torch.empty(1000), torch.empty(1000)
+    with _triton.compiling_ahead(workers=2):
+        launcher[_grid](x, y, 1000, 0.5, SILU=True)
+        launcher[_grid](torch.empty(1000), torch.empty(1000), 1000, 0.25, SILU=True)  # same signature
+        launcher[_grid](x, y, 999, 0.5, SILU=True)  # a new one
+    assert not kernel.launches, "a launch ran inside compiling_ahead()"
+    print("compiled:", [(c[0][2], c[2]) for c in fake.compiles])
+    assert sorted(c[0][2] for c in fake.compiles) == [999, 1000]
+    assert all(c[1] == {"SILU": True} and c[2].startswith("fastdiff-compile") for c in fake.compiles)
+    launcher[_grid](x, y, 1000, 0.5, SILU=True)  # after the block: launches as usual
+    assert len(kernel.launches) == 1
+
+
+def test_compiling_ahead_compiles_every_candidate_the_autotuner_keeps(ahead):
+    def keep_wide_blocks(configs, named_args, **kwargs):
+        return [c for c in configs if c.kwargs["BLOCK"] >= named_args["n"] // 8]
+
+    configs = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((64, 2), (128, 4), (256, 8))]
+    kernel = triton.autotune(configs=configs, key=["n"], prune_configs_by={"early_config_prune": keep_wide_blocks})(
+        triton.runtime.jit.JITFunction(_toy_kernel))
+    launcher = _triton.Launcher(kernel)
+    kernel.fn = fake = _FakeJIT()  # after the Launcher found the JIT function underneath
+    with _triton.compiling_ahead(workers=2):
+        launcher[_grid](torch.empty(1000), torch.empty(1000), 1000, 0.5, SILU=False)
+    compiled = sorted((c[1]["BLOCK"], c[1]["num_warps"]) for c in fake.compiles)
+    print("compiled candidates:", compiled)
+    assert compiled == [(128, 4), (256, 8)]  # 64 < 1000 // 8 was pruned
+    assert kernel.nargs is None  # the autotuner's state is left as a launch leaves it
+
+
+def test_compiling_ahead_reraises_a_compile_error_when_the_block_ends(ahead):
+    kernel = _FakeAutotuned()
+    launcher = _triton.Launcher(kernel)
+    kernel.run = _FakeJIT(fail=True).run
+    with pytest.raises(RuntimeError, match="PassManager"):
+        with _triton.compiling_ahead(workers=1):
+            launcher[_grid](torch.empty(64), torch.empty(64), 64, 0.5, SILU=False)
+    assert _triton._compile_pool is None  # the next block starts clean
+
+
+def test_compiling_ahead_under_the_interpreter_launches_as_usual(monkeypatch):
+    monkeypatch.setattr(_triton, "INTERPRET", True)
+    kernel = _FakeAutotuned()
+    launcher = _triton.Launcher(kernel)
+    with _triton.compiling_ahead():
+        launcher[_grid](torch.empty(64), torch.empty(64), 64, 0.5, SILU=False)
+    assert len(kernel.launches) == 1
 
 
 # ------------------------------------------------------------------------------------------------ GPU
