@@ -120,11 +120,13 @@ COMPILE_COST_S = 100
 
 def _cases() -> list[tuple]:
     cases = GPU_CASES if not TINY else CPU_CASES
-    wanted = os.environ.get("FASTDIFF_E2E_CASES")  # e.g. "sd15:image,sd15:parity" (arch:kind or arch:kind:system)
+    # e.g. "sd15:image,sd15:parity,sd15:image:diffusers_compile:4": arch:kind, arch:kind:system or
+    # arch:kind:system:batch
+    wanted = os.environ.get("FASTDIFF_E2E_CASES")
     if not wanted:
         return cases
     keys = {w.strip() for w in wanted.split(",") if w.strip()}
-    return [c for c in cases if f"{c[0]}:{c[1]}" in keys or f"{c[0]}:{c[1]}:{c[2]}" in keys]
+    return [c for c in cases if keys & {f"{c[0]}:{c[1]}", f"{c[0]}:{c[1]}:{c[2]}", f"{c[0]}:{c[1]}:{c[2]}:{c[3]}"}]
 
 
 def _have_diffusers() -> bool:
