@@ -58,8 +58,8 @@ def record_op_calls() -> dict[str, list]:
         calls["attention"].append((q, k, scale))
         return torch.empty_like(q)
 
-    def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None):
-        calls["group_norm"].append((x, num_groups, weight, bias, eps, activation))
+    def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, offset=None):
+        calls["group_norm"].append((x, num_groups, weight, bias, eps, activation, offset))
         return torch.empty_like(x)
 
     saved = ops.attention, ops.group_norm, fast._ATTEND["fastdiff"]

@@ -182,9 +182,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-               eps: float = 1e-5, activation: Optional[str] = None) -> Tensor:
-    """GroupNorm over x: (N, C, *spatial), then `activation` (None or "silu")."""
-    return _load("group_norm", resolve("group_norm", x.device.type))(x, num_groups, weight, bias, eps, activation)
+               eps: float = 1e-5, activation: Optional[str] = None, offset: Optional[Tensor] = None) -> Tensor:
+    """GroupNorm over x + offset[:, :, None, ...] (offset: (N, C) or None; x: (N, C, *spatial)), then
+    `activation` (None or "silu"); see `fastdiff.kernels.group_norm`."""
+    fn = _load("group_norm", resolve("group_norm", x.device.type))
+    return fn(x, num_groups, weight, bias, eps, activation, offset)
 
 
 def geglu(h: Tensor) -> Tensor:

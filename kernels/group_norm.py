@@ -1,6 +1,8 @@
-"""GroupNorm with an optional fused SiLU.
+"""GroupNorm with an optional fused SiLU, of x plus an optional per-(sample, channel) offset.
 
 x: (N, C, *spatial), contiguous or channels_last; statistics in float32; output in x's dtype and layout.
+offset: (N, C) or None. The kernels normalize x + offset[:, :, None, ...] in float32 as they read x, so a
+broadcast add before the norm (the UNet ResNet block's time embedding) costs no pass over memory.
 
 Two strategies, picked per call by the group's size Cg * HW (elements per (sample, group)):
 
@@ -18,8 +20,8 @@ split (larger groups: the UNet's 64x64 level, 10 x 4096; the VAE's 1x128x512x512
           up its groups' partial sums into mean and rstd (a few hundred floats, from L2), then normalizes,
           scales, shifts, applies SiLU and writes.
 
-Shifted sums: float32 sums of (x - K) and (x - K)^2, where the shift K is one element of the group, so the
-variance does not cancel catastrophically when the mean is large.
+Shifted sums: float32 sums of (x - K) and (x - K)^2, where the shift K is one element of the group (offset
+included), so the variance does not cancel catastrophically when the mean is large.
 Layouts: in contiguous x a group is one run of Cg * HW elements. In channels_last x ((N, HW, C) in memory)
 a group is Cg contiguous channels at each pixel. The single-launch kernel tiles it (ROWS pixels, Cg
 channels), with Cg a constexpr so that each pixel's run is known aligned and its loads vectorize and
@@ -30,6 +32,11 @@ a small global scratch (write, CTA barrier, gather) to become per-group and back
 SiLU is a runtime flag of the kernels, not a constexpr, so calls with and without it share one compiled
 kernel (half the apply and single-launch variants a cold start compiles; the cost is one branch per tile of
 a memory-bound loop).
+Offset: a pointer that Triton compiles as a constant when it is None (as weight and bias): calls without it
+load nothing more, calls with it compile one more variant of each kernel. Since x - (c - offset) equals
+(x + offset) - c, the kernels subtract each channel's offset from the values they centre x on (K in the
+sums, the mean to normalize) rather than add it to x: channels_last tiles do that once per channel, at no
+cost per element; contiguous ones once per element, gathering the offset as they gather weight and bias.
 """
 from typing import Any, NamedTuple, Optional
 
@@ -71,10 +78,14 @@ class _Kernels(NamedTuple):
 
 
 def group_norm_ref(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                   eps: float = 1e-5, activation: Optional[str] = None) -> Tensor:
-    """Plain-PyTorch twin: F.group_norm in float32 (float64 stays float64), then the activation."""
+                   eps: float = 1e-5, activation: Optional[str] = None, offset: Optional[Tensor] = None) -> Tensor:
+    """Plain-PyTorch twin: x + offset[:, :, None, ...] in x's dtype (the unfused model's add), then
+    F.group_norm in float32 (float64 stays float64), then the activation."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if offset is not None:
+        _check_offset_shape(x, offset)
+        x = x + offset.reshape(*offset.shape, *(1,) * (x.dim() - 2))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = None if weight is None else weight.to(acc)
     b = None if bias is None else bias.to(acc)
@@ -95,18 +106,35 @@ if triton is not None:
         return shift + mean_shifted, 1.0 / tl.sqrt(var + eps)
 
     @triton.jit
-    def _normalize_contiguous(X, Y, W, B, begin, end, first_channel, HW, mean, rstd, silu, BLOCK: tl.constexpr,
+    def _center_contiguous(center, Offset, ng, CG, HW, offs, mask):
+        """center - the offset of each element offs of contiguous group ng (= n * G + g), or center when Offset
+        is None: x - (center - offset) is (x + offset) - center, so the kernels subtract the offset from the
+        value they centre x on (K, the mean) instead of adding it to x (channels_last: once per channel)."""
+        if Offset is not None:  # the group's channels are rows ng * CG .. of the (N * C) offsets
+            center = center - tl.load(Offset + ng * CG + offs // HW, mask=mask, other=0.0).to(tl.float32)  # L1 hits
+        return center
+
+    @triton.jit
+    def _group_shift(X, Offset, ng, CG):
+        """K of contiguous group ng: its first element of x + offset, X pointing at the group."""
+        shift = tl.load(X).to(tl.float32)
+        if Offset is not None:
+            shift += tl.load(Offset + ng * CG).to(tl.float32)
+        return shift
+
+    @triton.jit
+    def _normalize_contiguous(X, Offset, Y, W, B, begin, end, ng, G, CG, HW, mean, rstd, silu, BLOCK: tl.constexpr,
                               STAGES: tl.constexpr):
-        """y = (x - mean) * rstd * weight + bias, then SiLU when silu != 0, for elements begin..end of one
-        contiguous group at X (output at Y); element i belongs to channel first_channel + i // HW."""
+        """y = (x + offset - mean) * rstd * weight + bias, then SiLU when silu != 0, for elements begin..end of
+        contiguous group ng (= n * G + g) at X (output at Y); element i belongs to channel g * CG + i // HW."""
         for start in tl.range(begin, end, BLOCK, num_stages=STAGES):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < end
-            channel = first_channel + offs // HW  # neighbours share a channel: these gathers hit L1
+            channel = (ng % G) * CG + offs // HW  # neighbours share a channel: these gathers hit L1
             scale = tl.full([BLOCK], 1.0, tl.float32) * rstd
             if W is not None:
                 scale *= tl.load(W + channel, mask=mask, other=0.0).to(tl.float32)
-            shift = -mean * scale
+            shift = -_center_contiguous(mean, Offset, ng, CG, HW, offs, mask) * scale
             if B is not None:
                 shift += tl.load(B + channel, mask=mask, other=0.0).to(tl.float32)
             y = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) * scale + shift
@@ -117,6 +145,7 @@ if triton is not None:
     @triton.jit
     def _group_norm_stats_kernel(
         X,  # pointer to x, (N, C, HW) contiguous or (N, HW, C) channels_last
+        Offset,  # pointer to the offsets (N, C) added to x, or None
         Partials,  # pointer to float32 (2, N, P, G): sums of (x - K) and (x - K)^2 per slice and group
         Scratch,  # channels_last: pointer to float32 (N, P, 2, C), per-channel sums on their way to groups
         HW,  # pixels per channel
@@ -140,6 +169,10 @@ if triton is not None:
             mask_c = cols < C
             base = X + n.to(tl.int64) * HW * C
             shift = tl.load(base + cols // CG * CG, mask=mask_c, other=0.0).to(tl.float32)  # K of each group
+            center = shift  # (BLOCK_C,): x - center == x + offset - K (see _center_contiguous)
+            if Offset is not None:
+                shift += tl.load(Offset + n * C + cols // CG * CG, mask=mask_c, other=0.0).to(tl.float32)
+                center = shift - tl.load(Offset + n * C + cols, mask=mask_c, other=0.0).to(tl.float32)
             acc1 = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
             acc2 = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
             end = tl.minimum((p + 1) * PER_SLICE, HW)
@@ -147,7 +180,7 @@ if triton is not None:
                 rows = start + tl.arange(0, ROWS)
                 mask = (rows < end)[:, None] & mask_c[None, :]
                 x = tl.load(base + rows[:, None].to(tl.int64) * C + cols[None, :], mask=mask, other=0.0)
-                d = tl.where(mask, x.to(tl.float32) - shift[None, :], 0.0)
+                d = tl.where(mask, x.to(tl.float32) - center[None, :], 0.0)
                 acc1 += d
                 acc2 += d * d
             # Channels -> groups: park the per-channel sums in Scratch, then read them back as (G, CG).
@@ -168,7 +201,7 @@ if triton is not None:
             ng = tl.program_id(1)  # n * G + g
             group_size = CG * HW
             base = X + ng.to(tl.int64) * group_size
-            shift = tl.load(base).to(tl.float32)  # K: the group's first element
+            shift = _group_shift(base, Offset, ng, CG)
             acc1 = tl.zeros([BLOCK], dtype=tl.float32)
             acc2 = tl.zeros([BLOCK], dtype=tl.float32)
             end = tl.minimum((p + 1) * PER_SLICE, group_size)
@@ -176,7 +209,7 @@ if triton is not None:
                 offs = start + tl.arange(0, BLOCK)
                 mask = offs < end
                 x = tl.load(base + offs, mask=mask, other=0.0)
-                d = tl.where(mask, x.to(tl.float32) - shift, 0.0)
+                d = tl.where(mask, x.to(tl.float32) - _center_contiguous(shift, Offset, ng, CG, HW, offs, mask), 0.0)
                 acc1 += d
                 acc2 += d * d
             out = Partials + ((ng // G) * P + p) * G + ng % G
@@ -186,6 +219,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["silu"])  # Triton would otherwise compile silu == 1 as a constant
     def _group_norm_apply_kernel(
         X,  # pointer to x, (N, C, HW) contiguous or (N, HW, C) channels_last
+        Offset,  # pointer to the offsets (N, C) added to x, or None
         Y,  # pointer to the output, same shape and layout as x
         Partials,  # pointer to float32 (2, N, P, G) from the stats kernel
         Stats,  # channels_last: pointer to float32 (N, 2, G), each group's mean and rstd
@@ -227,6 +261,8 @@ if triton is not None:
                 s2 += tl.load(Partials + N * P * G + offs, mask=mask, other=0.0)
             base = n.to(tl.int64) * HW * C
             first = tl.load(X + base + g * CG, mask=g < G, other=0.0).to(tl.float32)  # K of each group
+            if Offset is not None:  # the stats kernel's K exactly
+                first += tl.load(Offset + n * C + g * CG, mask=g < G, other=0.0).to(tl.float32)
             mean, rstd = _mean_rstd(tl.sum(s1, 0), tl.sum(s2, 0), count, first, eps)  # (BLOCK_G,)
             # Groups -> channels: every program of sample n writes the same (mean, rstd) to Stats, so the
             # overlapping writes agree, then gathers them back per channel.
@@ -239,7 +275,10 @@ if triton is not None:
             scale = tl.load(Stats + G + group, mask=mask_c, other=0.0)  # (BLOCK_C,): each channel's rstd
             if W is not None:
                 scale *= tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
-            shift = -tl.load(Stats + group, mask=mask_c, other=0.0) * scale
+            mean = tl.load(Stats + group, mask=mask_c, other=0.0)  # (BLOCK_C,)
+            if Offset is not None:  # x + offset - mean == x - (mean - offset): nothing more per element
+                mean -= tl.load(Offset + n * C + cols, mask=mask_c, other=0.0).to(tl.float32)
+            shift = -mean * scale
             if B is not None:
                 shift += tl.load(B + cols, mask=mask_c, other=0.0).to(tl.float32)
             end = tl.minimum((p + 1) * PER_SLICE, HW)
@@ -263,16 +302,17 @@ if triton is not None:
                 s2 += tl.load(Partials + N * P * G + offs, mask=slices < P, other=0.0)
             group_size = CG * HW
             base = ng.to(tl.int64) * group_size
-            mean, rstd = _mean_rstd(tl.sum(s1, 0), tl.sum(s2, 0), count, tl.load(X + base).to(tl.float32), eps)
+            mean, rstd = _mean_rstd(tl.sum(s1, 0), tl.sum(s2, 0), count, _group_shift(X + base, Offset, ng, CG), eps)
             end = tl.minimum((p + 1) * PER_SLICE, group_size)
-            _normalize_contiguous(X + base, Y + base, W, B, p * PER_SLICE, end, (ng % G) * CG, HW, mean, rstd, silu,
-                                  BLOCK, STAGES)
+            _normalize_contiguous(X + base, Offset, Y + base, W, B, p * PER_SLICE, end, ng, G, CG, HW, mean, rstd,
+                                  silu, BLOCK, STAGES)
 
     # Not specialized: silu (Triton would compile silu == 1 as a constant) and CG (its divisibility by 16
     # changes nothing here, as HW's gives the alignment): one compiled variant per dtype and tile.
     @triton.jit(do_not_specialize=["CG", "silu"])
     def _group_norm_single_kernel(
         X,  # pointer to x, (N, C, HW) contiguous
+        Offset,  # pointer to the offsets (N, C) added to x, or None
         Y,  # pointer to the output, same shape and layout as x
         W,  # pointer to weight (C,), or None
         B,  # pointer to bias (C,), or None
@@ -287,25 +327,26 @@ if triton is not None:
         ng = tl.program_id(0)  # n * G + g: one program normalizes one group of one sample
         group_size = CG * HW
         base = ng.to(tl.int64) * group_size
-        shift = tl.load(X + base).to(tl.float32)  # K: the group's first element
+        shift = _group_shift(X + base, Offset, ng, CG)
         acc1 = tl.zeros([BLOCK], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK], dtype=tl.float32)
         for start in tl.range(0, group_size, BLOCK, num_stages=STAGES):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < group_size
             x = tl.load(X + base + offs, mask=mask, other=0.0)
-            d = tl.where(mask, x.to(tl.float32) - shift, 0.0)
+            d = tl.where(mask, x.to(tl.float32) - _center_contiguous(shift, Offset, ng, CG, HW, offs, mask), 0.0)
             acc1 += d
             acc2 += d * d
         eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as float64: keep the statistics float32
         mean, rstd = _mean_rstd(tl.sum(acc1, 0), tl.sum(acc2, 0), tl.cast(group_size, tl.float32), shift, eps)
         # the second pass reads the group again, from L2
-        _normalize_contiguous(X + base, Y + base, W, B, 0, group_size, (ng % G) * CG, HW, mean, rstd, silu, BLOCK,
-                              STAGES)
+        _normalize_contiguous(X + base, Offset, Y + base, W, B, 0, group_size, ng, G, CG, HW, mean, rstd, silu,
+                              BLOCK, STAGES)
 
     @triton.jit(do_not_specialize=["silu"])
     def _group_norm_single_cl_kernel(
         X,  # pointer to x, (N, HW, C) in memory (channels_last)
+        Offset,  # pointer to the offsets (N, C) added to x, or None
         Y,  # pointer to the output, same shape and layout as x
         W,  # pointer to weight (C,), or None
         B,  # pointer to bias (C,), or None
@@ -324,30 +365,38 @@ if triton is not None:
         j = tl.arange(0, BLOCK_CG)
         mask_c = j < CG
         cols = (ng % G) * CG + j  # the group's channels
-        base = (ng // G).to(tl.int64) * HW * C
-        shift = tl.load(X + base + (ng % G) * CG).to(tl.float32)  # K: the group's first element
+        n = ng // G
+        base = n.to(tl.int64) * HW * C
+        first = tl.load(X + base + (ng % G) * CG).to(tl.float32)  # K: the group's first element
+        center = tl.zeros([BLOCK_CG], dtype=tl.float32) + first  # x - center == x + offset - K
+        if Offset is not None:
+            offset = tl.load(Offset + n * C + cols, mask=mask_c, other=0.0).to(tl.float32)  # (BLOCK_CG,)
+            first += tl.load(Offset + n * C + (ng % G) * CG).to(tl.float32)
+            center = first - offset
         acc1 = tl.zeros([ROWS, BLOCK_CG], dtype=tl.float32)
         acc2 = tl.zeros([ROWS, BLOCK_CG], dtype=tl.float32)
         for start in tl.range(0, HW, ROWS, num_stages=STAGES):
             rows = start + tl.arange(0, ROWS)
             mask = (rows < HW)[:, None] & mask_c[None, :]
             x = tl.load(X + base + rows[:, None].to(tl.int64) * C + cols[None, :], mask=mask, other=0.0)
-            d = tl.where(mask, x.to(tl.float32) - shift, 0.0)
+            d = tl.where(mask, x.to(tl.float32) - center[None, :], 0.0)
             acc1 += d
             acc2 += d * d
         eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as float64: keep the statistics float32
-        mean, rstd = _mean_rstd(tl.sum(acc1), tl.sum(acc2), tl.cast(HW * CG, tl.float32), shift, eps)
+        mean, rstd = _mean_rstd(tl.sum(acc1), tl.sum(acc2), tl.cast(HW * CG, tl.float32), first, eps)
         scale = tl.full([BLOCK_CG], 1.0, tl.float32) * rstd  # (BLOCK_CG,): per channel
         if W is not None:
             scale *= tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
-        offset = -mean * scale
+        if Offset is not None:  # x + offset - mean == x - (mean - offset): nothing more per element
+            mean = mean - offset  # (BLOCK_CG,)
+        shift = -mean * scale
         if B is not None:
-            offset += tl.load(B + cols, mask=mask_c, other=0.0).to(tl.float32)
+            shift += tl.load(B + cols, mask=mask_c, other=0.0).to(tl.float32)
         for start in tl.range(0, HW, ROWS, num_stages=STAGES):  # again, from L2
             rows = start + tl.arange(0, ROWS)
             mask = (rows < HW)[:, None] & mask_c[None, :]
             offs = base + rows[:, None].to(tl.int64) * C + cols[None, :]
-            y = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) * scale[None, :] + offset[None, :]
+            y = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
             if silu != 0:
                 y = y * tl.sigmoid(y)
             tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
@@ -361,8 +410,13 @@ def channels_last_perm(dim: int) -> tuple[int, ...]:
     return (0, *range(2, dim), 1)
 
 
+def _check_offset_shape(x: Tensor, offset: Tensor) -> None:
+    if tuple(offset.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"offset has shape {tuple(offset.shape)}, expected (N, C) = {tuple(x.shape[:2])}")
+
+
 def check_group_norm_inputs(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                            eps: float, activation: Optional[str]) -> None:
+                            eps: float, activation: Optional[str], offset: Optional[Tensor] = None) -> None:
     """Raise ValueError naming the bad value when the Triton kernels cannot compute this GroupNorm."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -382,6 +436,14 @@ def check_group_norm_inputs(x: Tensor, num_groups: int, weight: Optional[Tensor]
             raise ValueError(f"{name} has dtype {t.dtype}, expected x's dtype {x.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, expected x's device {x.device}")
+    if offset is not None:
+        _check_offset_shape(x, offset)
+        if offset.dtype != x.dtype:
+            raise ValueError(f"offset has dtype {offset.dtype}, expected x's dtype {x.dtype}")
+        if offset.device != x.device:
+            raise ValueError(f"offset is on {offset.device}, expected x's device {x.device}")
+        if not offset.is_contiguous():
+            raise ValueError(f"offset must be contiguous, got strides {offset.stride()}")
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if channels > MAX_CHANNELS and _is_channels_last(x):
@@ -395,36 +457,34 @@ def _is_channels_last(x: Tensor) -> bool:
 
 
 def _group_norm_run(kernels: _Kernels, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                    eps: float, activation: Optional[str]) -> Tensor:
+                    eps: float, activation: Optional[str], offset: Optional[Tensor]) -> Tensor:
     batch, channels = x.shape[:2]
     hw = x.numel() // (batch * channels)
     y = torch.empty_like(x)  # same layout as x
     launch = _launch_single if channels // num_groups * hw <= SINGLE_LAUNCH_MAX else _launch_split
-    launch(kernels, x, y, num_groups, weight, bias, eps, int(activation == "silu"), batch, channels, hw,
+    launch(kernels, x, offset, y, num_groups, weight, bias, eps, int(activation == "silu"), batch, channels, hw,
            _is_channels_last(x))
     return y
 
 
-def _launch_single(kernels: _Kernels, x: Tensor, y: Tensor, num_groups: int, weight: Optional[Tensor],
-                   bias: Optional[Tensor], eps: float, silu: int, batch: int, channels: int, hw: int,
-                   channels_last: bool) -> None:
+def _launch_single(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Tensor, num_groups: int,
+                   weight: Optional[Tensor], bias: Optional[Tensor], eps: float, silu: int, batch: int, channels: int,
+                   hw: int, channels_last: bool) -> None:
     """One program per (sample, group): statistics, then the normalized output, in one launch."""
     cg = channels // num_groups
     grid = (batch * num_groups,)
     if channels_last:
         block_cg = _triton.next_power_of_2(cg)
-        kernels.single_cl[grid](x, y, weight, bias, hw, channels, num_groups, eps, silu, CG=cg,
-                                           BLOCK_CG=block_cg, ROWS=max(1, TILE // block_cg), STAGES=STAGES,
-                                           num_warps=8)
+        kernels.single_cl[grid](x, offset, y, weight, bias, hw, channels, num_groups, eps, silu, CG=cg,
+                                BLOCK_CG=block_cg, ROWS=max(1, TILE // block_cg), STAGES=STAGES, num_warps=8)
     else:
-        kernels.single[grid](x, y, weight, bias, hw, num_groups, cg, eps, silu,
-                                        BLOCK=min(TILE, _triton.next_power_of_2(cg * hw)), STAGES=STAGES,
-                                        num_warps=8)
+        kernels.single[grid](x, offset, y, weight, bias, hw, num_groups, cg, eps, silu,
+                             BLOCK=min(TILE, _triton.next_power_of_2(cg * hw)), STAGES=STAGES, num_warps=8)
 
 
-def _launch_split(kernels: _Kernels, x: Tensor, y: Tensor, num_groups: int, weight: Optional[Tensor],
-                  bias: Optional[Tensor], eps: float, silu: int, batch: int, channels: int, hw: int,
-                  channels_last: bool) -> None:
+def _launch_split(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Tensor, num_groups: int,
+                  weight: Optional[Tensor], bias: Optional[Tensor], eps: float, silu: int, batch: int, channels: int,
+                  hw: int, channels_last: bool) -> None:
     """Statistics over slices of each group (or sample), then the output: two launches that fill the GPU."""
     cg = channels // num_groups
     if channels_last:
@@ -452,39 +512,41 @@ def _launch_split(kernels: _Kernels, x: Tensor, y: Tensor, num_groups: int, weig
     stats = torch.empty((batch, 2, num_groups) if channels_last else (1,), device=x.device, dtype=torch.float32)
     meta = dict(CHANNELS_LAST=channels_last, BLOCK=block, ROWS=rows, BLOCK_C=block_c, BLOCK_G=block_g,
                 BLOCK_CG=block_cg, STAGES=STAGES, num_warps=8)
-    kernels.stats[(slices, grid_rows)](x, partials, scratch, hw, channels, num_groups, cg, slices,
-                                                  per_slice, **meta)
-    kernels.apply[(slices, grid_rows)](x, y, partials, stats, weight, bias, batch, hw, channels,
-                                                  num_groups, cg, slices, per_slice, eps, silu,
-                                                  BLOCK_P=block_p, **meta)
+    kernels.stats[(slices, grid_rows)](x, offset, partials, scratch, hw, channels, num_groups, cg, slices, per_slice,
+                                       **meta)
+    kernels.apply[(slices, grid_rows)](x, offset, y, partials, stats, weight, bias, batch, hw, channels, num_groups, cg,
+                                       slices, per_slice, eps, silu, BLOCK_P=block_p, **meta)
 
 
 def _group_norm_launch(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                       activation: Optional[str]) -> Tensor:
-    return _group_norm_run(_LAUNCHERS, x, num_groups, weight, bias, eps, activation)
+                       activation: Optional[str], offset: Optional[Tensor] = None) -> Tensor:
+    return _group_norm_run(_LAUNCHERS, x, num_groups, weight, bias, eps, activation, offset)
 
 
 def _group_norm_traced(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                       activation: Optional[str]) -> Tensor:
+                       activation: Optional[str], offset: Optional[Tensor] = None) -> Tensor:
     kernels = _Kernels(wrap_triton(_group_norm_stats_kernel), wrap_triton(_group_norm_apply_kernel),
                        wrap_triton(_group_norm_single_kernel), wrap_triton(_group_norm_single_cl_kernel))
-    return _group_norm_run(kernels, x, num_groups, weight, bias, eps, activation)
+    return _group_norm_run(kernels, x, num_groups, weight, bias, eps, activation, offset)
 
 
 # The op torch.compile puts in its graphs (see _triton.register_op); eager calls launch directly.
 _group_norm_op = _triton.register_op("fastdiff::triton_group_norm", _group_norm_launch, _group_norm_traced,
-                                     fake=lambda x, num_groups, weight, bias, eps, activation: torch.empty_like(x))
+                                     fake=lambda x, num_groups, weight, bias, eps, activation, offset=None:
+                                     torch.empty_like(x))
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-               eps: float = 1e-5, activation: Optional[str] = None) -> Tensor:
-    """GroupNorm over x: (N, C, *spatial), then `activation` (None or "silu"), with the Triton kernels.
+               eps: float = 1e-5, activation: Optional[str] = None, offset: Optional[Tensor] = None) -> Tensor:
+    """GroupNorm over x + offset[:, :, None, ...]: (N, C, *spatial), then `activation` (None or "silu"), with
+    the Triton kernels.
 
     x: float16, bfloat16 or float32, contiguous or channels_last (other strides are made contiguous);
-    weight, bias: (C,) in x's dtype, or None. Statistics in float32. Returns x's shape, dtype and layout.
-    Runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1.
+    weight, bias: (C,) in x's dtype, or None; offset: (N, C), contiguous, in x's dtype, or None, added to x in
+    float32 (the reference adds it in x's dtype first, as the unfused model does). Statistics in float32.
+    Returns x's shape, dtype and layout. Runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1.
     """
-    check_group_norm_inputs(x, num_groups, weight, bias, eps, activation)
+    check_group_norm_inputs(x, num_groups, weight, bias, eps, activation, offset)
     if not x.is_contiguous() and not _is_channels_last(x):
         x = x.contiguous()
     if weight is not None:
@@ -494,4 +556,4 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias
     if x.numel() == 0:
         return torch.empty_like(x)
     op = _group_norm_op if torch.compiler.is_compiling() else _group_norm_launch
-    return op(x, num_groups, weight, bias, float(eps), activation)
+    return op(x, num_groups, weight, bias, float(eps), activation, offset)

@@ -60,7 +60,9 @@ for single_launch_max, launches in ((1 << 30, 1), (0, 2)):  # the single-launch 
         x = torch.empty(2, 320, 16, 16, dtype=torch.float16).to(memory_format=layout)
         calls = kernel_calls(make_fx(lambda x, w, b: group_norm._group_norm_traced(x, 32, w, b, 1e-5, "silu"),
                                      tracing_mode="fake")(x, w, w.clone()))
-        assert len(calls) == launches, calls
+        calls += kernel_calls(make_fx(lambda x, w, b, o: group_norm._group_norm_traced(x, 32, w, b, 1e-5, "silu", o),
+                                      tracing_mode="fake")(x, w, w.clone(), torch.empty(2, 320, dtype=torch.float16)))
+        assert len(calls) == 2 * launches, calls  # without, then with an offset
         for call in calls:
             args = call.kwargs["kwargs"]
             tensors = [v for v in args.values() if isinstance(v, torch.fx.Node)]

@@ -57,11 +57,12 @@ for float_type in ("fp32", "fp64"):
                 build_ir(attention._attention_kernel, dict.fromkeys(("Q", "K", "V", "Out"), dtype), {"qk_scale"},
                          float_type, constants)
                 print("attention", float_type, dtype, head_dim, "single pass" if single_pass else "streaming", "ok")
-        for channels_last in (False, True):
-            layout = "channels_last" if channels_last else "contiguous"
+        for channels_last, with_offset in ((False, False), (True, False), (False, True), (True, True)):
+            layout = ("channels_last" if channels_last else "contiguous") + (" offset" if with_offset else "")
+            offset = dict(Offset=dtype) if with_offset else {}  # a pointer, or the constant None
             constants = dict(CHANNELS_LAST=channels_last, BLOCK=1024, ROWS=8, BLOCK_C=128, BLOCK_G=32,
-                             BLOCK_CG=4, BLOCK_P=16, STAGES=2)
-            pointers = dict(X=dtype, Y=dtype, W=dtype, B=dtype, Partials="fp32", Stats="fp32")
+                             BLOCK_CG=4, BLOCK_P=16, STAGES=2, **({} if with_offset else dict(Offset=None)))
+            pointers = dict(X=dtype, Y=dtype, W=dtype, B=dtype, Partials="fp32", Stats="fp32", **offset)
             build_ir(group_norm._group_norm_apply_kernel, pointers, {"eps"}, float_type, constants)
             print("group_norm apply", float_type, dtype, layout, "ok")
             if channels_last:
@@ -69,7 +70,8 @@ for float_type in ("fp32", "fp64"):
                 constants = dict(CG=10, BLOCK_CG=16, ROWS=256, STAGES=2)
             else:
                 single, constants = group_norm._group_norm_single_kernel, dict(BLOCK=1024, STAGES=2)
-            build_ir(single, dict(X=dtype, Y=dtype, W=dtype, B=dtype), {"eps"}, float_type, constants)
+            constants.update({} if with_offset else dict(Offset=None))
+            build_ir(single, dict(X=dtype, Y=dtype, W=dtype, B=dtype, **offset), {"eps"}, float_type, constants)
             print("group_norm single", float_type, dtype, layout, "ok")
         for has_residual in (False, True):
             build_ir(layer_norm._layer_norm_kernel, dict.fromkeys(("X", "R", "S", "Y", "W", "B"), dtype), {"eps"},
@@ -83,4 +85,4 @@ def test_kernels_build_with_float64_scalar_arguments():
     result = subprocess.run([sys.executable, "-c", _BUILD_IR], capture_output=True, text=True, env=env, timeout=600)
     print(result.stdout[-3000:], result.stderr[-3000:])
     assert result.returncode == 0
-    assert result.stdout.count(" ok") == 2 * 3 * (3 * 3 + 2 * 2 + 2)  # every case of the loops above built
+    assert result.stdout.count(" ok") == 2 * 3 * (3 * 3 + 4 * 2 + 2)  # every case of the loops above built

@@ -227,7 +227,7 @@ def test_attention_and_group_norm_go_through_the_ops_seam(name, monkeypatch):
         return attention_ref(*args)
 
     def counting_group_norm(*args):
-        calls["group_norm+silu" if args[-1] == "silu" else "group_norm"] += 1
+        calls["group_norm+silu" if args[5] == "silu" else "group_norm"] += 1  # args[5]: the activation
         return group_norm_ref(*args)
 
     monkeypatch.setitem(ops._impl_cache, ("attention", "reference"), counting_attention)

@@ -169,10 +169,12 @@ class UNetConfig:
         return {"_class_name": "UNet2DConditionModel", **d}
 
 
-def _group_norm(norm: nn.GroupNorm, x: Tensor, activation: Optional[str] = None) -> Tensor:
+def _group_norm(norm: nn.GroupNorm, x: Tensor, activation: Optional[str] = None,
+                offset: Optional[Tensor] = None) -> Tensor:
     """Apply the nn.GroupNorm `norm` (which only holds the parameters and their keys) through the ops seam,
-    fused with the SiLU that follows it when activation="silu"."""
-    return ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation=activation)
+    fused with the SiLU that follows it when activation="silu", to x + offset[:, :, None, None] when an offset
+    (B, C) is given (fused into the norm's reads of x on the Triton backend)."""
+    return ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation=activation, offset=offset)
 
 
 def _layer_norm(norm: nn.LayerNorm, x: Tensor, residual: Optional[Tensor] = None):
@@ -239,8 +241,10 @@ class ResnetBlock2D(nn.Module):
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         """x: (B, Cin, H, W); temb: SiLU of the time embedding, (B, 4 * C0) -> (B, Cout, H, W)."""
         h = self.conv1(_group_norm(self.norm1, x, "silu"))
-        h = h + self.time_emb_proj(temb)[:, :, None, None]  # one shift per channel and sample
-        h = self.conv2(self.dropout(_group_norm(self.norm2, h, "silu")))
+        # h + time_emb_proj(temb)[:, :, None, None], one shift per sample and channel, added inside norm2: the
+        # sum has no other reader, so it is never written out
+        h = _group_norm(self.norm2, h, "silu", offset=self.time_emb_proj(temb))  # offset: (B, Cout)
+        h = self.conv2(self.dropout(h))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
 
