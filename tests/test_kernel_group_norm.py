@@ -140,7 +140,7 @@ def test_group_norm_takes_single_launch_up_to_the_limit(monkeypatch, limit, path
     assert launched == [path]
 
 
-@pytest.mark.parametrize("with_offset", [False, True], ids=["", "offset"])
+@pytest.mark.parametrize("with_offset", [False, True], ids=["no-offset", "offset"])
 @pytest.mark.parametrize("path, programs_per_sm", [("single", 1), ("split", 1), ("split", 64)],
                          ids=["single", "split-long-slices", "split-many-slices"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
@@ -287,7 +287,7 @@ def test_group_norm_with_offset_error_on_gpu_at_most_twice_torch_error(monkeypat
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("with_offset", [False, True], ids=["", "offset"])
+@pytest.mark.parametrize("with_offset", [False, True], ids=["no-offset", "offset"])
 @pytest.mark.parametrize("path", PATHS)
 def test_group_norm_survives_cuda_graph_capture(monkeypatch, path, with_offset):
     launched = _force_path(monkeypatch, path)
