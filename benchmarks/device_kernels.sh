@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The kernels' GPU run, from the repository root on a CUDA machine (the device tool's `run`):
-#     bash benchmarks/device_kernels.sh [tests|bench|tune|all|group_norm|layer_norm] [pytest -k benchmark filter]
+#     bash benchmarks/device_kernels.sh [tests|bench|tune|all|group_norm|layer_norm|residual_add] [pytest -k filter]
 # installs fastdiff (no CUDA build of csrc/), runs the kernels' GPU tests (8 workers: Triton compiles in
 # parallel; their timings do not matter), then the kernel benchmarks in one process, one at a time, and
 # prints a fastdiff-vs-torch table last. `tune` (not in `all`) A/Bs the kernels' tuning constants;
 # `group_norm` runs tests and benchmarks of GroupNorm alone (its single and split strategies side by side),
-# `layer_norm` those of LayerNorm and add + LayerNorm alone (with its forced tile sizes side by side).
+# `layer_norm` those of LayerNorm and add + LayerNorm alone (with its forced tile sizes side by side),
+# `residual_add` those of the residual + bias add alone (its forced block sizes and torch's `x + y` beside).
 # Logs and JSON land in $OUT (./device_out when unset).
 set -u -o pipefail
 OUT=${OUT:-device_out}
@@ -14,13 +15,15 @@ STAGE=${1:-all}
 FILTER=${2:-}
 export PYTHONUNBUFFERED=1
 TESTS="tests/test_kernel_attention.py tests/test_kernel_group_norm.py tests/test_kernel_scheduler_step.py
-       tests/test_kernel_geglu.py tests/test_kernel_layer_norm.py"
+       tests/test_kernel_geglu.py tests/test_kernel_layer_norm.py tests/test_kernel_residual_add.py"
 BENCHES="benchmarks/bench_attention.py benchmarks/bench_group_norm.py benchmarks/bench_scheduler_step.py
-         benchmarks/bench_geglu.py benchmarks/bench_layer_norm.py"
+         benchmarks/bench_geglu.py benchmarks/bench_layer_norm.py benchmarks/bench_residual_add.py"
 if [ "$STAGE" = group_norm ]; then
     TESTS=tests/test_kernel_group_norm.py BENCHES=benchmarks/bench_group_norm.py STAGE=all
 elif [ "$STAGE" = layer_norm ]; then
     TESTS=tests/test_kernel_layer_norm.py BENCHES=benchmarks/bench_layer_norm.py STAGE=all
+elif [ "$STAGE" = residual_add ]; then
+    TESTS=tests/test_kernel_residual_add.py BENCHES=benchmarks/bench_residual_add.py STAGE=all
 fi
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader

@@ -1,6 +1,7 @@
 """Print the kernel benchmarks side by side: fastdiff against torch per shape, from pytest-benchmark's JSON;
 then, for ops that also time forced variants (providers `fastdiff_<variant>`, e.g. GroupNorm's single and
-split strategies), each variant's ms and speedup over torch.
+split strategies) or other torch calls (`torch_<name>`, e.g. residual_add's one-pass floor `x + y`), each
+one's ms and speedup over torch.
 
     python benchmarks/summarize_kernels.py bench.json
 """
@@ -32,7 +33,7 @@ def main(path: str) -> None:
               f"{theirs['ms'] / ours['ms']:6.2f}x {tflops:>8} {ours.get('gbs', 0):6.0f} {pct_same:>6} "
               f"{ours.get('pct_copy_big', 0):6.0f}% {theirs.get('gbs', 0):10.0f}")
 
-    variants = sorted({p for by in rows.values() for p in by if p.startswith("fastdiff_")})
+    variants = sorted({p for by in rows.values() for p in by if p.startswith(("fastdiff_", "torch_"))})
     if not variants:
         return
     print(f"\nvariants: ms (speedup over torch)\n{'op':16} {'shape':22} {'layout':13} {'dtype':8} "

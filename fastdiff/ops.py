@@ -1,7 +1,8 @@
 """The one seam between model code and kernel implementations.
 
-Model code calls `ops.attention`, `ops.group_norm`, `ops.geglu`, `ops.layer_norm`, `ops.add_layer_norm` and
-`ops.scheduler_step` and never branches on the backend. Each op has up to three implementations:
+Model code calls `ops.attention`, `ops.group_norm`, `ops.geglu`, `ops.layer_norm`, `ops.add_layer_norm`,
+`ops.residual_add` and `ops.scheduler_step` and never branches on the backend. Each op has up to three
+implementations:
 
     reference  plain PyTorch (`fastdiff.kernels.<op>.<op>_ref`), any device; the oracle for every test
     triton     `fastdiff.kernels.<op>.<op>`: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests)
@@ -44,6 +45,10 @@ _IMPLS = {
         "reference": ("fastdiff.kernels.layer_norm", "add_layer_norm_ref"),
         "triton": ("fastdiff.kernels.layer_norm", "add_layer_norm"),
     },
+    "residual_add": {
+        "reference": ("fastdiff.kernels.residual_add", "residual_add_ref"),
+        "triton": ("fastdiff.kernels.residual_add", "residual_add"),
+    },
     "scheduler_step": {
         "reference": ("fastdiff.kernels.scheduler_step", "scheduler_step_ref"),
         "triton": ("fastdiff.kernels.scheduler_step", "scheduler_step"),
@@ -60,9 +65,11 @@ OPS = tuple(_IMPLS)
 _AUTO_ORDER = {
     "cuda": {"attention": ("triton", "reference"), "group_norm": ("triton", "reference"),
              "geglu": ("triton", "reference"), "layer_norm": ("triton", "reference"),
-             "add_layer_norm": ("triton", "reference"), "scheduler_step": ("cuda", "triton", "reference")},
+             "add_layer_norm": ("triton", "reference"), "residual_add": ("triton", "reference"),
+             "scheduler_step": ("cuda", "triton", "reference")},
     "cpu": {"attention": ("reference",), "group_norm": ("reference",), "geglu": ("reference",),
-            "layer_norm": ("reference",), "add_layer_norm": ("reference",), "scheduler_step": ("cuda", "reference")},
+            "layer_norm": ("reference",), "add_layer_norm": ("reference",), "residual_add": ("reference",),
+            "scheduler_step": ("cuda", "reference")},
 }
 
 _env_backend = os.environ.get("FASTDIFF_BACKEND", "auto")
@@ -207,6 +214,13 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
     """s = x + residual (in x's dtype) and LayerNorm(s) over the last dim, one pass on the Triton backend.
     x, residual: (..., C) -> (s, LayerNorm(s)); see `fastdiff.kernels.layer_norm`."""
     return _load("add_layer_norm", resolve("add_layer_norm", x.device.type))(x, residual, weight, bias, eps)
+
+
+def residual_add(x: Tensor, y: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """x + y + bias[None, :, None, ...], one pass on the Triton backend: y is a conv's output computed without
+    its bias, x the residual. x, y: (N, C, *spatial), same layout; bias: (C,) or None; see
+    `fastdiff.kernels.residual_add`."""
+    return _load("residual_add", resolve("residual_add", x.device.type))(x, y, bias)
 
 
 def scheduler_step(x: Tensor, model_output: Tensor, coeffs, guidance_scale: Optional[float] = None,

@@ -27,8 +27,9 @@ else:
     from .geglu import geglu, geglu_ref
     from .group_norm import group_norm, group_norm_ref
     from .layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
+    from .residual_add import residual_add, residual_add_ref
     from .scheduler_step import StepCoeffs, scheduler_step, scheduler_step_ref
 
     __all__ = ["add_layer_norm", "add_layer_norm_ref", "attention", "attention_ref", "compiling_ahead", "geglu",
-               "geglu_ref", "group_norm", "group_norm_ref", "layer_norm", "layer_norm_ref", "scheduler_step",
-               "scheduler_step_ref", "StepCoeffs"]
+               "geglu_ref", "group_norm", "group_norm_ref", "layer_norm", "layer_norm_ref", "residual_add",
+               "residual_add_ref", "scheduler_step", "scheduler_step_ref", "StepCoeffs"]

@@ -27,6 +27,7 @@ from triton.compiler.compiler import make_backend
 attention = importlib.import_module("fastdiff.kernels.attention")
 group_norm = importlib.import_module("fastdiff.kernels.group_norm")
 layer_norm = importlib.import_module("fastdiff.kernels.layer_norm")
+residual_add = importlib.import_module("fastdiff.kernels.residual_add")
 jit_function = importlib.import_module("fastdiff.kernels._triton").jit_function
 TARGET = GPUTarget("cuda", 90, 32)
 BACKEND = make_backend(TARGET)
@@ -77,6 +78,14 @@ for float_type in ("fp32", "fp64"):
             build_ir(layer_norm._layer_norm_kernel, dict.fromkeys(("X", "R", "S", "Y", "W", "B"), dtype), {"eps"},
                      float_type, dict(HAS_RESIDUAL=has_residual, BLOCK_M=8, BLOCK_N=512))
             print("layer_norm", float_type, dtype, "add" if has_residual else "no add", "ok")
+        for channels_last in (False, True):
+            for with_bias in (False, True):  # no float arguments: the compile path alone is checked
+                bias = dict(Bias=dtype) if with_bias else {}
+                build_ir(residual_add._residual_add_kernel, dict(X=dtype, Y=dtype, Out=dtype, **bias), set(),
+                         float_type, dict(CHANNELS_LAST=channels_last, BLOCK=1024,
+                                          **({} if with_bias else dict(Bias=None))))
+                print("residual_add", float_type, dtype, "channels_last" if channels_last else "contiguous",
+                      "bias" if with_bias else "no bias", "ok")
 """
 
 
@@ -85,4 +94,4 @@ def test_kernels_build_with_float64_scalar_arguments():
     result = subprocess.run([sys.executable, "-c", _BUILD_IR], capture_output=True, text=True, env=env, timeout=600)
     print(result.stdout[-3000:], result.stderr[-3000:])
     assert result.returncode == 0
-    assert result.stdout.count(" ok") == 2 * 3 * (3 * 3 + 4 * 2 + 2)  # every case of the loops above built
+    assert result.stdout.count(" ok") == 2 * 3 * (3 * 3 + 4 * 2 + 2 + 2 * 2)  # every case of the loops above built

@@ -1,0 +1,165 @@
+"""Residual add with a per-channel bias in one pass: x + y + bias[None, :, None, ...].
+
+The UNet's ResNet blocks end in `skip + conv2(h)`. PyTorch's cuDNN convolution adds the conv's bias in a
+pass of its own over the output (a broadcast add, not vectorized), so eagerly the block's tail reads and
+writes the conv output twice: the bias add, then the residual add. Called on the conv's output without its
+bias, `residual_add(skip, h, conv2.bias)` reads skip and h once and writes the sum once.
+
+The sum is computed in float32 as (y + bias) + x, the order of the eager ops, and rounded once to the
+dtype; eager torch rounds twice (after the bias add and after the residual add), so the two differ by up to
+an ulp in float16 and bfloat16 and agree exactly in float32.
+
+One kernel over the flattened elements, sample by sample: offsets inside a sample are int32 (the channel
+index `i // HW`, or `i % C` with channels innermost, is then a 32-bit division), the sample's start is
+int64. No autotuning: BLOCK and the warps are pinned (benchmarks/bench_residual_add.py times the
+alternatives), so a cold start compiles one variant per (dtype, layout, bias or not) and integer
+specialization (C, HW and C * HW divisible by 16, or equal to 1).
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.library import wrap_triton
+
+from . import _triton
+from ._triton import check_triton_device, triton
+
+if triton is not None:
+    import triton.language as tl
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Elements per program: 8 per thread at NUM_WARPS, one 16-byte access per tensor in float16, two in float32.
+# SD1.5's smallest level (2x1280x8x8, CFG batch 2) still gets 160 programs, more than an H100's or H200's SMs.
+BLOCK = 1024
+NUM_WARPS = 4
+MAX_SAMPLE_NUMEL = 2**30  # C * HW per sample: int32 offsets inside a sample, with room for the last block
+
+
+def check_residual_add_shapes(x: Tensor, y: Tensor, bias: Optional[Tensor]) -> None:
+    """Validation shared by every backend: x (N, C, *spatial), y x's shape, bias (C,) or None."""
+    if x.dim() < 2:
+        raise ValueError(f"x must be (N, C, *spatial), got shape {tuple(x.shape)}")
+    if y.shape != x.shape:  # broadcasting would otherwise add a smaller y to every sample without complaint
+        raise ValueError(f"y has shape {tuple(y.shape)}, expected x's shape {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (x.shape[1],):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({x.shape[1]},)")
+
+
+def residual_add_ref(x: Tensor, y: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Plain-PyTorch twin: the conv's bias added to its output y first, then the residual x, each in the
+    dtype, exactly as the UNet computes `skip + conv(h)` with a biased conv today (cuDNN adds the bias to the
+    conv's output, then the block adds the skip). x, y: (N, C, *spatial); bias: (C,) or None.
+    Returns (N, C, *spatial) in x's layout (both contiguous or both channels_last)."""
+    check_residual_add_shapes(x, y, bias)
+    if bias is not None:
+        y = y + bias.view(1, -1, *([1] * (y.dim() - 2)))
+    return x + y
+
+
+if triton is not None:
+
+    @triton.jit
+    def _residual_add_kernel(
+        X,  # pointer to x, (N, C, *spatial), contiguous or channels innermost
+        Y,  # pointer to y, x's shape and layout
+        Bias,  # pointer to the bias (C,), or None
+        Out,  # pointer to the output, x's shape and layout
+        sample_numel,  # C * HW: elements per sample
+        C,  # channels
+        HW,  # spatial elements per channel (1 for an (N, C) tensor)
+        CHANNELS_LAST: tl.constexpr,  # channels innermost: channel = i % C; else i // HW (i: offset in a sample)
+        BLOCK: tl.constexpr,  # elements per program
+    ):
+        # Programs walk the samples one after the other: the batch is outermost in both layouts, so a
+        # sample is a contiguous run of C * HW elements.
+        blocks = tl.cdiv(sample_numel, BLOCK)
+        n = tl.program_id(0) // blocks
+        offs = (tl.program_id(0) % blocks) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < sample_numel
+        start = n.to(tl.int64) * sample_numel
+        out = tl.load(Y + start + offs, mask=mask).to(tl.float32)
+        if Bias is not None:
+            channel = offs % C if CHANNELS_LAST else offs // HW
+            out += tl.load(Bias + channel, mask=mask).to(tl.float32)
+        out += tl.load(X + start + offs, mask=mask).to(tl.float32)  # (y + bias) + x: the eager order
+        tl.store(Out + start + offs, out.to(Out.dtype.element_ty), mask=mask)
+
+    _residual_add_launcher = _triton.Launcher(_residual_add_kernel)  # repeat launches skip Triton's Python
+
+
+def _layout(t: Tensor) -> Optional[str]:
+    """The memory layout the kernel walks t in: "contiguous", "channels_last" (dense with channels innermost,
+    any number of spatial dims), or None for other strides. A tensor that is both (one channel, or one
+    pixel) counts as contiguous: its memory order is the same."""
+    if t.is_contiguous():
+        return "contiguous"
+    if t.dim() >= 3 and t.permute(0, *range(2, t.dim()), 1).is_contiguous():
+        return "channels_last"
+    return None
+
+
+def _residual_add_run(kernel, x: Tensor, y: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Launch `kernel` (the Launcher, or the kernel wrapped by wrap_triton while torch.compile traces)."""
+    out = torch.empty_like(x)  # x's layout
+    batch, channels = x.shape[:2]
+    sample_numel = x.numel() // batch
+    grid = (batch * _triton.cdiv(sample_numel, BLOCK),)
+    kernel[grid](x, y, bias, out, sample_numel, channels, sample_numel // channels,
+                 CHANNELS_LAST=not x.is_contiguous(), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return out
+
+
+def _residual_add_launch(x: Tensor, y: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return _residual_add_run(_residual_add_launcher, x, y, bias)
+
+
+def _residual_add_traced(x: Tensor, y: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return _residual_add_run(wrap_triton(_residual_add_kernel), x, y, bias)
+
+
+# The op torch.compile puts in its graphs (see _triton.register_op); eager calls launch directly.
+_residual_add_op = _triton.register_op("fastdiff::triton_residual_add", _residual_add_launch, _residual_add_traced,
+                                       fake=lambda x, y, bias: torch.empty_like(x))
+
+
+def check_residual_add_inputs(x: Tensor, y: Tensor, bias: Optional[Tensor]) -> None:
+    """Raise ValueError naming the bad value when the Triton kernel cannot compute this sum."""
+    check_residual_add_shapes(x, y, bias)
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x has dtype {x.dtype}, expected one of {DTYPES}")
+    for name, t in (("y", y), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}, expected x's dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, expected x's device {x.device}")
+    x_layout, y_layout = _layout(x), _layout(y)
+    if x_layout is None:
+        raise ValueError(f"x must be contiguous or channels_last, got shape {tuple(x.shape)} with strides "
+                         f"{x.stride()}")
+    if y_layout != x_layout:
+        raise ValueError(f"y must have x's layout ({x_layout}), got shape {tuple(y.shape)} with strides {y.stride()}")
+    sample_numel = x[:1].numel()
+    if sample_numel > MAX_SAMPLE_NUMEL:
+        raise ValueError(f"x has {sample_numel} elements per sample, over the kernel's limit {MAX_SAMPLE_NUMEL}")
+    check_triton_device(x)
+
+
+def residual_add(x: Tensor, y: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """x + y + bias[None, :, None, ...] with the Triton kernel: one read of x and y, one write.
+
+    x, y: (N, C, *spatial), same shape and dtype (float16, bfloat16 or float32), both contiguous or both
+    channels_last (dense with channels innermost: channels_last for 4-D, channels_last_3d for 5-D);
+    bias: (C,) in x's dtype, or None. y is the conv output whose bias was left out, x the residual: the sum
+    is (y + bias) + x in float32, rounded once to the dtype (eager torch, `residual_add_ref`, rounds after
+    each add). Returns (N, C, *spatial) in x's dtype and layout. Runs on CUDA tensors, or on the CPU under
+    TRITON_INTERPRET=1.
+    """
+    check_residual_add_inputs(x, y, bias)
+    if bias is not None:
+        bias = bias.contiguous()
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    op = _residual_add_op if torch.compiler.is_compiling() else _residual_add_launch
+    return op(x, y, bias)
