@@ -177,6 +177,11 @@ def _group_norm(norm: nn.GroupNorm, x: Tensor, activation: Optional[str] = None,
     return ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation=activation, offset=offset)
 
 
+def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """The nn.Conv2d `conv` without its bias (the caller adds it inside a later pass over the output)."""
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 def _layer_norm(norm: nn.LayerNorm, x: Tensor, residual: Optional[Tensor] = None):
     """Apply the nn.LayerNorm `norm` (which only holds the parameters and their keys) through the ops seam:
     LayerNorm(x), or with `residual` the pair (s, LayerNorm(s)) for s = x + residual."""
@@ -239,14 +244,17 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        """x: (B, Cin, H, W); temb: SiLU of the time embedding, (B, 4 * C0) -> (B, Cout, H, W)."""
-        h = self.conv1(_group_norm(self.norm1, x, "silu"))
-        # h + time_emb_proj(temb)[:, :, None, None], one shift per sample and channel, added inside norm2: the
-        # sum has no other reader, so it is never written out
-        h = _group_norm(self.norm2, h, "silu", offset=self.time_emb_proj(temb))  # offset: (B, Cout)
-        h = self.conv2(self.dropout(h))
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        """x: (B, Cin, H, W); temb: SiLU of the time embedding, (B, 4 * C0) -> (B, Cout, H, W).
+        The convolutions run without their biases (PyTorch adds a conv's bias in a separate pass over its
+        output): conv1's bias joins the time embedding as norm2's per-(sample, channel) offset, which the
+        Triton GroupNorm adds as it reads (the sum has no other reader, so it is never written out); conv2's
+        and the shortcut's join the residual add (`ops.residual_add`, one pass)."""
+        h = _conv(self.conv1, _group_norm(self.norm1, x, "silu"))
+        offset = self.time_emb_proj(temb) + self.conv1.bias  # (B, Cout): h + offset[:, :, None, None] is normed
+        h = _conv(self.conv2, self.dropout(_group_norm(self.norm2, h, "silu", offset=offset)))
+        if self.conv_shortcut is None:
+            return ops.residual_add(x, h, self.conv2.bias)
+        return ops.residual_add(_conv(self.conv_shortcut, x), h, self.conv2.bias + self.conv_shortcut.bias)
 
 
 class Downsample2D(nn.Module):
