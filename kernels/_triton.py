@@ -2,6 +2,7 @@
 import functools
 import inspect
 import os
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
@@ -244,19 +245,48 @@ def _signature(arg):
     return arg  # ints (their values) and None
 
 
-def register_op(name: str, launch: Callable, traced: Callable, fake: Callable):
-    """Register a kernel's host function as the torch.library op that torch.compile calls.
+_COMPILE_OPS: list["CompileOp"] = []
 
-    With compiled kernels this is a `torch.library.triton_op` over `traced` (the launch with each kernel
-    wrapped by `torch.library.wrap_triton`): inductor traces into it, autotunes the kernels itself and
-    launches them from its generated code, so a compiled graph neither pays the Python dispatcher and
-    launcher (~100 us of host time per call) nor loses the buffers around the op to an opaque call.
-    The interpreter's kernels (TRITON_INTERPRET=1, CPU tests) cannot be traced with fake tensors, so there
-    `launch` becomes an opaque `custom_op` whose output layout comes from `fake`. Eager calls skip both and
-    call `launch` directly.
+
+class CompileOp:
+    """A kernel's host function as the torch.library op that torch.compile calls; eager calls skip it and
+    call the launch function directly. It has two registrations:
+
+    opaque     `name`_opaque, a `torch.library.custom_op` over `launch` whose output layout comes from `fake`:
+               a compiled graph calls it as one black box (CUDA graphs capture it too). Registered on import.
+    traceable  `name`, a `torch.library.triton_op` over `traced` (the launch with each kernel wrapped by
+               `torch.library.wrap_triton`): inductor traces into it, autotunes the kernels itself and
+               launches them from its generated code, so a compiled graph neither pays the Python dispatcher
+               and launcher (~100 us of host time per call) nor loses the buffers around the op to an opaque
+               call. Registering one imports torch._inductor and with it torch._dynamo: 4.7 of the 9.6 s that
+               `import fastdiff` took on an H200 host (1.2 s on a CPU dev box), a cost a process that never
+               compiles must not pay. So it is registered by `prepare_compile()`, or on import when
+               torch._dynamo is imported already (diffusers imports it; so does torch.compile).
+    Calls go to the traceable op once it exists, else to the opaque one. Under the interpreter
+    (TRITON_INTERPRET=1, CPU tests) there is only the opaque op: those kernels cannot be traced with fake tensors.
     """
-    if triton is None or INTERPRET:
-        op = torch.library.custom_op(name, launch, mutates_args=())
-        op.register_fake(fake)
-        return op
-    return torch.library.triton_op(name, traced, mutates_args=())
+
+    def __init__(self, name: str, launch: Callable, traced: Callable, fake: Callable):
+        self.name, self.traced = name, traced
+        self.opaque = torch.library.custom_op(f"{name}_opaque", launch, mutates_args=())
+        self.opaque.register_fake(fake)
+        self.traceable = None
+        _COMPILE_OPS.append(self)
+        if "torch._dynamo" in sys.modules:
+            self.make_traceable()
+
+    def make_traceable(self) -> None:
+        if self.traceable is None and triton is not None and not INTERPRET:
+            self.traceable = torch.library.triton_op(self.name, self.traced, mutates_args=())
+
+    def __call__(self, *args):
+        return (self.opaque if self.traceable is None else self.traceable)(*args)
+
+
+def prepare_compile() -> None:
+    """Register every kernel as a `torch.library.triton_op`, so torch.compile traces into the kernels instead
+    of calling them as opaque ops (see CompileOp). Call it before compiling code that uses fastdiff's kernels
+    in a process that had not imported torch._dynamo when it imported them; fastdiff does so where it
+    compiles (`FastConfig.compile`, `ops.preload`). Idempotent; does nothing under the interpreter."""
+    for op in _COMPILE_OPS:
+        op.make_traceable()

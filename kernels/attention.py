@@ -328,9 +328,9 @@ def _attention_traced(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -
     return _attention_run(wrap_triton(_attention_kernel), q, k, v, scale)
 
 
-# The op torch.compile puts in its graphs (see _triton.register_op); eager calls launch directly.
-_attention_op = _triton.register_op("fastdiff::triton_attention", _attention_launch, _attention_traced,
-                                    fake=lambda q, k, v, scale: torch.empty_like(q))
+# The op torch.compile puts in its graphs (see _triton.CompileOp); eager calls launch directly.
+_attention_op = _triton.CompileOp("fastdiff::triton_attention", _attention_launch, _attention_traced,
+                                  fake=lambda q, k, v, scale: torch.empty_like(q))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:

@@ -530,10 +530,10 @@ def _group_norm_traced(x: Tensor, num_groups: int, weight: Optional[Tensor], bia
     return _group_norm_run(kernels, x, num_groups, weight, bias, eps, activation, offset)
 
 
-# The op torch.compile puts in its graphs (see _triton.register_op); eager calls launch directly.
-_group_norm_op = _triton.register_op("fastdiff::triton_group_norm", _group_norm_launch, _group_norm_traced,
-                                     fake=lambda x, num_groups, weight, bias, eps, activation, offset=None:
-                                     torch.empty_like(x))
+# The op torch.compile puts in its graphs (see _triton.CompileOp); eager calls launch directly.
+_group_norm_op = _triton.CompileOp("fastdiff::triton_group_norm", _group_norm_launch, _group_norm_traced,
+                                   fake=lambda x, num_groups, weight, bias, eps, activation, offset=None:
+                                   torch.empty_like(x))
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,

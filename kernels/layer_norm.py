@@ -148,10 +148,10 @@ def _add_layer_norm_traced(x: Tensor, residual: Tensor, weight: Optional[Tensor]
     return _layer_norm_run(wrap_triton(_layer_norm_kernel), x, residual, weight, bias, eps)
 
 
-# The ops torch.compile puts in its graphs (see _triton.register_op); eager calls launch directly.
-_layer_norm_op = _triton.register_op("fastdiff::triton_layer_norm", _layer_norm_launch, _layer_norm_traced,
-                                     fake=lambda x, weight, bias, eps: torch.empty_like(x))
-_add_layer_norm_op = _triton.register_op(
+# The ops torch.compile puts in its graphs (see _triton.CompileOp); eager calls launch directly.
+_layer_norm_op = _triton.CompileOp("fastdiff::triton_layer_norm", _layer_norm_launch, _layer_norm_traced,
+                                   fake=lambda x, weight, bias, eps: torch.empty_like(x))
+_add_layer_norm_op = _triton.CompileOp(
     "fastdiff::triton_add_layer_norm", _add_layer_norm_launch, _add_layer_norm_traced,
     fake=lambda x, residual, weight, bias, eps: (torch.empty_like(x), torch.empty_like(x)))
 

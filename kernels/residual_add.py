@@ -117,9 +117,9 @@ def _residual_add_traced(x: Tensor, y: Tensor, bias: Optional[Tensor]) -> Tensor
     return _residual_add_run(wrap_triton(_residual_add_kernel), x, y, bias)
 
 
-# The op torch.compile puts in its graphs (see _triton.register_op); eager calls launch directly.
-_residual_add_op = _triton.register_op("fastdiff::triton_residual_add", _residual_add_launch, _residual_add_traced,
-                                       fake=lambda x, y, bias: torch.empty_like(x))
+# The op torch.compile puts in its graphs (see _triton.CompileOp); eager calls launch directly.
+_residual_add_op = _triton.CompileOp("fastdiff::triton_residual_add", _residual_add_launch, _residual_add_traced,
+                                     fake=lambda x, y, bias: torch.empty_like(x))
 
 
 def check_residual_add_inputs(x: Tensor, y: Tensor, bias: Optional[Tensor]) -> None:

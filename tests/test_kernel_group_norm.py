@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdiff.kernels._triton import jit_function
+from fastdiff.kernels._triton import jit_function, prepare_compile
 from fastdiff.kernels.group_norm import group_norm, group_norm_ref
 
 gn_module = importlib.import_module("fastdiff.kernels.group_norm")  # the package re-exports the function
@@ -338,6 +338,7 @@ def test_group_norm_with_and_without_offset_under_inductor_matches_eager(monkeyp
         return group_norm(x, 32, weight, bias, 1e-5, "silu", offset) * 2.0, group_norm(x, 32, weight, bias) + 1.0
 
     expected = block(x, weight, bias, offset)
+    prepare_compile()
     torch._dynamo.reset()
     got = torch.compile(block, fullgraph=True)(x, weight, bias, offset)
     for name, a, b in zip(("offset", "no offset"), got, expected):

@@ -212,6 +212,7 @@ class Sm90:
 
 triton.runtime.driver.set_active(Sm90())
 ra = importlib.import_module("fastdiff.kernels.residual_add")
+importlib.import_module("fastdiff.kernels._triton").prepare_compile()
 assert len(get_triton_kernels_for_op("fastdiff::triton_residual_add")) == 1, "residual_add is not a triton_op"
 for layout in (torch.contiguous_format, torch.channels_last):
     for bias in (torch.empty(320, dtype=torch.float16), None):
@@ -287,6 +288,8 @@ def test_inductor_launches_the_kernel_itself_and_matches_eager(caplog, layout):
     call of the op, it could read what the kernel writes (otherwise it assumes every input is written and
     copies them), the output keeps x's layout, and it equals eager."""
     from torch._inductor.utils import run_and_get_code
+
+    _triton.prepare_compile()  # traceable triton_ops, not the opaque ones registered on import
 
     def block(x, y, b):
         return residual_add(x, y * 0.5, b) * 2.0

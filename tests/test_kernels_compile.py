@@ -1,5 +1,5 @@
-"""The kernels under torch.compile: registered as `torch.library.triton_op`s, so inductor traces into them
-(`wrap_triton`) and launches the Triton kernels from its own generated code.
+"""The kernels under torch.compile: once registered as `torch.library.triton_op`s (`prepare_compile`), inductor
+traces into them (`wrap_triton`) and launches the Triton kernels from its own generated code.
 
 On the CPU the tracing runs in a fresh process without TRITON_INTERPRET (the interpreter's kernels cannot
 be traced; tests/conftest.py sets it for this process), on fake tensors, so no kernel runs. The GPU test
@@ -12,6 +12,8 @@ import sys
 import pytest
 import torch
 
+from fastdiff.kernels import _triton
+
 # For each attention shape, the configs torch.compile's tracing keeps (it applies the heuristics to every
 # config, then prunes) must be the ones Triton itself runs (it prunes, then applies the heuristics).
 _TRACE_CONFIGS = """
@@ -23,6 +25,7 @@ import importlib
 
 attention = importlib.import_module("fastdiff.kernels.attention")
 group_norm = importlib.import_module("fastdiff.kernels.group_norm")
+importlib.import_module("fastdiff.kernels._triton").prepare_compile()
 assert get_triton_kernels_for_op("fastdiff::triton_attention"), "attention is not a triton_op"
 assert len(get_triton_kernels_for_op("fastdiff::triton_group_norm")) == 4, "group_norm is not a triton_op"
 
@@ -89,6 +92,8 @@ def test_inductor_launches_the_kernels_itself_and_matches_eager(single_launch_ma
     import importlib
 
     from torch._inductor.utils import run_and_get_code
+
+    _triton.prepare_compile()  # traceable triton_ops, not the opaque ones registered on import
 
     from fastdiff.kernels import attention, group_norm
 
