@@ -76,7 +76,7 @@ class Pipeline:
                              f"are on {self.device}; pass fast=None to use the fast path only where it applies")
         self.fast = fast
         self._fast_unet: Optional[FastUNet] = None
-        self._compiled_for: set[tuple] = set()  # input shapes whose Triton kernels compile_kernels compiled
+        self._compiled_for: set[tuple] = set()  # request shapes whose Triton kernels _compile_kernels compiled
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], device=None, dtype=None,
@@ -151,7 +151,8 @@ class Pipeline:
         noise = noise.to(self.device, torch.float32)
         x = noise * sched.init_noise_sigma if x0 is None else schedulers.add_noise(x0, noise, sched, start)
 
-        self.compile_kernels(x, context, req.cfg, decode=req.output_type != "latent")
+        fused_guidance = req.guidance_scale if req.cfg and req.guidance_rescale == 0.0 else None
+        self._compile_kernels(x, context, req, sched, fused_guidance, start)
         model_fn = self._model_fn(context, req)
         bar = _progress(req.steps - start, progress)
 
@@ -166,7 +167,6 @@ class Pipeline:
             n = _randn(tuple(shape), generator)
             return n.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else n
 
-        fused_guidance = req.guidance_scale if req.cfg and req.guidance_rescale == 0.0 else None
         try:
             x = schedulers.sample(model_fn, x, sched, guidance_scale=fused_guidance, noise_fn=noise_fn,
                                   callback=on_step, start_index=start)
@@ -213,21 +213,28 @@ class Pipeline:
             prepare_vae(self.vae, config)
         return self._fast_unet
 
-    def compile_kernels(self, x: Tensor, context: Tensor, cfg: bool, decode: bool = True) -> None:
-        """Compile, all at once, the Triton kernels that sampling latents shaped like `x` (and decoding them)
-        will launch on the fast path; the call does it before the first image of a new shape.
+    def _compile_kernels(self, x: Tensor, context: Tensor, req: _Request, sched: schedulers.Schedule,
+                         guidance_scale: Optional[float], start: int) -> None:
+        """Before the first image of a new shape on the fast path: compile, all at once, every Triton kernel
+        that sampling and decoding it will launch.
 
-        It runs the UNet and the VAE decoder eagerly inside `fastdiff.kernels.compiling_ahead`: their Triton
-        launches do not run but hand their compiles to a thread pool, and the block waits for them. With an
-        empty kernel cache the first image then waits for about the slowest compile instead of their sum (on
-        a warm cache the compiles are cache reads). Does nothing off the fast path, when the UNet goes through
-        torch.compile (inductor compiles its own kernels), or for shapes done before."""
+        The UNet, the sampling loop (on a stand-in model and stand-in noise) and the VAE decoder run eagerly
+        inside `fastdiff.kernels.compiling_ahead`: their Triton launches do not run but hand their compiles to
+        a thread pool, which the block waits for. With an empty kernel cache the first image then waits for
+        about the slowest compile instead of the sum (on a warm cache the compiles are cache reads). Nothing
+        here touches `x` or the seed's generator. Skipped off the fast path and when the UNet goes through
+        torch.compile (inductor compiles its own kernels)."""
         fast = self.fast_unet()
-        key = (tuple(x.shape), tuple(context.shape), cfg, decode)
+        decode = req.output_type != "latent"
+        key = (tuple(x.shape), tuple(context.shape), req.cfg, req.scheduler, guidance_scale is None, start, decode)
         if fast is None or fast.config.compile is not None or key in self._compiled_for:
             return
+        rows = 2 * x.shape[0] if guidance_scale is not None else x.shape[0]  # the model_fn's output batch
+        model_out = torch.zeros((rows, *x.shape[1:]), device=x.device)
         with compiling_ahead():
-            fast.eager_call(x, torch.zeros((), device=x.device), context, cfg)  # outputs unwritten: dropped
+            fast.eager_call(x, torch.zeros((), device=x.device), context, req.cfg)  # outputs unwritten: dropped
+            schedulers.sample(lambda x_in, t: model_out, x, sched, guidance_scale=guidance_scale,
+                              noise_fn=lambda shape: torch.zeros(tuple(shape), device=x.device), start_index=start)
             if decode:
                 self.decode_latents(x)
         self._compiled_for.add(key)

@@ -1,6 +1,7 @@
 """The CUDA fast path on a GPU: CUDA-graph replay equals the prepared modules called eagerly, two resolutions
 hold two graphs that both stay right, the fast UNet in float16 is as close to a float32 reference as the plain
 float16 UNet, and the sampling loop makes no host synchronisation. Run on the device: `pytest -m gpu`."""
+import contextlib
 import copy
 
 import numpy as np
@@ -121,13 +122,13 @@ def test_bfloat16_fast_path(tiny_folder):
 
 
 def _compiled_variants() -> int:
-    """Triton kernel variants compiled in this process for the UNet's and the VAE's kernels (the sampling
-    update is outside both, so compile_kernels leaves it to the loop)."""
+    """Triton kernel variants compiled in this process for fastdiff's kernels."""
     import importlib
 
     from fastdiff.kernels import _triton
 
     names = {"attention": ["_attention_kernel"], "geglu": ["_geglu_kernel"], "layer_norm": ["_layer_norm_kernel"],
+             "residual_add": ["_residual_add_kernel"], "scheduler_step": ["_scheduler_step_kernel"],
              "group_norm": ["_group_norm_stats_kernel", "_group_norm_apply_kernel", "_group_norm_single_kernel",
                             "_group_norm_single_cl_kernel"]}
     device = torch.cuda.current_device()
@@ -140,18 +141,30 @@ def _compiled_variants() -> int:
     return total
 
 
-def test_compile_kernels_leaves_nothing_for_the_image_to_compile(tiny_folder):
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m", "euler_a"])
+def test_first_image_compiles_its_kernels_ahead_all_at_once(tiny_folder, scheduler, monkeypatch):
+    """Every Triton kernel the first image of a new shape compiles, it compiles inside compiling_ahead(); the
+    image itself then compiles nothing more."""
+    import fastdiff.pipeline
+
+    counts = []
+    real = fastdiff.pipeline.compiling_ahead
+
+    @contextlib.contextmanager
+    def counting():
+        with real():
+            yield
+        counts.append(_compiled_variants())
+
+    monkeypatch.setattr(fastdiff.pipeline, "compiling_ahead", counting)
     pipe = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda")
-    # 72x56 pixels: 9x7 latents, a shape no other test compiles for
-    x = torch.zeros(2, 4, 9, 7, device="cuda")
-    context = pipe.encode_prompt(["a red circle", "a blue square"], ["", ""], 1, True)
     before = _compiled_variants()
-    pipe.compile_kernels(x, context, cfg=True)
-    ahead = _compiled_variants()
-    images = pipe(["a red circle", "a blue square"], steps=3, seed=5, height=72, width=56, output_type="np",
-                  progress=False)
+    # 72x56 pixels: 9x7 latents, a shape no other test compiles for
+    kw = dict(steps=3, seed=5, height=72, width=56, output_type="np", progress=False, scheduler=scheduler)
+    images = pipe(["a red circle", "a blue square"], **kw)
     after = _compiled_variants()
-    print(f"kernel variants: {before} before, {ahead} after compile_kernels, {after} after the images")
-    assert ahead > before
-    assert after == ahead, "the images compiled kernels that compile_kernels did not"
-    assert all(np.isfinite(image).all() for image in images)
+    again = pipe(["a red circle", "a blue square"], **kw)  # the same shape: no second compile-ahead pass
+    print(f"{scheduler}: kernel variants {before} before, {counts} after compiling ahead, {after} after the image")
+    assert len(counts) == 1 and counts[0] > before
+    assert after == counts[0], "the image compiled kernels that compiling ahead did not"
+    assert all(np.isfinite(image).all() for image in images + again)
