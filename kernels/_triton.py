@@ -180,6 +180,7 @@ class _CompilePool:
 
 
 _compile_pool: Optional[_CompilePool] = None
+COMPILE_WORKERS = 4  # compiling_ahead's default thread count (see there: more threads do not compile faster)
 
 
 @contextmanager
@@ -188,21 +189,24 @@ def compiling_ahead(workers: Optional[int] = None) -> Iterator[None]:
 
     A Launcher call with an argument signature that has not launched yet does not run: every variant it
     would compile (an autotuned kernel's candidates after pruning, each one) goes to a pool of `workers`
-    threads (default: one per CPU), and the call returns at once, its outputs unwritten. Calls of known
-    signatures are skipped as well. Leaving the block waits for every compile and re-raises the first error.
+    threads (default: one per CPU, at most COMPILE_WORKERS), and the call returns at once, its outputs
+    unwritten. Calls of known signatures are skipped as well. Leaving the block waits for every compile and
+    re-raises the first error.
 
     Run a model's forward inside it on inputs of the shapes to come (its outputs are garbage: drop them), and
-    the real forward afterwards finds its kernels compiled (it still autotunes). A cold kernel cache then
-    costs about the longest compile instead of the sum of all: Triton's compiler releases the GIL for most
-    of its work (MLIR and LLVM passes, ptxas), so threads scale; 11 GroupNorm and attention variants took
-    7.0 s one after the other and 3.8 s on two threads of a 2-core CPU. A nested block joins the outer one.
+    the real forward afterwards finds its kernels compiled (it still autotunes). Triton's compiler releases
+    the GIL for much of its work (MLIR and LLVM passes, ptxas), so threads overlap: 11 GroupNorm and
+    attention variants took 7.0 s one after the other and 3.8 s on two threads of a 2-core CPU. The Python
+    part of each compile still holds the GIL, and that caps the gain: on a 16-core H200 host the SD1.5 first
+    image's 81 compiles took 6.3-7.0 s on 4 threads and on 16 alike, and 16 threads starved the thread
+    running the model (5-6 s to issue its calls against 1.1 s with 4). A nested block joins the outer one.
     Under the interpreter there is nothing to compile and launches run as usual.
     """
     global _compile_pool
     if _compile_pool is not None or INTERPRET or triton is None:
         yield
         return
-    pool = _compile_pool = _CompilePool(workers or os.cpu_count() or 1)
+    pool = _compile_pool = _CompilePool(workers or min(COMPILE_WORKERS, os.cpu_count() or 1))
     try:
         yield
     finally:
