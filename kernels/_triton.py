@@ -130,7 +130,7 @@ class Launcher:
         launch = self._launches.get(key)
         if _compile_pool is not None:  # inside compiling_ahead(): compile what the launch needs, launch nothing
             if launch is None:
-                _compile_pool.submit(self, key, device, grid, args, meta)
+                _compile_pool.submit(self, device, grid, args, meta)
             return
         hooked = _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook)
         if not self.enabled or hooked:
@@ -162,14 +162,13 @@ class _CompilePool:
     def __init__(self, workers: int):
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastdiff-compile")
         self.futures: list[Future] = []
-        self.submitted: set[tuple] = set()
+        self.submitted: set[tuple] = set()  # variant keys (see _variant_compiles): one compile each
 
-    def submit(self, launcher: Launcher, key: tuple, device: int, grid, args: tuple, meta: dict) -> None:
-        if (id(launcher), key) in self.submitted:
-            return
-        self.submitted.add((id(launcher), key))
-        for compile_variant in _variant_compiles(launcher.kernel, grid, args, meta):
-            self.futures.append(self.executor.submit(_on_device, device, compile_variant))
+    def submit(self, launcher: Launcher, device: int, grid, args: tuple, meta: dict) -> None:
+        for variant, compile_variant in _variant_compiles(launcher, grid, args, meta):
+            if (device, variant) not in self.submitted:
+                self.submitted.add((device, variant))
+                self.futures.append(self.executor.submit(_on_device, device, compile_variant))
 
     def wait(self) -> None:
         try:
@@ -214,18 +213,48 @@ def compiling_ahead(workers: Optional[int] = None) -> Iterator[None]:
         pool.wait()
 
 
-def _variant_compiles(kernel, grid, args: tuple, meta: dict) -> list[Callable[[], Any]]:
-    """One call per variant `kernel[grid](*args, **meta)` may compile, each compiling it without a launch.
-    An autotuner's candidates are pruned here, on the calling thread (pruning reads the autotuner's state)."""
+def _variant_compiles(launcher: Launcher, grid, args: tuple, meta: dict) -> list[tuple[tuple, Callable[[], Any]]]:
+    """(key, compile) for each variant `launcher[grid](*args, **meta)` may compile; each compile compiles its
+    variant without a launch. Launches that differ only in what Triton does not specialize on (an int's value
+    beyond == 1 and divisibility by 16, a tensor's address beyond 16-byte alignment) have the same keys, so a
+    variant is compiled once however many shapes use it. Autotuner candidates are pruned and heuristics
+    evaluated here, on the calling thread (pruning reads the autotuner's state)."""
+    kernel, jit = launcher.kernel, launcher.jit
+    named = {**dict(zip(jit.arg_names, args)), **meta}
+    specialized = tuple(_specialization(arg, param.do_not_specialize) for arg, param in zip(args, jit.params))
+    configs = [None]
     if isinstance(kernel, triton.runtime.Autotuner):
         kernel.nargs = dict(zip(kernel.arg_names, args))
         try:
             configs = kernel.prune_configs(meta)
         finally:
             kernel.nargs = None
-        return [functools.partial(kernel.fn.run, *args, grid=grid, warmup=True, **meta, **config.all_kwargs())
-                for config in configs]
-    return [functools.partial(kernel.run, *args, grid=grid, warmup=True, **meta)]
+    variants = []
+    for config in configs:
+        constexprs = {**meta, **(config.all_kwargs() if config is not None else {})}
+        inner = kernel if config is None else kernel.fn
+        wrapper = inner
+        while isinstance(wrapper, triton.runtime.Heuristics):  # the values the heuristics will compute
+            constexprs.update({name: rule({**named, **constexprs}) for name, rule in wrapper.values.items()})
+            wrapper = wrapper.fn
+        key = (id(jit), specialized, tuple(sorted(constexprs.items())))
+        variants.append((key, functools.partial(inner.run, *args, grid=grid, warmup=True, **meta,
+                                                **(config.all_kwargs() if config is not None else {}))))
+    return variants
+
+
+def _specialization(arg, unspecialized: bool):
+    """What Triton's compile of a kernel depends on in one runtime argument."""
+    if isinstance(arg, Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, bool):
+        return bool, arg
+    if isinstance(arg, int):
+        width = -2**31 <= arg < 2**31  # i32 or i64
+        return (int, width) if unspecialized else (int, width, arg == 1, arg % 16 == 0)
+    if isinstance(arg, float):
+        return float
+    return arg  # None
 
 
 def _on_device(device: int, fn: Callable[[], Any]) -> Any:
