@@ -6,6 +6,7 @@ never uses the Launcher); the GPU tests run the real kernels.
 """
 import importlib
 import threading
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -142,7 +143,7 @@ def ahead(monkeypatch):
 def test_compiling_ahead_compiles_each_variant_once_and_launches_nothing(ahead):
     kernel = _FakeAutotuned()
     launcher = _triton.Launcher(kernel)
-    kernel.run = (fake := _FakeJIT()).run  # a plain (not autotuned) kernel: one compile per variant
+    launcher.jit.run = (fake := _FakeJIT()).run  # a plain (not autotuned) kernel: one compile per variant
     x, y = torch.empty(1000), torch.empty(1000)
     with _triton.compiling_ahead(workers=2):
         launcher[_grid](x, y, 1000, 0.5, SILU=True)
@@ -159,6 +160,29 @@ def test_compiling_ahead_compiles_each_variant_once_and_launches_nothing(ahead):
     assert len(kernel.launches) == 1
 
 
+def test_compiling_ahead_keeps_no_tensor_alive_while_a_compile_waits(ahead):
+    kernel = _FakeAutotuned()
+    launcher = _triton.Launcher(kernel)
+    fake, started = _FakeJIT(), threading.Event()
+
+    def slow_run(*args, grid, warmup, **meta):
+        started.wait(5)
+        fake.run(*args, grid=grid, warmup=warmup, **meta)
+
+    launcher.jit.run = slow_run
+    with _triton.compiling_ahead(workers=1):
+        x, y = torch.empty(1000), torch.empty(1001)[1:]  # y: 4 bytes past a 16-byte boundary
+        alive = weakref.ref(x)
+        launcher[_grid](x, y, 1000, 0.5, SILU=True)
+        del x
+        assert alive() is None, "the waiting compile holds the launch's tensor"
+        started.set()
+    ((args, _, _),) = fake.compiles
+    print("compiled with:", [(type(a).__name__, getattr(a, "dtype", None)) for a in args[:2]])
+    assert all(isinstance(a, _triton._TensorSpec) and a.dtype == torch.float32 for a in args[:2])
+    assert (args[0].data_ptr(), args[1].data_ptr()) == (0, 4)
+
+
 def test_compiling_ahead_compiles_every_candidate_the_autotuner_keeps(ahead):
     def keep_wide_blocks(configs, named_args, **kwargs):
         return [c for c in configs if c.kwargs["BLOCK"] >= named_args["n"] // 8]
@@ -167,7 +191,7 @@ def test_compiling_ahead_compiles_every_candidate_the_autotuner_keeps(ahead):
     kernel = triton.autotune(configs=configs, key=["n"], prune_configs_by={"early_config_prune": keep_wide_blocks})(
         triton.runtime.jit.JITFunction(_toy_kernel))
     launcher = _triton.Launcher(kernel)
-    kernel.fn = fake = _FakeJIT()  # after the Launcher found the JIT function underneath
+    launcher.jit.run = (fake := _FakeJIT()).run
     with _triton.compiling_ahead(workers=2):
         launcher[_grid](torch.empty(1000), torch.empty(1000), 1000, 0.5, SILU=False)
     compiled = sorted((c[1]["BLOCK"], c[1]["num_warps"]) for c in fake.compiles)
@@ -179,7 +203,7 @@ def test_compiling_ahead_compiles_every_candidate_the_autotuner_keeps(ahead):
 def test_compiling_ahead_reraises_a_compile_error_when_the_block_ends(ahead):
     kernel = _FakeAutotuned()
     launcher = _triton.Launcher(kernel)
-    kernel.run = _FakeJIT(fail=True).run
+    launcher.jit.run = _FakeJIT(fail=True).run
     with pytest.raises(RuntimeError, match="PassManager"):
         with _triton.compiling_ahead(workers=1):
             launcher[_grid](torch.empty(64), torch.empty(64), 64, 0.5, SILU=False)
