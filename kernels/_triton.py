@@ -84,15 +84,17 @@ class Launcher:
     and evaluates the heuristics in Python on every call: tens of microseconds of host time, against a few
     for a torch C++ op. Eager callers at batch 1 (a diffusers pipeline) are bound by exactly that host time.
     The first call with a given argument signature goes through Triton (compiling and autotuning as usual)
-    and records what it chose: the compiled kernel, the constexprs (call-site, autotuned, heuristic) and the
-    grid. Later calls with the same signature call the compiled kernel's launcher with them directly.
+    and records what it chose: the compiled kernel and the constexprs (call-site, autotuned, heuristic).
+    Later calls with the same signature call the compiled kernel's launcher with them directly, on the grid
+    their own call passes (evaluated with the recorded constexprs when it is a function of them).
 
     The signature holds every integer argument's value, each tensor's dtype and 16-byte alignment, and the
-    call-site constexprs: everything Triton specializes on and the autotune keys and grids depend on, so a
-    recorded launch is the one Triton would have made. Runtime arguments must be positional and constexprs
-    keywords (the kernels' signatures list runtime arguments first). Under the interpreter, while a launch
-    hook is set (profilers), or inside `with Launcher.disabled():` (comparisons, debugging), every call goes
-    through Triton.
+    call-site constexprs: everything Triton specializes on and the autotune keys and heuristics depend on,
+    so a recorded launch is the one Triton would have made. The grid is never part of it: a grid may depend
+    on values that are no kernel argument (GroupNorm's and attention's on the batch size), so every call
+    brings its own. Runtime arguments must be positional and constexprs keywords (the kernels' signatures
+    list runtime arguments first). Under the interpreter, while a launch hook is set (profilers), or inside
+    `with Launcher.disabled():` (comparisons, debugging), every call goes through Triton.
     """
 
     enabled = True
@@ -138,22 +140,25 @@ class Launcher:
             return
         if launch is None:
             compiled = self.kernel[grid](*args, **meta)
-            self._launches[key] = self._recorded_launch(compiled, len(args), grid)
+            self._launches[key] = self._recorded_launch(compiled, len(args))
             return
-        compiled, (grid_0, grid_1, grid_2), constexprs = launch
+        compiled, constexprs, named_constexprs = launch
+        if callable(grid):
+            grid = grid({**dict(zip(self.jit.arg_names, args)), **named_constexprs})
+        grid_0, grid_1, grid_2 = (*grid, 1, 1)[:3]
         compiled.run(grid_0, grid_1, grid_2, driver.active.get_current_stream(device), compiled.function,
                      compiled.packed_metadata, None, None, None, *args, *constexprs)
 
-    def _recorded_launch(self, compiled, n_args: int, grid) -> tuple:
+    def _recorded_launch(self, compiled, n_args: int) -> tuple:
+        """(compiled kernel, its constexpr values in signature order, the same by name) of the launch just made."""
         args, kwargs = self._recorded
         named = {**dict(zip(self.jit.arg_names, args)), **kwargs}
         constexpr_names = self.jit.arg_names[n_args:]
         if len(args) != n_args or any(i not in self.jit.constexprs for i in range(n_args, len(self.jit.arg_names))):
             raise TypeError(f"{self.jit.fn.__name__}: Launcher needs runtime arguments positional and constexprs "
                             f"as keywords, got {n_args} positional arguments for {self.jit.arg_names}")
-        grid = grid(named) if callable(grid) else grid
-        grid = (*grid, 1, 1)[:3]
-        return compiled, grid, tuple(named[name] for name in constexpr_names)
+        constexprs = {name: named[name] for name in constexpr_names}
+        return compiled, tuple(constexprs.values()), constexprs
 
 
 class _CompilePool:

@@ -79,6 +79,20 @@ def test_repeat_call_runs_the_recorded_launch_with_the_new_pointers(toy):
     assert run[9] is x2 and run[10] is y2 and run[11:] == (1000, 0.25, 128, True)
 
 
+def test_repeat_call_launches_on_its_own_grid(toy):
+    """The grid may depend on values that are no kernel argument (GroupNorm's and attention's on the batch
+    size): a repeated signature must launch on the grid its own call passes, never on the recorded one."""
+    kernel, launcher = toy
+    x, y = torch.empty(1000), torch.empty(1000)
+    for batch in (1, 3):  # a function of the constexprs and of a value the kernel never sees
+        launcher[lambda meta: (batch * _triton.cdiv(meta["n"], meta["BLOCK"]), batch)](x, y, 1000, 0.5, SILU=True)
+    launcher[(5,)](x, y, 1000, 0.5, SILU=True)  # a plain tuple
+    assert len(kernel.launches) == 1
+    grids = [run[:3] for run in kernel.compiled.runs]
+    print("replayed grids:", grids)
+    assert grids == [(24, 3, 1), (5, 1, 1)]  # ceil(1000 / 128) = 8 programs per batch entry
+
+
 @pytest.mark.parametrize("change", ["int argument", "dtype", "alignment", "constexpr"])
 def test_a_new_signature_goes_through_triton_again(toy, change):
     kernel, launcher = toy
@@ -262,6 +276,31 @@ def test_new_signature_is_recorded_not_reused():
     err3 = (out3.float() - attention_ref(q3, k, v).float()).abs().max().item()
     print(f"max abs error with a misaligned q: {err3:.3e}")
     assert err3 < 1e-2
+
+
+@pytest.mark.gpu
+def test_a_new_batch_size_with_an_old_signature_normalizes_and_attends_every_sample():
+    """GroupNorm's grids (both strategies, both layouts) and attention's grid grow with the batch, which is
+    no kernel argument: the batch-1 launch's signature recurs at batch 3 and must not bring its grid along."""
+    group_norm_module = importlib.import_module("fastdiff.kernels.group_norm")
+    for shape, layout in (((1, 64, 16, 16), torch.contiguous_format), ((1, 64, 16, 16), torch.channels_last),
+                          ((1, 320, 64, 64), torch.contiguous_format), ((1, 320, 64, 64), torch.channels_last)):
+        weight, bias = (torch.randn(shape[1], device="cuda", dtype=torch.float16) for _ in range(2))
+        for batch in (1, 3):
+            x = torch.randn(batch, *shape[1:], device="cuda", dtype=torch.float16).contiguous(memory_format=layout)
+            out = group_norm_module.group_norm(x, 32, weight, bias, 1e-5, "silu").float()
+            ref = group_norm_module.group_norm_ref(x.float(), 32, weight.float(), bias.float(), 1e-5, "silu")
+            err = ((out - ref).norm() / ref.norm()).item()
+            print(f"group_norm {(batch, *shape[1:])} {layout}: rel err {err:.2e}")
+            assert err < 1e-2
+    for batch in (1, 3):
+        q = torch.randn(batch, 8, 4096, 40, device="cuda", dtype=torch.float16)
+        k, v = (torch.randn(batch, 8, 77, 40, device="cuda", dtype=torch.float16) for _ in range(2))
+        out = attention(q, k, v).float()
+        ref = attention_ref(q.float(), k.float(), v.float())
+        err = ((out - ref).norm() / ref.norm()).item()
+        print(f"attention batch {batch}: rel err {err:.2e}")
+        assert err < 1e-2
 
 
 @pytest.mark.gpu
