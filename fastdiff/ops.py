@@ -151,7 +151,7 @@ def _load(op: str, backend: str) -> Callable:
 
 def preload(op: Optional[str] = None) -> None:
     """Import every implementation of `op` (of every op when None) now, and register the Triton kernels as
-    ops torch.compile traces into (`fastdiff.kernels._triton.prepare_compile`). The first call of an op
+    ops torch.compile traces into (`fastdiff.kernels.prepare_compile`). The first call of an op
     imports it, which torch.compile cannot trace: code that is about to be compiled calls this first, or its
     graph breaks at each op for good."""
     for o in OPS if op is None else (op,):

@@ -22,7 +22,7 @@ if __name__ != "fastdiff.kernels":
         if name.startswith("fastdiff.kernels."):
             sys.modules[__name__ + name[len("fastdiff.kernels"):]] = module
 else:
-    from ._triton import compiling_ahead
+    from ._triton import compiling_ahead, prepare_compile
     from .attention import attention, attention_ref
     from .geglu import geglu, geglu_ref
     from .group_norm import group_norm, group_norm_ref
@@ -31,5 +31,5 @@ else:
     from .scheduler_step import StepCoeffs, scheduler_step, scheduler_step_ref
 
     __all__ = ["add_layer_norm", "add_layer_norm_ref", "attention", "attention_ref", "compiling_ahead", "geglu",
-               "geglu_ref", "group_norm", "group_norm_ref", "layer_norm", "layer_norm_ref", "residual_add",
-               "residual_add_ref", "scheduler_step", "scheduler_step_ref", "StepCoeffs"]
+               "geglu_ref", "group_norm", "group_norm_ref", "layer_norm", "layer_norm_ref", "prepare_compile",
+               "residual_add", "residual_add_ref", "scheduler_step", "scheduler_step_ref", "StepCoeffs"]
