@@ -31,6 +31,17 @@ def check_triton_device(t: Tensor) -> None:
                          "(set TRITON_INTERPRET=1 before importing fastdiff to run them on the CPU interpreter)")
 
 
+def check_like(x: Tensor, **tensors: Optional[Tensor]) -> None:
+    """Every named tensor that is given (not None) must have x's dtype and device; ValueError naming it if not."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}, expected x's dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, expected x's device {x.device}")
+
+
 def jit_function(kernel):
     """The @triton.jit function under a kernel's @triton.autotune / @triton.heuristics wrappers (tools that
     compile a kernel for a GPU they do not run on need it; not under the interpreter)."""

@@ -437,22 +437,13 @@ def check_group_norm_inputs(x: Tensor, num_groups: int, weight: Optional[Tensor]
     if num_groups < 1 or channels % num_groups:
         raise ValueError(f"num_groups must divide the {channels} channels, got {num_groups}")
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if tuple(t.shape) != (channels,):
+        if t is not None and tuple(t.shape) != (channels,):
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({channels},)")
-        if t.dtype != x.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype}, expected x's dtype {x.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, expected x's device {x.device}")
     if offset is not None:
         _check_offset_shape(x, offset)
-        if offset.dtype != x.dtype:
-            raise ValueError(f"offset has dtype {offset.dtype}, expected x's dtype {x.dtype}")
-        if offset.device != x.device:
-            raise ValueError(f"offset is on {offset.device}, expected x's device {x.device}")
         if not offset.is_contiguous():
             raise ValueError(f"offset must be contiguous, got strides {offset.stride()}")
+    _triton.check_like(x, weight=weight, bias=bias, offset=offset)
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if channels > MAX_CHANNELS and _is_channels_last(x):

@@ -168,13 +168,7 @@ def check_layer_norm_inputs(x: Tensor, residual: Optional[Tensor], weight: Optio
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous, got shape {tuple(t.shape)} with strides {t.stride()} "
                              "(call .contiguous() first)")
-    for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype}, expected x's dtype {x.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, expected x's device {x.device}")
+    _triton.check_like(x, residual=residual, weight=weight, bias=bias)
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     check_triton_device(x)

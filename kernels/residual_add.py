@@ -127,13 +127,7 @@ def check_residual_add_inputs(x: Tensor, y: Tensor, bias: Optional[Tensor]) -> N
     check_residual_add_shapes(x, y, bias)
     if x.dtype not in DTYPES:
         raise ValueError(f"x has dtype {x.dtype}, expected one of {DTYPES}")
-    for name, t in (("y", y), ("bias", bias)):
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype}, expected x's dtype {x.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, expected x's device {x.device}")
+    _triton.check_like(x, y=y, bias=bias)
     x_layout, y_layout = _layout(x), _layout(y)
     if x_layout is None:
         raise ValueError(f"x must be contiguous or channels_last, got shape {tuple(x.shape)} with strides "
