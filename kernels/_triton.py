@@ -143,7 +143,7 @@ class Launcher:
         launch = self._launches.get(key)
         if _compile_pool is not None:  # inside compiling_ahead(): compile what the launch needs, launch nothing
             if launch is None:
-                _compile_pool.submit(self, device, grid, args, meta)
+                _compile_pool.submit(self, device, args, meta)
             return
         hooked = _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook)
         if not self.enabled or hooked:
@@ -180,8 +180,8 @@ class _CompilePool:
         self.futures: list[Future] = []
         self.submitted: set[tuple] = set()  # variant keys (see _variant_compiles): one compile each
 
-    def submit(self, launcher: Launcher, device: int, grid, args: tuple, meta: dict) -> None:
-        for variant, compile_variant in _variant_compiles(launcher, grid, args, meta):
+    def submit(self, launcher: Launcher, device: int, args: tuple, meta: dict) -> None:
+        for variant, compile_variant in _variant_compiles(launcher, args, meta):
             if (device, variant) not in self.submitted:
                 self.submitted.add((device, variant))
                 self.futures.append(self.executor.submit(_on_device, device, compile_variant))
@@ -229,7 +229,7 @@ def compiling_ahead(workers: Optional[int] = None) -> Iterator[None]:
         pool.wait()
 
 
-def _variant_compiles(launcher: Launcher, grid, args: tuple, meta: dict) -> list[tuple[tuple, Callable[[], Any]]]:
+def _variant_compiles(launcher: Launcher, args: tuple, meta: dict) -> list[tuple[tuple, Callable[[], Any]]]:
     """(key, compile) for each variant `launcher[grid](*args, **meta)` may compile; each compile compiles its
     variant without a launch. Launches that differ only in what Triton does not specialize on (an int's value
     beyond == 1 and divisibility by 16, a tensor's address beyond 16-byte alignment) have the same keys, so a
