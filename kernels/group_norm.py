@@ -152,6 +152,21 @@ if triton is not None:
             tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _normalize_channels_last(X, Y, begin, end, C, cols, mask_c, scale, shift, silu, ROWS: tl.constexpr,
+                                 STAGES: tl.constexpr):
+        """y = x * scale + shift per channel, then SiLU when silu != 0, for pixels begin..end of channels_last
+        x at X (one sample; output at Y), channels `cols` (mask_c: the valid ones); scale and shift fold the
+        mean, rstd, weight, bias and offset in."""
+        for start in tl.range(begin, end, ROWS, num_stages=STAGES):
+            rows = start + tl.arange(0, ROWS)
+            mask = (rows < end)[:, None] & mask_c[None, :]
+            offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+            y = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
+            if silu != 0:
+                y = y * tl.sigmoid(y)
+            tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _group_norm_stats_kernel(
         X,  # pointer to x, (N, C, HW) contiguous or (N, HW, C) channels_last
         Offset,  # pointer to the offsets (N, C) added to x, or None
@@ -290,15 +305,8 @@ if triton is not None:
             shift = -mean * scale
             if B is not None:
                 shift += tl.load(B + cols, mask=mask_c, other=0.0).to(tl.float32)
-            end = tl.minimum((p + 1) * PER_SLICE, HW)
-            for start in tl.range(p * PER_SLICE, end, ROWS, num_stages=STAGES):
-                rows = start + tl.arange(0, ROWS)
-                mask = (rows < end)[:, None] & mask_c[None, :]
-                offs = base + rows[:, None].to(tl.int64) * C + cols[None, :]
-                y = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
-                if silu != 0:
-                    y = y * tl.sigmoid(y)
-                tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+            _normalize_channels_last(X + base, Y + base, p * PER_SLICE, tl.minimum((p + 1) * PER_SLICE, HW), C,
+                                     cols, mask_c, scale, shift, silu, ROWS, STAGES)
         else:
             ng = row
             n = ng // G
@@ -401,14 +409,8 @@ if triton is not None:
         shift = -mean * scale
         if B is not None:
             shift += tl.load(B + cols, mask=mask_c, other=0.0).to(tl.float32)
-        for start in tl.range(0, HW, ROWS, num_stages=STAGES):  # again, from L2
-            rows = start + tl.arange(0, ROWS)
-            mask = (rows < HW)[:, None] & mask_c[None, :]
-            offs = base + rows[:, None].to(tl.int64) * C + cols[None, :]
-            y = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
-            if silu != 0:
-                y = y * tl.sigmoid(y)
-            tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+        # again, from L2
+        _normalize_channels_last(X + base, Y + base, 0, HW, C, cols, mask_c, scale, shift, silu, ROWS, STAGES)
 
     _LAUNCHERS = _Kernels(*map(_triton.Launcher, (_group_norm_stats_kernel, _group_norm_apply_kernel,
                                                   _group_norm_single_kernel, _group_norm_single_cl_kernel)))

@@ -239,6 +239,15 @@ SD_SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (1, 512, 64,
              (1, 512, 128, 128)]
 
 
+def _assert_within_twice_torch_error(out, x, err, err_torch, dtype):
+    """out keeps x's layout, is finite, and its max and mean errors are at most twice torch's."""
+    assert out.stride() == x.stride()
+    assert torch.isfinite(out).all()
+    floor = 1e-5 if dtype == torch.float32 else 0.0
+    assert err.max() <= 2 * err_torch.max() + floor
+    assert err.mean() <= 2 * err_torch.mean() + floor
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
@@ -255,11 +264,7 @@ def test_group_norm_error_on_gpu_at_most_twice_torch_error(monkeypatch, path, sh
     err = _report(f"fastdiff {path} {dtype} {shape}", out, ref)
     err_torch = _report(f"torch    {dtype} {shape}", ref_torch, ref)
     assert launched == [path]
-    assert out.stride() == x.stride()
-    assert torch.isfinite(out).all()
-    floor = 1e-5 if dtype == torch.float32 else 0.0
-    assert err.max() <= 2 * err_torch.max() + floor
-    assert err.mean() <= 2 * err_torch.mean() + floor
+    _assert_within_twice_torch_error(out, x, err, err_torch, dtype)
 
 
 @pytest.mark.gpu
@@ -281,11 +286,7 @@ def test_group_norm_with_offset_error_on_gpu_at_most_twice_torch_error(monkeypat
     err = _report(f"fastdiff {path} {dtype} {shape} offset", out, ref)
     err_torch = _report(f"torch    {dtype} {shape} x + offset", ref_torch, ref)
     assert launched == [path]
-    assert out.stride() == x.stride()
-    assert torch.isfinite(out).all()
-    floor = 1e-5 if dtype == torch.float32 else 0.0
-    assert err.max() <= 2 * err_torch.max() + floor
-    assert err.mean() <= 2 * err_torch.mean() + floor
+    _assert_within_twice_torch_error(out, x, err, err_torch, dtype)
 
 
 @pytest.mark.gpu
