@@ -121,24 +121,42 @@ def test_bfloat16_fast_path(tiny_folder):
     assert rel(got, expected) <= 5e-2
 
 
-def _compiled_variants() -> int:
-    """Triton kernel variants compiled in this process for fastdiff's kernels."""
+KERNEL_MODULES = ["attention", "geglu", "group_norm", "layer_norm", "residual_add", "scheduler_step"]
+
+
+def _kernel_jits() -> list:
+    """The @triton.jit functions under fastdiff's kernels (the module globals named *_kernel)."""
     import importlib
 
     from fastdiff.kernels import _triton
 
-    names = {"attention": ["_attention_kernel"], "geglu": ["_geglu_kernel"], "layer_norm": ["_layer_norm_kernel"],
-             "residual_add": ["_residual_add_kernel"], "scheduler_step": ["_scheduler_step_kernel"],
-             "group_norm": ["_group_norm_stats_kernel", "_group_norm_apply_kernel", "_group_norm_single_kernel",
-                            "_group_norm_single_cl_kernel"]}
+    kernels = [value for name in KERNEL_MODULES
+               for key, value in vars(importlib.import_module(f"fastdiff.kernels.{name}")).items()
+               if key.endswith("_kernel")]
+    return [_triton.jit_function(kernel) for kernel in kernels]
+
+
+def _compiled_variants() -> int:
+    """Triton kernel variants compiled in this process for fastdiff's kernels."""
     device = torch.cuda.current_device()
-    total = 0
-    for module, kernels in names.items():
-        module = importlib.import_module(f"fastdiff.kernels.{module}")
-        for name in kernels:
-            jit = _triton.jit_function(getattr(module, name))
-            total += len(jit.device_caches[device][0]) if device in jit.device_caches else 0
-    return total
+    return sum(len(jit.device_caches[device][0]) for jit in _kernel_jits() if device in jit.device_caches)
+
+
+def _forget_compiled_kernels(monkeypatch) -> None:
+    """Until the test ends, fastdiff's kernels start over as in a fresh process: no compiled variant in memory
+    (Triton's disk cache stays) and no recorded launch, whatever other tests in this process compiled."""
+    import importlib
+
+    from fastdiff.kernels import _triton
+
+    device = torch.cuda.current_device()
+    for jit in _kernel_jits():
+        monkeypatch.delitem(jit.device_caches, device, raising=False)
+    for name in KERNEL_MODULES:
+        for value in vars(importlib.import_module(f"fastdiff.kernels.{name}")).values():
+            for launcher in value if isinstance(value, tuple) else (value,):
+                if isinstance(launcher, _triton.Launcher):
+                    monkeypatch.setattr(launcher, "_launches", {})
 
 
 @pytest.mark.parametrize("scheduler", ["dpmpp_2m", "euler_a"])
@@ -157,9 +175,10 @@ def test_first_image_compiles_its_kernels_ahead_all_at_once(tiny_folder, schedul
         counts.append(_compiled_variants())
 
     monkeypatch.setattr(fastdiff.pipeline, "compiling_ahead", counting)
+    _forget_compiled_kernels(monkeypatch)  # what other tests in this process compiled must not count
     pipe = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda")
     before = _compiled_variants()
-    # 72x56 pixels: 9x7 latents, a shape no other test compiles for
+    # 72x56 pixels: 9x7 latents
     kw = dict(steps=3, seed=5, height=72, width=56, output_type="np", progress=False, scheduler=scheduler)
     images = pipe(["a red circle", "a blue square"], **kw)
     after = _compiled_variants()
