@@ -11,8 +11,9 @@ What the preparation changes, and why:
                  (B, H*W, C) token view and back become free views instead of copies.
   fused q/k/v    one matmul for self-attention's q, k, v and one for cross-attention's k, v (the same
                  parameters and state-dict keys: `Attention.fuse_projections` makes them views).
-  attention      per kind, fastdiff's Triton kernel (`ops.attention`) or torch SDPA, whichever was measured
-                 faster: SDPA for self-attention at SD1.5's head dims, Triton for cross-attention.
+  attention      per kind and head dim, fastdiff's Triton kernel (`ops.attention`) or torch SDPA, whichever
+                 was measured faster: Triton for cross-attention and for self-attention at head dim 40
+                 (SD1.5's 64x64 level), SDPA for self-attention at the other head dims.
   GEGLU          the MLP's value * GELU(gate) in one Triton pass (`fuse_geglu`): 6.65 against 7.05 ms per
                  UNet step, 182.8 against 193.8 ms per image on an H200.
   CUDA graphs    the UNet call (with the CFG duplication and dtype casts) captured once per input shape and
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from fastdiff import ops
 
-ATTENTION_IMPLS = ("fastdiff", "sdpa")
+ATTENTION_IMPLS = ("auto", "fastdiff", "sdpa")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Inductor modes that capture CUDA graphs themselves: a graph cannot be captured inside another capture.
 _SELF_GRAPHING_MODES = ("reduce-overhead", "max-autotune")
@@ -48,6 +49,16 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = Non
 _ATTEND = {"fastdiff": ops.attention, "sdpa": sdpa_attention}
 
 
+def _pick_attention(impl: str, head_dim: int) -> str:
+    """"auto" resolved for one attention module: fastdiff's kernel where its streaming path sums p on the
+    tensor cores (a spare padding column: head dim 40), where it measured faster than SDPA; SDPA elsewhere."""
+    from fastdiff.kernels.attention import has_spare_column
+
+    if impl != "auto":
+        return impl
+    return "fastdiff" if has_spare_column(head_dim) else "sdpa"
+
+
 @dataclass(frozen=True)
 class FastConfig:
     """How the fast path prepares and runs a UNet (and the VAE's layout)."""
@@ -56,8 +67,9 @@ class FastConfig:
     #   CUDA by default); bfloat16 selectable; float32 allowed (slow, for checks)
     channels_last: bool = True  # NHWC memory layout for the UNet's and the VAE's convolutions
     fuse_projections: bool = True  # one matmul for q, k, v (self-attention) and for k, v (cross-attention)
-    self_attention: str = "sdpa"  # "sdpa" or "fastdiff" (Triton): SDPA measured 1.01-1.12x faster at
-    #   head dims 40/80/160 on an H200 (benchmarks/RESULTS.md); bench_e2e.py times both
+    self_attention: str = "auto"  # "sdpa", "fastdiff" (Triton) or "auto": Triton at head dims where its
+    #   p @ v also sums p (40: 1.04-1.07x SDPA on an H200), SDPA at the others (80, 160, 64: 1.0-1.1x faster
+    #   than Triton); benchmarks/RESULTS.md
     cross_attention: str = "fastdiff"  # Triton's on-chip path for the 77 text keys: 1.1-1.6x SDPA
     vae_attention: str = "sdpa"  # the VAE's single 512-wide head is outside the Triton kernel's limits
     fuse_geglu: bool = True  # GEGLU's value * GELU(gate) in one Triton pass (ops.geglu) instead of eager gelu
@@ -93,7 +105,8 @@ def prepare_unet(unet: nn.Module, config: FastConfig) -> nn.Module:
         if isinstance(module, Attention):
             if config.fuse_projections and module.fused_weight is None:
                 module.fuse_projections()
-            module.attend = _ATTEND[config.cross_attention if module.is_cross_attention else config.self_attention]
+            impl = config.cross_attention if module.is_cross_attention else config.self_attention
+            module.attend = _ATTEND[_pick_attention(impl, module.to_q.out_features // module.heads)]
         elif isinstance(module, GEGLU):
             module.fused = config.fuse_geglu
     return unet
@@ -107,7 +120,7 @@ def prepare_vae(vae: nn.Module, config: FastConfig) -> nn.Module:
         vae.to(memory_format=torch.channels_last)
     for module in vae.modules():
         if isinstance(module, Attention):
-            module.attend = _ATTEND[config.vae_attention]
+            module.attend = _ATTEND[_pick_attention(config.vae_attention, module.to_q.out_features)]  # one head
     return vae
 
 

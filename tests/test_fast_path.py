@@ -80,7 +80,8 @@ def test_fused_projections_keep_state_dict_and_follow_loads():
     assert rel(out, ref) <= 1e-5
 
 
-@pytest.mark.parametrize("self_attention, cross_attention", [("sdpa", "fastdiff"), ("fastdiff", "sdpa")])
+@pytest.mark.parametrize("self_attention, cross_attention", [("sdpa", "fastdiff"), ("fastdiff", "sdpa"),
+                                                             ("auto", "fastdiff")])
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
 def test_prepared_unet_matches_plain(kind, self_attention, cross_attention):
     plain = _tiny_unet(kind)
@@ -95,6 +96,19 @@ def test_prepared_unet_matches_plain(kind, self_attention, cross_attention):
           f"rel {rel(out, ref):.2e}")
     assert out.shape == ref.shape
     assert rel(out, ref) <= 1e-5
+
+
+def test_auto_self_attention_is_triton_at_head_dim_40_and_sdpa_at_80():
+    # SD1.5's levels at heads 8: 320 channels -> head dim 40 (Triton sums p in a spare column), 640 -> 80.
+    cfg = UNetConfig(block_out_channels=(80, 160), layers_per_block=1, norm_num_groups=8, cross_attention_dim=24,
+                     attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    unet = prepare_unet(UNet2DConditionModel(cfg).eval(), FastConfig())
+    picked = {(m.is_cross_attention, m.to_q.out_features // m.heads): m.attend
+              for m in unet.modules() if isinstance(m, Attention)}
+    print({key: fn.__name__ for key, fn in picked.items()})
+    assert picked == {(False, 40): ops.attention, (False, 80): fastdiff.fast.sdpa_attention,
+                      (True, 40): ops.attention, (True, 80): ops.attention}
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])

@@ -57,6 +57,20 @@ def test_attention_matches_reference_on_odd_shapes(seq_q, seq_kv, head_dim, dtyp
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype, atol, rtol", CPU_TOLERANCES[:2])
+@pytest.mark.parametrize("head_dim", [40, 80])  # 40: p summed by v's spare padding column; 80: no spare column
+def test_attention_streaming_rescales_when_later_keys_score_far_higher(head_dim, dtype, atol, rtol):
+    # Scores that grow block after block: the running max moves and the accumulators (and, at D = 40, the
+    # row sum in v's spare column) are rescaled at every key block.
+    q, k, v = _inputs(1, 2, 37, 200, head_dim, torch.float32)
+    k = k * torch.linspace(0.2, 6.0, 200)[None, None, :, None]
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = attention(q, k, v)
+    ref = attention_ref(q.double(), k.double(), v.double())
+    _report(f"{dtype} growing scores D{head_dim}", out, ref)
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+
+
 def test_attention_takes_strided_views_and_keeps_their_layout():
     # Model code hands over transposed views of (B, S, H, D) projections; no copy should be needed.
     q, k, v = (t.transpose(1, 2) for t in (torch.randn(1, 97, 2, 40), torch.randn(1, 77, 2, 40),
