@@ -10,7 +10,8 @@ What the preparation changes, and why:
   channels_last  NHWC convs, cuDNN's fastest layout for half precision; the transformers' (B, C, H, W) ->
                  (B, H*W, C) token view and back become free views instead of copies.
   fused q/k/v    one matmul for self-attention's q, k, v and one for cross-attention's k, v (the same
-                 parameters and state-dict keys: `Attention.fuse_projections` makes them views).
+                 parameters and state-dict keys: `Attention.fuse_projections` makes them views); one for
+                 every ResNet block's time projection (`UNet2DConditionModel.fuse_time_projections`).
   attention      per kind and head dim, fastdiff's Triton kernel (`ops.attention`) or torch SDPA, whichever
                  was measured faster: Triton for cross-attention and for self-attention at head dim 40
                  (SD1.5's 64x64 level), SDPA for self-attention at the other head dims.
@@ -66,7 +67,8 @@ class FastConfig:
     dtype: Optional[torch.dtype] = None  # UNet weights/activations; None keeps the loaded dtype (float16 on
     #   CUDA by default); bfloat16 selectable; float32 allowed (slow, for checks)
     channels_last: bool = True  # NHWC memory layout for the UNet's and the VAE's convolutions
-    fuse_projections: bool = True  # one matmul for q, k, v (self-attention) and for k, v (cross-attention)
+    fuse_projections: bool = True  # one matmul for q, k, v (self-attention), for k, v (cross-attention) and
+    #   for all ResNet blocks' time projections
     self_attention: str = "auto"  # "sdpa", "fastdiff" (Triton) or "auto": Triton at head dims where its
     #   p @ v also sums p (40: 1.04-1.07x SDPA on an H200), SDPA at the others (80, 160, 64: 1.0-1.1x faster
     #   than Triton); benchmarks/RESULTS.md
@@ -101,6 +103,8 @@ def prepare_unet(unet: nn.Module, config: FastConfig) -> nn.Module:
         unet.to(config.dtype)
     if config.channels_last:
         unet.to(memory_format=torch.channels_last)  # 4-D weights only: the convolutions
+    if config.fuse_projections:
+        unet.fuse_time_projections()
     for module in unet.modules():
         if isinstance(module, Attention):
             if config.fuse_projections and module.fused_weight is None:

@@ -1,8 +1,9 @@
 """GroupNorm with an optional fused SiLU, of x plus an optional per-(sample, channel) offset.
 
 x: (N, C, *spatial), contiguous or channels_last; statistics in float32; output in x's dtype and layout.
-offset: (N, C) or None. The kernels normalize x + offset[:, :, None, ...] in float32 as they read x, so a
-broadcast add before the norm (the UNet ResNet block's time embedding) costs no pass over memory.
+offset: (N, C) or None, its rows at any stride (0: one row for all samples, as an expand() gives; more than
+C: a slice of a wider matrix). The kernels normalize x + offset[:, :, None, ...] in float32 as they read x,
+so a broadcast add before the norm (the UNet ResNet block's time embedding) costs no pass over memory.
 
 Two strategies, picked per call by the group's size Cg * HW (elements per (sample, group)):
 
@@ -115,24 +116,26 @@ if triton is not None:
         return shift + mean_shifted, 1.0 / tl.sqrt(var + eps)
 
     @triton.jit
-    def _center_contiguous(center, Offset, ng, CG, HW, offs, mask):
+    def _center_contiguous(center, Offset, offset_stride, ng, G, CG, HW, offs, mask):
         """center - the offset of each element offs of contiguous group ng (= n * G + g), or center when Offset
         is None: x - (center - offset) is (x + offset) - center, so the kernels subtract the offset from the
         value they centre x on (K, the mean) instead of adding it to x (channels_last: once per channel)."""
-        if Offset is not None:  # the group's channels are rows ng * CG .. of the (N * C) offsets
-            center = center - tl.load(Offset + ng * CG + offs // HW, mask=mask, other=0.0).to(tl.float32)  # L1 hits
+        if Offset is not None:  # the group's channels g * CG .. of offset row n (ng = n * G + g)
+            group = (ng // G).to(tl.int64) * offset_stride + (ng % G) * CG
+            center = center - tl.load(Offset + group + offs // HW, mask=mask, other=0.0).to(tl.float32)  # L1 hits
         return center
 
     @triton.jit
-    def _group_shift(X, Offset, ng, CG):
+    def _group_shift(X, Offset, offset_stride, ng, G, CG):
         """K of contiguous group ng: its first element of x + offset, X pointing at the group."""
         shift = tl.load(X).to(tl.float32)
         if Offset is not None:
-            shift += tl.load(Offset + ng * CG).to(tl.float32)
+            shift += tl.load(Offset + (ng // G).to(tl.int64) * offset_stride + (ng % G) * CG).to(tl.float32)
         return shift
 
     @triton.jit
-    def _normalize_contiguous(X, Offset, Y, W, B, begin, end, ng, G, CG, HW, mean, rstd, silu, BLOCK: tl.constexpr,
+    def _normalize_contiguous(X, Offset, offset_stride, Y, W, B, begin, end, ng, G, CG, HW, mean, rstd, silu,
+                              BLOCK: tl.constexpr,
                               STAGES: tl.constexpr):
         """y = (x + offset - mean) * rstd * weight + bias, then SiLU when silu != 0, for elements begin..end of
         contiguous group ng (= n * G + g) at X (output at Y); element i belongs to channel g * CG + i // HW."""
@@ -143,7 +146,7 @@ if triton is not None:
             scale = tl.full([BLOCK], 1.0, tl.float32) * rstd
             if W is not None:
                 scale *= tl.load(W + channel, mask=mask, other=0.0).to(tl.float32)
-            shift = -_center_contiguous(mean, Offset, ng, CG, HW, offs, mask) * scale
+            shift = -_center_contiguous(mean, Offset, offset_stride, ng, G, CG, HW, offs, mask) * scale
             if B is not None:
                 shift += tl.load(B + channel, mask=mask, other=0.0).to(tl.float32)
             y = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) * scale + shift
@@ -170,6 +173,7 @@ if triton is not None:
     def _group_norm_stats_kernel(
         X,  # pointer to x, (N, C, HW) contiguous or (N, HW, C) channels_last
         Offset,  # pointer to the offsets (N, C) added to x, or None
+        offset_stride,  # elements between the offsets' rows (0: one row for every sample)
         Partials,  # pointer to float32 (2, N, P, G): sums of (x - K) and (x - K)^2 per slice and group
         Scratch,  # channels_last: pointer to float32 (N, P, 2, C), per-channel sums on their way to groups
         HW,  # pixels per channel
@@ -195,8 +199,9 @@ if triton is not None:
             shift = tl.load(base + cols // CG * CG, mask=mask_c, other=0.0).to(tl.float32)  # K of each group
             center = shift  # (BLOCK_C,): x - center == x + offset - K (see _center_contiguous)
             if Offset is not None:
-                shift += tl.load(Offset + n * C + cols // CG * CG, mask=mask_c, other=0.0).to(tl.float32)
-                center = shift - tl.load(Offset + n * C + cols, mask=mask_c, other=0.0).to(tl.float32)
+                offsets = Offset + n.to(tl.int64) * offset_stride
+                shift += tl.load(offsets + cols // CG * CG, mask=mask_c, other=0.0).to(tl.float32)
+                center = shift - tl.load(offsets + cols, mask=mask_c, other=0.0).to(tl.float32)
             acc1 = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
             acc2 = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
             end = tl.minimum((p + 1) * PER_SLICE, HW)
@@ -225,7 +230,7 @@ if triton is not None:
             ng = tl.program_id(1)  # n * G + g
             group_size = CG * HW
             base = X + ng.to(tl.int64) * group_size
-            shift = _group_shift(base, Offset, ng, CG)
+            shift = _group_shift(base, Offset, offset_stride, ng, G, CG)
             acc1 = tl.zeros([BLOCK], dtype=tl.float32)
             acc2 = tl.zeros([BLOCK], dtype=tl.float32)
             end = tl.minimum((p + 1) * PER_SLICE, group_size)
@@ -233,7 +238,8 @@ if triton is not None:
                 offs = start + tl.arange(0, BLOCK)
                 mask = offs < end
                 x = tl.load(base + offs, mask=mask, other=0.0)
-                d = tl.where(mask, x.to(tl.float32) - _center_contiguous(shift, Offset, ng, CG, HW, offs, mask), 0.0)
+                d = tl.where(mask, x.to(tl.float32) - _center_contiguous(shift, Offset, offset_stride, ng, G, CG, HW,
+                                                                        offs, mask), 0.0)
                 acc1 += d
                 acc2 += d * d
             out = Partials + ((ng // G) * P + p) * G + ng % G
@@ -244,6 +250,7 @@ if triton is not None:
     def _group_norm_apply_kernel(
         X,  # pointer to x, (N, C, HW) contiguous or (N, HW, C) channels_last
         Offset,  # pointer to the offsets (N, C) added to x, or None
+        offset_stride,  # elements between the offsets' rows (0: one row for every sample)
         Y,  # pointer to the output, same shape and layout as x
         Partials,  # pointer to float32 (2, N, P, G) from the stats kernel
         Stats,  # channels_last: pointer to float32 (N, 2, G), each group's mean and rstd
@@ -286,7 +293,7 @@ if triton is not None:
             base = n.to(tl.int64) * HW * C
             first = tl.load(X + base + g * CG, mask=g < G, other=0.0).to(tl.float32)  # K of each group
             if Offset is not None:  # the stats kernel's K exactly
-                first += tl.load(Offset + n * C + g * CG, mask=g < G, other=0.0).to(tl.float32)
+                first += tl.load(Offset + n.to(tl.int64) * offset_stride + g * CG, mask=g < G, other=0.0).to(tl.float32)
             mean, rstd = _mean_rstd(tl.sum(s1, 0), tl.sum(s2, 0), count, first, eps)  # (BLOCK_G,)
             # Groups -> channels: every program of sample n writes the same (mean, rstd) to Stats, so the
             # overlapping writes agree, then gathers them back per channel.
@@ -301,7 +308,7 @@ if triton is not None:
                 scale *= tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
             mean = tl.load(Stats + group, mask=mask_c, other=0.0)  # (BLOCK_C,)
             if Offset is not None:  # x + offset - mean == x - (mean - offset): nothing more per element
-                mean -= tl.load(Offset + n * C + cols, mask=mask_c, other=0.0).to(tl.float32)
+                mean -= tl.load(Offset + n.to(tl.int64) * offset_stride + cols, mask=mask_c, other=0.0).to(tl.float32)
             shift = -mean * scale
             if B is not None:
                 shift += tl.load(B + cols, mask=mask_c, other=0.0).to(tl.float32)
@@ -319,10 +326,11 @@ if triton is not None:
                 s2 += tl.load(Partials + N * P * G + offs, mask=slices < P, other=0.0)
             group_size = CG * HW
             base = ng.to(tl.int64) * group_size
-            mean, rstd = _mean_rstd(tl.sum(s1, 0), tl.sum(s2, 0), count, _group_shift(X + base, Offset, ng, CG), eps)
+            shift = _group_shift(X + base, Offset, offset_stride, ng, G, CG)
+            mean, rstd = _mean_rstd(tl.sum(s1, 0), tl.sum(s2, 0), count, shift, eps)
             end = tl.minimum((p + 1) * PER_SLICE, group_size)
-            _normalize_contiguous(X + base, Offset, Y + base, W, B, p * PER_SLICE, end, ng, G, CG, HW, mean, rstd,
-                                  silu, BLOCK, STAGES)
+            _normalize_contiguous(X + base, Offset, offset_stride, Y + base, W, B, p * PER_SLICE, end, ng, G, CG, HW,
+                                  mean, rstd, silu, BLOCK, STAGES)
 
     # Not specialized: silu (Triton would compile silu == 1 as a constant) and CG (its divisibility by 16
     # changes nothing here, as HW's gives the alignment): one compiled variant per dtype and tile.
@@ -330,6 +338,7 @@ if triton is not None:
     def _group_norm_single_kernel(
         X,  # pointer to x, (N, C, HW) contiguous
         Offset,  # pointer to the offsets (N, C) added to x, or None
+        offset_stride,  # elements between the offsets' rows (0: one row for every sample)
         Y,  # pointer to the output, same shape and layout as x
         W,  # pointer to weight (C,), or None
         B,  # pointer to bias (C,), or None
@@ -344,26 +353,28 @@ if triton is not None:
         ng = tl.program_id(0)  # n * G + g: one program normalizes one group of one sample
         group_size = CG * HW
         base = ng.to(tl.int64) * group_size
-        shift = _group_shift(X + base, Offset, ng, CG)
+        shift = _group_shift(X + base, Offset, offset_stride, ng, G, CG)
         acc1 = tl.zeros([BLOCK], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK], dtype=tl.float32)
         for start in tl.range(0, group_size, BLOCK, num_stages=STAGES):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < group_size
             x = tl.load(X + base + offs, mask=mask, other=0.0)
-            d = tl.where(mask, x.to(tl.float32) - _center_contiguous(shift, Offset, ng, CG, HW, offs, mask), 0.0)
+            d = tl.where(mask, x.to(tl.float32) - _center_contiguous(shift, Offset, offset_stride, ng, G, CG, HW, offs,
+                                                                    mask), 0.0)
             acc1 += d
             acc2 += d * d
         eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as float64: keep the statistics float32
         mean, rstd = _mean_rstd(tl.sum(acc1, 0), tl.sum(acc2, 0), tl.cast(group_size, tl.float32), shift, eps)
         # the second pass reads the group again, from L2
-        _normalize_contiguous(X + base, Offset, Y + base, W, B, 0, group_size, ng, G, CG, HW, mean, rstd, silu,
-                              BLOCK, STAGES)
+        _normalize_contiguous(X + base, Offset, offset_stride, Y + base, W, B, 0, group_size, ng, G, CG, HW, mean,
+                              rstd, silu, BLOCK, STAGES)
 
     @triton.jit(do_not_specialize=["silu"])
     def _group_norm_single_cl_kernel(
         X,  # pointer to x, (N, HW, C) in memory (channels_last)
         Offset,  # pointer to the offsets (N, C) added to x, or None
+        offset_stride,  # elements between the offsets' rows (0: one row for every sample)
         Y,  # pointer to the output, same shape and layout as x
         W,  # pointer to weight (C,), or None
         B,  # pointer to bias (C,), or None
@@ -387,8 +398,9 @@ if triton is not None:
         first = tl.load(X + base + (ng % G) * CG).to(tl.float32)  # K: the group's first element
         center = tl.zeros([BLOCK_CG], dtype=tl.float32) + first  # x - center == x + offset - K
         if Offset is not None:
-            offset = tl.load(Offset + n * C + cols, mask=mask_c, other=0.0).to(tl.float32)  # (BLOCK_CG,)
-            first += tl.load(Offset + n * C + (ng % G) * CG).to(tl.float32)
+            offsets = Offset + n.to(tl.int64) * offset_stride
+            offset = tl.load(offsets + cols, mask=mask_c, other=0.0).to(tl.float32)  # (BLOCK_CG,)
+            first += tl.load(offsets + (ng % G) * CG).to(tl.float32)
             center = first - offset
         acc1 = tl.zeros([ROWS, BLOCK_CG], dtype=tl.float32)
         acc2 = tl.zeros([ROWS, BLOCK_CG], dtype=tl.float32)
@@ -443,8 +455,8 @@ def check_group_norm_inputs(x: Tensor, num_groups: int, weight: Optional[Tensor]
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({channels},)")
     if offset is not None:
         _check_offset_shape(x, offset)
-        if not offset.is_contiguous():
-            raise ValueError(f"offset must be contiguous, got strides {offset.stride()}")
+        if offset.shape[1] > 1 and offset.stride(1) != 1:
+            raise ValueError(f"offset's channels must be adjacent (stride 1), got strides {offset.stride()}")
     _triton.check_like(x, weight=weight, bias=bias, offset=offset)
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
@@ -474,13 +486,14 @@ def _launch_single(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Te
                    hw: int, channels_last: bool) -> None:
     """One program per (sample, group): statistics, then the normalized output, in one launch."""
     cg = channels // num_groups
+    offset_stride = offset.stride(0) if offset is not None else 0
     grid = (batch * num_groups,)
     if channels_last:
         block_cg = _triton.next_power_of_2(cg)
-        kernels.single_cl[grid](x, offset, y, weight, bias, hw, channels, num_groups, eps, silu, CG=cg,
+        kernels.single_cl[grid](x, offset, offset_stride, y, weight, bias, hw, channels, num_groups, eps, silu, CG=cg,
                                 BLOCK_CG=block_cg, ROWS=max(1, TILE // block_cg), STAGES=STAGES, num_warps=8)
     else:
-        kernels.single[grid](x, offset, y, weight, bias, hw, num_groups, cg, eps, silu,
+        kernels.single[grid](x, offset, offset_stride, y, weight, bias, hw, num_groups, cg, eps, silu,
                              BLOCK=min(TILE, _triton.next_power_of_2(cg * hw)), STAGES=STAGES, num_warps=8)
 
 
@@ -489,6 +502,7 @@ def _launch_split(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Ten
                   hw: int, channels_last: bool) -> None:
     """Statistics over slices of each group (or sample), then the output: two launches that fill the GPU."""
     cg = channels // num_groups
+    offset_stride = offset.stride(0) if offset is not None else 0
     if channels_last:
         block_c, block_g, block_cg = (_triton.next_power_of_2(n) for n in (channels, num_groups, cg))
         rows, block = max(1, CL_TILE // block_c), 1
@@ -515,10 +529,10 @@ def _launch_split(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Ten
     stats = torch.empty((batch, 2, num_groups) if channels_last else (1,), device=x.device, dtype=torch.float32)
     meta = dict(CHANNELS_LAST=channels_last, BLOCK=block, ROWS=rows, BLOCK_C=block_c, BLOCK_G=block_g,
                 BLOCK_CG=block_cg, STAGES=STAGES, num_warps=8)
-    kernels.stats[(slices, grid_rows)](x, offset, partials, scratch, hw, channels, num_groups, cg, slices, per_slice,
-                                       **meta)
-    kernels.apply[(slices, grid_rows)](x, offset, y, partials, stats, weight, bias, batch, hw, channels, num_groups, cg,
-                                       slices, per_slice, eps, silu, BLOCK_P=block_p, **meta)
+    kernels.stats[(slices, grid_rows)](x, offset, offset_stride, partials, scratch, hw, channels, num_groups, cg, slices,
+                                       per_slice, **meta)
+    kernels.apply[(slices, grid_rows)](x, offset, offset_stride, y, partials, stats, weight, bias, batch, hw, channels,
+                                       num_groups, cg, slices, per_slice, eps, silu, BLOCK_P=block_p, **meta)
 
 
 def _group_norm_launch(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -545,8 +559,9 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias
     the Triton kernels.
 
     x: float16, bfloat16 or float32, contiguous or channels_last (other strides are made contiguous);
-    weight, bias: (C,) in x's dtype, or None; offset: (N, C), contiguous, in x's dtype, or None, added to x in
-    float32 (the reference adds it in x's dtype first, as the unfused model does). Statistics in float32.
+    weight, bias: (C,) in x's dtype, or None; offset: (N, C) in x's dtype with adjacent channels, its rows at
+    any stride (0: an expanded (1, C) row), or None, added to x in float32 (the reference adds it in x's
+    dtype first, as the unfused model does). Statistics in float32.
     Returns x's shape, dtype and layout. Runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1.
     """
     check_group_norm_inputs(x, num_groups, weight, bias, eps, activation, offset)

@@ -80,6 +80,23 @@ def test_fused_projections_keep_state_dict_and_follow_loads():
     assert rel(out, ref) <= 1e-5
 
 
+def test_fused_time_projections_match_unfused_and_follow_loads():
+    plain = _tiny_unet("sd1")
+    fused = copy.deepcopy(plain)
+    fused.fuse_time_projections()
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    x, _, ctx = _unet_inputs(plain.config)
+    for t in (torch.tensor(501.0), torch.tensor([501.0, 17.0])):  # one timestep for all, one per sample
+        ref, out = plain(x, t, ctx), fused(x, t, ctx)
+        print(f"fused time projections, t {tuple(t.shape)}: rel {rel(out, ref):.2e}")
+        assert rel(out, ref) <= 1e-6
+    other = _tiny_unet("sd1")  # new weights reach the fused matmul through the views
+    fused.load_state_dict(other.state_dict())
+    ref, out = other(x, t, ctx), fused(x, t, ctx)
+    print(f"after load_state_dict: rel {rel(out, ref):.2e}")
+    assert rel(out, ref) <= 1e-6
+
+
 @pytest.mark.parametrize("self_attention, cross_attention", [("sdpa", "fastdiff"), ("fastdiff", "sdpa"),
                                                              ("auto", "fastdiff")])
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])

@@ -105,6 +105,23 @@ def test_group_norm_with_offset_equals_group_norm_of_the_sum(monkeypatch, affine
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("rows", ["expanded", "slice"])
+def test_group_norm_reads_offset_rows_at_their_stride(monkeypatch, rows, path, channels_last):
+    # "expanded": one (1, C) row for every sample (row stride 0); "slice": columns of a wider matrix (row
+    # stride > C), as a UNet's batched time projections hand each block its part.
+    launched = _force_path(monkeypatch, path)
+    x, weight, bias = _inputs((2, 96, 7, 9), torch.float32, channels_last)
+    wide = _offset(torch.cat([x, x], dim=1))  # (2, 192)
+    offset = wide[:1, 96:].expand(2, 96) if rows == "expanded" else wide[:, 96:]
+    out = group_norm(x, 32, weight, bias, 1e-5, "silu", offset)
+    ref = _ref64(x, 32, weight, bias, 1e-5, "silu", offset.contiguous())
+    _report(f"offset rows {rows} (strides {offset.stride()}), {path}", out, ref)
+    assert launched == [path] and offset.stride(0) == (0 if rows == "expanded" else 192)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype, atol, rtol", CPU_TOLERANCES[1:])
 @pytest.mark.parametrize("path, channels_last", [("single", True), ("split", False)],
                          ids=["single-channels_last", "split-contiguous"])  # the others: in float32 above
@@ -202,7 +219,7 @@ def test_group_norm_makes_other_strides_contiguous():
     (lambda x, w: group_norm(x, 32, offset=x[:1, :, 0, 0]), r"offset has shape \(1, 96\), expected"),
     (lambda x, w: group_norm(x, 32, offset=x[:, :, 0, 0].half()), "offset has dtype torch.float16, expected x's"),
     (lambda x, w: group_norm(x, 32, offset=x[:, :, 0, 0].to("meta")), "offset is on meta, expected x's device cpu"),
-    (lambda x, w: group_norm(x, 32, offset=x[:, :, 0, 0]), r"offset must be contiguous, got strides \(6048, 63\)"),
+    (lambda x, w: group_norm(x, 32, offset=x[:, :, 0, 0]), r"offset's channels must be adjacent \(stride 1\), got strides \(6048, 63\)"),
     (lambda x, w: group_norm_ref(x, 32, offset=w), r"offset has shape \(96,\), expected \(N, C\) = \(2, 96\)"),
 ])
 def test_group_norm_rejects_invalid_inputs(call, message):

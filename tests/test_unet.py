@@ -118,7 +118,9 @@ def test_per_sample_timesteps_match_single_runs():
         broadcast = ours(sample, torch.tensor(20), context)
         repeated = ours(sample, torch.tensor([20, 20]), context)
     assert rel_err(batched, singles) <= TOL
-    assert torch.equal(broadcast, repeated)
+    # a shared timestep's embedding is computed once, as one row (a matrix-vector product instead of a
+    # matrix product: float32 rounding apart, the same)
+    assert rel_err(broadcast, repeated) <= 1e-6
 
 
 def test_timestep_of_wrong_shape_raises():

@@ -207,15 +207,16 @@ def timestep_embedding(timesteps: Tensor, dim: int, flip_sin_to_cos: bool, freq_
     return emb
 
 
-def _batch_timesteps(timestep: Union[int, float, Tensor], batch: int, device: torch.device) -> Tensor:
-    """int, float, 0-d or (1,) tensor -> the same timestep for every sample; (B,) tensor -> one per sample.
-    Returns a (B,) tensor on `device`. Only shapes are inspected, never values (no host synchronisation)."""
+def _timesteps(timestep: Union[int, float, Tensor], batch: int, device: torch.device) -> Tensor:
+    """int, float, 0-d or (1,) tensor -> (1,): one timestep every sample shares (its time embedding is computed
+    once and broadcast); (B,) tensor -> (B,), one per sample. On `device`. Only shapes are inspected, never
+    values (no host synchronisation)."""
     if not torch.is_tensor(timestep):
-        return torch.full((batch,), float(timestep), dtype=torch.float32, device=device)
+        return torch.full((1,), float(timestep), dtype=torch.float32, device=device)
     if timestep.ndim > 1 or timestep.numel() not in (1, batch):
         raise ValueError(f"timestep must be a number, a 0-d tensor or a ({batch},) tensor for a batch of {batch}, "
                          f"got shape {tuple(timestep.shape)}")
-    return timestep.to(device).reshape(-1).expand(batch)
+    return timestep.to(device).reshape(-1)
 
 
 class TimestepEmbedding(nn.Module):
@@ -242,15 +243,23 @@ class ResnetBlock2D(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.time_offsets: Optional[slice] = None  # set by UNet2DConditionModel.fuse_time_projections
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        """x: (B, Cin, H, W); temb: SiLU of the time embedding, (B, 4 * C0) -> (B, Cout, H, W).
+        """x: (B, Cin, H, W); temb: SiLU of the time embedding, (B or 1, 4 * C0) -> (B, Cout, H, W). Once the
+        UNet's time projections are fused, temb holds every block's offset instead, (B or 1, sum of Cout),
+        and this block reads its columns `time_offsets`.
         The convolutions run without their biases (PyTorch adds a conv's bias in a separate pass over its
         output): conv1's bias joins the time embedding as norm2's per-(sample, channel) offset, which the
         Triton GroupNorm adds as it reads (the sum has no other reader, so it is never written out); conv2's
         and the shortcut's join the residual add (`ops.residual_add`, one pass)."""
         h = _conv(self.conv1, _group_norm(self.norm1, x, "silu"))
-        offset = self.time_emb_proj(temb) + self.conv1.bias  # (B, Cout): h + offset[:, :, None, None] is normed
+        if self.time_offsets is None:
+            offset = self.time_emb_proj(temb) + self.conv1.bias  # (B or 1, Cout)
+        else:
+            offset = temb[:, self.time_offsets]
+        # h + offset[:, :, None, None] is normed; one row shared by every sample is read at row stride 0
+        offset = offset.expand(h.shape[0], -1)
         h = _conv(self.conv2, self.dropout(_group_norm(self.norm2, h, "silu", offset=offset)))
         if self.conv_shortcut is None:
             return ops.residual_add(x, h, self.conv2.bias)
@@ -522,16 +531,46 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+        # Set by fuse_time_projections(), not in the state dict: every ResnetBlock2D's time_emb_proj weight
+        # (sum of Cout, 4 * C0) and bias, and its conv1 bias, each block's parameters views into them.
+        self.register_buffer("fused_time_weight", None, persistent=False)
+        self.register_buffer("fused_time_bias", None, persistent=False)
+        self.register_buffer("fused_conv1_bias", None, persistent=False)
+
+    @torch.no_grad()
+    def fuse_time_projections(self) -> None:
+        """Make the time projections of all ResnetBlock2Ds one matmul: forward then computes every block's
+        norm2 offset (time_emb_proj(temb) + conv1.bias) at once, two kernels instead of two per block (44 for
+        SD1.5), and each block reads its columns. The blocks' time_emb_proj.weight/bias and conv1.bias become
+        views into the fused tensors: the same parameters and state-dict keys, and load_state_dict afterwards
+        still updates what runs. Convert dtype or device before fusing, not after (the views would split)."""
+        resnets = [m for m in self.modules() if isinstance(m, ResnetBlock2D)]
+        if not resnets or self.fused_time_weight is not None:
+            return
+        weight = torch.cat([r.time_emb_proj.weight for r in resnets])
+        time_bias = torch.cat([r.time_emb_proj.bias for r in resnets])
+        conv1_bias = torch.cat([r.conv1.bias for r in resnets])
+        start = 0
+        for r in resnets:
+            cols = slice(start, start + r.time_emb_proj.out_features)
+            r.time_emb_proj.weight = nn.Parameter(weight[cols], requires_grad=False)
+            r.time_emb_proj.bias = nn.Parameter(time_bias[cols], requires_grad=False)
+            r.conv1.bias = nn.Parameter(conv1_bias[cols], requires_grad=False)
+            r.time_offsets = cols
+            start = cols.stop
+        self.fused_time_weight, self.fused_time_bias, self.fused_conv1_bias = weight, time_bias, conv1_bias
 
     def forward(self, sample: Tensor, timestep: Union[int, float, Tensor], context: Tensor) -> Tensor:
         """sample: (B, in_channels, h, w), any h, w; timestep: a number or 0-d tensor for the whole batch, or a
         (B,) tensor (fractional values allowed); context: (B, T, cross_attention_dim) text-encoder hidden states
         -> (B, out_channels, h, w)."""
-        t = _batch_timesteps(timestep, sample.shape[0], sample.device)  # (B,)
+        t = _timesteps(timestep, sample.shape[0], sample.device)  # (B,), or (1,) when shared
         t_emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
-                                   self.config.freq_shift).to(sample.dtype)  # (B, C0)
+                                   self.config.freq_shift).to(sample.dtype)  # (B or 1, C0)
         # Every ResnetBlock2D starts with SiLU(time embedding); take it once here.
-        temb = F.silu(self.time_embedding(t_emb))  # (B, 4 * C0)
+        temb = F.silu(self.time_embedding(t_emb))  # (B or 1, 4 * C0)
+        if self.fused_time_weight is not None:  # every block's time projection + conv1 bias in one matmul
+            temb = F.linear(temb, self.fused_time_weight, self.fused_time_bias) + self.fused_conv1_bias
 
         x = self.conv_in(sample)  # (B, C0, h, w)
         skips = [x]
