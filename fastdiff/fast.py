@@ -12,9 +12,9 @@ What the preparation changes, and why:
   fused q/k/v    one matmul for self-attention's q, k, v and one for cross-attention's k, v (the same
                  parameters and state-dict keys: `Attention.fuse_projections` makes them views); one for
                  every ResNet block's time projection (`UNet2DConditionModel.fuse_time_projections`).
-  attention      per kind and head dim, fastdiff's Triton kernel (`ops.attention`) or torch SDPA, whichever
-                 was measured faster: Triton for cross-attention and for self-attention at head dim 40
-                 (SD1.5's 64x64 level), SDPA for self-attention at the other head dims.
+  attention      per kind, head dim and batch, fastdiff's Triton kernel (`ops.attention`) or torch SDPA,
+                 whichever was measured faster: Triton for cross-attention and for large-batch self-attention
+                 at head dim 40 (SD1.5's 64x64 level), SDPA for the other self-attention.
   GEGLU          the MLP's value * GELU(gate) in one Triton pass (`fuse_geglu`): 6.65 against 7.05 ms per
                  UNet step, 182.8 against 193.8 ms per image on an H200.
   CUDA graphs    the UNet call (with the CFG duplication and dtype casts) captured once per input shape and
@@ -47,17 +47,31 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = Non
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-_ATTEND = {"fastdiff": ops.attention, "sdpa": sdpa_attention}
+# "auto" at head dim 40: fastdiff's kernel from this many (batch * heads) on, SDPA below. On an H200 the SD1.5
+# UNet step with fastdiff's kernel at the 64x64 level was 1.3% faster at CFG batch 16 (8 x 8 heads = 128) and
+# 0.8% slower at CFG batch 2 (16) than with SDPA there.
+AUTO_MIN_BATCH_HEADS = 64
+
+
+def _spare_column_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+    """"auto" self-attention at a head dim with a spare padding column (40): fastdiff's kernel, which sums p
+    on the tensor cores there, from AUTO_MIN_BATCH_HEADS batch * heads on; SDPA for fewer."""
+    if q.shape[0] * q.shape[1] >= AUTO_MIN_BATCH_HEADS:
+        return ops.attention(q, k, v, scale)
+    return sdpa_attention(q, k, v, scale)
+
+
+_ATTEND = {"fastdiff": ops.attention, "sdpa": sdpa_attention, "spare_column": _spare_column_attention}
 
 
 def _pick_attention(impl: str, head_dim: int) -> str:
-    """"auto" resolved for one attention module: fastdiff's kernel where its streaming path sums p on the
-    tensor cores (a spare padding column: head dim 40), where it measured faster than SDPA; SDPA elsewhere."""
+    """"auto" resolved for one attention module, by what measured faster on an H200: at head dim 40, where
+    fastdiff's streaming kernel sums p in a spare padding column, the choice by batch above; SDPA elsewhere."""
     from fastdiff.kernels.attention import has_spare_column
 
     if impl != "auto":
         return impl
-    return "fastdiff" if has_spare_column(head_dim) else "sdpa"
+    return "spare_column" if has_spare_column(head_dim) else "sdpa"
 
 
 @dataclass(frozen=True)
@@ -69,9 +83,8 @@ class FastConfig:
     channels_last: bool = True  # NHWC memory layout for the UNet's and the VAE's convolutions
     fuse_projections: bool = True  # one matmul for q, k, v (self-attention), for k, v (cross-attention) and
     #   for all ResNet blocks' time projections
-    self_attention: str = "auto"  # "sdpa", "fastdiff" (Triton) or "auto": Triton at head dims where its
-    #   p @ v also sums p (40: 1.04-1.07x SDPA on an H200), SDPA at the others (80, 160, 64: 1.0-1.1x faster
-    #   than Triton); benchmarks/RESULTS.md
+    self_attention: str = "auto"  # "sdpa", "fastdiff" (Triton) or "auto": Triton at head dim 40, where its
+    #   p @ v also sums p, for large batches (AUTO_MIN_BATCH_HEADS), SDPA otherwise; benchmarks/RESULTS.md
     cross_attention: str = "fastdiff"  # Triton's on-chip path for the 77 text keys: 1.1-1.6x SDPA
     vae_attention: str = "sdpa"  # the VAE's single 512-wide head is outside the Triton kernel's limits
     fuse_geglu: bool = True  # GEGLU's value * GELU(gate) in one Triton pass (ops.geglu) instead of eager gelu

@@ -111,6 +111,21 @@ def test_sampling_loop_has_no_host_sync(tiny_folder, scheduler, monkeypatch):
     assert rel(second, unfused) <= 1e-2
 
 
+def test_text_encoder_replays_one_graph_per_clip_skip(tiny_folder):
+    pipe = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda")
+    plain = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda", fast=False)
+    got = {}
+    for clip_skip in (None, 1, None):
+        got[clip_skip] = pipe.encode_prompt(["a red circle"], [""], 1, True, clip_skip)
+        want = plain.encode_prompt(["a red circle"], [""], 1, True, clip_skip)
+        print(f"clip_skip {clip_skip}: graph vs eager rel {rel(got[clip_skip], want):.2e}")
+        assert rel(got[clip_skip], want) <= 1e-6
+    assert len(pipe._text_graphs) == 2
+    first = got[None].clone()
+    pipe.encode_prompt(["a blue square"], [""], 1, True)  # replays into the graph's buffer: earlier results stay
+    assert torch.equal(got[None], first)
+
+
 def test_bfloat16_fast_path(tiny_folder):
     ref = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda", dtype=torch.float32, fast=False)
     pipe = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda", fast=FastConfig(dtype=torch.bfloat16))
