@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Callable, Iterator, Optional
 
-import torch
 from torch import Tensor
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
