@@ -211,12 +211,10 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                   eps: float = 1e-5, sum_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                   eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """s = x + residual (in x's dtype) and LayerNorm(s) over the last dim, one pass on the Triton backend.
-    x, residual: (..., C) -> (s, LayerNorm(s)), or (s + sum_bias, LayerNorm(s)) with sum_bias (C,); see
-    `fastdiff.kernels.layer_norm`."""
-    return _load("add_layer_norm", resolve("add_layer_norm", x.device.type))(x, residual, weight, bias, eps,
-                                                                              sum_bias)
+    x, residual: (..., C) -> (s, LayerNorm(s)); see `fastdiff.kernels.layer_norm`."""
+    return _load("add_layer_norm", resolve("add_layer_norm", x.device.type))(x, residual, weight, bias, eps)
 
 
 def residual_add(x: Tensor, y: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -34,14 +34,14 @@ MAX_WARPS = 16  # warps per program: one per 512 elements of the tile
 
 
 def check_layer_norm_shapes(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
-                            bias: Optional[Tensor], sum_bias: Optional[Tensor] = None) -> None:
-    """Validation shared by every backend: x (..., C), residual x's shape, weight, bias and sum_bias (C,)."""
+                            bias: Optional[Tensor]) -> None:
+    """Validation shared by every backend: x (..., C), residual x's shape, weight and bias (C,)."""
     if x.dim() == 0:
         raise ValueError("x must have a last dim to normalize over, got a 0-d tensor")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual has shape {tuple(residual.shape)}, expected x's shape {tuple(x.shape)}")
     width = x.shape[-1]
-    for name, t in (("weight", weight), ("bias", bias), ("sum_bias", sum_bias)):
+    for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (width,):
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({width},)")
 
@@ -54,14 +54,12 @@ def layer_norm_ref(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Te
 
 
 def add_layer_norm_ref(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                       eps: float = 1e-5, sum_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Plain-PyTorch twin: s = x + residual in x's dtype, then F.layer_norm(s), as
-    fastdiff.models.unet.BasicTransformerBlock computes them. x, residual: (..., C) -> (s, LayerNorm(s)), or
-    (s + sum_bias, LayerNorm(s)) with sum_bias (C,)."""
-    check_layer_norm_shapes(x, residual, weight, bias, sum_bias)
+                       eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Plain-PyTorch twin: s = x + residual in x's dtype, then F.layer_norm(s), exactly as
+    fastdiff.models.unet.BasicTransformerBlock computes them. x, residual: (..., C) -> (s, LayerNorm(s))."""
+    check_layer_norm_shapes(x, residual, weight, bias)
     s = x + residual
-    y = F.layer_norm(s, s.shape[-1:], weight, bias, eps)
-    return (s if sum_bias is None else s + sum_bias), y
+    return s, F.layer_norm(s, s.shape[-1:], weight, bias, eps)
 
 
 if triton is not None:
@@ -74,7 +72,6 @@ if triton is not None:
         Y,  # pointer to the output LayerNorm(s) (or LayerNorm(x)), (M, N)
         W,  # pointer to weight (N,), or None
         B,  # pointer to bias (N,), or None
-        SumBias,  # pointer to a (N,) bias added to the stored sum only, or None
         M,  # rows: x's leading dims flattened
         N,  # columns: the normalized width C
         eps,  # added to the variance
@@ -91,11 +88,7 @@ if triton is not None:
         if HAS_RESIDUAL:
             # Round the sum to the dtype, as eager `x + r` does: the stored residual stream is what is normalized.
             s = (x.to(tl.float32) + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(S.dtype.element_ty)
-            if SumBias is not None:  # the stored sum takes the next residual add's bias early; s is normed
-                stored = s.to(tl.float32) + tl.load(SumBias + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-                tl.store(S + offs, stored.to(S.dtype.element_ty), mask=mask)
-            else:
-                tl.store(S + offs, s, mask=mask)
+            tl.store(S + offs, s, mask=mask)
             x = s
         x = x.to(tl.float32)
         eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as float64: keep the statistics float32
@@ -121,7 +114,7 @@ def _rows_per_program(rows: int, block_n: int, device) -> int:
 
 
 def _layer_norm_run(kernel, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                    eps: float, sum_bias: Optional[Tensor] = None) -> tuple[Optional[Tensor], Tensor]:
+                    eps: float) -> tuple[Optional[Tensor], Tensor]:
     """Launch `kernel` (the Launcher, or the kernel wrapped by wrap_triton while torch.compile traces);
     returns (s or None, y)."""
     width = x.shape[-1]
@@ -131,7 +124,7 @@ def _layer_norm_run(kernel, x: Tensor, residual: Optional[Tensor], weight: Optio
     block_n = _triton.next_power_of_2(width)
     block_m = _rows_per_program(rows, block_n, x.device)
     num_warps = min(MAX_WARPS, max(1, block_m * block_n // 512))  # 16 values per thread and tensor
-    kernel[(_triton.cdiv(rows, block_m),)](x, residual, s, y, weight, bias, sum_bias, rows, width, eps,
+    kernel[(_triton.cdiv(rows, block_m),)](x, residual, s, y, weight, bias, rows, width, eps,
                                            HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                                            num_warps=num_warps)
     return s, y
@@ -146,13 +139,13 @@ def _layer_norm_traced(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
 
 
 def _add_layer_norm_launch(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                           eps: float, sum_bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return _layer_norm_run(_layer_norm_launcher, x, residual, weight, bias, eps, sum_bias)
+                           eps: float) -> tuple[Tensor, Tensor]:
+    return _layer_norm_run(_layer_norm_launcher, x, residual, weight, bias, eps)
 
 
 def _add_layer_norm_traced(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                           eps: float, sum_bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return _layer_norm_run(wrap_triton(_layer_norm_kernel), x, residual, weight, bias, eps, sum_bias)
+                           eps: float) -> tuple[Tensor, Tensor]:
+    return _layer_norm_run(wrap_triton(_layer_norm_kernel), x, residual, weight, bias, eps)
 
 
 # The ops torch.compile puts in its graphs (see _triton.CompileOp); eager calls launch directly.
@@ -160,13 +153,13 @@ _layer_norm_op = _triton.CompileOp("fastdiff::triton_layer_norm", _layer_norm_la
                                    fake=lambda x, weight, bias, eps: torch.empty_like(x))
 _add_layer_norm_op = _triton.CompileOp(
     "fastdiff::triton_add_layer_norm", _add_layer_norm_launch, _add_layer_norm_traced,
-    fake=lambda x, residual, weight, bias, eps, sum_bias: (torch.empty_like(x), torch.empty_like(x)))
+    fake=lambda x, residual, weight, bias, eps: (torch.empty_like(x), torch.empty_like(x)))
 
 
 def check_layer_norm_inputs(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                            eps: float, sum_bias: Optional[Tensor] = None) -> None:
+                            eps: float) -> None:
     """Raise ValueError naming the bad value when the Triton kernel cannot compute this LayerNorm."""
-    check_layer_norm_shapes(x, residual, weight, bias, sum_bias)
+    check_layer_norm_shapes(x, residual, weight, bias)
     if x.dtype not in DTYPES:
         raise ValueError(f"x has dtype {x.dtype}, expected one of {DTYPES}")
     if x.shape[-1] > MAX_WIDTH:
@@ -175,7 +168,7 @@ def check_layer_norm_inputs(x: Tensor, residual: Optional[Tensor], weight: Optio
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous, got shape {tuple(t.shape)} with strides {t.stride()} "
                              "(call .contiguous() first)")
-    _triton.check_like(x, residual=residual, weight=weight, bias=bias, sum_bias=sum_bias)
+    _triton.check_like(x, residual=residual, weight=weight, bias=bias)
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     check_triton_device(x)
@@ -198,20 +191,18 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                   eps: float = 1e-5, sum_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                   eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """s = x + residual and LayerNorm(s) over the last dim with one Triton kernel: reads x and residual once,
     writes s and LayerNorm(s).
 
     x, residual: (..., C), same shape and dtype (float16, bfloat16 or float32), contiguous, C <= MAX_WIDTH;
     weight, bias: (C,) in x's dtype, or None. s is rounded to the dtype before it is normalized, as eager
     `s = x + residual; F.layer_norm(s)` does; statistics in float32. Returns (s, LayerNorm(s)), both
-    (..., C) in x's dtype, contiguous. With sum_bias (C,), the first output is s + sum_bias (LayerNorm still
-    sees s): the next residual add's bias, taken early, so that add can happen inside its matmul (addmm).
-    Runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1.
+    (..., C) in x's dtype, contiguous. Runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1.
     """
-    check_layer_norm_inputs(x, residual, weight, bias, eps, sum_bias)
-    weight, bias, sum_bias = (None if t is None else t.contiguous() for t in (weight, bias, sum_bias))
+    check_layer_norm_inputs(x, residual, weight, bias, eps)
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     if x.numel() == 0:
         return torch.empty_like(x), torch.empty_like(x)
     op = _add_layer_norm_op if torch.compiler.is_compiling() else _add_layer_norm_launch
-    return op(x, residual, weight, bias, float(eps), sum_bias)
+    return op(x, residual, weight, bias, float(eps))

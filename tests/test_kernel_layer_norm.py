@@ -134,24 +134,6 @@ def test_add_layer_norm_normalizes_the_rounded_sum():
     assert err.max() <= 2e-3 and gap.max() > 0.05
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_add_layer_norm_sum_bias_goes_to_the_stored_sum_only(dtype):
-    """With sum_bias the first output is s + sum_bias, and LayerNorm still normalizes s: the kernel against
-    its twin, the twin against the plain ops."""
-    x, r = torch.randn(2, 37, 96).to(dtype), torch.randn(2, 37, 96).to(dtype)
-    weight, bias, sum_bias = (torch.randn(96).to(dtype) for _ in range(3))
-    s, y = add_layer_norm(x, r, weight, bias, 1e-5, sum_bias)
-    s_ref, y_ref = add_layer_norm_ref(x, r, weight, bias, 1e-5, sum_bias)
-    plain = x + r
-    torch.testing.assert_close(s_ref, plain + sum_bias, atol=0.0, rtol=0.0)
-    torch.testing.assert_close(y_ref, layer_norm_ref(plain, weight, bias), atol=0.0, rtol=0.0)
-    _errors(f"s + sum_bias {dtype}", s, s_ref)
-    _errors(f"LayerNorm(s) {dtype}", y, y_ref)
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    torch.testing.assert_close(s, s_ref, atol=tol, rtol=tol)  # float16: the kernel rounds the sum once more
-    torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
-
-
 def test_rows_per_program_fill_the_sms(monkeypatch):
     """SD1.5's CFG batch on a 132-SM GPU: tiles of TILE elements, down to one row per program for the
     128-row 8x8 level."""
@@ -176,8 +158,6 @@ _X, _W = torch.randn(4, 8), torch.randn(8)
     (lambda: add_layer_norm(_X, torch.randn(4, 9)), r"residual has shape \(4, 9\), expected x's shape \(4, 8\)"),
     (lambda: add_layer_norm(_X, _X.half()), "residual has dtype torch.float16, expected x's dtype torch.float32"),
     (lambda: add_layer_norm(_X, _X, _W[:7]), r"weight has shape \(7,\), expected \(8,\)"),
-    (lambda: add_layer_norm(_X, _X, sum_bias=_W[:7]), r"sum_bias has shape \(7,\), expected \(8,\)"),
-    (lambda: add_layer_norm(_X, _X, sum_bias=_W.half()), "sum_bias has dtype torch.float16, expected x's dtype"),
     (lambda: layer_norm(_X, None, torch.randn(4, 8)), r"bias has shape \(4, 8\), expected \(8,\)"),
     (lambda: layer_norm(_X, _W.half()), "weight has dtype torch.float16, expected x's dtype torch.float32"),
     (lambda: layer_norm(_X.t()), r"x must be contiguous, got shape \(8, 4\) with strides \(1, 8\)"),
@@ -247,9 +227,7 @@ x = torch.empty(2, 64, 1280, dtype=torch.float16)
 w = torch.empty(1280, dtype=torch.float16)
 for name, fn, inputs, written in (
         ("layer_norm", ln._layer_norm_traced, (x, w, w.clone(), 1e-5), {"Y"}),
-        ("add_layer_norm", ln._add_layer_norm_traced, (x, x.clone(), w, w.clone(), 1e-5, None), {"S", "Y"}),
-        ("add_layer_norm sum_bias", ln._add_layer_norm_traced, (x, x.clone(), w, w.clone(), 1e-5, w.clone()),
-         {"S", "Y"})):
+        ("add_layer_norm", ln._add_layer_norm_traced, (x, x.clone(), w, w.clone(), 1e-5), {"S", "Y"})):
     found = kernel_writes(make_fx(fn, tracing_mode="fake")(*inputs))
     print(name, "writes", sorted(found))
     assert found == written, (found, written)

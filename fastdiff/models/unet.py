@@ -182,14 +182,12 @@ def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-def _layer_norm(norm: nn.LayerNorm, x: Tensor, residual: Optional[Tensor] = None,
-                sum_bias: Optional[Tensor] = None):
+def _layer_norm(norm: nn.LayerNorm, x: Tensor, residual: Optional[Tensor] = None):
     """Apply the nn.LayerNorm `norm` (which only holds the parameters and their keys) through the ops seam:
-    LayerNorm(x), or with `residual` the pair (s, LayerNorm(s)) for s = x + residual (s + sum_bias, when
-    given, in the first place)."""
+    LayerNorm(x), or with `residual` the pair (s, LayerNorm(s)) for s = x + residual."""
     if residual is None:
         return ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
-    return ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, sum_bias)
+    return ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float,
@@ -370,16 +368,10 @@ class FeedForward(nn.Module):
         # net.1 is diffusers' dropout slot; it keeps the output Linear at the key `net.2`.
         self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Dropout(dropout), nn.Linear(4 * dim, dim)])
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        """x -> net(x); with `residual` (B, S, dim), which must already hold the output Linear's bias,
-        residual + net(x) as one matmul (addmm: the add happens as the product is written)."""
-        for layer in self.net[:-1]:
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.net:
             x = layer(x)
-        out = self.net[-1]
-        if residual is None:
-            return out(x)
-        dim = residual.shape[-1]
-        return torch.addmm(residual.reshape(-1, dim), x.reshape(-1, x.shape[-1]), out.weight.t()).view(residual.shape)
+        return x
 
 
 class BasicTransformerBlock(nn.Module):
@@ -397,13 +389,11 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         """x: (B, S, dim); context: (B, T, cross_attention_dim) -> (B, S, dim).
         Each residual add that feeds a LayerNorm is one op with it (`ops.add_layer_norm`: one pass over memory
-        on the Triton backend): x = x + attn1(norm1(x)), then x = x + attn2(norm2(x)), then x + ff(norm3(x)).
-        The last add happens inside the MLP's output matmul: the second add_layer_norm writes x plus that
-        Linear's bias, and the matmul adds its product to it."""
+        on the Triton backend): x = x + attn1(norm1(x)), then x = x + attn2(norm2(x)), then x + ff(norm3(x))."""
         h = _layer_norm(self.norm1, x)
         x, h = _layer_norm(self.norm2, x, self.attn1(h))
-        x, h = _layer_norm(self.norm3, x, self.attn2(h, context), sum_bias=self.ff.net[2].bias)
-        return self.ff(h, residual=x)
+        x, h = _layer_norm(self.norm3, x, self.attn2(h, context))
+        return x + self.ff(h)
 
 
 def _projection(channels: int, linear: bool) -> Union[nn.Linear, nn.Conv2d]:
