@@ -217,11 +217,11 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
     return _load("add_layer_norm", resolve("add_layer_norm", x.device.type))(x, residual, weight, bias, eps)
 
 
-def residual_add(x: Tensor, y: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def residual_add(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
     """x + y + bias[None, :, None, ...], one pass on the Triton backend: y is a conv's output computed without
-    its bias, x the residual. x, y: (N, C, *spatial), same layout; bias: (C,) or None; see
-    `fastdiff.kernels.residual_add`."""
-    return _load("residual_add", resolve("residual_add", x.device.type))(x, y, bias)
+    its bias, x the residual. x, y: (N, C, *spatial), same layout; bias: (C,) or None; out: where to write
+    (x's shape, dtype and strides; may be x or y), else a new tensor; see `fastdiff.kernels.residual_add`."""
+    return _load("residual_add", resolve("residual_add", x.device.type))(x, y, bias, out)
 
 
 def scheduler_step(x: Tensor, model_output: Tensor, coeffs, guidance_scale: Optional[float] = None,

@@ -35,25 +35,29 @@ NUM_WARPS = 4
 MAX_SAMPLE_NUMEL = 2**30  # C * HW per sample: int32 offsets inside a sample, with room for the last block
 
 
-def check_residual_add_shapes(x: Tensor, y: Tensor, bias: Optional[Tensor]) -> None:
-    """Validation shared by every backend: x (N, C, *spatial), y x's shape, bias (C,) or None."""
+def check_residual_add_shapes(x: Tensor, y: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> None:
+    """Validation shared by every backend: x (N, C, *spatial), y x's shape, bias (C,) or None, out x's shape,
+    dtype and strides or None."""
     if x.dim() < 2:
         raise ValueError(f"x must be (N, C, *spatial), got shape {tuple(x.shape)}")
     if y.shape != x.shape:  # broadcasting would otherwise add a smaller y to every sample without complaint
         raise ValueError(f"y has shape {tuple(y.shape)}, expected x's shape {tuple(x.shape)}")
     if bias is not None and tuple(bias.shape) != (x.shape[1],):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({x.shape[1]},)")
+    if out is not None and (out.shape != x.shape or out.stride() != x.stride() or out.dtype != x.dtype):
+        raise ValueError(f"out must match x (shape {tuple(x.shape)}, strides {x.stride()}, {x.dtype}), got shape "
+                         f"{tuple(out.shape)}, strides {out.stride()}, {out.dtype}")
 
 
-def residual_add_ref(x: Tensor, y: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def residual_add_ref(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
     """Plain-PyTorch twin: the conv's bias added to its output y first, then the residual x, each in the
     dtype, exactly as the UNet computes `skip + conv(h)` with a biased conv today (cuDNN adds the bias to the
     conv's output, then the block adds the skip). x, y: (N, C, *spatial); bias: (C,) or None.
-    Returns (N, C, *spatial) in x's layout (both contiguous or both channels_last)."""
-    check_residual_add_shapes(x, y, bias)
+    Returns (N, C, *spatial) in x's layout (both contiguous or both channels_last), in `out` when given."""
+    check_residual_add_shapes(x, y, bias, out)
     if bias is not None:
         y = y + bias.view(1, -1, *([1] * (y.dim() - 2)))
-    return x + y
+    return x + y if out is None else out.copy_(x + y)  # copy_: autograd records it (training the VAE)
 
 
 if triton is not None:
@@ -98,9 +102,9 @@ def _layout(t: Tensor) -> Optional[str]:
     return None
 
 
-def _residual_add_run(kernel, x: Tensor, y: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _residual_add_run(kernel, x: Tensor, y: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
     """Launch `kernel` (the Launcher, or the kernel wrapped by wrap_triton while torch.compile traces)."""
-    out = torch.empty_like(x)  # x's layout
+    out = torch.empty_like(x) if out is None else out  # x's layout
     batch, channels = x.shape[:2]
     sample_numel = x.numel() // batch
     grid = (batch * _triton.cdiv(sample_numel, BLOCK),)
@@ -122,12 +126,12 @@ _residual_add_op = _triton.CompileOp("fastdiff::triton_residual_add", _residual_
                                      fake=lambda x, y, bias: torch.empty_like(x))
 
 
-def check_residual_add_inputs(x: Tensor, y: Tensor, bias: Optional[Tensor]) -> None:
+def check_residual_add_inputs(x: Tensor, y: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> None:
     """Raise ValueError naming the bad value when the Triton kernel cannot compute this sum."""
-    check_residual_add_shapes(x, y, bias)
+    check_residual_add_shapes(x, y, bias, out)
     if x.dtype not in DTYPES:
         raise ValueError(f"x has dtype {x.dtype}, expected one of {DTYPES}")
-    _triton.check_like(x, y=y, bias=bias)
+    _triton.check_like(x, y=y, bias=bias, out=out)
     x_layout, y_layout = _layout(x), _layout(y)
     if x_layout is None:
         raise ValueError(f"x must be contiguous or channels_last, got shape {tuple(x.shape)} with strides "
@@ -140,20 +144,24 @@ def check_residual_add_inputs(x: Tensor, y: Tensor, bias: Optional[Tensor]) -> N
     check_triton_device(x)
 
 
-def residual_add(x: Tensor, y: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def residual_add(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
     """x + y + bias[None, :, None, ...] with the Triton kernel: one read of x and y, one write.
 
     x, y: (N, C, *spatial), same shape and dtype (float16, bfloat16 or float32), both contiguous or both
     channels_last (dense with channels innermost: channels_last for 4-D, channels_last_3d for 5-D);
     bias: (C,) in x's dtype, or None. y is the conv output whose bias was left out, x the residual: the sum
     is (y + bias) + x in float32, rounded once to the dtype (eager torch, `residual_add_ref`, rounds after
-    each add). Returns (N, C, *spatial) in x's dtype and layout. Runs on CUDA tensors, or on the CPU under
+    each add). Returns (N, C, *spatial) in x's dtype and layout: a new tensor, or `out` (x's shape, dtype and
+    strides; it may be x or y, each element is read before it is written), which saves a live activation
+    where memory peaks (the VAE decoder at 512 px). Runs on CUDA tensors, or on the CPU under
     TRITON_INTERPRET=1.
     """
-    check_residual_add_inputs(x, y, bias)
+    check_residual_add_inputs(x, y, bias, out)
     if bias is not None:
         bias = bias.contiguous()
     if x.numel() == 0:
-        return torch.empty_like(x)
-    op = _residual_add_op if torch.compiler.is_compiling() else _residual_add_launch
-    return op(x, y, bias)
+        return torch.empty_like(x) if out is None else out
+    if torch.compiler.is_compiling():  # the compiled op returns a new tensor
+        result = _residual_add_op(x, y, bias)
+        return result if out is None else out.copy_(result)
+    return _residual_add_run(_residual_add_launcher, x, y, bias, out)

@@ -105,6 +105,19 @@ def test_residual_add_rounds_once():
     assert torch.equal(residual_add_ref(x, y, b), y)
 
 
+@pytest.mark.parametrize("into", ["x", "y", "new"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_residual_add_writes_into_out_even_when_it_is_an_input(layout, into):
+    x, y, b = _inputs((2, 96, 7, 9), layout, torch.float32)
+    expected = residual_add_ref(x, y, b)
+    out = {"x": x, "y": y, "new": torch.empty_like(x)}[into]
+    got = residual_add(x, y, b, out=out)
+    assert got is out
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    ref_out = {"x": x, "y": y, "new": torch.empty_like(x)}[into].clone()
+    assert residual_add_ref(*(t.clone() for t in (x, y)), b, out=ref_out) is ref_out
+
+
 @pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 0, 3), (2, 4, 0, 3)], ids=lambda s: "x".join(map(str, s)))
 def test_residual_add_returns_empty_output_for_empty_input(shape):
     x = torch.randn(shape)
@@ -137,6 +150,9 @@ _META = torch.empty(2, 4, 3, 3, device="meta")
      r"y must have x's layout \(channels_last\), got shape \(2, 4, 3, 3\) with strides \(36, 9, 3, 1\)"),
     (lambda: residual_add(_strided((2, 4, 3, 5)), _strided((2, 4, 3, 5))),
      r"x must be contiguous or channels_last, got shape \(2, 4, 5, 3\) with strides \(60, 15, 1, 5\)"),
+    (lambda: residual_add(_X, _X, out=_channels_last(_X.clone())),
+     r"out must match x \(shape \(2, 4, 3, 3\), strides \(36, 9, 3, 1\), torch.float32\), got shape"),
+    (lambda: residual_add(_X, _X, out=_X.half()), r"out must match x .*, got shape \(2, 4, 3, 3\), strides"),
     (lambda: residual_add(*(torch.empty(1, 2**15, 2**15 + 1, device="meta") for _ in range(2))),
      "x has 1073774592 elements per sample, over the kernel's limit 1073741824"),
 ])
