@@ -116,13 +116,18 @@ if triton is not None:
         return shift + mean_shifted, 1.0 / tl.sqrt(var + eps)
 
     @triton.jit
+    def _group_offsets(Offset, offset_stride, ng, G, CG):
+        """Pointer to the offset of contiguous group ng's first channel: g * CG in offset row n (ng = n * G + g)."""
+        return Offset + (ng // G).to(tl.int64) * offset_stride + (ng % G) * CG
+
+    @triton.jit
     def _center_contiguous(center, Offset, offset_stride, ng, G, CG, HW, offs, mask):
         """center - the offset of each element offs of contiguous group ng (= n * G + g), or center when Offset
         is None: x - (center - offset) is (x + offset) - center, so the kernels subtract the offset from the
         value they centre x on (K, the mean) instead of adding it to x (channels_last: once per channel)."""
-        if Offset is not None:  # the group's channels g * CG .. of offset row n (ng = n * G + g)
-            group = (ng // G).to(tl.int64) * offset_stride + (ng % G) * CG
-            center = center - tl.load(Offset + group + offs // HW, mask=mask, other=0.0).to(tl.float32)  # L1 hits
+        if Offset is not None:  # element offs belongs to the group's channel offs // HW
+            offsets = _group_offsets(Offset, offset_stride, ng, G, CG)
+            center = center - tl.load(offsets + offs // HW, mask=mask, other=0.0).to(tl.float32)  # L1 hits
         return center
 
     @triton.jit
@@ -130,13 +135,12 @@ if triton is not None:
         """K of contiguous group ng: its first element of x + offset, X pointing at the group."""
         shift = tl.load(X).to(tl.float32)
         if Offset is not None:
-            shift += tl.load(Offset + (ng // G).to(tl.int64) * offset_stride + (ng % G) * CG).to(tl.float32)
+            shift += tl.load(_group_offsets(Offset, offset_stride, ng, G, CG)).to(tl.float32)
         return shift
 
     @triton.jit
     def _normalize_contiguous(X, Offset, offset_stride, Y, W, B, begin, end, ng, G, CG, HW, mean, rstd, silu,
-                              BLOCK: tl.constexpr,
-                              STAGES: tl.constexpr):
+                              BLOCK: tl.constexpr, STAGES: tl.constexpr):
         """y = (x + offset - mean) * rstd * weight + bias, then SiLU when silu != 0, for elements begin..end of
         contiguous group ng (= n * G + g) at X (output at Y); element i belongs to channel g * CG + i // HW."""
         for start in tl.range(begin, end, BLOCK, num_stages=STAGES):
@@ -293,7 +297,8 @@ if triton is not None:
             base = n.to(tl.int64) * HW * C
             first = tl.load(X + base + g * CG, mask=g < G, other=0.0).to(tl.float32)  # K of each group
             if Offset is not None:  # the stats kernel's K exactly
-                first += tl.load(Offset + n.to(tl.int64) * offset_stride + g * CG, mask=g < G, other=0.0).to(tl.float32)
+                offsets = Offset + n.to(tl.int64) * offset_stride
+                first += tl.load(offsets + g * CG, mask=g < G, other=0.0).to(tl.float32)
             mean, rstd = _mean_rstd(tl.sum(s1, 0), tl.sum(s2, 0), count, first, eps)  # (BLOCK_G,)
             # Groups -> channels: every program of sample n writes the same (mean, rstd) to Stats, so the
             # overlapping writes agree, then gathers them back per channel.
@@ -308,7 +313,7 @@ if triton is not None:
                 scale *= tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
             mean = tl.load(Stats + group, mask=mask_c, other=0.0)  # (BLOCK_C,)
             if Offset is not None:  # x + offset - mean == x - (mean - offset): nothing more per element
-                mean -= tl.load(Offset + n.to(tl.int64) * offset_stride + cols, mask=mask_c, other=0.0).to(tl.float32)
+                mean -= tl.load(offsets + cols, mask=mask_c, other=0.0).to(tl.float32)
             shift = -mean * scale
             if B is not None:
                 shift += tl.load(B + cols, mask=mask_c, other=0.0).to(tl.float32)
@@ -529,8 +534,8 @@ def _launch_split(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Ten
     stats = torch.empty((batch, 2, num_groups) if channels_last else (1,), device=x.device, dtype=torch.float32)
     meta = dict(CHANNELS_LAST=channels_last, BLOCK=block, ROWS=rows, BLOCK_C=block_c, BLOCK_G=block_g,
                 BLOCK_CG=block_cg, STAGES=STAGES, num_warps=8)
-    kernels.stats[(slices, grid_rows)](x, offset, offset_stride, partials, scratch, hw, channels, num_groups, cg, slices,
-                                       per_slice, **meta)
+    kernels.stats[(slices, grid_rows)](x, offset, offset_stride, partials, scratch, hw, channels, num_groups, cg,
+                                       slices, per_slice, **meta)
     kernels.apply[(slices, grid_rows)](x, offset, offset_stride, y, partials, stats, weight, bias, batch, hw, channels,
                                        num_groups, cg, slices, per_slice, eps, silu, BLOCK_P=block_p, **meta)
 

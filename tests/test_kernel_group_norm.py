@@ -219,7 +219,8 @@ def test_group_norm_makes_other_strides_contiguous():
     (lambda x, w: group_norm(x, 32, offset=x[:1, :, 0, 0]), r"offset has shape \(1, 96\), expected"),
     (lambda x, w: group_norm(x, 32, offset=x[:, :, 0, 0].half()), "offset has dtype torch.float16, expected x's"),
     (lambda x, w: group_norm(x, 32, offset=x[:, :, 0, 0].to("meta")), "offset is on meta, expected x's device cpu"),
-    (lambda x, w: group_norm(x, 32, offset=x[:, :, 0, 0]), r"offset's channels must be adjacent \(stride 1\), got strides \(6048, 63\)"),
+    (lambda x, w: group_norm(x, 32, offset=x[:, :, 0, 0]),
+     r"offset's channels must be adjacent \(stride 1\), got strides \(6048, 63\)"),
     (lambda x, w: group_norm_ref(x, 32, offset=w), r"offset has shape \(96,\), expected \(N, C\) = \(2, 96\)"),
 ])
 def test_group_norm_rejects_invalid_inputs(call, message):
