@@ -129,7 +129,10 @@ class Launcher:
         self._launches: dict[tuple, tuple] = {}
 
     def _record(self, *args, **kwargs) -> None:
-        self._recorded = args, kwargs  # the arguments of the launch Triton is about to make, constexprs included
+        # The launch Triton is about to make: how many positional (runtime) arguments and the keyword ones,
+        # constexprs included. Never the positional values: they are the launch's tensors, and a reference
+        # kept here would hold them after the call (1 GB of the VAE decoder's activations at batch 8).
+        self._recorded = len(args), kwargs
 
     def __getitem__(self, grid):
         return functools.partial(self._launch, grid)
@@ -162,13 +165,12 @@ class Launcher:
 
     def _recorded_launch(self, compiled, n_args: int) -> tuple:
         """(compiled kernel, its constexpr values in signature order, the same by name) of the launch just made."""
-        args, kwargs = self._recorded
-        named = {**dict(zip(self.jit.arg_names, args)), **kwargs}
+        (recorded_args, kwargs), self._recorded = self._recorded, None
         constexpr_names = self.jit.arg_names[n_args:]
-        if len(args) != n_args or any(i not in self.jit.constexprs for i in range(n_args, len(self.jit.arg_names))):
+        if recorded_args != n_args or any(i not in self.jit.constexprs for i in range(n_args, len(self.jit.arg_names))):
             raise TypeError(f"{self.jit.fn.__name__}: Launcher needs runtime arguments positional and constexprs "
                             f"as keywords, got {n_args} positional arguments for {self.jit.arg_names}")
-        constexprs = {name: named[name] for name in constexpr_names}
+        constexprs = {name: kwargs[name] for name in constexpr_names}
         return compiled, tuple(constexprs.values()), constexprs
 
 

@@ -4,6 +4,7 @@ own launch recorded, and gives the same results, also under CUDA-graph capture.
 The CPU tests run the record-and-replay logic against a stand-in for Triton's launch path (the interpreter
 never uses the Launcher); the GPU tests run the real kernels.
 """
+import contextlib
 import importlib
 import threading
 import weakref
@@ -109,6 +110,20 @@ def test_a_new_signature_goes_through_triton_again(toy, change):
         meta["SILU"] = False
     launcher[_grid](*args, **meta)
     assert len(kernel.launches) == 2 and not kernel.compiled.runs
+
+
+def test_first_launch_keeps_no_reference_to_its_tensors(toy):
+    """Recording a launch keeps its constexprs, never its arguments: the tensors of a signature's first launch
+    (the VAE decoder's 1 GB activations at batch 8) must be freed when the caller drops them."""
+    kernel, launcher = toy
+    for disabled in (False, True):
+        x, y = torch.empty(1000), torch.empty(1000)
+        alive = weakref.ref(x), weakref.ref(y)
+        with _triton.Launcher.disabled() if disabled else contextlib.nullcontext():
+            launcher[_grid](x, y, 1000 + disabled, 0.5, SILU=True)
+        kernel.launches.clear()  # the stand-in's own log of the call holds them too
+        del x, y
+        assert [ref() for ref in alive] == [None, None], f"disabled={disabled}"
 
 
 def test_disabled_launcher_always_goes_through_triton(toy):
