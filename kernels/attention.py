@@ -307,13 +307,25 @@ def _stride_align(*tensors: Tensor) -> int:
     return align
 
 
+def empty_output(q: Tensor) -> Tensor:
+    """The output buffer for q (B, H, Sq, D): in q's layout when q is dense (empty_like keeps it); else, for a
+    q whose head stride is below its row stride (a slice of a fused (B, S, 3, H, D) QKV buffer), a (B, Sq, H, D)
+    buffer seen as (B, H, Sq, D), so that the caller's (B, Sq, H * D) view of the output is free instead of a
+    copy, as with SDPA's output; contiguous otherwise."""
+    out = torch.empty_like(q)
+    if out.stride() == q.stride() or q.stride(1) >= q.stride(2):
+        return out
+    batch, heads, seq_q, head_dim = q.shape
+    return q.new_empty((batch, seq_q, heads, head_dim)).transpose(1, 2)
+
+
 def _attention_run(kernel, q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
     """Launch `kernel`: the autotuned kernel's Launcher, or the kernel wrapped by wrap_triton while torch.compile
     traces."""
     batch, heads, seq_q, head_dim = q.shape
     seq_kv = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    out = torch.empty_like(q)  # keeps q's layout, e.g. a (B, S, H, D) buffer seen as (B, H, S, D)
+    out = empty_output(q)
     d1, d2 = head_dim_split(head_dim)
 
     def grid(meta):
@@ -344,18 +356,19 @@ def _attention_traced(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -
 
 # The op torch.compile puts in its graphs (see _triton.CompileOp); eager calls launch directly.
 _attention_op = _triton.CompileOp("fastdiff::triton_attention", _attention_launch, _attention_traced,
-                                  fake=lambda q, k, v, scale: torch.empty_like(q))
+                                  fake=lambda q, k, v, scale: empty_output(q))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
     """softmax(q k^T * scale) v with the Triton kernel; scale defaults to 1/sqrt(D).
 
     q: (B, H, Sq, D); k, v: (B, H, Skv, D); any strides (e.g. transposed views of (B, S, H, D) buffers).
-    float16, bfloat16 or float32, 16 <= D <= 256, any Sq, Skv >= 1. Returns (B, H, Sq, D) in q's dtype and
-    q's memory layout. Runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1.
+    float16, bfloat16 or float32, 16 <= D <= 256, any Sq, Skv >= 1. Returns (B, H, Sq, D) in q's dtype, in
+    q's memory layout when q is dense, else in a (B, Sq, H, D) one when q views such a buffer (`empty_output`).
+    Runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1.
     """
     check_attention_inputs(q, k, v, scale)
     if q.numel() == 0:
-        return torch.empty_like(q)
+        return empty_output(q)
     op = _attention_op if torch.compiler.is_compiling() else _attention_launch
     return op(q, k, v, scale)

@@ -83,6 +83,20 @@ def test_attention_takes_strided_views_and_keeps_their_layout():
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_attention_output_of_a_fused_qkv_slice_is_a_free_token_view():
+    # q, k, v sliced from one (B, S, 3, H, D) projection are not dense; the output still comes in (B, S, H, D)
+    # memory, so the model's (B, S, H * D) view of it needs no copy.
+    qkv = torch.randn(2, 97, 3, 2, 40)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    out = attention(q, k, v)
+    ref = attention_ref(q.double(), k.double(), v.double())
+    _report("fused qkv slices", out, ref)
+    assert out.transpose(1, 2).is_contiguous(), out.stride()
+    tokens = out.transpose(1, 2).flatten(2)
+    assert tokens.data_ptr() == out.data_ptr()  # a view, not a copy
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_head_dim_split_covers_every_column():
     for head_dim, split in {16: (16, 0), 40: (32, 16), 64: (64, 0), 80: (64, 16), 111: (64, 64), 128: (128, 0),
                             160: (128, 32), 256: (256, 0)}.items():
