@@ -152,13 +152,27 @@ class _FakeJIT:
     from which thread, and can fail like a compile error."""
 
     def __init__(self, fail: bool = False):
-        self.compiles, self.fail = [], fail
+        self.compiles, self.loaded, self.fail = [], [], fail
 
     def run(self, *args, grid, warmup, **meta):
         assert warmup, "compiling ahead must never launch"
         if self.fail:
             raise RuntimeError("PassManager::run failed")
         self.compiles.append((args, meta, threading.current_thread().name))
+        return _FakeKernel(self)
+
+
+class _FakeKernel:
+    """A compiled kernel as `jit.run(warmup=True)` returns it: `_init_handles` loads it and builds its launcher;
+    a config over the GPU's shared memory raises OutOfResources there."""
+
+    def __init__(self, jit: _FakeJIT, out_of_resources: bool = False):
+        self.jit, self.out_of_resources = jit, out_of_resources
+
+    def _init_handles(self):
+        self.jit.loaded.append(threading.current_thread().name)
+        if self.out_of_resources:
+            raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
 
 
 @pytest.fixture
@@ -187,6 +201,29 @@ def test_compiling_ahead_compiles_each_variant_once_and_launches_nothing(ahead):
     assert all(c[2].startswith("fastdiff-compile") for c in fake.compiles)
     launcher[_grid](x, y, 1000, 0.5, SILU=True)  # after the block: launches as usual
     assert len(kernel.launches) == 1
+
+
+def test_compiling_ahead_loads_each_compiled_variant_in_the_pool(ahead):
+    """A compiled variant is also loaded and its launcher built (a C compile per new signature) by the pool's
+    threads, not by the first launch; a config the GPU cannot run is left for the autotuner to skip."""
+    kernel = _FakeAutotuned()
+    launcher = _triton.Launcher(kernel)
+    fake = _FakeJIT()
+    too_big = {"SILU": False}
+
+    def run(*args, grid, warmup, **meta):
+        compiled = fake.run(*args, grid=grid, warmup=warmup, **meta)
+        compiled.out_of_resources = meta == too_big
+        return compiled
+
+    launcher.jit.run = run
+    x, y = torch.empty(1000), torch.empty(1000)
+    with _triton.compiling_ahead(workers=2):
+        launcher[_grid](x, y, 1000, 0.5, SILU=True)
+        launcher[_grid](x, y, 1024, 0.5, SILU=True)
+        launcher[_grid](x, y, 1024, 0.5, SILU=False)  # raises OutOfResources when loaded: no error here
+    print("loaded on:", fake.loaded)
+    assert len(fake.loaded) == 3 and all(name.startswith("fastdiff-compile") for name in fake.loaded)
 
 
 def test_compiling_ahead_keeps_no_tensor_alive_while_a_compile_waits(ahead):
