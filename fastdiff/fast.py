@@ -13,8 +13,9 @@ What the preparation changes, and why:
                  parameters and state-dict keys: `Attention.fuse_projections` makes them views); one for
                  every ResNet block's time projection (`UNet2DConditionModel.fuse_time_projections`).
   attention      per kind, head dim and batch, fastdiff's Triton kernel (`ops.attention`) or torch SDPA,
-                 whichever was measured faster: Triton for cross-attention and for large-batch self-attention
-                 at head dim 40 (SD1.5's 64x64 level), SDPA for the other self-attention.
+                 whichever was measured faster: Triton for cross-attention, for large-batch self-attention
+                 at head dim 40 (SD1.5's 64x64 level) and for self-attention at head dim 160, SDPA for the
+                 other self-attention.
   GEGLU          the MLP's value * GELU(gate) in one Triton pass (`fuse_geglu`): 6.65 against 7.05 ms per
                  UNet step, 182.8 against 193.8 ms per image on an H200.
   CUDA graphs    the UNet call (with the CFG duplication and dtype casts) captured once per input shape and
@@ -62,16 +63,23 @@ def _spare_column_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[flo
 
 
 _ATTEND = {"fastdiff": ops.attention, "sdpa": sdpa_attention, "spare_column": _spare_column_attention}
+# "auto" above this head dim: fastdiff's kernel. At SD1.5's head dim 160 (the 16x16 and 8x8 levels, 256 and 64
+# tokens) it took 7.4 us against SDPA's 10.5 (cuDNN's kernel) at 2x8x256x160 on an H200, and the UNet step 5.869
+# against 5.887 ms at CFG batch 2 (no change at 8 and 16). At head dim 80 SDPA is faster (18.3 vs 19.7 us).
+AUTO_TRITON_ABOVE_HEAD_DIM = 128
 
 
 def _pick_attention(impl: str, head_dim: int) -> str:
     """"auto" resolved for one attention module, by what measured faster on an H200: at head dim 40, where
-    fastdiff's streaming kernel sums p in a spare padding column, the choice by batch above; SDPA elsewhere."""
+    fastdiff's streaming kernel sums p in a spare padding column, the choice by batch above; fastdiff's kernel
+    above AUTO_TRITON_ABOVE_HEAD_DIM; SDPA elsewhere."""
     from fastdiff.kernels.attention import has_spare_column
 
     if impl != "auto":
         return impl
-    return "spare_column" if has_spare_column(head_dim) else "sdpa"
+    if has_spare_column(head_dim):
+        return "spare_column"
+    return "fastdiff" if head_dim > AUTO_TRITON_ABOVE_HEAD_DIM else "sdpa"
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,8 @@ class FastConfig:
     fuse_projections: bool = True  # one matmul for q, k, v (self-attention), for k, v (cross-attention) and
     #   for all ResNet blocks' time projections
     self_attention: str = "auto"  # "sdpa", "fastdiff" (Triton) or "auto": Triton at head dim 40, where its
-    #   p @ v also sums p, for large batches (AUTO_MIN_BATCH_HEADS), SDPA otherwise; benchmarks/RESULTS.md
+    #   p @ v also sums p, for large batches (AUTO_MIN_BATCH_HEADS), and above head dim 128; SDPA otherwise;
+    #   benchmarks/RESULTS.md
     cross_attention: str = "fastdiff"  # Triton's on-chip path for the 77 text keys: 1.1-1.6x SDPA
     vae_attention: str = "sdpa"  # the VAE's single 512-wide head is outside the Triton kernel's limits
     fuse_geglu: bool = True  # GEGLU's value * GELU(gate) in one Triton pass (ops.geglu) instead of eager gelu

@@ -115,17 +115,19 @@ def test_prepared_unet_matches_plain(kind, self_attention, cross_attention):
     assert rel(out, ref) <= 1e-5
 
 
-def test_auto_self_attention_is_batch_dependent_at_head_dim_40_and_sdpa_at_80(monkeypatch):
-    # SD1.5's levels at heads 8: 320 channels -> head dim 40 (Triton sums p in a spare column), 640 -> 80.
-    cfg = UNetConfig(block_out_channels=(80, 160), layers_per_block=1, norm_num_groups=8, cross_attention_dim=24,
-                     attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+def test_auto_self_attention_is_batch_dependent_at_head_dim_40_sdpa_at_80_triton_at_160(monkeypatch):
+    # SD1.5's levels at heads 8: 320 channels -> head dim 40 (Triton sums p in a spare column), 640 -> 80,
+    # 1280 -> 160.
+    cfg = UNetConfig(block_out_channels=(80, 160, 320), layers_per_block=1, norm_num_groups=8,
+                     cross_attention_dim=24, attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D",) * 3,
+                     up_block_types=("CrossAttnUpBlock2D",) * 3)
     unet = prepare_unet(UNet2DConditionModel(cfg).eval(), FastConfig())
     picked = {(m.is_cross_attention, m.to_q.out_features // m.heads): m.attend
               for m in unet.modules() if isinstance(m, Attention)}
     print({key: fn.__name__ for key, fn in picked.items()})
     assert picked == {(False, 40): fastdiff.fast._spare_column_attention, (False, 80): fastdiff.fast.sdpa_attention,
-                      (True, 40): ops.attention, (True, 80): ops.attention}
+                      (False, 160): ops.attention, (True, 40): ops.attention, (True, 80): ops.attention,
+                      (True, 160): ops.attention}
     calls = []
     monkeypatch.setattr(fastdiff.fast, "sdpa_attention", lambda *a: calls.append("sdpa"))
     monkeypatch.setattr(fastdiff.fast.ops, "attention", lambda *a: calls.append("fastdiff"))
