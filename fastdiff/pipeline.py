@@ -78,7 +78,6 @@ class Pipeline:
         self._fast_unet: Optional[FastUNet] = None
         self._compiled_for: set[tuple] = set()  # request shapes whose Triton kernels _compile_kernels compiled
         self._text_graphs: dict[Optional[int], CUDAGraphRunner] = {}  # fast path: the text encoder per clip_skip
-        self._decoder_graphs: Optional[CUDAGraphRunner] = None  # fast path: the VAE decoder per latent shape
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], device=None, dtype=None,
@@ -213,22 +212,10 @@ class Pipeline:
         return z.expand(batch, *z.shape[1:]) if z.shape[0] == 1 else z
 
     def decode_latents(self, x: Tensor) -> Tensor:
-        """Scaled latents (B, 4, h, w) -> images (B, 3, H, W) float32 in [0, 1]. On the fast path with CUDA
-        graphs the decoder is replayed from one graph per latent shape: run eagerly, its ~160 kernels are
-        bound by host time at batch 1 (11.9 ms against 6.8 ms replayed, for a 512x512 image on an H200)."""
-        return self._decode(x, graphed=True)
-
-    def _decode(self, x: Tensor, graphed: bool) -> Tensor:
+        """Scaled latents (B, 4, h, w) -> images (B, 3, H, W) float32 in [0, 1]."""
         vae_dtype = next(self.vae.parameters()).dtype
-        z = (x / self.vae.config.scaling_factor).to(vae_dtype)
-        fast = self.fast_unet() if graphed else None
-        if fast is not None and fast.config.cuda_graphs:
-            if self._decoder_graphs is None:
-                self._decoder_graphs = CUDAGraphRunner(self.vae.decode, fast.config.warmup)
-            image = self._decoder_graphs(z)  # the graph's output buffer: the next decode of this shape rewrites it
-        else:
-            image = self.vae.decode(z)
-        return (image.float() / 2 + 0.5).clamp(0, 1)  # new tensors, whatever the buffer's dtype
+        image = self.vae.decode((x / self.vae.config.scaling_factor).to(vae_dtype)).float()
+        return (image / 2 + 0.5).clamp(0, 1)
 
     def fast_unet(self) -> Optional[FastUNet]:
         """The fast path's UNet (built, and the UNet and VAE prepared, on first use), or None when off."""
@@ -263,7 +250,7 @@ class Pipeline:
             schedulers.sample(lambda x_in, t: model_out, x, sched, guidance_scale=guidance_scale,
                               noise_fn=lambda shape: torch.zeros(tuple(shape), device=x.device), start_index=start)
             if decode:
-                self._decode(x, graphed=False)  # eager: a graph captured here would hold launches never made
+                self.decode_latents(x)
         self._compiled_for.add(key)
 
     def _model_fn(self, context: Tensor, req: _Request) -> Callable[[Tensor, Tensor], Tensor]:

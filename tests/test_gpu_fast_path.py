@@ -126,27 +126,6 @@ def test_text_encoder_replays_one_graph_per_clip_skip(tiny_folder):
     assert torch.equal(got[None], first)
 
 
-@torch.no_grad()
-def test_vae_decoder_replays_one_graph_per_latent_shape(tiny_folder):
-    pipe = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda")
-    g = torch.Generator("cuda").manual_seed(3)
-    latents = [torch.randn(shape, device="cuda", generator=g) for shape in ((1, 4, 8, 8), (2, 4, 8, 12))]
-    f = pipe.vae_scale_factor
-    first = None
-    for round_ in range(2):  # the second round replays the first shape's graph after the second was captured
-        for x in latents:
-            replayed = pipe.decode_latents(x)
-            eager = pipe._decode(x, graphed=False)  # the same prepared modules, no graph
-            print(f"round {round_} {tuple(x.shape)}: graph vs eager rel {rel(replayed, eager):.2e}")
-            assert replayed.dtype == torch.float32 and replayed.shape == (x.shape[0], 3, f * x.shape[2], f * x.shape[3])
-            assert rel(replayed, eager) <= 1e-6
-            if first is None:
-                first = replayed
-                kept = replayed.clone()
-    assert pipe._decoder_graphs.captured == 2
-    assert torch.equal(first, kept)  # a returned image is a new tensor: later replays leave it alone
-
-
 def test_bfloat16_fast_path(tiny_folder):
     ref = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda", dtype=torch.float32, fast=False)
     pipe = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda", fast=FastConfig(dtype=torch.bfloat16))
