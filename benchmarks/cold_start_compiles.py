@@ -2,9 +2,11 @@
 
     python benchmarks/cold_start_compiles.py
 
-A fast-path image with an empty kernel cache spends most of its cold start compiling Triton kernels (issue 7:
-20.7 s to the first image on an H200 with an empty cache, 6.5 s with a warm one). Compiling is CPU work, and
-Triton compiles for a GPU it does not see, so this script measures that cost here:
+A fast-path image with an empty kernel cache spends much of its cold start compiling Triton kernels (issue 7,
+benchmarks/RESULTS.md). Compiling is CPU work, and Triton compiles for a GPU it does not see, so this script
+measures that cost here, for the attention and GroupNorm kernels only: the first image also compiles
+LayerNorm, GEGLU, residual_add and (without the extension) scheduler-step variants, which it does not count
+(39 variants in all on an H200 in session 6, counted from the kernel cache; this script counts 14):
 1. It runs the SD1.5 UNet (CFG batch 2, 64x64 latents) and the VAE decoder on the meta device, prepared as
    the fast path prepares them, and records every call of the Triton-backed ops (their shapes, layouts and
    dtypes). The ops return empty tensors, so no real work is done.
@@ -13,7 +15,6 @@ Triton compiles for a GPU it does not see, so this script measures that cost her
    the integer arguments Triton specialises on (== 1, divisible by 16).
 3. It compiles every distinct variant for sm_90 with a fresh cache and prints the count and the seconds per
    kernel.
-The scheduler step is left out: it is the CUDA extension's whenever that is built.
 """
 import importlib
 import tempfile
