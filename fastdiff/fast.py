@@ -18,7 +18,9 @@ What the preparation changes, and why:
                  other self-attention.
   GEGLU          the MLP's value * GELU(gate) in one Triton pass (`fuse_geglu`): 6.65 against 7.05 ms per
                  UNet step, 182.8 against 193.8 ms per image on an H200.
-  CUDA graphs    the UNet call (with the CFG duplication and dtype casts) captured once per input shape and
+  shared sample  with guidance the UNet gets the B latents once and the 2B [uncond; cond] contexts: the layers
+                 before the first cross-attention run on B rows, not 2B (UNet2DConditionModel.forward).
+  CUDA graphs    the UNet call (with the dtype casts) captured once per input shape and
                  replayed; a new (batch, height, width) captures a new graph, nothing else is rebuilt.
   torch.compile  optional, of fastdiff's own UNet before capture (`compile="max-autotune-no-cudagraphs"`).
 The fused sampling update runs eagerly between replays (its coefficients change every step); the loop makes
@@ -256,17 +258,18 @@ class FastUNet:
         return x.to(self.dtype, memory_format=fmt)
 
     def _call_guided(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        out = self._forward(self._input(torch.cat([x, x])), t, context)  # (2B, C, h, w) = [uncond; cond]
-        return out.float().contiguous()
+        # x is shared by both halves of context: (2B, C, h, w) = [uncond; cond], the layers before the first
+        # cross-attention run on B rows (the UNet's forward, "shared sample")
+        return self._forward(self._input(x), t, context).float().contiguous()
 
     def _call_plain(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
         return self._forward(self._input(x), t, context).float().contiguous()
 
-    def eager_call(self, x: Tensor, t: Tensor, context: Tensor, cfg: bool) -> Tensor:
-        """One call of the prepared UNet as `denoiser` makes it, but eager: no graph, no torch.compile.
-        (`Pipeline` runs it inside `fastdiff.kernels.compiling_ahead` to compile a new shape's kernels.)"""
-        x_in = torch.cat([x, x]) if cfg else x
-        return self.unet(self._input(x_in), t.reshape(()).to(torch.float32), context.to(self.dtype))
+    def eager_call(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        """One call of the prepared UNet as `denoiser` makes it, but eager: no graph, no torch.compile; with
+        guidance context has 2B rows and x is shared by both halves, as in `_call_guided`. (`Pipeline` runs it
+        inside `fastdiff.kernels.compiling_ahead` to compile a new shape's kernels.)"""
+        return self.unet(self._input(x), t.reshape(()).to(torch.float32), context.to(self.dtype))
 
     def denoiser(self, context: Tensor, cfg: bool) -> Callable[[Tensor, Tensor], Tensor]:
         """model_fn for `fastdiff.schedulers.sample`. context: (2B, T, D) = [uncond; cond] with cfg, else

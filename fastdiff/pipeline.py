@@ -246,7 +246,7 @@ class Pipeline:
         rows = 2 * x.shape[0] if guidance_scale is not None else x.shape[0]  # the model_fn's output batch
         model_out = torch.zeros((rows, *x.shape[1:]), device=x.device)
         with compiling_ahead():
-            fast.eager_call(x, torch.zeros((), device=x.device), context, req.cfg)  # outputs unwritten: dropped
+            fast.eager_call(x, torch.zeros((), device=x.device), context)  # outputs unwritten: dropped
             schedulers.sample(lambda x_in, t: model_out, x, sched, guidance_scale=guidance_scale,
                               noise_fn=lambda shape: torch.zeros(tuple(shape), device=x.device), start_index=start)
             if decode:

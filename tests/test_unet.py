@@ -123,6 +123,34 @@ def test_per_sample_timesteps_match_single_runs():
     assert rel_err(broadcast, repeated) <= 1e-6
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shared_sample_matches_the_tiled_sample(name):
+    # classifier-free guidance: one latent per image, [uncond; cond] contexts; the layers before the first
+    # cross-attention run on the latents once, the rows part there
+    ours, _ = make_pair(name)
+    sample = torch.randn(BATCH, 4, 8, 12)
+    context = torch.randn(2 * BATCH, TOKENS, ours.config.cross_attention_dim)
+    block = ours.down_blocks[0].attentions[0].transformer_blocks[0]
+    rows = []
+    for attn in (block.attn1, block.attn2):
+        attn.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    with torch.no_grad():
+        shared = ours(sample, torch.tensor(420), context)
+        tiled = ours(torch.cat([sample, sample]), torch.tensor(420), context)
+    assert rows == [BATCH, 2 * BATCH, 2 * BATCH, 2 * BATCH]  # the first self-attention ran once per latent
+    assert shared.shape == tiled.shape == (2 * BATCH, 4, 8, 12)
+    assert rel_err(shared, tiled) <= TOL
+
+
+def test_shared_sample_needs_whole_multiples_and_one_timestep():
+    ours, _ = make_pair("sd1")
+    sample = torch.randn(BATCH, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"context has 3 rows, expected a multiple of sample's batch 2"):
+        ours(sample, 10, torch.randn(3, TOKENS, 32))
+    with pytest.raises(ValueError, match=r"needs one timestep for the batch, got shape \(2,\)"):
+        ours(sample, torch.tensor([10, 20]), torch.randn(4, TOKENS, 32))
+
+
 def test_timestep_of_wrong_shape_raises():
     ours, _ = make_pair("sd1")
     with pytest.raises(ValueError, match=r"timestep .* got shape \(3,\)"):

@@ -219,6 +219,12 @@ def _timesteps(timestep: Union[int, float, Tensor], batch: int, device: torch.de
     return timestep.to(device).reshape(-1)
 
 
+def _tile(t: Tensor, batch: int) -> Tensor:
+    """t (b, ...) -> (batch, ...) = [t; t; ...] for a batch that is a multiple of b, in t's memory layout (cat
+    keeps channels_last); t itself when it has the batch already."""
+    return t if t.shape[0] == batch else torch.cat([t] * (batch // t.shape[0]))
+
+
 class TimestepEmbedding(nn.Module):
     """Linear -> SiLU -> Linear on the sinusoidal embedding: (B, C0) -> (B, 4 * C0)."""
 
@@ -392,6 +398,8 @@ class BasicTransformerBlock(nn.Module):
         on the Triton backend): x = x + attn1(norm1(x)), then x = x + attn2(norm2(x)), then x + ff(norm3(x))."""
         h = _layer_norm(self.norm1, x)
         x, h = _layer_norm(self.norm2, x, self.attn1(h))
+        if context.shape[0] != x.shape[0]:  # a sample shared by several contexts (see the UNet's forward)
+            x, h = _tile(x, context.shape[0]), _tile(h, context.shape[0])
         x, h = _layer_norm(self.norm3, x, self.attn2(h, context))
         return x + self.ff(h)
 
@@ -425,8 +433,8 @@ class Transformer2DModel(nn.Module):
         tokens = _pointwise(self.proj_in, tokens)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        tokens = _pointwise(self.proj_out, tokens)
-        return x + tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        tokens = _pointwise(self.proj_out, tokens)  # (B', HW, C): B' > B once the blocks tiled a shared sample
+        return _tile(x, tokens.shape[0]) + tokens.reshape(-1, h, w, c).permute(0, 3, 1, 2)
 
 
 class DownBlock(nn.Module):
@@ -563,8 +571,21 @@ class UNet2DConditionModel(nn.Module):
     def forward(self, sample: Tensor, timestep: Union[int, float, Tensor], context: Tensor) -> Tensor:
         """sample: (B, in_channels, h, w), any h, w; timestep: a number or 0-d tensor for the whole batch, or a
         (B,) tensor (fractional values allowed); context: (B, T, cross_attention_dim) text-encoder hidden states
-        -> (B, out_channels, h, w)."""
-        t = _timesteps(timestep, sample.shape[0], sample.device)  # (B,), or (1,) when shared
+        -> (B, out_channels, h, w).
+
+        Shared sample: context may hold r * B rows when the timestep is shared. The result is then
+        forward(cat([sample] * r), timestep, context), (r * B, out_channels, h, w), as classifier-free guidance
+        asks with r = 2 ([uncond; cond] contexts, one latent). Everything before the first cross-attention
+        depends on the sample alone, so it runs once per sample instead of r times, and the rows part there
+        (at SD1.5's 64x64 level: conv_in, a ResNet block, a self-attention and their norms)."""
+        batch = sample.shape[0]
+        if context.shape[0] % batch:
+            raise ValueError(f"context has {context.shape[0]} rows, expected a multiple of sample's batch {batch} "
+                             f"(sample {tuple(sample.shape)}, context {tuple(context.shape)})")
+        t = _timesteps(timestep, batch, sample.device)  # (B,), or (1,) when shared
+        if context.shape[0] != batch and t.shape[0] != 1:
+            raise ValueError(f"a sample shared by several contexts ({batch} samples, {context.shape[0]} contexts) "
+                             f"needs one timestep for the batch, got shape {tuple(timestep.shape)}")
         t_emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                    self.config.freq_shift).to(sample.dtype)  # (B or 1, C0)
         # Every ResnetBlock2D starts with SiLU(time embedding); take it once here.
@@ -577,7 +598,8 @@ class UNet2DConditionModel(nn.Module):
         for block in self.down_blocks:
             x, block_skips = block(x, temb, context)
             skips.extend(block_skips)
-        x = self.mid_block(x, temb, context)
+        x = _tile(self.mid_block(x, temb, context), context.shape[0])
+        skips = [_tile(skip, x.shape[0]) for skip in skips]  # those taken before a shared sample's rows parted
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
