@@ -4,8 +4,8 @@ side by side in one process.
 GPU (the default list; FASTDIFF_E2E_CASES narrows it): SD1.5 and SD2.1-base architectures with random weights
 (speed does not depend on the weights), float16, 512x512, 25 DPM++ 2M steps, classifier-free guidance 7.5,
 decoded to pixels. Systems:
-  fastdiff            Pipeline(fast=None): channels_last, fused q/k/v, self-attention per head dim (Triton
-                      at 40, SDPA otherwise), Triton cross-attention and GroupNorm+SiLU, the UNet call
+  fastdiff            Pipeline(fast=None): channels_last, fused q/k/v, self-attention per head dim and batch
+                      (FastConfig's "auto"), Triton cross-attention and GroupNorm+SiLU, the UNet call
                       replayed from a CUDA graph
   fastdiff_unfused_geglu  the same with FastConfig(fuse_geglu=False): GEGLU's gelu and mul as two eager
                       kernels (what the fused kernel, on by default, saves)

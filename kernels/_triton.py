@@ -291,17 +291,12 @@ class _TensorSpec(triton.runtime.jit.MockTensor if triton is not None else objec
 
 
 def _specialization(arg, unspecialized: bool):
-    """What Triton's compile of a kernel depends on in one runtime argument."""
-    if isinstance(arg, Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, bool):
-        return bool, arg
-    if isinstance(arg, int):
+    """What Triton's compile of a kernel depends on in one runtime argument: its launch signature (`_signature`),
+    with an int reduced to what Triton specializes on instead of its value."""
+    if isinstance(arg, int) and not isinstance(arg, bool):
         width = -2**31 <= arg < 2**31  # i32 or i64
         return (int, width) if unspecialized else (int, width, arg == 1, arg % 16 == 0)
-    if isinstance(arg, float):
-        return float
-    return arg  # None
+    return _signature(arg)
 
 
 def _on_device(device: int, fn: Callable[[], Any]) -> Any:

@@ -308,15 +308,14 @@ def _stride_align(*tensors: Tensor) -> int:
 
 
 def empty_output(q: Tensor) -> Tensor:
-    """The output buffer for q (B, H, Sq, D): in q's layout when q is dense (empty_like keeps it); else, for a
-    q whose head stride is below its row stride (a slice of a fused (B, S, 3, H, D) QKV buffer), a (B, Sq, H, D)
-    buffer seen as (B, H, Sq, D), so that the caller's (B, Sq, H * D) view of the output is free instead of a
-    copy, as with SDPA's output; contiguous otherwise."""
-    out = torch.empty_like(q)
-    if out.stride() == q.stride() or q.stride(1) >= q.stride(2):
-        return out
-    batch, heads, seq_q, head_dim = q.shape
-    return q.new_empty((batch, seq_q, heads, head_dim)).transpose(1, 2)
+    """The output buffer for q (B, H, Sq, D). A q whose head stride is below its row stride views a (B, Sq, H, D)
+    buffer (a projection's output, or a slice of a fused (B, S, 3, H, D) QKV one): the output gets that layout,
+    seen as (B, H, Sq, D), so that the caller's (B, Sq, H * D) view of it is free instead of a copy, as with
+    SDPA's output. Any other q: empty_like (q's layout when q is dense, else contiguous)."""
+    if q.stride(1) < q.stride(2):
+        batch, heads, seq_q, head_dim = q.shape
+        return q.new_empty((batch, seq_q, heads, head_dim)).transpose(1, 2)
+    return torch.empty_like(q)
 
 
 def _attention_run(kernel, q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
@@ -363,8 +362,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     """softmax(q k^T * scale) v with the Triton kernel; scale defaults to 1/sqrt(D).
 
     q: (B, H, Sq, D); k, v: (B, H, Skv, D); any strides (e.g. transposed views of (B, S, H, D) buffers).
-    float16, bfloat16 or float32, 16 <= D <= 256, any Sq, Skv >= 1. Returns (B, H, Sq, D) in q's dtype, in
-    q's memory layout when q is dense, else in a (B, Sq, H, D) one when q views such a buffer (`empty_output`).
+    float16, bfloat16 or float32, 16 <= D <= 256, any Sq, Skv >= 1. Returns (B, H, Sq, D) in q's dtype, in a
+    (B, Sq, H, D) layout when q views such a buffer, else in q's layout when q is dense (`empty_output`).
     Runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1.
     """
     check_attention_inputs(q, k, v, scale)

@@ -182,6 +182,15 @@ def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+def _skip_add(block: nn.Module, x: Tensor, h: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """The end of a ResNet block (UNet's or VAE's) whose convolutions ran without their biases: x (through the
+    block's 1x1 conv_shortcut when it has one) + h + conv2's (and the shortcut's) bias, in one pass
+    (`ops.residual_add`), written to `out` when given."""
+    if block.conv_shortcut is None:
+        return ops.residual_add(x, h, block.conv2.bias, out=out)
+    return ops.residual_add(_conv(block.conv_shortcut, x), h, block.conv2.bias + block.conv_shortcut.bias, out=out)
+
+
 def _layer_norm(norm: nn.LayerNorm, x: Tensor, residual: Optional[Tensor] = None):
     """Apply the nn.LayerNorm `norm` (which only holds the parameters and their keys) through the ops seam:
     LayerNorm(x), or with `residual` the pair (s, LayerNorm(s)) for s = x + residual."""
@@ -267,9 +276,7 @@ class ResnetBlock2D(nn.Module):
         # h + offset[:, :, None, None] is normed; one row shared by every sample is read at row stride 0
         offset = offset.expand(h.shape[0], -1)
         h = _conv(self.conv2, self.dropout(_group_norm(self.norm2, h, "silu", offset=offset)))
-        if self.conv_shortcut is None:
-            return ops.residual_add(x, h, self.conv2.bias)
-        return ops.residual_add(_conv(self.conv_shortcut, x), h, self.conv2.bias + self.conv_shortcut.bias)
+        return _skip_add(self, x, h)
 
 
 class Downsample2D(nn.Module):

@@ -23,7 +23,7 @@ from torch import Tensor
 from fastdiff import ops
 
 from ._config import read_settings
-from .unet import _conv, _group_norm
+from .unet import _conv, _group_norm, _skip_add
 
 # diffusers hard-codes these for the VAE (Encoder/Decoder pass them to every block).
 _EPS = 1e-6
@@ -118,9 +118,7 @@ class ResnetBlock2D(nn.Module):
         h = self.conv1(h)
         h = _group_norm(self.norm2, h, "silu")
         h = _conv(self.conv2, h)
-        if self.conv_shortcut is None:
-            return ops.residual_add(x, h, self.conv2.bias, out=h)
-        return ops.residual_add(_conv(self.conv_shortcut, x), h, self.conv2.bias + self.conv_shortcut.bias, out=h)
+        return _skip_add(self, x, h, out=h)
 
 
 class Downsample2D(nn.Module):
