@@ -163,12 +163,15 @@ class CUDAGraphRunner:
     strides, device), then copy the inputs into that graph's static buffers and replay.
 
     The returned tensor is the graph's static output: the next call of the same signature overwrites it, so
-    read it (or clone it) before calling again. Graphs share one memory pool (they never run concurrently),
+    read it (or clone it) before calling again. Inputs at the positions in `by_reference` are not copied: the
+    graph reads the caller's tensor itself, so their address is part of the signature (another tensor
+    captures another graph) and the caller keeps them alive and writes new values into them in place (the
+    fast path's text context, constant over a sampling loop, whose projections are computed outside it). Graphs share one memory pool (they never run concurrently),
     so a second resolution costs only what it needs beyond the first. `fn` must have no host
     synchronisation and no branch on tensor values; it may allocate (from the graph's pool).
     """
 
-    def __init__(self, fn: Callable[..., Tensor], warmup: int = 2):
+    def __init__(self, fn: Callable[..., Tensor], warmup: int = 2, by_reference: tuple[int, ...] = ()):
         if not torch.cuda.is_available():
             raise RuntimeError("CUDAGraphRunner needs a CUDA device and torch sees none; call the model directly "
                                "on the CPU (Pipeline does so when fast=None)")
@@ -176,12 +179,13 @@ class CUDAGraphRunner:
             raise ValueError(f"warmup must be >= 1 (autotuning must not run inside a capture), got {warmup}")
         self.fn = fn
         self.warmup = warmup
+        self.by_reference = frozenset(by_reference)
         self._graphs: dict[tuple, _Captured] = {}
         self._pool = None
 
-    @staticmethod
-    def signature(inputs: tuple[Tensor, ...]) -> tuple:
-        return tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs)
+    def signature(self, inputs: tuple[Tensor, ...]) -> tuple:
+        return tuple((tuple(t.shape), t.stride(), t.dtype, t.device, t.data_ptr() if i in self.by_reference else None)
+                     for i, t in enumerate(inputs))
 
     @property
     def captured(self) -> int:
@@ -204,8 +208,9 @@ class CUDAGraphRunner:
         return entry.output
 
     def _capture(self, inputs: tuple[Tensor, ...]) -> _Captured:
-        static = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
-                       for t in inputs)
+        static = tuple(t if i in self.by_reference else
+                       torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+                       for i, t in enumerate(inputs))
         # Warm up on a side stream, as torch.cuda.graphs' own make_graphed_callables does: lazy cuBLAS/cuDNN
         # state and Triton autotuning (which synchronises) happen here, never inside the capture.
         side = torch.cuda.Stream()
@@ -250,8 +255,17 @@ class FastUNet:
             forward = torch.compile(self.unet, mode=self.config.compile, dynamic=False)
         self._forward = forward
         graphs = self.config.cuda_graphs
-        self._guided = CUDAGraphRunner(self._call_guided, self.config.warmup) if graphs else self._call_guided
-        self._plain = CUDAGraphRunner(self._call_plain, self.config.warmup) if graphs else self._call_plain
+        # With fused projections the context's K/V projections are computed once per prompt (`denoiser`), so
+        # the graphs read the context buffer they belong to in place (input 2, by reference). Not under
+        # torch.compile, which would guard on the projections' lookup.
+        self._projects = self.config.fuse_projections and self.config.compile is None
+        by_reference = (2,) if self._projects else ()
+        self._guided = CUDAGraphRunner(self._call_guided, self.config.warmup, by_reference) if graphs \
+            else self._call_guided
+        self._plain = CUDAGraphRunner(self._call_plain, self.config.warmup, by_reference) if graphs \
+            else self._call_plain
+        self._contexts: dict[tuple, Tensor] = {}  # one context buffer per shape, rewritten for each prompt
+        self._holders: dict[tuple, Callable] = {}  # the model_fn whose context each buffer holds
 
     def _input(self, x: Tensor) -> Tensor:
         fmt = torch.channels_last if self.config.channels_last else torch.contiguous_format
@@ -274,13 +288,33 @@ class FastUNet:
     def denoiser(self, context: Tensor, cfg: bool) -> Callable[[Tensor, Tensor], Tensor]:
         """model_fn for `fastdiff.schedulers.sample`. context: (2B, T, D) = [uncond; cond] with cfg, else
         (B, T, D). The returned output is a static buffer when CUDA graphs are on: the loop consumes it
-        (the fused step reads it) before the next call rewrites it."""
-        context = context.to(self.dtype)
+        (the fused step reads it) before the next call rewrites it.
+
+        The context is constant over the loop, so with fused projections (and no torch.compile) its cross-attention K/V projections
+        are computed here, once, not in every step (`UNet2DConditionModel.project_context`). They and the
+        context live in one buffer per context shape, which the graphs read in place; a model_fn whose context
+        is not the one held there (another denoiser of the same shape was made since) writes its own back and
+        projects it again before its call."""
         call = self._guided if cfg else self._plain
+        context = context.to(self.dtype)
+        if not self._projects:
+            return lambda x, t: call(x, t.reshape(()).to(torch.float32), context)
+        key = (tuple(context.shape), context.device)
+
+        def held_context() -> Tensor:
+            buffer = self._contexts.get(key)
+            if buffer is None:
+                buffer = self._contexts[key] = torch.empty_like(context, memory_format=torch.contiguous_format)
+            if self._holders.get(key) is not model_fn:
+                buffer.copy_(context)
+                self.unet.project_context(buffer)
+                self._holders[key] = model_fn
+            return buffer
 
         def model_fn(x: Tensor, t: Tensor) -> Tensor:
-            return call(x, t.reshape(()).to(torch.float32), context)
+            return call(x, t.reshape(()).to(torch.float32), held_context())
 
+        held_context()  # project now, not inside the first step
         return model_fn
 
     @property

@@ -97,6 +97,48 @@ def test_fused_time_projections_match_unfused_and_follow_loads():
     assert rel(out, ref) <= 1e-6
 
 
+def test_projected_context_matches_and_is_what_runs():
+    unet = prepare_unet(_tiny_unet("sd2"), FastConfig())
+    x, t, ctx = _unet_inputs(unet.config)
+    x = x.contiguous(memory_format=torch.channels_last)
+    ref = unet(x, t, ctx)
+    unet.project_context(ctx)
+    out = unet(x, t, ctx)
+    print(f"projected context vs projected in the forward: rel {rel(out, ref):.2e}")
+    assert torch.equal(out, ref)
+    # The kept projections are what the forward reads: values written into the context after projecting are
+    # not seen until it is projected again, and an equal copy of the context is projected in the forward.
+    new = torch.randn_like(ctx)
+    expected = unet(x, t, new.clone())
+    ctx.copy_(new)
+    assert torch.equal(unet(x, t, ctx), ref)
+    unet.project_context(ctx)
+    assert torch.equal(unet(x, t, ctx), expected)
+    unet.forget_contexts()
+    assert all(not m.projected for m in unet.modules() if isinstance(m, Attention))
+
+
+def test_project_context_needs_fused_cross_attention():
+    unet = _tiny_unet("sd1")
+    with pytest.raises(ValueError, match="fuse_projections"):
+        unet.project_context(torch.randn(2, 7, unet.config.cross_attention_dim))
+
+
+def test_denoisers_of_one_shape_interleave():
+    """Two prompts' denoisers of the same shape share one context buffer (the one the graphs read in place):
+    each call must still see its own prompt."""
+    unet = _tiny_unet("sd1")
+    fast = FastUNet(unet, FastConfig(cuda_graphs=False))
+    x, t, _ = _unet_inputs(unet.config, batch=1)
+    contexts = [torch.randn(2, 7, unet.config.cross_attention_dim) for _ in range(2)]
+    expected = [fast.eager_call(x, t[0], c) for c in contexts]
+    fns = [fast.denoiser(c, cfg=True) for c in contexts]
+    for i in (0, 1, 1, 0, 1):
+        out = fns[i](x, t[0])
+        print(f"prompt {i}: rel {rel(out, expected[i]):.2e}")
+        assert rel(out, expected[i]) <= 1e-6
+
+
 @pytest.mark.parametrize("self_attention, cross_attention", [("sdpa", "fastdiff"), ("fastdiff", "sdpa"),
                                                              ("auto", "fastdiff")])
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
