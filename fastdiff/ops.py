@@ -1,8 +1,8 @@
 """The one seam between model code and kernel implementations.
 
 Model code calls `ops.attention`, `ops.group_norm`, `ops.geglu`, `ops.layer_norm`, `ops.add_layer_norm`,
-`ops.residual_add` and `ops.scheduler_step` and never branches on the backend. Each op has up to three
-implementations:
+`ops.residual_add`, `ops.conv2d`, `ops.subpixel_shuffle` and `ops.scheduler_step` and never branches on the
+backend. Each op has up to three implementations:
 
     reference  plain PyTorch (`fastdiff.kernels.<op>.<op>_ref`), any device; the oracle for every test
     triton     `fastdiff.kernels.<op>.<op>`: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests)
@@ -48,6 +48,14 @@ _IMPLS = {
         "reference": ("fastdiff.kernels.residual_add", "residual_add_ref"),
         "triton": ("fastdiff.kernels.residual_add", "residual_add"),
     },
+    "conv2d": {
+        "reference": ("fastdiff.kernels.conv2d", "conv2d_ref"),
+        "triton": ("fastdiff.kernels.conv2d", "conv2d"),
+    },
+    "subpixel_shuffle": {
+        "reference": ("fastdiff.kernels.subpixel", "subpixel_shuffle_ref"),
+        "triton": ("fastdiff.kernels.subpixel", "subpixel_shuffle"),
+    },
     "scheduler_step": {
         "reference": ("fastdiff.kernels.scheduler_step", "scheduler_step_ref"),
         "triton": ("fastdiff.kernels.scheduler_step", "scheduler_step"),
@@ -65,10 +73,11 @@ _AUTO_ORDER = {
     "cuda": {"attention": ("triton", "reference"), "group_norm": ("triton", "reference"),
              "geglu": ("triton", "reference"), "layer_norm": ("triton", "reference"),
              "add_layer_norm": ("triton", "reference"), "residual_add": ("triton", "reference"),
+             "conv2d": ("triton", "reference"), "subpixel_shuffle": ("triton", "reference"),
              "scheduler_step": ("cuda", "triton", "reference")},
     "cpu": {"attention": ("reference",), "group_norm": ("reference",), "geglu": ("reference",),
             "layer_norm": ("reference",), "add_layer_norm": ("reference",), "residual_add": ("reference",),
-            "scheduler_step": ("cuda", "reference")},
+            "conv2d": ("reference",), "subpixel_shuffle": ("reference",), "scheduler_step": ("cuda", "reference")},
 }
 
 _env_backend = os.environ.get("FASTDIFF_BACKEND", "auto")
@@ -181,6 +190,13 @@ def _triton_attention_fits(q: Tensor) -> bool:
             and q.shape[0] * q.shape[1] <= kernel.MAX_GRID_Y)
 
 
+def _triton_conv2d_prefers(x: Tensor, weight: Tensor, stride: int, padding: int) -> bool:
+    """Whether the split-K Triton convolution is the faster choice for this call (few output pixels, a long
+    reduction: `fastdiff.kernels.conv2d.prefers_split_k`); under `auto` other convolutions run on the
+    reference (cuDNN)."""
+    return _module("fastdiff.kernels.conv2d").prefers_split_k(x, weight, stride, padding)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
     """softmax(q k^T * scale) v. q: (B, H, Sq, D); k, v: (B, H, Skv, D) -> (B, H, Sq, D)."""
     backend = resolve("attention", q.device.type)
@@ -222,6 +238,25 @@ def residual_add(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, out: Optio
     its bias, x the residual. x, y: (N, C, *spatial), same layout; bias: (C,) or None; out: where to write
     (x's shape, dtype and strides; may be x or y), else a new tensor; see `fastdiff.kernels.residual_add`."""
     return _load("residual_add", resolve("residual_add", x.device.type))(x, y, bias, out)
+
+
+def conv2d(x: Tensor, weight: Tensor, stride: int = 1, padding: int = 0) -> Tensor:
+    """F.conv2d(x, weight, None, stride, padding): no bias, groups 1, int stride and padding. x: (N, Cin, H, W),
+    weight: (Cout, Cin, KH, KW) -> (N, Cout, OH, OW). The Triton backend is a split-K implicit GEMM for
+    convolutions with few output pixels (SD1.5's 8x8 level), channels_last tensors only; under `auto` it runs
+    only where `fastdiff.kernels.conv2d.prefers_split_k` says so, other calls on the reference. See
+    `fastdiff.kernels.conv2d`."""
+    backend = resolve("conv2d", x.device.type)
+    if backend == "triton" and _chosen["conv2d"] == "auto" and not _triton_conv2d_prefers(x, weight, stride, padding):
+        backend = "reference"
+    return _load("conv2d", backend)(x, weight, stride, padding)
+
+
+def subpixel_shuffle(y: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """The four phases of a 2x2 convolution's output (B, 4C, H + 1, W + 1) put in place, plus the bias:
+    (B, C, 2H, 2W), which is the 3x3 convolution of x's nearest 2x upsampling when the 2x2 weights are
+    `fastdiff.kernels.subpixel.subpixel_weight` of its weights; see that module."""
+    return _load("subpixel_shuffle", resolve("subpixel_shuffle", y.device.type))(y, bias)
 
 
 def scheduler_step(x: Tensor, model_output: Tensor, coeffs, guidance_scale: Optional[float] = None,

@@ -25,6 +25,7 @@ from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
 
 attention = importlib.import_module("fastdiff.kernels.attention")
+conv2d = importlib.import_module("fastdiff.kernels.conv2d")
 group_norm = importlib.import_module("fastdiff.kernels.group_norm")
 layer_norm = importlib.import_module("fastdiff.kernels.layer_norm")
 residual_add = importlib.import_module("fastdiff.kernels.residual_add")
@@ -87,6 +88,16 @@ for float_type in ("fp32", "fp64"):
                                           **({} if with_bias else dict(Bias=None))))
                 print("residual_add", float_type, dtype, "channels_last" if channels_last else "contiguous",
                       "bias" if with_bias else "no bias", "ok")
+        # conv2d: no float arguments either. A 3x3 and a 1x1 kernel, Cin a multiple of BLOCK_K or not, writing
+        # the output in the dtype (one split) or float32 partials; then the sum of the partials.
+        for kh, even_k, out in ((3, True, dtype), (3, False, "fp32"), (1, True, "fp32"), (1, False, dtype)):
+            build_ir(conv2d._conv2d_kernel, dict(X=dtype, Wt=dtype, Out=out), set(), float_type,
+                     dict(KH=kh, KW=kh, EVEN_K=even_k, DOT_FP32=dtype == "fp32", BLOCK_M=128, BLOCK_N=64, BLOCK_K=64,
+                          STAGES=4))
+            print("conv2d", float_type, dtype, f"{kh}x{kh}", "even K" if even_k else "masked K", "out", out, "ok")
+        build_ir(conv2d._conv2d_sum_kernel, dict(Partials="fp32", Out=dtype), set(), float_type,
+                 dict(BLOCK=1024, STAGES=4))
+        print("conv2d sum", float_type, dtype, "ok")
 """
 
 
@@ -95,4 +106,4 @@ def test_kernels_build_with_float64_scalar_arguments():
     result = subprocess.run([sys.executable, "-c", _BUILD_IR], capture_output=True, text=True, env=env, timeout=600)
     print(result.stdout[-3000:], result.stderr[-3000:])
     assert result.returncode == 0
-    assert result.stdout.count(" ok") == 2 * 3 * (3 * 3 + 4 * 2 + 2 + 2 * 2)  # every case of the loops above built
+    assert result.stdout.count(" ok") == 2 * 3 * (3 * 3 + 4 * 2 + 2 + 2 * 2 + 4 + 1)  # every case of the loops above

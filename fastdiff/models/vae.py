@@ -23,7 +23,7 @@ from torch import Tensor
 from fastdiff import ops
 
 from ._config import read_settings
-from .unet import _conv, _group_norm, _skip_add
+from .unet import UpsampleConv, _conv, _group_norm, _skip_add
 
 # diffusers hard-codes these for the VAE (Encoder/Decoder pass them to every block).
 _EPS = 1e-6
@@ -133,16 +133,12 @@ class Downsample2D(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class Upsample2D(nn.Module):
+class Upsample2D(UpsampleConv):
     """Nearest-neighbour 2x upsampling followed by a conv3x3."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, C, 2H, 2W)."""
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.upsample_conv(x, (2 * x.shape[-2], 2 * x.shape[-1]))
 
 
 class Attention(nn.Module):
