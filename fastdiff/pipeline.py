@@ -126,8 +126,9 @@ class Pipeline:
         noise, scaled by the sampler's initial sigma as in diffusers. image (+ strength): img2img from a PIL
         image (or a list of them) or a float tensor (B, 3, H, W) in [0, 1]. callback(i, x, x0) after every
         step. output_type: "pil" (PIL images), "np" ((H, W, 3) float32 arrays in [0, 1]), "pt" ((3, H, W)
-        tensors in [0, 1]) or "latent" (the final (4, h, w) latents, unscaled by the VAE factor). Returns a
-        list of len(prompts) * num_images outputs, each prompt's images together.
+        float32 tensors in [0, 1] on the pipeline's device, as diffusers returns them) or "latent" (the final
+        (4, h, w) latents, unscaled by the VAE factor). Returns a list of len(prompts) * num_images outputs,
+        each prompt's images together.
         """
         init_image = _image_to_tensor(image) if image is not None else None
         req = self._validate(prompt, steps, negative_prompt, guidance_scale, guidance_rescale, height, width,
@@ -371,8 +372,8 @@ def _image_to_tensor(image: Any) -> Tensor:
 
 def _to_output(images: Tensor, output_type: str) -> list:
     """(B, 3, H, W) float in [0, 1] -> a list in the requested type."""
-    if output_type == "pt":
-        return list(images.cpu().unbind(0))
+    if output_type == "pt":  # on the pipeline's device, as diffusers' "pt" (`.cpu()` is the caller's choice)
+        return list(images.unbind(0))
     arrays = images.permute(0, 2, 3, 1).cpu().numpy()
     if output_type == "np":
         return list(arrays)

@@ -132,6 +132,7 @@ def test_output_types(tiny):
     assert pil.size == (64, 64) and arr.shape == (64, 64, 3) and pt.shape == (3, 64, 64) and lat.shape == (4, 8, 8)
     assert np.abs(np.asarray(pil) / 255.0 - arr).max() <= 0.5 / 255 + 1e-6
     assert np.allclose(pt.permute(1, 2, 0).numpy(), arr)
+    assert pt.device == ours.device and lat.device == ours.device  # tensors stay where they were made
 
 
 @pytest.mark.gpu
