@@ -106,6 +106,8 @@ class FastConfig:
     #   and mul: 6% faster images on an H200 (benchmarks/RESULTS.md)
     subpixel_upsample: bool = True  # the UNet's and the VAE's nearest 2x upsampling + conv3x3 as a 2x2 conv of
     #   the small image and a shuffle (fastdiff.kernels.subpixel): 4/9 of the FLOPs, no upsampled copy
+    split_k_conv: bool = True  # the UNet ResNet blocks' 3x3 convs through ops.conv2d: Triton's split-K kernel
+    #   where it beats cuDNN (few output pixels: the 8x8 level at CFG batch 2), cuDNN elsewhere
     cuda_graphs: bool = True  # capture the UNet call once per input shape and replay it
     compile: Optional[str] = None  # torch.compile mode for the UNet before capture, e.g. "default" or
     #   "max-autotune-no-cudagraphs"; None runs the eager kernels (no compile time at all)
@@ -127,7 +129,7 @@ class FastConfig:
 def prepare_unet(unet: nn.Module, config: FastConfig) -> nn.Module:
     """Make a fastdiff UNet2DConditionModel fast in place (see the module docstring) and return it.
     State-dict keys and values are unchanged (up to the dtype); calling it twice is harmless."""
-    from fastdiff.models.unet import GEGLU
+    from fastdiff.models.unet import GEGLU, ResnetBlock2D
 
     if config.dtype is not None:
         unet.to(config.dtype)
@@ -145,6 +147,8 @@ def prepare_unet(unet: nn.Module, config: FastConfig) -> nn.Module:
             module.fused = config.fuse_geglu
         elif isinstance(module, UpsampleConv):
             module.subpixel = config.subpixel_upsample
+        elif isinstance(module, ResnetBlock2D):
+            module.conv1.split_k = module.conv2.split_k = config.split_k_conv
     return unet
 
 

@@ -10,7 +10,7 @@ import fastdiff
 from fastdiff.fast import CUDAGraphRunner, FastConfig, FastUNet, prepare_unet, prepare_vae
 from fastdiff.models import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig
 from fastdiff import ops
-from fastdiff.models.unet import GEGLU, Attention
+from fastdiff.models.unet import GEGLU, Attention, ResnetBlock2D
 from tiny_models import make_tiny_sd
 
 # Tiny SD1-style (conv proj_in, one head count) and SD2-style (linear proj_in, heads per level) UNets.
@@ -116,6 +116,23 @@ def test_projected_context_matches_and_is_what_runs():
     assert torch.equal(unet(x, t, ctx), expected)
     unet.forget_contexts()
     assert all(not m.projected for m in unet.modules() if isinstance(m, Attention))
+
+
+def test_resnet_convs_go_through_the_conv2d_seam(monkeypatch):
+    """FastConfig.split_k_conv sends the ResNet blocks' 3x3 convs to ops.conv2d (which picks Triton's split-K
+    kernel or cuDNN per shape); off, they call F.conv2d as before. Same outputs either way on the reference."""
+    plain = _tiny_unet("sd1")
+    x, t, ctx = _unet_inputs(plain.config)
+    x = x.contiguous(memory_format=torch.channels_last)
+    calls = []
+    conv2d = ops.conv2d
+    monkeypatch.setattr(ops, "conv2d", lambda *args: (calls.append(args[1].shape), conv2d(*args))[1])
+    off = prepare_unet(copy.deepcopy(plain), FastConfig(split_k_conv=False))(x, t, ctx)
+    assert calls == []
+    on = prepare_unet(plain, FastConfig())(x, t, ctx)
+    resnets = [m for m in plain.modules() if isinstance(m, ResnetBlock2D)]
+    assert len(calls) == 2 * len(resnets) and all(shape[2:] == (3, 3) for shape in calls)
+    assert torch.equal(on, off)
 
 
 def test_project_context_needs_fused_cross_attention():

@@ -173,9 +173,9 @@ def test_prefers_split_k_on_sd15_shapes():
                                padding)
 
     assert prefers((2, 1280, 8, 8), (1280, 1280, 3, 3))  # M = 128, K = 11520
-    assert prefers((2, 2560, 8, 8), (1280, 2560, 3, 3))
+    assert not prefers((2, 2560, 8, 8), (1280, 2560, 3, 3))  # K = 23040: cuDNN streams as fast
     assert prefers((2, 1280, 16, 16), (1280, 1280, 3, 3), stride=2)  # the downsampler into 8x8
-    assert prefers((2, 2560, 8, 8), (1280, 2560, 1, 1), padding=0)  # K = 2560
+    assert not prefers((2, 2560, 8, 8), (1280, 2560, 1, 1), padding=0)  # K = 2560: short
     assert not prefers((2, 1280, 16, 16), (1280, 1280, 3, 3))  # M = 512
     assert not prefers((8, 1280, 8, 8), (1280, 1280, 3, 3))  # M = 512: CFG batch 8
     assert not prefers((2, 1280, 8, 8), (1280, 1280, 1, 1), padding=0)  # K = 1280

@@ -178,7 +178,11 @@ def _group_norm(norm: nn.GroupNorm, x: Tensor, activation: Optional[str] = None,
 
 
 def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """The nn.Conv2d `conv` without its bias (the caller adds it inside a later pass over the output)."""
+    """The nn.Conv2d `conv` without its bias (the caller adds it inside a later pass over the output). With
+    `conv.split_k` set (a plain attribute a fast path sets, `FastConfig.split_k_conv`) through `ops.conv2d`,
+    whose Triton split-K kernel takes the convolutions with few output pixels (`prefers_split_k`)."""
+    if getattr(conv, "split_k", False):
+        return ops.conv2d(x, conv.weight, conv.stride[0], conv.padding[0])
     return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
