@@ -69,6 +69,7 @@ CL_ONE_PER_SM = 96 * 1024
 CL_TILE = 8192
 PARTIAL_TILE = 4096  # partial sums an apply program adds per step
 STAGES = 3  # software-pipelining depth of the stats/apply/single-launch loops
+NUM_WARPS = 8  # every kernel's warps
 # Largest group (Cg * HW elements) normalized by the single-launch kernel; larger ones take the split path.
 # Measured on an H200 (fp16, CUDA-graph replay, benchmarks/RESULTS.md), single vs split µs: 2x1280x16x16
 # (10K per group) 6.1 vs 6.5 contiguous, 6.9 vs 10.9 channels_last; 2x640x32x32 (20K) 8.5 vs 7.8, 12.9 vs
@@ -496,10 +497,10 @@ def _launch_single(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Te
     if channels_last:
         block_cg = _triton.next_power_of_2(cg)
         kernels.single_cl[grid](x, offset, offset_stride, y, weight, bias, hw, channels, num_groups, eps, silu, CG=cg,
-                                BLOCK_CG=block_cg, ROWS=max(1, TILE // block_cg), STAGES=STAGES, num_warps=8)
+                                BLOCK_CG=block_cg, ROWS=max(1, TILE // block_cg), STAGES=STAGES, num_warps=NUM_WARPS)
     else:
         kernels.single[grid](x, offset, offset_stride, y, weight, bias, hw, num_groups, cg, eps, silu,
-                             BLOCK=min(TILE, _triton.next_power_of_2(cg * hw)), STAGES=STAGES, num_warps=8)
+                             BLOCK=min(TILE, _triton.next_power_of_2(cg * hw)), STAGES=STAGES, num_warps=NUM_WARPS)
 
 
 def _launch_split(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Tensor, num_groups: int,
@@ -533,7 +534,7 @@ def _launch_split(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Ten
                           dtype=torch.float32)
     stats = torch.empty((batch, 2, num_groups) if channels_last else (1,), device=x.device, dtype=torch.float32)
     meta = dict(CHANNELS_LAST=channels_last, BLOCK=block, ROWS=rows, BLOCK_C=block_c, BLOCK_G=block_g,
-                BLOCK_CG=block_cg, STAGES=STAGES, num_warps=8)
+                BLOCK_CG=block_cg, STAGES=STAGES, num_warps=NUM_WARPS)
     kernels.stats[(slices, grid_rows)](x, offset, offset_stride, partials, scratch, hw, channels, num_groups, cg,
                                        slices, per_slice, **meta)
     kernels.apply[(slices, grid_rows)](x, offset, offset_stride, y, partials, stats, weight, bias, batch, hw, channels,
