@@ -1,8 +1,8 @@
 """The one seam between model code and kernel implementations.
 
 Model code calls `ops.attention`, `ops.group_norm`, `ops.geglu`, `ops.layer_norm`, `ops.add_layer_norm`,
-`ops.residual_add`, `ops.conv2d`, `ops.subpixel_shuffle` and `ops.scheduler_step` and never branches on the
-backend. Each op has up to three implementations:
+`ops.residual_add`, `ops.conv2d`, `ops.subpixel_shuffle`, `ops.channel_cat` and `ops.scheduler_step` and never
+branches on the backend. Each op has up to three implementations:
 
     reference  plain PyTorch (`fastdiff.kernels.<op>.<op>_ref`), any device; the oracle for every test
     triton     `fastdiff.kernels.<op>.<op>`: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests)
@@ -52,6 +52,10 @@ _IMPLS = {
         "reference": ("fastdiff.kernels.conv2d", "conv2d_ref"),
         "triton": ("fastdiff.kernels.conv2d", "conv2d"),
     },
+    "channel_cat": {
+        "reference": ("fastdiff.kernels.channel_cat", "channel_cat_ref"),
+        "triton": ("fastdiff.kernels.channel_cat", "channel_cat"),
+    },
     "subpixel_shuffle": {
         "reference": ("fastdiff.kernels.subpixel", "subpixel_shuffle_ref"),
         "triton": ("fastdiff.kernels.subpixel", "subpixel_shuffle"),
@@ -74,10 +78,12 @@ _AUTO_ORDER = {
              "geglu": ("triton", "reference"), "layer_norm": ("triton", "reference"),
              "add_layer_norm": ("triton", "reference"), "residual_add": ("triton", "reference"),
              "conv2d": ("triton", "reference"), "subpixel_shuffle": ("triton", "reference"),
+             "channel_cat": ("triton", "reference"),
              "scheduler_step": ("cuda", "triton", "reference")},
     "cpu": {"attention": ("reference",), "group_norm": ("reference",), "geglu": ("reference",),
             "layer_norm": ("reference",), "add_layer_norm": ("reference",), "residual_add": ("reference",),
-            "conv2d": ("reference",), "subpixel_shuffle": ("reference",), "scheduler_step": ("cuda", "reference")},
+            "conv2d": ("reference",), "subpixel_shuffle": ("reference",), "channel_cat": ("reference",),
+            "scheduler_step": ("cuda", "reference")},
 }
 
 _env_backend = os.environ.get("FASTDIFF_BACKEND", "auto")
@@ -250,6 +256,20 @@ def conv2d(x: Tensor, weight: Tensor, stride: int = 1, padding: int = 0) -> Tens
     if backend == "triton" and _chosen["conv2d"] == "auto" and not _triton_conv2d_prefers(x, weight, stride, padding):
         backend = "reference"
     return _load("conv2d", backend)(x, weight, stride, padding)
+
+
+def channel_cat(x: Tensor, skip: Tensor) -> Tensor:
+    """torch.cat([x, skip], dim=1) of (N, C1, H, W) and (N, C2, H, W); see `fastdiff.kernels.channel_cat`. The
+    Triton kernel takes channels_last maps only: others go to the reference under auto."""
+    backend = resolve("channel_cat", x.device.type)
+    if backend == "triton" and _chosen["channel_cat"] == "auto" and not (
+            x.dim() == 4 and skip.dim() == 4 and _channels_last(x) and _channels_last(skip)):
+        backend = "reference"
+    return _load("channel_cat", backend)(x, skip)
+
+
+def _channels_last(t: Tensor) -> bool:
+    return t.permute(0, 2, 3, 1).is_contiguous()
 
 
 def subpixel_shuffle(y: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -24,6 +24,7 @@ if __name__ != "fastdiff.kernels":
 else:
     from ._triton import compiling_ahead, prepare_compile
     from .attention import attention, attention_ref
+    from .channel_cat import channel_cat, channel_cat_ref
     from .conv2d import conv2d, conv2d_ref
     from .geglu import geglu, geglu_ref
     from .group_norm import group_norm, group_norm_ref
@@ -32,7 +33,8 @@ else:
     from .scheduler_step import StepCoeffs, scheduler_step, scheduler_step_ref
     from .subpixel import subpixel_shuffle, subpixel_shuffle_ref, subpixel_weight
 
-    __all__ = ["add_layer_norm", "add_layer_norm_ref", "attention", "attention_ref", "compiling_ahead", "conv2d",
+    __all__ = ["add_layer_norm", "add_layer_norm_ref", "attention", "attention_ref", "channel_cat", "channel_cat_ref",
+               "compiling_ahead", "conv2d",
                "conv2d_ref", "geglu", "geglu_ref", "group_norm", "group_norm_ref", "layer_norm", "layer_norm_ref",
                "prepare_compile", "residual_add", "residual_add_ref", "scheduler_step", "scheduler_step_ref",
                "StepCoeffs", "subpixel_shuffle", "subpixel_shuffle_ref", "subpixel_weight"]

@@ -579,7 +579,7 @@ class UpBlock(nn.Module):
         """x: (B, Cprev, H, W); skips: len(resnets) tensors, consumed from the end -> (B, Cout, *upsample_size)
         (or (B, Cout, H, W) at the last level)."""
         for i, (resnet, skip) in enumerate(zip(self.resnets, reversed(skips))):
-            x = resnet(torch.cat([x, skip], dim=1), temb)
+            x = resnet(ops.channel_cat(x, skip), temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
         if self.upsamplers is not None:
