@@ -180,8 +180,9 @@ class CUDAGraphRunner:
     read it (or clone it) before calling again. Inputs at the positions in `by_reference` are not copied: the
     graph reads the caller's tensor itself, so their address is part of the signature (another tensor
     captures another graph) and the caller keeps them alive and writes new values into them in place (the
-    fast path's text context, constant over a sampling loop, whose projections are computed outside it). Graphs share one memory pool (they never run concurrently),
-    so a second resolution costs only what it needs beyond the first. `fn` must have no host
+    fast path's text context, constant over a sampling loop, whose projections are computed outside it).
+    Graphs share one memory pool (they never run concurrently), so a second resolution costs only what it
+    needs beyond the first. `fn` must have no host
     synchronisation and no branch on tensor values; it may allocate (from the graph's pool).
     """
 
@@ -307,11 +308,11 @@ class FastUNet:
         (B, T, D). The returned output is a static buffer when CUDA graphs are on: the loop consumes it
         (the fused step reads it) before the next call rewrites it.
 
-        The context is constant over the loop, so with fused projections (and no torch.compile) its cross-attention K/V projections
-        are computed here, once, not in every step (`UNet2DConditionModel.project_context`). They and the
-        context live in one buffer per context shape, which the graphs read in place; a model_fn whose context
-        is not the one held there (another denoiser of the same shape was made since) writes its own back and
-        projects it again before its call."""
+        The context is constant over the loop, so with fused projections (and no torch.compile) its
+        cross-attention K/V projections are computed here, once, not in every step
+        (`UNet2DConditionModel.project_context`). They and the context live in one buffer per context shape,
+        which the graphs read in place; a model_fn whose context is not the one held there (another denoiser of
+        the same shape was made since) writes its own back and projects it again before its call."""
         call = self._guided if cfg else self._plain
         context = context.to(self.dtype)
         for module in self._upsamplers:  # weights loaded since the graphs were captured reach them

@@ -186,6 +186,11 @@ def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+def _channels_last(x: Tensor) -> bool:
+    """Whether 4-D x is stored channels_last (and not also contiguous, as one channel or one pixel is)."""
+    return x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous() and not x.is_contiguous()
+
+
 def _skip_add(block: nn.Module, x: Tensor, h: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """The end of a ResNet block (UNet's or VAE's) whose conv2 ran without its bias: x (through the block's 1x1
     conv_shortcut when it has one) + h + conv2's bias, in one pass (`ops.residual_add`), written to `out` when
@@ -194,7 +199,7 @@ def _skip_add(block: nn.Module, x: Tensor, h: Tensor, out: Optional[Tensor] = No
     if block.conv_shortcut is None:
         return ops.residual_add(x, h, block.conv2.bias, out=out)
     shortcut = block.conv_shortcut
-    if x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous() and not x.is_contiguous():
+    if _channels_last(x):
         skip = F.linear(x.permute(0, 2, 3, 1), shortcut.weight.flatten(1), shortcut.bias).permute(0, 3, 1, 2)
         return ops.residual_add(skip, h, block.conv2.bias, out=out)
     return ops.residual_add(_conv(shortcut, x), h, block.conv2.bias + shortcut.bias, out=out)
@@ -333,8 +338,7 @@ class UpsampleConv(nn.Module):
 
     def upsample_conv(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         """conv(nearest upsampling of x (B, C, H, W) to `size`) -> (B, C, *size)."""
-        if (self.subpixel and tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1])
-                and x.permute(0, 2, 3, 1).is_contiguous() and not x.is_contiguous()):
+        if self.subpixel and tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]) and _channels_last(x):
             return ops.subpixel_shuffle(F.conv2d(x, self.subpixel_weight(), None, 1, 1), self.conv.bias)
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
