@@ -32,9 +32,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     ok, why = ops.availability("cuda", "cpu")
     print(f"fastdiff._C {'loaded' if ok else 'unavailable'}: {why}")
     devices = ["cpu"] + (["cuda"] if cuda else [])
-    print("\nop              " + "".join(f"{d:<12}" for d in devices) + "setting")
+    width = max(map(len, ops.OPS)) + 2
+    print("\n" + "op".ljust(width) + "".join(f"{d:<12}" for d in devices) + "setting")
     for op in ops.OPS:
-        print(f"{op:<16}" + "".join(f"{ops.resolve(op, d):<12}" for d in devices) + ops.get_backend(op))
+        print(op.ljust(width) + "".join(f"{ops.resolve(op, d):<12}" for d in devices) + ops.get_backend(op))
     print("\nbackends:")
     for device in devices:
         for backend in ops.BACKENDS[1:]:
