@@ -19,7 +19,7 @@ TESTS="tests/test_kernel_attention.py tests/test_kernel_group_norm.py tests/test
        tests/test_kernel_conv2d.py tests/test_kernel_subpixel.py tests/test_kernel_channel_cat.py"
 BENCHES="benchmarks/bench_attention.py benchmarks/bench_group_norm.py benchmarks/bench_scheduler_step.py
          benchmarks/bench_geglu.py benchmarks/bench_layer_norm.py benchmarks/bench_residual_add.py
-         benchmarks/bench_conv2d.py"
+         benchmarks/bench_conv2d.py benchmarks/bench_subpixel.py benchmarks/bench_channel_cat.py"
 if [ "$STAGE" = group_norm ]; then
     TESTS=tests/test_kernel_group_norm.py BENCHES=benchmarks/bench_group_norm.py STAGE=all
 elif [ "$STAGE" = layer_norm ]; then
