@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Callable, Iterator, Optional
 
+import torch
 from torch import Tensor
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
@@ -263,13 +264,10 @@ def channel_cat(x: Tensor, skip: Tensor) -> Tensor:
     Triton kernel takes channels_last maps only: others go to the reference under auto."""
     backend = resolve("channel_cat", x.device.type)
     if backend == "triton" and _chosen["channel_cat"] == "auto" and not (
-            x.dim() == 4 and skip.dim() == 4 and _channels_last(x) and _channels_last(skip)):
+            x.dim() == 4 and skip.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and skip.is_contiguous(memory_format=torch.channels_last)):
         backend = "reference"
     return _load("channel_cat", backend)(x, skip)
-
-
-def _channels_last(t: Tensor) -> bool:
-    return t.permute(0, 2, 3, 1).is_contiguous()
 
 
 def subpixel_shuffle(y: Tensor, bias: Optional[Tensor] = None) -> Tensor:

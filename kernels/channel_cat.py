@@ -101,17 +101,13 @@ _channel_cat_op = _triton.CompileOp("fastdiff::triton_channel_cat", _channel_cat
                                     fake=_fake)
 
 
-def _is_channels_last(t: Tensor) -> bool:
-    return t.permute(0, 2, 3, 1).is_contiguous()
-
-
 def check_channel_cat_inputs(x: Tensor, skip: Tensor) -> None:
     """Raise ValueError naming the bad value when the Triton kernel cannot concatenate x and skip."""
     check_channel_cat_shapes(x, skip)
     if x.dtype not in DTYPES:
         raise ValueError(f"x has dtype {x.dtype}, expected one of {DTYPES}")
     for name, t in (("x", x), ("skip", skip)):
-        if not _is_channels_last(t):
+        if not t.is_contiguous(memory_format=torch.channels_last):
             raise ValueError(f"{name} must be channels_last, got shape {tuple(t.shape)} with strides {t.stride()}")
     check_triton_device(x)
 

@@ -154,7 +154,7 @@ def check_subpixel_shuffle_inputs(y: Tensor, bias: Optional[Tensor]) -> None:
     if y.dtype not in DTYPES:
         raise ValueError(f"y has dtype {y.dtype}, expected one of {DTYPES}")
     _triton.check_like(y, bias=bias)
-    if not y.permute(0, 2, 3, 1).is_contiguous():
+    if not y.is_contiguous(memory_format=torch.channels_last):
         raise ValueError(f"y must be channels_last, got shape {tuple(y.shape)} with strides {y.stride()}")
     check_triton_device(y)
 
