@@ -293,19 +293,6 @@ cv = importlib.import_module("fastdiff.kernels.conv2d")
 assert len(get_triton_kernels_for_op("fastdiff::triton_conv2d")) == 2, "conv2d is not a triton_op"
 
 
-def writes(graph):
-    found = []
-    for call in [n for n in graph.graph.nodes if "triton_kernel_wrapper" in str(n.target)]:
-        args = call.kwargs["kwargs"]
-        nodes = {k: v for k, v in args.items() if isinstance(v, torch.fx.Node)}
-        assert len(set(nodes.values())) == len(nodes), f"aliased kernel arguments: {args}"
-        kernel = kernel_side_table.get_kernel(call.kwargs["kernel_idx"])
-        real = {**args, **kernel_side_table.get_constant_args(call.kwargs["constant_args_idx"]),
-                **{k: torch.empty(v.meta["val"].shape, dtype=v.meta["val"].dtype) for k, v in nodes.items()}}
-        found.append({dep.name for dep in identify_accessed_tensors(kernel, real, {}).read_writes.writes})
-    return found
-
-
 for dtype in (torch.float16, torch.float32):
     for x_shape, w_shape, stride, padding, splits in (((2, 64, 8, 8), (64, 64, 3, 3), 1, 1, 1),
                                                       ((2, 64, 8, 8), (64, 64, 3, 3), 1, 1, 5),
@@ -316,7 +303,7 @@ for dtype in (torch.float16, torch.float32):
         graph = make_fx(lambda x, w: cv._conv2d_traced(x, w, stride, padding, splits), tracing_mode="fake")(x, w)
         (output,) = [n for n in graph.graph.nodes if n.op == "output"]
         assert output.args[0].meta["val"].is_contiguous(memory_format=torch.channels_last), "not channels_last"
-        found = writes(graph)
+        found = kernels_writes(graph)
         print(dtype, x_shape, w_shape, "splits", splits, "writes", found)
         assert found in ([{"Out"}], [{"Out"}, {"Out"}]), found
         assert (len(found) == 1) == (splits == 1), found

@@ -28,18 +28,26 @@ triton.runtime.driver.set_active(Sm90())
 importlib.import_module("fastdiff.kernels._triton").prepare_compile()  # every kernel a traceable triton_op
 
 
+def kernels_writes(graph) -> list:
+    """The buffers inductor's analysis finds written by each Triton kernel call in `graph` (a make_fx trace), in
+    call order; each call's arguments must be distinct buffers. If the analysis failed, inductor would assume
+    every input written and copy each one around the call."""
+    found = []
+    for call in [n for n in graph.graph.nodes if "triton_kernel_wrapper" in str(n.target)]:
+        args = call.kwargs["kwargs"]
+        nodes = {k: v for k, v in args.items() if isinstance(v, torch.fx.Node)}
+        assert len(set(nodes.values())) == len(nodes), f"aliased kernel arguments: {args}"
+        kernel = kernel_side_table.get_kernel(call.kwargs["kernel_idx"])
+        real = {**args, **kernel_side_table.get_constant_args(call.kwargs["constant_args_idx"]),  # None pointers
+                **{k: torch.empty(v.meta["val"].shape, dtype=v.meta["val"].dtype) for k, v in nodes.items()}}
+        found.append({dep.name for dep in identify_accessed_tensors(kernel, real, {}).read_writes.writes})
+    return found
+
+
 def kernel_writes(graph) -> set:
-    """The buffers inductor's analysis finds written by the one Triton kernel call in `graph` (a make_fx trace),
-    whose arguments must be distinct buffers. If the analysis failed, inductor would assume every input written
-    and copy each one around the call."""
-    (call,) = [n for n in graph.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-    args = call.kwargs["kwargs"]
-    nodes = {k: v for k, v in args.items() if isinstance(v, torch.fx.Node)}
-    assert len(set(nodes.values())) == len(nodes), f"aliased kernel arguments: {args}"
-    kernel = kernel_side_table.get_kernel(call.kwargs["kernel_idx"])
-    real = {**args, **kernel_side_table.get_constant_args(call.kwargs["constant_args_idx"]),  # the None pointers
-            **{k: torch.empty(v.meta["val"].shape, dtype=v.meta["val"].dtype) for k, v in nodes.items()}}
-    return {dep.name for dep in identify_accessed_tensors(kernel, real, {}).read_writes.writes}
+    """kernels_writes of a trace with exactly one Triton kernel call."""
+    (writes,) = kernels_writes(graph)
+    return writes
 '''
 
 
