@@ -22,7 +22,8 @@ Case kinds (one pytest case each, run in the order of CASES, skipped once FASTDI
               compiled), effective TFLOP/s from
               torch.utils.flop_counter; VAE decode ms
   profile     torch.profiler per-kernel table of one fastdiff UNet step (eager launch of the prepared UNet,
-              the same kernels the graph replays) and GPU time per kernel category
+              the same kernels the graph replays) and GPU time per kernel category; on a GPU also the
+              timeline of one graph replay (nodes, memset nodes, busy and idle time)
   cold_start  fresh processes (this file run as a script) to the first image: fastdiff with empty Triton and
               inductor caches, then warm ones; diffusers eager; each with peak GPU memory
   memory      fresh processes at a larger batch: fastdiff and diffusers eager peak GPU memory
@@ -102,7 +103,7 @@ GPU_CASES = [
     ("sd15", "image", "fastdiff", 4), ("sd15", "image", "diffusers_compile", 4),
     ("sd15", "image", "diffusers_eager", 4),
     ("sd15", "image", "fastdiff", 8), ("sd15", "image", "diffusers_compile", 8),
-    ("sd15", "image", "diffusers_eager", 8),
+    ("sd15", "image", "diffusers_eager", 8), ("sd15", "profile", "fastdiff", 8),
     ("sd15", "cold_start", "all", 1), ("sd15", "memory", "all", 8),
     ("sd21", "parity", "all", 1),
     ("sd21", "image", "fastdiff", 1), ("sd21", "image", "diffusers_compile", 1),
@@ -530,11 +531,42 @@ def case_profile(benchmark, arch: str, system: str, batch: int) -> dict:
         entry[0] += 1
         entry[1] += e.device_time / 1e3
     total = sum(by_category.values())
+    replay = replay_profile(s.fastdiff, batch) if fast is not None and fast.config.cuda_graphs and ON_GPU else None
     return {"table": table, "kernels": len(kernels), "gpu_ms_total": total,
             "gpu_ms_by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
             "gpu_ms_by_kernel": dict(sorted(by_name.items(), key=lambda kv: -kv[1][1])[:60]),
+            "replay": replay,
             "note": "one eager launch of the prepared UNet (the kernels the CUDA graph replays), CFG batch "
-                    f"{2 * batch}; GPU time summed over kernels"}
+                    f"{2 * batch}; GPU time summed over kernels; replay: one call of the fast path's denoiser"}
+
+
+def replay_profile(pipe, batch: int) -> dict:
+    """The GPU timeline of one call of the fast path's captured UNet (the guided denoiser at `batch`): its nodes,
+    the memset nodes among them (cuBLASLt's and cuDNN's workspace clears), the time the GPU is busy and idle
+    between nodes, and how much of that idle time sits next to a memset (a memset node costs a few µs of idle
+    time around it in a graph, a kernel-to-kernel edge about 0.5 µs)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    context = pipe.encode_prompt([PROMPT] * batch, [""] * batch, 1, True)
+    fn = pipe.fast_unet().denoiser(context, True)
+    x = torch.randn(batch, 4, SIZE // 8, SIZE // 8, device=DEVICE)
+    t = torch.tensor(601.0, device=DEVICE)
+    for _ in range(2):
+        fn(x, t)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(x, t)
+        sync()
+    nodes = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    nodes = [e for e in nodes if not e.name.startswith("Memcpy")]  # the inputs' copies, issued before the replay
+    memset = [e.name.startswith("Memset") for e in nodes]
+    gaps = [max(0.0, b.time_range.start - a.time_range.end) / 1e3 for a, b in zip(nodes, nodes[1:])]
+    return {"nodes": len(nodes), "memsets": sum(memset),
+            "span_ms": (nodes[-1].time_range.end - nodes[0].time_range.start) / 1e3,
+            "busy_ms": sum(e.time_range.end - e.time_range.start for e in nodes) / 1e3,
+            "idle_ms": sum(gaps),
+            "idle_next_to_memsets_ms": sum(g for i, g in enumerate(gaps) if memset[i] or memset[i + 1])}
 
 
 def run_child(system: str, arch: str, batch: int, env: dict, timeout: float = 400) -> dict:
@@ -673,6 +705,12 @@ def summary(path: Path) -> str:
             lines.append(f"{arch} profile, GPU ms per category of one UNet step ({pr['kernels']} kernels, "
                          f"{pr['gpu_ms_total']:.2f} ms): " + ", ".join(
                              f"{k} {ms:.2f}" for k, ms in pr["gpu_ms_by_category"].items()))
+        for key in [k for k in cases if k.startswith(f"{arch}-profile-fastdiff-")]:
+            r = cases[key].get("replay")
+            if r:
+                lines.append(f"{key} graph replay: {r['nodes']} nodes ({r['memsets']} memsets), span "
+                             f"{r['span_ms']:.3f} ms = busy {r['busy_ms']:.3f} + idle {r['idle_ms']:.3f} "
+                             f"(next to memsets {r['idle_next_to_memsets_ms']:.3f})")
         for kind in ("cold_start", "memory"):
             for key in [k for k in cases if k.startswith(f"{arch}-{kind}-")]:
                 for who, r in cases[key].items():
