@@ -700,13 +700,13 @@ def summary(path: Path) -> str:
             lines.append(f"{arch} UNet step (CFG batch {u['cfg_batch']}, {u['flops'] / 1e9:.4g} GFLOP): "
                          + "; ".join(parts))
             lines.append(f"{arch} VAE decode ms: {u.get('vae_decode_ms')}")
-        pr = cases.get(f"{arch}-profile-fastdiff-b1")
-        if pr and "gpu_ms_by_category" in pr:
-            lines.append(f"{arch} profile, GPU ms per category of one UNet step ({pr['kernels']} kernels, "
-                         f"{pr['gpu_ms_total']:.2f} ms): " + ", ".join(
-                             f"{k} {ms:.2f}" for k, ms in pr["gpu_ms_by_category"].items()))
         for key in [k for k in cases if k.startswith(f"{arch}-profile-fastdiff-")]:
-            r = cases[key].get("replay")
+            pr = cases[key]
+            if "gpu_ms_by_category" in pr:
+                lines.append(f"{key}, GPU ms per category of one UNet step ({pr['kernels']} kernels, "
+                             f"{pr['gpu_ms_total']:.2f} ms): " + ", ".join(
+                                 f"{k} {ms:.2f}" for k, ms in pr["gpu_ms_by_category"].items()))
+            r = pr.get("replay")
             if r:
                 lines.append(f"{key} graph replay: {r['nodes']} nodes ({r['memsets']} memsets), span "
                              f"{r['span_ms']:.3f} ms = busy {r['busy_ms']:.3f} + idle {r['idle_ms']:.3f} "
