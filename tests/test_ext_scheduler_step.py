@@ -14,6 +14,7 @@ import torch
 from fastdiff import _ext, ops
 from fastdiff.kernels.scheduler_step import scheduler_step_ref
 from step_cases import SOLVERS
+from cuda_graphs import capture
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -271,14 +272,7 @@ def test_cuda_step_replays_inside_a_cuda_graph(ext):
     device_ready("cuda")
     x, mo, prev, noise = operands((2, 4, 64, 64), torch.float16, "cuda", True)
     coeffs = SOLVERS["dpmpp_2m_sde"]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        ext.scheduler_step(x, mo, coeffs, GUIDANCE, prev, noise)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        x_next, x0 = ext.scheduler_step(x, mo, coeffs, GUIDANCE, prev, noise)
+    graph, (x_next, x0) = capture(lambda: ext.scheduler_step(x, mo, coeffs, GUIDANCE, prev, noise))
     for fresh, static in zip(operands((2, 4, 64, 64), torch.float16, "cuda", True), (x, mo, prev, noise)):
         static.copy_(fresh)
     graph.replay()

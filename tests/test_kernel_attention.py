@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff.kernels.attention import attention, attention_ref
+from cuda_graphs import capture
 
 attention_module = importlib.import_module("fastdiff.kernels.attention")  # the package re-exports the function
 triton_helpers = importlib.import_module("fastdiff.kernels._triton")
@@ -172,9 +173,7 @@ def test_attention_writes_every_output_element_on_gpu():
 def test_attention_survives_cuda_graph_capture():
     q, k, v = _inputs(2, 8, 256, 77, 40, torch.float16, "cuda")
     expected = attention(q, k, v)  # compiles and autotunes outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = attention(q, k, v)
+    graph, out = capture(lambda: attention(q, k, v), warm=False)
     q.copy_(torch.randn_like(q))
     graph.replay()
     fresh = attention_ref(q, k, v)

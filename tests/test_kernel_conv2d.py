@@ -22,6 +22,7 @@ from fastdiff import ops
 from fastdiff.kernels import _triton
 from fastdiff.kernels.conv2d import choose_splits, conv2d, conv2d_ref, k_blocks, prefers_split_k
 from triton_trace import assert_traces
+from cuda_graphs import capture
 
 cv_module = importlib.import_module("fastdiff.kernels.conv2d")  # the package re-exports the functions
 
@@ -354,10 +355,7 @@ def test_ops_seam_auto_picks_triton_on_cuda():
 @pytest.mark.parametrize("splits", [None, 1], ids=["split", "one-launch"])
 def test_conv2d_survives_cuda_graph_capture(splits):
     x, w = _inputs(SD_SHAPES[0][1], SD_SHAPES[0][2], torch.float16, device="cuda")
-    conv2d(x, w, 1, 1, splits)  # compiles outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = conv2d(x, w, 1, 1, splits)
+    graph, out = capture(lambda: conv2d(x, w, 1, 1, splits))
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()

@@ -10,6 +10,7 @@ import torch
 
 from fastdiff.kernels import _triton
 from fastdiff.kernels.geglu import geglu, geglu_ref
+from cuda_graphs import capture
 
 ODD_SHAPES = [(2, 97, 2 * 40), (3, 5, 2 * 77), (13, 2 * 33)]
 # The interpreter casts float32 -> bfloat16 by truncation (triton 3.9's interpreter.cast_impl passes no
@@ -94,10 +95,7 @@ def test_geglu_error_on_gpu_at_most_twice_torch_error(shape, dtype):
 @pytest.mark.gpu
 def test_geglu_survives_cuda_graph_capture():
     h = torch.randn(SD_SHAPES[0], device="cuda", dtype=torch.float16)
-    geglu(h)  # compiles and autotunes outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = geglu(h)
+    graph, out = capture(lambda: geglu(h))
     h.copy_(torch.randn_like(h))
     graph.replay()
     ref = geglu_ref(h.float())

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from fastdiff.kernels._triton import jit_function, prepare_compile
 from fastdiff.kernels.group_norm import group_norm, group_norm_ref
+from cuda_graphs import capture
 
 gn_module = importlib.import_module("fastdiff.kernels.group_norm")  # the package re-exports the function
 
@@ -314,10 +315,7 @@ def test_group_norm_survives_cuda_graph_capture(monkeypatch, path, with_offset):
     launched = _force_path(monkeypatch, path)
     x, weight, bias = _inputs((2, 320, 64, 64), torch.float16, True, device="cuda")
     offset = torch.randn(2, 320, device="cuda", dtype=torch.float16) if with_offset else None
-    group_norm(x, 32, weight, bias, 1e-5, "silu", offset)  # compiles outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = group_norm(x, 32, weight, bias, 1e-5, "silu", offset)
+    graph, out = capture(lambda: group_norm(x, 32, weight, bias, 1e-5, "silu", offset))
     x.copy_(torch.randn_like(x))
     if with_offset:
         offset.copy_(torch.randn_like(offset))

@@ -15,6 +15,7 @@ import torch
 
 from fastdiff.kernels import _triton
 from fastdiff.kernels.attention import attention, attention_ref
+from cuda_graphs import capture
 
 attention_module = importlib.import_module("fastdiff.kernels.attention")  # the package exports the function
 triton = pytest.importorskip("triton")
@@ -358,10 +359,7 @@ def test_a_new_batch_size_with_an_old_signature_normalizes_and_attends_every_sam
 @pytest.mark.gpu
 def test_repeated_launch_under_cuda_graph_capture():
     q, k, v = _qkv()
-    attention(q, k, v)  # record outside the capture (the first launch may compile and autotune)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = attention(q, k, v)
+    graph, out = capture(lambda: attention(q, k, v))  # records outside the capture (may compile, autotune)
     for _ in range(2):
         for t in (q, k, v):
             t.copy_(torch.randn_like(t))

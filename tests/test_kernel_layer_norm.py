@@ -18,6 +18,7 @@ from fastdiff import ops
 from fastdiff.kernels import _triton
 from fastdiff.kernels.layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
 from triton_trace import assert_traces
+from cuda_graphs import capture
 
 ln_module = importlib.import_module("fastdiff.kernels.layer_norm")  # the package re-exports the functions
 
@@ -258,10 +259,7 @@ def test_layer_norm_error_on_gpu_at_most_twice_torch_error(shape, residual, dtyp
 @pytest.mark.gpu
 def test_add_layer_norm_survives_cuda_graph_capture():
     x, r, weight, bias = _inputs(SD_SHAPES[0], torch.float16, device="cuda")
-    add_layer_norm(x, r, weight, bias)  # compiles outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        s, y = add_layer_norm(x, r, weight, bias)
+    graph, (s, y) = capture(lambda: add_layer_norm(x, r, weight, bias))
     x.copy_(torch.randn_like(x))
     r.copy_(torch.randn_like(r))
     graph.replay()

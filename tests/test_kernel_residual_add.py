@@ -18,6 +18,7 @@ from fastdiff import ops
 from fastdiff.kernels import _triton
 from fastdiff.kernels.residual_add import residual_add, residual_add_ref
 from triton_trace import assert_traces
+from cuda_graphs import capture
 
 ra_module = importlib.import_module("fastdiff.kernels.residual_add")  # the package re-exports the functions
 
@@ -255,10 +256,7 @@ def test_ops_seam_auto_picks_triton_on_cuda():
 @pytest.mark.gpu
 def test_residual_add_survives_cuda_graph_capture():
     x, y, b = _inputs(SD_SHAPES[0], "channels_last", torch.float16, device="cuda")
-    residual_add(x, y, b)  # compiles outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = residual_add(x, y, b)
+    graph, out = capture(lambda: residual_add(x, y, b))
     x.copy_(torch.randn_like(x))
     y.copy_(torch.randn_like(y))
     graph.replay()

@@ -11,6 +11,7 @@ import torch
 
 from fastdiff.kernels.scheduler_step import scheduler_step, scheduler_step_ref
 from step_cases import SOLVERS
+from cuda_graphs import capture
 
 # Against a float64 reference: dtype, atol, rtol. Low precision: one rounding of outputs of size ~10
 # (guidance 7.5 amplifies cond - uncond).
@@ -137,10 +138,7 @@ def test_scheduler_step_error_on_gpu_at_most_twice_torch_error(shape, solver, dt
 def test_scheduler_step_survives_cuda_graph_capture():
     x, model_output, prev_x0, _ = _inputs((1, 4, 64, 64), torch.float16, 7.5, "cuda")
     coeffs = SOLVERS["dpmpp_2m"]
-    scheduler_step(x, model_output, coeffs, 7.5, prev_x0)  # compiles and autotunes outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = scheduler_step(x, model_output, coeffs, 7.5, prev_x0)
+    graph, outs = capture(lambda: scheduler_step(x, model_output, coeffs, 7.5, prev_x0))
     x.copy_(torch.randn_like(x))
     graph.replay()
     refs = scheduler_step_ref(x, model_output, coeffs, 7.5, prev_x0)

@@ -6,6 +6,7 @@ import torch
 
 from fastdiff import ops
 from fastdiff.models.unet import UNet2DConditionModel, UNetConfig, timestep_embedding
+from cuda_graphs import capture
 
 TOL = 1e-5  # relative L2 error, float32
 BATCH, TOKENS = 2, 77
@@ -286,14 +287,7 @@ def test_forward_replays_in_a_cuda_graph():
     timestep = torch.tensor([5.0, 600.0], device="cuda")
     context = torch.randn(BATCH, TOKENS, ours.config.cross_attention_dim, device="cuda")
     with ops.use_backend("reference"), torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            ours(sample, timestep, context)  # warm-up outside the graph, as capture requires
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = ours(sample, timestep, context)
+        graph, out = capture(lambda: ours(sample, timestep, context))
         for t in ([5.0, 600.0], [999.0, 0.5]):
             sample.copy_(torch.randn_like(sample))
             timestep.copy_(torch.tensor(t))
