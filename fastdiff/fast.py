@@ -18,6 +18,8 @@ What the preparation changes, and why:
                  other self-attention.
   GEGLU          the MLP's value * GELU(gate) in one Triton pass (`fuse_geglu`): 6.65 against 7.05 ms per
                  UNet step, 182.8 against 193.8 ms per image on an H200.
+  epilogues      where it beat cuBLAS, one Triton matmul makes the GEGLU projection and its gate, and the
+                 MLP's output and proj_out with their residual add (`linear_epilogues`, `ops.linear`).
   upsampling     nearest 2x + conv3x3 (UNet and VAE) as a 2x2 conv of the small image with four phases of
                  outputs, shuffled into place (`subpixel_upsample`, `fastdiff.kernels.subpixel`): 4/9 of the FLOPs.
   text context   its cross-attention K/V projections computed once per prompt, outside the graphs (`denoiser`).
@@ -104,6 +106,9 @@ class FastConfig:
     vae_attention: str = "sdpa"  # the VAE's single 512-wide head is outside the Triton kernel's limits
     fuse_geglu: bool = True  # GEGLU's value * GELU(gate) in one Triton pass (ops.geglu) instead of eager gelu
     #   and mul: 6% faster images on an H200 (benchmarks/RESULTS.md)
+    linear_epilogues: bool = True  # the transformers' GEGLU projection with its gate, and their MLP output and
+    #   proj_out with the residual add, each one Triton matmul (ops.linear) where that beat cuBLAS + the
+    #   separate pass (benchmarks/RESULTS.md)
     subpixel_upsample: bool = True  # the UNet's and the VAE's nearest 2x upsampling + conv3x3 as a 2x2 conv of
     #   the small image and a shuffle (fastdiff.kernels.subpixel): 4/9 of the FLOPs, no upsampled copy
     split_k_conv: bool = True  # the UNet ResNet blocks' 3x3 convs through ops.conv2d: Triton's split-K kernel
@@ -129,7 +134,7 @@ class FastConfig:
 def prepare_unet(unet: nn.Module, config: FastConfig) -> nn.Module:
     """Make a fastdiff UNet2DConditionModel fast in place (see the module docstring) and return it.
     State-dict keys and values are unchanged (up to the dtype); calling it twice is harmless."""
-    from fastdiff.models.unet import GEGLU, ResnetBlock2D
+    from fastdiff.models.unet import GEGLU, FeedForward, ResnetBlock2D, Transformer2DModel
 
     if config.dtype is not None:
         unet.to(config.dtype)
@@ -145,6 +150,9 @@ def prepare_unet(unet: nn.Module, config: FastConfig) -> nn.Module:
             module.attend = _ATTEND[_pick_attention(impl, module.to_q.out_features // module.heads)]
         elif isinstance(module, GEGLU):
             module.fused = config.fuse_geglu
+            module.linear_epilogue = config.linear_epilogues
+        elif isinstance(module, (FeedForward, Transformer2DModel)):
+            module.linear_epilogue = config.linear_epilogues
         elif isinstance(module, UpsampleConv):
             module.subpixel = config.subpixel_upsample
         elif isinstance(module, ResnetBlock2D):

@@ -1,8 +1,8 @@
 """The one seam between model code and kernel implementations.
 
-Model code calls `ops.attention`, `ops.group_norm`, `ops.geglu`, `ops.layer_norm`, `ops.add_layer_norm`,
-`ops.residual_add`, `ops.conv2d`, `ops.subpixel_shuffle`, `ops.channel_cat` and `ops.scheduler_step` and never
-branches on the backend. Each op has up to three implementations:
+Model code calls `ops.attention`, `ops.group_norm`, `ops.geglu`, `ops.linear`, `ops.layer_norm`,
+`ops.add_layer_norm`, `ops.residual_add`, `ops.conv2d`, `ops.subpixel_shuffle`, `ops.channel_cat` and
+`ops.scheduler_step` and never branches on the backend. Each op has up to three implementations:
 
     reference  plain PyTorch (`fastdiff.kernels.<op>.<op>_ref`), any device; the oracle for every test
     triton     `fastdiff.kernels.<op>.<op>`: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests)
@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Callable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
@@ -36,6 +37,10 @@ _IMPLS = {
     "geglu": {
         "reference": ("fastdiff.kernels.geglu", "geglu_ref"),
         "triton": ("fastdiff.kernels.geglu", "geglu"),
+    },
+    "linear": {
+        "reference": ("fastdiff.kernels.linear", "linear_ref"),
+        "triton": ("fastdiff.kernels.linear", "linear"),
     },
     "layer_norm": {
         "reference": ("fastdiff.kernels.layer_norm", "layer_norm_ref"),
@@ -76,13 +81,15 @@ OPS = tuple(_IMPLS)
 # graph host time vanishes and Triton is the (slightly) faster one. On CPU the C++ step is 4-60x the reference.
 _AUTO_ORDER = {
     "cuda": {"attention": ("triton", "reference"), "group_norm": ("triton", "reference"),
-             "geglu": ("triton", "reference"), "layer_norm": ("triton", "reference"),
-             "add_layer_norm": ("triton", "reference"), "residual_add": ("triton", "reference"),
+             "geglu": ("triton", "reference"), "linear": ("triton", "reference"),
+             "layer_norm": ("triton", "reference"), "add_layer_norm": ("triton", "reference"),
+             "residual_add": ("triton", "reference"),
              "conv2d": ("triton", "reference"), "subpixel_shuffle": ("triton", "reference"),
              "channel_cat": ("triton", "reference"),
              "scheduler_step": ("cuda", "triton", "reference")},
     "cpu": {"attention": ("reference",), "group_norm": ("reference",), "geglu": ("reference",),
-            "layer_norm": ("reference",), "add_layer_norm": ("reference",), "residual_add": ("reference",),
+            "linear": ("reference",), "layer_norm": ("reference",), "add_layer_norm": ("reference",),
+            "residual_add": ("reference",),
             "conv2d": ("reference",), "subpixel_shuffle": ("reference",), "channel_cat": ("reference",),
             "scheduler_step": ("cuda", "reference")},
 }
@@ -204,6 +211,17 @@ def _triton_conv2d_prefers(x: Tensor, weight: Tensor, stride: int, padding: int)
     return _module("fastdiff.kernels.conv2d").prefers_split_k(x, weight, stride, padding)
 
 
+def _triton_linear_prefers(x: Tensor, weight: Tensor, residual: Optional[Tensor], geglu: bool) -> bool:
+    """Whether the Triton linear is the faster choice for this call and its inputs fit it (contiguous, rows
+    16-byte aligned); under `auto` other calls run on the reference (cuBLAS)."""
+    kernel = _module("fastdiff.kernels.linear")
+    k = x.shape[-1]
+    n = weight.shape[0] // 2 if geglu else weight.shape[0]
+    align = 16 // x.element_size()
+    return (kernel.faster_than_cublas(x.numel() // max(k, 1), k) and k % align == 0 and n % align == 0
+            and x.is_contiguous() and weight.is_contiguous() and (residual is None or residual.is_contiguous()))
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
     """softmax(q k^T * scale) v. q: (B, H, Sq, D); k, v: (B, H, Skv, D) -> (B, H, Sq, D)."""
     backend = resolve("attention", q.device.type)
@@ -225,6 +243,22 @@ def geglu(h: Tensor) -> Tensor:
     -> (..., N) in h's dtype; see `fastdiff.kernels.geglu`. The UNet calls it only when a fast path set
     `GEGLU.fused`."""
     return _load("geglu", resolve("geglu", h.device.type))(h)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+           geglu: bool = False) -> Tensor:
+    """F.linear(x, weight, bias), then value * GELU(gate) of its two halves (geglu) or + residual; on the
+    Triton backend one kernel with that epilogue. x: (..., K); weight: (N', K) -> (..., N'), or (..., N' / 2)
+    with geglu. Under `auto` the Triton kernel runs where it beat cuBLAS + the separate epilogue
+    (`fastdiff.kernels.linear.faster_than_cublas`) and its inputs fit it; other calls run F.linear, then the
+    epilogue (GEGLU through `geglu`'s backend). See `fastdiff.kernels.linear`."""
+    backend = resolve("linear", x.device.type)
+    if backend == "triton" and _chosen["linear"] == "auto" and not _triton_linear_prefers(x, weight, residual, geglu):
+        h = F.linear(x, weight, bias)  # cuBLAS, then the epilogue on its own (GEGLU: its Triton pass)
+        if geglu:
+            return _load("geglu", resolve("geglu", x.device.type))(h)
+        return h if residual is None else residual + h
+    return _load("linear", backend)(x, weight, bias, residual, geglu)
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,

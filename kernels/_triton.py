@@ -243,7 +243,7 @@ def _variant_compiles(launcher: Launcher, args: tuple, meta: dict) -> list[tuple
     kernel, jit = launcher.kernel, launcher.jit
     named = {**dict(zip(jit.arg_names, args)), **meta}
     specialized = tuple(_specialization(arg, param.do_not_specialize) for arg, param in zip(args, jit.params))
-    standins = tuple(_TensorSpec(arg) if isinstance(arg, Tensor) else arg for arg in args)
+    standins = tuple(_standin(arg) for arg in args)
     configs = [None]
     if isinstance(kernel, triton.runtime.Autotuner):
         kernel.nargs = dict(zip(kernel.arg_names, args))
@@ -290,6 +290,19 @@ class _TensorSpec(triton.runtime.jit.MockTensor if triton is not None else objec
         return self.misalignment
 
 
+def _is_descriptor(arg) -> bool:
+    return type(arg).__name__ == "TensorDescriptor"  # triton.tools.tensor_descriptor's, without importing it
+
+
+def _standin(arg):
+    """A runtime argument as a compile gets it: tensors (also a descriptor's) as `_TensorSpec`s."""
+    if isinstance(arg, Tensor):
+        return _TensorSpec(arg)
+    if _is_descriptor(arg):
+        return type(arg)(_TensorSpec(arg.base), arg.shape, arg.strides, arg.block_shape, arg.padding)
+    return arg
+
+
 def _specialization(arg, unspecialized: bool):
     """What Triton's compile of a kernel depends on in one runtime argument: its launch signature (`_signature`),
     with an int reduced to what Triton specializes on instead of its value."""
@@ -313,6 +326,8 @@ def _signature(arg):
     """What of one kernel argument a compiled launch depends on (see Launcher)."""
     if isinstance(arg, Tensor):
         return arg.dtype, arg.data_ptr() % 16 == 0
+    if _is_descriptor(arg):  # a host-side TMA descriptor: Triton specializes on its tiles and its sizes
+        return "tensordesc", arg.base.dtype, tuple(arg.block_shape), tuple(arg.shape), tuple(arg.strides)
     if isinstance(arg, float):
         return float
     if isinstance(arg, bool):

@@ -2,6 +2,7 @@
 attention choice leave the UNet's and VAE's outputs unchanged; the CUDA-graph parts refuse clearly without
 CUDA; a Pipeline with the prepared modules (graphs off) samples the same latents as the plain one."""
 import copy
+import importlib
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import fastdiff
 from fastdiff.fast import CUDAGraphRunner, FastConfig, FastUNet, prepare_unet, prepare_vae
 from fastdiff.models import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig
 from fastdiff import ops
-from fastdiff.models.unet import GEGLU, Attention, ResnetBlock2D
+from fastdiff.models.unet import GEGLU, Attention, BasicTransformerBlock, ResnetBlock2D
 from tiny_models import make_tiny_sd
 
 # Tiny SD1-style (conv proj_in, one head count) and SD2-style (linear proj_in, heads per level) UNets.
@@ -219,6 +220,33 @@ def test_fused_geglu_matches_unfused(kind):
     assert rel(out, ref) <= 1e-5
     prepare_unet(fused, FastConfig(fuse_geglu=False))
     assert not any(m.fused for m in geglus)
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_linear_epilogues_match_separate_passes(kind, monkeypatch):
+    """FastConfig(linear_epilogues=True), the default, runs the GEGLU projection, the MLP's output Linear and
+    proj_out through ops.linear with the gate or the residual in the kernel (forced to the Triton kernel under
+    the interpreter here); the output equals the separate passes' to float32 rounding."""
+    plain = _tiny_unet(kind)
+    fused = prepare_unet(copy.deepcopy(plain), FastConfig())
+    plain = prepare_unet(plain, FastConfig(linear_epilogues=False))
+    x, t, ctx = _unet_inputs(plain.config)
+    x = x.contiguous(memory_format=torch.channels_last)
+    calls = []
+    kernel = importlib.import_module("fastdiff.kernels.linear")  # the module; the package exports the function
+    real = kernel.linear
+    monkeypatch.setattr(kernel, "linear", lambda *a: calls.append(a[3] is not None) or real(*a))
+    monkeypatch.setattr(ops, "_impl_cache", {})
+    ref = plain(x, t, ctx)
+    assert not calls
+    with ops.use_backend("triton", op="linear"):
+        out = fused(x, t, ctx)
+    # per transformer block: the GEGLU projection and the MLP output (+ residual); per transformer: proj_out
+    # (+ residual) unless its input is a shared sample still to be tiled (the first one under guidance)
+    blocks = sum(isinstance(m, BasicTransformerBlock) for m in fused.modules())
+    assert calls.count(False) == blocks and calls.count(True) >= blocks
+    print(f"{kind} linear epilogues (triton) vs separate: rel {rel(out, ref):.2e}; {len(calls)} kernel calls")
+    assert rel(out, ref) <= 1e-5
 
 
 def test_prepared_vae_matches_plain():

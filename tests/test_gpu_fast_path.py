@@ -152,7 +152,7 @@ def test_bfloat16_fast_path(tiny_folder):
     assert rel(got, expected) <= 5e-2
 
 
-KERNEL_MODULES = ["attention", "geglu", "group_norm", "layer_norm", "residual_add", "scheduler_step"]
+KERNEL_MODULES = ["attention", "geglu", "group_norm", "layer_norm", "linear", "residual_add", "scheduler_step"]
 
 
 def _kernel_jits() -> list:

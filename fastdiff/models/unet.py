@@ -434,15 +434,20 @@ class GEGLU(nn.Module):
     """Gated GELU (Shazeer 2020): one Linear makes value and gate, out = value * GELU(gate).
 
     `fused` (a plain attribute, not in the state dict) runs the gate through `ops.geglu`, one pass over the
-    projection's output instead of eager `gelu` and `mul`; a fast path sets it (`FastConfig.fuse_geglu`)."""
+    projection's output instead of eager `gelu` and `mul`; a fast path sets it (`FastConfig.fuse_geglu`).
+    `linear_epilogue` (`FastConfig.linear_epilogues`) goes further: the gate in the projection's own kernel
+    (`ops.linear(..., geglu=True)`), so the 2 * dim_out wide projection is never written."""
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = nn.Linear(dim_in, 2 * dim_out)
         self.fused = False
+        self.linear_epilogue = False
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, S, dim_in) -> (B, S, dim_out)."""
+        if self.linear_epilogue:
+            return ops.linear(x, self.proj.weight, self.proj.bias, geglu=True)
         if self.fused:
             return ops.geglu(self.proj(x))
         value, gate = self.proj(x).chunk(2, dim=-1)
@@ -450,17 +455,25 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU to 4x the width, then back: (B, S, dim) -> (B, S, dim)."""
+    """GEGLU to 4x the width, then back: (B, S, dim) -> (B, S, dim), plus the block's residual when given.
+
+    `linear_epilogue` (a plain attribute a fast path sets, `FastConfig.linear_epilogues`) adds the residual
+    in the output Linear's kernel (`ops.linear(..., residual=...)`) instead of in a pass of its own."""
 
     def __init__(self, dim: int, dropout: float):
         super().__init__()
         # net.1 is diffusers' dropout slot; it keeps the output Linear at the key `net.2`.
         self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Dropout(dropout), nn.Linear(4 * dim, dim)])
+        self.linear_epilogue = False
 
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """x: (B, S, dim) -> residual + MLP(x), or MLP(x) without a residual."""
+        project, dropout, out = self.net
+        h = dropout(project(x))
+        if residual is not None and self.linear_epilogue:
+            return ops.linear(h, out.weight, out.bias, residual=residual)
+        h = out(h)
+        return h if residual is None else residual + h
 
 
 class BasicTransformerBlock(nn.Module):
@@ -484,7 +497,7 @@ class BasicTransformerBlock(nn.Module):
         if context.shape[0] != x.shape[0]:  # a sample shared by several contexts (see the UNet's forward)
             x, h = _tile(x, context.shape[0]), _tile(h, context.shape[0])
         x, h = _layer_norm(self.norm3, x, self.attn2(h, context))
-        return x + self.ff(h)
+        return self.ff(h, residual=x)
 
 
 def _projection(channels: int, linear: bool) -> Union[nn.Linear, nn.Conv2d]:
@@ -508,6 +521,7 @@ class Transformer2DModel(nn.Module):
         self.proj_in = _projection(channels, cfg.use_linear_projection)
         self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(channels, heads, cfg) for _ in range(num_layers))
         self.proj_out = _projection(channels, cfg.use_linear_projection)
+        self.linear_epilogue = False  # a fast path's: proj_out adds the input in its kernel (ops.linear)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         """x: (B, C, H, W); context: (B, T, cross_attention_dim) -> (B, C, H, W)."""
@@ -516,6 +530,11 @@ class Transformer2DModel(nn.Module):
         tokens = _pointwise(self.proj_in, tokens)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
+        if self.linear_epilogue and x.shape[0] == tokens.shape[0] and x.is_contiguous(
+                memory_format=torch.channels_last):  # x's (B, H, W, C) memory is the residual's (B, HW, C)
+            residual = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+            tokens = ops.linear(tokens, self.proj_out.weight.flatten(1), self.proj_out.bias, residual=residual)
+            return tokens.view(b, h, w, c).permute(0, 3, 1, 2)
         tokens = _pointwise(self.proj_out, tokens)  # (B', HW, C): B' > B once the blocks tiled a shared sample
         return _tile(x, tokens.shape[0]) + tokens.reshape(-1, h, w, c).permute(0, 3, 1, 2)
 
