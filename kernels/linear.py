@@ -129,7 +129,9 @@ def _config(m: int, n: int, k: int, geglu: bool) -> tuple[int, int, int, int, in
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), pinned per shape class instead of autotuned (every
     candidate would be a compile of the cold start). The best of 8 configs at SD1.5's shapes on an H200."""
     if geglu:  # two accumulators per tile
-        return (128, 128, 64, 8, 4) if m >= 4096 and k > 320 else (128, 64, 64, 4, 3)
+        if k <= 320:
+            return 128, 64, 64, 4, 3
+        return (128, 128, 64, 8, 4) if m >= 4096 else (128, 64, 32, 4, 4)
     if n <= 320:
         return 128, 64, 64, 4, 3
     return (128, 128, 64, 4, 3) if m >= 4096 else (64, 128, 64, 4, 4)
