@@ -15,10 +15,10 @@ from fastdiff.kernels.linear import linear, linear_ref
 
 # (name, rows M, K, weight rows N', epilogue)
 _LEVELS = [("64x64", 4096, 320), ("32x32", 1024, 640), ("16x16", 256, 1280)]
-SHAPES = [(f"sd15-{level}-cfg{cfg}-{kind}", cfg * hw, k, n, kind)
-          for cfg in (2, 16) for level, hw, c in _LEVELS
-          for kind, k, n in (("geglu", c, 8 * c), ("mlp_out", 4 * c, c), ("proj_out", c, c))] if ON_GPU else [("tiny-geglu", 97, 40, 320, "geglu"),
-                                                ("tiny-residual", 97, 40, 48, "residual")]
+SD_SHAPES = [(f"sd15-{level}-cfg{cfg}-{kind}", cfg * hw, k, n, kind)
+             for cfg in (2, 16) for level, hw, c in _LEVELS
+             for kind, k, n in (("geglu", c, 8 * c), ("mlp_out", 4 * c, c), ("proj_out", c, c))]
+SHAPES = SD_SHAPES if ON_GPU else [("tiny-geglu", 97, 40, 320, "geglu"), ("tiny-residual", 97, 40, 48, "residual")]
 DTYPES = [torch.float16] if ON_GPU else [torch.float32]
 
 

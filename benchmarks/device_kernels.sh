@@ -16,10 +16,12 @@ FILTER=${2:-}
 export PYTHONUNBUFFERED=1
 TESTS="tests/test_kernel_attention.py tests/test_kernel_group_norm.py tests/test_kernel_scheduler_step.py
        tests/test_kernel_geglu.py tests/test_kernel_layer_norm.py tests/test_kernel_residual_add.py
-       tests/test_kernel_conv2d.py tests/test_kernel_subpixel.py tests/test_kernel_channel_cat.py"
+       tests/test_kernel_conv2d.py tests/test_kernel_subpixel.py tests/test_kernel_channel_cat.py
+       tests/test_kernel_linear.py"
 BENCHES="benchmarks/bench_attention.py benchmarks/bench_group_norm.py benchmarks/bench_scheduler_step.py
          benchmarks/bench_geglu.py benchmarks/bench_layer_norm.py benchmarks/bench_residual_add.py
-         benchmarks/bench_conv2d.py benchmarks/bench_subpixel.py benchmarks/bench_channel_cat.py"
+         benchmarks/bench_conv2d.py benchmarks/bench_subpixel.py benchmarks/bench_channel_cat.py
+         benchmarks/bench_linear.py"
 if [ "$STAGE" = group_norm ]; then
     TESTS=tests/test_kernel_group_norm.py BENCHES=benchmarks/bench_group_norm.py STAGE=all
 elif [ "$STAGE" = layer_norm ]; then
