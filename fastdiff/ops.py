@@ -212,14 +212,9 @@ def _triton_conv2d_prefers(x: Tensor, weight: Tensor, stride: int, padding: int)
 
 
 def _triton_linear_prefers(x: Tensor, weight: Tensor, residual: Optional[Tensor], geglu: bool) -> bool:
-    """Whether the Triton linear is the faster choice for this call and its inputs fit it (contiguous, rows
-    16-byte aligned); under `auto` other calls run on the reference (cuBLAS)."""
-    kernel = _module("fastdiff.kernels.linear")
-    k = x.shape[-1]
-    n = weight.shape[0] // 2 if geglu else weight.shape[0]
-    align = 16 // x.element_size()
-    return (kernel.faster_than_cublas(x.numel() // max(k, 1), k) and k % align == 0 and n % align == 0
-            and x.is_contiguous() and weight.is_contiguous() and (residual is None or residual.is_contiguous()))
+    """Whether the Triton linear is the faster choice for this call and takes its inputs
+    (`fastdiff.kernels.linear.prefers_triton`); under `auto` other calls run on cuBLAS."""
+    return _module("fastdiff.kernels.linear").prefers_triton(x, weight, residual, geglu)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:

@@ -14,7 +14,8 @@ x, weight, residual and the output must start 16-byte aligned (K and N a multipl
 float32). Every product accumulates in float32; float32 inputs multiply in full float32 (no TF32).
 
 `FASTER_THAN_CUBLAS` says where the kernel beat cuBLAS + the separate epilogue kernel, at SD1.5's shapes
-on an H200 (benchmarks/RESULTS.md, session 10): fastdiff's fast path uses it only there.
+on an H200 (benchmarks/RESULTS.md, session 10); `prefers_triton` adds the inputs the kernel takes, and
+`ops.linear` under `auto` runs the kernel only where it says so.
 """
 from typing import Optional
 
@@ -33,6 +34,16 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GROUP_M = 8  # row tiles per group in the launch order: a group's programs share weight tiles in L2
 
 
+def _out_width(weight: Tensor, geglu: bool) -> int:
+    """The output's last dim: the weight's rows, or half of them with the GEGLU gate ([value | gate])."""
+    return weight.shape[0] // 2 if geglu else weight.shape[0]
+
+
+def _row_align(x: Tensor) -> int:
+    """Elements per 16 bytes: TMA needs every row to start 16-byte aligned, so K and N multiples of this."""
+    return 16 // x.element_size()
+
+
 def check_linear_shapes(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                         geglu: bool) -> None:
     """Validation shared by every backend: x (..., K), weight (N', K) with N' = 2N for geglu else N, bias (N',)
@@ -49,7 +60,7 @@ def check_linear_shapes(x: Tensor, weight: Tensor, bias: Optional[Tensor], resid
         raise ValueError(f"geglu needs an even number of weight rows ([value | gate]), got {weight.shape[0]}")
     if geglu and residual is not None:
         raise ValueError("geglu and residual cannot be combined: the epilogue is one or the other")
-    out_shape = (*x.shape[:-1], weight.shape[0] // 2 if geglu else weight.shape[0])
+    out_shape = (*x.shape[:-1], _out_width(weight, geglu))
     if residual is not None and tuple(residual.shape) != out_shape:
         raise ValueError(f"residual has shape {tuple(residual.shape)}, expected the output's {out_shape}")
 
@@ -142,7 +153,7 @@ def _linear_launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: 
     _check_aligned(x=x, weight=weight, residual=residual)
     k = x.shape[-1]
     m = x.numel() // k
-    n = weight.shape[0] // 2 if geglu else weight.shape[0]
+    n = _out_width(weight, geglu)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     block_m, block_n, block_k, warps, stages = _config(m, n, k, geglu)
     x_desc = TensorDescriptor(x, [m, k], [k, 1], [block_m, block_k])
@@ -164,7 +175,7 @@ _linear_op = torch.library.custom_op("fastdiff::triton_linear", mutates_args=())
 
 @_linear_op.register_fake
 def _(x, weight, bias, residual, geglu):
-    return x.new_empty((*x.shape[:-1], weight.shape[0] // 2 if geglu else weight.shape[0]))
+    return x.new_empty((*x.shape[:-1], _out_width(weight, geglu)))
 
 
 def check_linear_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
@@ -177,9 +188,8 @@ def check_linear_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], resid
     for name, t in (("x", x), ("weight", weight), ("residual", residual)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous, got shape {tuple(t.shape)} with strides {t.stride()}")
-    n = weight.shape[0] // 2 if geglu else weight.shape[0]
-    row_align = 16 // x.element_size()  # TMA: every row starts 16-byte aligned
-    for what, size in (("x's last dim K", x.shape[-1]), ("the output width N", n)):
+    row_align = _row_align(x)
+    for what, size in (("x's last dim K", x.shape[-1]), ("the output width N", _out_width(weight, geglu))):
         if size % row_align:
             raise ValueError(f"{what} = {size} must be a multiple of {row_align} for {x.dtype} (the kernel's TMA "
                              "loads need 16-byte aligned rows); use linear_ref")
@@ -206,9 +216,20 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: O
     """
     check_linear_inputs(x, weight, bias, residual, geglu)
     if x.numel() == 0:
-        return x.new_empty((*x.shape[:-1], weight.shape[0] // 2 if geglu else weight.shape[0]))
+        return x.new_empty((*x.shape[:-1], _out_width(weight, geglu)))
     op = _linear_op if torch.compiler.is_compiling() else _linear_launch
     return op(x, weight, bias, residual, geglu)
+
+
+def prefers_triton(x: Tensor, weight: Tensor, residual: Optional[Tensor] = None, geglu: bool = False) -> bool:
+    """Whether this kernel is the one to use for linear(x, weight, bias, residual, geglu): where it beat cuBLAS
+    (`faster_than_cublas`), on tensors it takes (contiguous, rows 16-byte aligned). It validates nothing else: a
+    call it accepts may still be refused."""
+    k = x.shape[-1]
+    row_align = _row_align(x)
+    return (faster_than_cublas(x.numel() // max(k, 1), k) and k % row_align == 0
+            and _out_width(weight, geglu) % row_align == 0 and x.is_contiguous() and weight.is_contiguous()
+            and (residual is None or residual.is_contiguous()))
 
 
 def faster_than_cublas(m: int, k: int) -> bool:
