@@ -20,6 +20,9 @@ What the preparation changes, and why:
                  UNet step, 182.8 against 193.8 ms per image on an H200.
   epilogues      where it beat cuBLAS, one Triton matmul makes the GEGLU projection and its gate, and the
                  MLP's output and proj_out with their residual add (`linear_epilogues`, `ops.linear`).
+  biases         the attentions' to_out and proj_in matmuls run without their bias, which the LayerNorm pass
+                 after them adds, and the MLP's output matmul accumulates in place onto a residual stream that
+                 pass wrote with its bias (`fold_biases`, `ops.add_layer_norm`): cuBLAS's bias epilogue is slow.
   upsampling     nearest 2x + conv3x3 (UNet and VAE) as a 2x2 conv of the small image with four phases of
                  outputs, shuffled into place (`subpixel_upsample`, `fastdiff.kernels.subpixel`): 4/9 of the FLOPs.
   text context   its cross-attention K/V projections computed once per prompt, outside the graphs (`denoiser`).
@@ -109,6 +112,11 @@ class FastConfig:
     linear_epilogues: bool = True  # the transformers' GEGLU projection with its gate, and their MLP output and
     #   proj_out with the residual add, each one Triton matmul (ops.linear) where that beat cuBLAS + the
     #   separate pass (benchmarks/RESULTS.md)
+    fold_biases: bool = True  # the attentions' to_out and the transformers' proj_in matmuls without their bias,
+    #   added instead in the LayerNorm pass after them (ops.add_layer_norm), and the MLP output's bias carried
+    #   there in the residual stream, onto which its matmul accumulates in place (cuBLAS, C = the stream): on an
+    #   H200 cuBLAS's GEMM with a bias was up to 1.55x slower than without one at SD1.5's widths
+    #   (benchmarks/RESULTS.md). Takes the MLP output from linear_epilogues.
     subpixel_upsample: bool = True  # the UNet's and the VAE's nearest 2x upsampling + conv3x3 as a 2x2 conv of
     #   the small image and a shuffle (fastdiff.kernels.subpixel): 4/9 of the FLOPs, no upsampled copy
     split_k_conv: bool = True  # the UNet ResNet blocks' 3x3 convs through ops.conv2d: Triton's split-K kernel
@@ -134,7 +142,7 @@ class FastConfig:
 def prepare_unet(unet: nn.Module, config: FastConfig) -> nn.Module:
     """Make a fastdiff UNet2DConditionModel fast in place (see the module docstring) and return it.
     State-dict keys and values are unchanged (up to the dtype); calling it twice is harmless."""
-    from fastdiff.models.unet import GEGLU, FeedForward, ResnetBlock2D, Transformer2DModel
+    from fastdiff.models.unet import GEGLU, BasicTransformerBlock, FeedForward, ResnetBlock2D, Transformer2DModel
 
     if config.dtype is not None:
         unet.to(config.dtype)
@@ -151,8 +159,13 @@ def prepare_unet(unet: nn.Module, config: FastConfig) -> nn.Module:
         elif isinstance(module, GEGLU):
             module.fused = config.fuse_geglu
             module.linear_epilogue = config.linear_epilogues
-        elif isinstance(module, (FeedForward, Transformer2DModel)):
+        elif isinstance(module, FeedForward):
             module.linear_epilogue = config.linear_epilogues
+        elif isinstance(module, Transformer2DModel):
+            module.linear_epilogue = config.linear_epilogues
+            module.fold_biases = config.fold_biases
+        elif isinstance(module, BasicTransformerBlock):
+            module.fold_biases = config.fold_biases
         elif isinstance(module, UpsampleConv):
             module.subpixel = config.subpixel_upsample
         elif isinstance(module, ResnetBlock2D):

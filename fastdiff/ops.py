@@ -262,11 +262,14 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     return _load("layer_norm", resolve("layer_norm", x.device.type))(x, weight, bias, eps)
 
 
-def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                   eps: float = 1e-5) -> tuple[Tensor, Tensor]:
-    """s = x + residual (in x's dtype) and LayerNorm(s) over the last dim, one pass on the Triton backend.
-    x, residual: (..., C) -> (s, LayerNorm(s)); see `fastdiff.kernels.layer_norm`."""
-    return _load("add_layer_norm", resolve("add_layer_norm", x.device.type))(x, residual, weight, bias, eps)
+def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None, eps: float = 1e-5, residual_bias: Optional[Tensor] = None,
+                   stream_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """s = x + residual (+ residual_bias, the bias residual's Linear left out; in x's dtype) and LayerNorm(s)
+    over the last dim, one pass on the Triton backend. x, residual: (..., C) -> (s + stream_bias, LayerNorm(s));
+    see `fastdiff.kernels.layer_norm`."""
+    return _load("add_layer_norm", resolve("add_layer_norm", x.device.type))(x, residual, weight, bias, eps,
+                                                                              residual_bias, stream_bias)
 
 
 def residual_add(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:

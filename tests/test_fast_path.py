@@ -11,7 +11,7 @@ import fastdiff
 from fastdiff.fast import CUDAGraphRunner, FastConfig, FastUNet, prepare_unet, prepare_vae
 from fastdiff.models import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig
 from fastdiff import ops
-from fastdiff.models.unet import GEGLU, Attention, BasicTransformerBlock, ResnetBlock2D
+from fastdiff.models.unet import GEGLU, Attention, BasicTransformerBlock, ResnetBlock2D, Transformer2DModel
 from tiny_models import make_tiny_sd
 
 # Tiny SD1-style (conv proj_in, one head count) and SD2-style (linear proj_in, heads per level) UNets.
@@ -228,8 +228,9 @@ def test_linear_epilogues_match_separate_passes(kind, monkeypatch):
     proj_out through ops.linear with the gate or the residual in the kernel (forced to the Triton kernel under
     the interpreter here); the output equals the separate passes' to float32 rounding."""
     plain = _tiny_unet(kind)
-    fused = prepare_unet(copy.deepcopy(plain), FastConfig())
-    plain = prepare_unet(plain, FastConfig(linear_epilogues=False))
+    # fold_biases off in both: it takes the MLP's output Linear from the epilogue (see the next test)
+    fused = prepare_unet(copy.deepcopy(plain), FastConfig(fold_biases=False))
+    plain = prepare_unet(plain, FastConfig(linear_epilogues=False, fold_biases=False))
     x, t, ctx = _unet_inputs(plain.config)
     x = x.contiguous(memory_format=torch.channels_last)
     calls = []
@@ -246,6 +247,35 @@ def test_linear_epilogues_match_separate_passes(kind, monkeypatch):
     blocks = sum(isinstance(m, BasicTransformerBlock) for m in fused.modules())
     assert calls.count(False) == blocks and calls.count(True) >= blocks
     print(f"{kind} linear epilogues (triton) vs separate: rel {rel(out, ref):.2e}; {len(calls)} kernel calls")
+    assert rel(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_folded_biases_match_the_linears_own(kind, backend, monkeypatch):
+    """FastConfig(fold_biases=True), the default, runs every attention's to_out and every proj_in without its
+    bias and adds the bias in the LayerNorm pass after it, and carries the MLP output's bias in the stream its
+    matmul accumulates onto; the output equals the plain UNet's to float32 rounding, on the reference backend
+    and on the Triton kernel (interpreter)."""
+    plain = _tiny_unet(kind)
+    folded = prepare_unet(copy.deepcopy(plain), FastConfig(linear_epilogues=False))
+    plain = prepare_unet(plain, FastConfig(linear_epilogues=False, fold_biases=False))
+    biases = []
+    real = ops.add_layer_norm
+    monkeypatch.setattr(ops, "add_layer_norm", lambda *a: biases.append((a[5] is not None, a[6] is not None))
+                        or real(*a))
+    x, t, ctx = _unet_inputs(plain.config)
+    ref = plain(x, t, ctx)
+    assert biases and not any(any(b) for b in biases)
+    biases.clear()
+    with ops.use_backend(backend, op="add_layer_norm"):
+        out = folded(x, t, ctx)
+    blocks = sum(isinstance(m, BasicTransformerBlock) for m in folded.modules())
+    transformers = sum(isinstance(m, Transformer2DModel) for m in folded.modules())
+    # to_out twice per block and proj_in once per transformer (residual_bias); the MLP's output per block
+    # (stream_bias, with norm3, which also takes attn2's to_out bias)
+    assert biases.count((True, False)) == blocks + transformers and biases.count((True, True)) == blocks
+    print(f"{kind} folded biases ({backend}) vs the linears' own: rel {rel(out, ref):.2e}")
     assert rel(out, ref) <= 1e-5
 
 

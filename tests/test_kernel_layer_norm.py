@@ -135,6 +135,51 @@ def test_add_layer_norm_normalizes_the_rounded_sum():
     assert err.max() <= 2e-3 and gap.max() > 0.05
 
 
+def _bias_inputs(form, shape, dtype, device="cpu"):
+    """add_layer_norm's operands for one form of the folded Linear biases (see the kernel's docstring)."""
+    x, r, weight, bias = _inputs(shape, dtype, device=device)
+    width = shape[-1]
+    residual_bias = torch.randn(width, device=device).to(dtype) if form != "stream_bias" else None
+    stream_bias = torch.randn(width, device=device).to(dtype) if form in ("stream_bias", "all") else None
+    if form == "residual_bias_alone":
+        r = None
+    return x, r, weight, bias, residual_bias, stream_bias
+
+
+def _check_biases_against_torch_error(form, x, r, weight, bias, residual_bias, stream_bias, acc):
+    """The kernel's (s + stream_bias, LayerNorm(s)) against the exact sums in `acc`, at most twice the error of
+    add_layer_norm_ref (eager PyTorch in x's dtype); float32 within 1e-5 relative of the twin."""
+    s, y = add_layer_norm(x, r, weight, bias, 1e-5, residual_bias, stream_bias)
+    s_torch, y_torch = add_layer_norm_ref(x, r, weight, bias, 1e-5, residual_bias, stream_bias)
+    exact = x.to(acc) + sum(t.to(acc) for t in (r, residual_bias) if t is not None)
+    y_exact = layer_norm_ref(exact, _up(weight, acc), _up(bias, acc))
+    s_exact = exact if stream_bias is None else exact + stream_bias.to(acc)
+    assert s.shape == y.shape == x.shape and s.dtype == y.dtype == x.dtype
+    for name, out, twin, ref in (("s", s, s_torch, s_exact), ("y", y, y_torch, y_exact)):
+        err, err_torch = _errors(f"fastdiff {form} {name}", out, ref), _errors(f"torch    {form} {name}", twin, ref)
+        if x.dtype == torch.float32:
+            torch.testing.assert_close(out, twin, atol=1e-5, rtol=1e-5)
+        else:
+            assert err.max() <= 2 * err_torch.max() and err.mean() <= 2 * err_torch.mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("form", ["residual_bias", "residual_bias_alone", "stream_bias", "all"])
+def test_add_layer_norm_adds_the_linears_biases(form, dtype):
+    """residual_bias joins the sum that is normalized (to_out's bias; alone, proj_in's); stream_bias is added
+    to the s written out only (the MLP output's bias, carried in the residual stream)."""
+    _check_biases_against_torch_error(form, *_bias_inputs(form, (97, 320), dtype), acc=torch.float64)
+
+
+def test_add_layer_norm_stream_bias_is_not_normalized():
+    """y must not move with stream_bias, s must move by exactly it (float32, values that add exactly)."""
+    x, r, weight, bias = _inputs((5, 40), torch.float32)
+    shift = torch.full((40,), 0.5)
+    s0, y0 = add_layer_norm(x, r, weight, bias)
+    s1, y1 = add_layer_norm(x, r, weight, bias, stream_bias=shift)
+    assert torch.equal(y0, y1) and torch.equal(s1, s0 + shift)
+
+
 def test_rows_per_program_fill_the_sms(monkeypatch):
     """SD1.5's CFG batch on a 132-SM GPU: tiles of TILE elements, down to one row per program for the
     128-row 8x8 level."""
@@ -168,6 +213,10 @@ _X, _W = torch.randn(4, 8), torch.randn(8)
     (lambda: layer_norm(torch.empty(2, 8193)), "x's last dim is 8193, over the kernel's limit 8192"),
     (lambda: layer_norm(torch.tensor(1.0)), "got a 0-d tensor"),
     (lambda: add_layer_norm(_X, _X, eps=-1.0), "eps must be >= 0, got -1.0"),
+    (lambda: add_layer_norm(_X, None), "add_layer_norm needs something to add: residual, residual_bias or both"),
+    (lambda: add_layer_norm(_X, _X, residual_bias=_W[:5]), r"residual_bias has shape \(5,\), expected \(8,\)"),
+    (lambda: add_layer_norm(_X, _X, stream_bias=_W.half()),
+     "stream_bias has dtype torch.float16, expected x's dtype torch.float32"),
     (lambda: layer_norm(_X, eps=float("nan")), "eps must be >= 0, got nan"),
 ])
 def test_layer_norm_rejects_invalid_inputs(call, message):
@@ -228,7 +277,9 @@ x = torch.empty(2, 64, 1280, dtype=torch.float16)
 w = torch.empty(1280, dtype=torch.float16)
 for name, fn, inputs, written in (
         ("layer_norm", ln._layer_norm_traced, (x, w, w.clone(), 1e-5), {"Y"}),
-        ("add_layer_norm", ln._add_layer_norm_traced, (x, x.clone(), w, w.clone(), 1e-5), {"S", "Y"})):
+        ("add_layer_norm", ln._add_layer_norm_traced, (x, x.clone(), w, w.clone(), 1e-5, None, None), {"S", "Y"}),
+        ("add_layer_norm with biases", ln._add_layer_norm_traced, (x, None, w, w.clone(), 1e-5, w.clone(), w.clone()),
+         {"S", "Y"})):
     found = kernel_writes(make_fx(fn, tracing_mode="fake")(*inputs))
     print(name, "writes", sorted(found))
     assert found == written, (found, written)
@@ -254,6 +305,15 @@ def test_layer_norm_error_on_gpu_at_most_twice_torch_error(shape, residual, dtyp
     (s, y), (s_torch, y_torch) = _run_both(x, r, weight, bias)
     acc = torch.float64 if dtype == torch.float32 else torch.float32
     _check_against_torch_error(f"{dtype} {shape}", s, y, s_torch, y_torch, x, weight, bias, acc=acc)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("form", ["residual_bias", "residual_bias_alone", "all"])
+@pytest.mark.parametrize("shape", SD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_add_layer_norm_biases_on_gpu_at_most_twice_torch_error(shape, form, dtype):
+    acc = torch.float64 if dtype == torch.float32 else torch.float32
+    _check_biases_against_torch_error(form, *_bias_inputs(form, shape, dtype, device="cuda"), acc=acc)
 
 
 @pytest.mark.gpu
