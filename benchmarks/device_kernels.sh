@@ -21,7 +21,7 @@ TESTS="tests/test_kernel_attention.py tests/test_kernel_group_norm.py tests/test
 BENCHES="benchmarks/bench_attention.py benchmarks/bench_group_norm.py benchmarks/bench_scheduler_step.py
          benchmarks/bench_geglu.py benchmarks/bench_layer_norm.py benchmarks/bench_residual_add.py
          benchmarks/bench_conv2d.py benchmarks/bench_subpixel.py benchmarks/bench_channel_cat.py
-         benchmarks/bench_linear.py"
+         benchmarks/bench_linear.py benchmarks/bench_folded_bias.py"
 if [ "$STAGE" = group_norm ]; then
     TESTS=tests/test_kernel_group_norm.py BENCHES=benchmarks/bench_group_norm.py STAGE=all
 elif [ "$STAGE" = layer_norm ]; then
