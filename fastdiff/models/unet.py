@@ -400,12 +400,12 @@ class Attention(nn.Module):
         if not self.is_cross_attention or self.fused_weight is None:
             raise ValueError("project_context needs a cross-attention with fused projections; call "
                              "fuse_projections() first")
-        kv = F.linear(context, self.fused_weight)
         kept = self.projected.get(id(context))
-        if kept is not None and kept[0] is context and kept[1].shape == kv.shape and kept[1].dtype == kv.dtype:
-            kept[1].copy_(kv)
+        shape = (*context.shape[:-1], self.fused_weight.shape[0])
+        if kept is not None and kept[0] is context and kept[1].shape == shape and kept[1].dtype == context.dtype:
+            torch.matmul(context, self.fused_weight.t(), out=kept[1])  # in place: one kernel, no copy after it
         else:
-            self.projected[id(context)] = (context, kv)
+            self.projected[id(context)] = (context, F.linear(context, self.fused_weight))
 
     def _context_kv(self, context: Tensor) -> Tensor:
         """context's fused K/V projection (B, T, 2 * dim): the one `project_context` kept, else computed."""
