@@ -18,8 +18,9 @@ What the preparation changes, and why:
                  other self-attention.
   GEGLU          the MLP's value * GELU(gate) in one Triton pass (`fuse_geglu`): 6.65 against 7.05 ms per
                  UNet step, 182.8 against 193.8 ms per image on an H200.
-  epilogues      where it beat cuBLAS, one Triton matmul makes the GEGLU projection and its gate, and the
-                 MLP's output and proj_out with their residual add (`linear_epilogues`, `ops.linear`).
+  epilogues      where it beat cuBLAS, one Triton matmul makes the GEGLU projection and its gate, and proj_out
+                 (and the MLP's output, with fold_biases off) with the residual add (`linear_epilogues`,
+                 `ops.linear`).
   biases         the attentions' to_out and proj_in matmuls run without their bias, which the LayerNorm pass
                  after them adds, and the MLP's output matmul accumulates in place onto a residual stream that
                  pass wrote with its bias (`fold_biases`, `ops.add_layer_norm`): cuBLAS's bias epilogue is slow.
