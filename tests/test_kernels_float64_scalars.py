@@ -76,10 +76,13 @@ for float_type in ("fp32", "fp64"):
             constants.update({} if with_offset else dict(Offset=None))
             build_ir(single, dict(X=dtype, Y=dtype, W=dtype, B=dtype, **offset), {"eps"}, float_type, constants)
             print("group_norm single", float_type, dtype, layout, "ok")
-        for has_residual in (False, True):
-            build_ir(layer_norm._layer_norm_kernel, dict.fromkeys(("X", "R", "S", "Y", "W", "B"), dtype), {"eps"},
-                     float_type, dict(HAS_RESIDUAL=has_residual, BLOCK_M=8, BLOCK_N=512))
-            print("layer_norm", float_type, dtype, "add" if has_residual else "no add", "ok")
+        # LayerNorm alone; + residual with both folded biases; the residual's bias alone (pointers, or None)
+        for form, given in (("no add", ()), ("add + biases", ("R", "RB", "SB", "S")), ("bias alone", ("RB", "S"))):
+            pointers = dict.fromkeys(("X", "Y", "W", "B", *given), dtype)
+            build_ir(layer_norm._layer_norm_kernel, pointers, {"eps"}, float_type,
+                     dict(HAS_RESIDUAL=bool(given), BLOCK_M=8, BLOCK_N=512,
+                          **{name: None for name in ("R", "RB", "SB", "S") if name not in given}))
+            print("layer_norm", float_type, dtype, form, "ok")
         for channels_last in (False, True):
             for with_bias in (False, True):  # no float arguments: the compile path alone is checked
                 bias = dict(Bias=dtype) if with_bias else {}
@@ -106,4 +109,4 @@ def test_kernels_build_with_float64_scalar_arguments():
     result = subprocess.run([sys.executable, "-c", _BUILD_IR], capture_output=True, text=True, env=env, timeout=600)
     print(result.stdout[-3000:], result.stderr[-3000:])
     assert result.returncode == 0
-    assert result.stdout.count(" ok") == 2 * 3 * (3 * 3 + 4 * 2 + 2 + 2 * 2 + 4 + 1)  # every case of the loops above
+    assert result.stdout.count(" ok") == 2 * 3 * (3 * 3 + 4 * 2 + 3 + 2 * 2 + 4 + 1)  # every case of the loops above
