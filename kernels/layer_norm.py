@@ -115,15 +115,12 @@ if triton is not None:
         x = tl.load(X + offs, mask=mask, other=0.0)
         if HAS_RESIDUAL:
             # Round the sum to the dtype, as eager `x + r` does: the stored residual stream is what is normalized.
-            s = x.to(tl.float32)
+            r = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # the addend: residual + its bias
             if R is not None:
-                r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-                if RB is not None:
-                    r += tl.load(RB + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-                s += r
-            else:
-                s += tl.load(RB + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            s = s.to(S.dtype.element_ty)
+                r += tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+            if RB is not None:
+                r += tl.load(RB + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            s = (x.to(tl.float32) + r).to(S.dtype.element_ty)
             stored = s
             if SB is not None:  # the next Linear's bias rides in the stored stream, not in what is normalized
                 stream_bias = tl.load(SB + cols, mask=mask_n, other=0.0).to(tl.float32)
