@@ -6,6 +6,9 @@ prints a warning and installs fastdiff without it (the ops seam then uses Triton
 
     FASTDIFF_SKIP_CUDA_BUILD=1   build the C++ (CPU) part only, even where torch has CUDA and nvcc exists
     TORCH_CUDA_ARCH_LIST         GPU targets instead of the default sm_80 + sm_90 (+ PTX for newer GPUs)
+
+The CUDA part includes fastdiff's GEMM without a cuBLAS workspace (csrc/matmul_cuda.cpp) where the CUDA toolkit
+has cuBLAS's headers; without them it builds the rest.
 """
 import os
 import subprocess
@@ -15,7 +18,8 @@ from setuptools import setup
 
 CPU_SOURCES = ["csrc/fastdiff_api.cpp", "csrc/scheduler_step_cpu.cpp"]
 CUDA_SOURCES = ["csrc/scheduler_step_cuda.cu"]
-CUDA_LIBRARIES = ("cudart", "c10_cuda", "torch_cuda")  # what CUDAExtension links beyond CppExtension
+CUBLAS_SOURCES = ["csrc/matmul_cuda.cpp"]
+CUDA_LIBRARIES = ("cudart", "c10_cuda", "torch_cuda", "cublas")  # what the CUDA part links beyond CppExtension
 # at::parallel_for is inline in ATen's headers: without -fopenmp it silently runs on one thread.
 OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 CXX_FLAGS = ["-O3", *OPENMP]  # the C++ standard is torch's choice (C++17 or C++20, by version)
@@ -41,6 +45,15 @@ def cuda_unavailable_reason(torch, cpp_extension) -> str:
     return ""
 
 
+def has_cublas_headers(cuda_home: str) -> bool:
+    """Whether the CUDA toolkit at cuda_home has cuBLAS's headers (some installs ship nvcc without them)."""
+    import glob
+
+    return any(os.path.exists(os.path.join(d, "cublas_v2.h"))
+               for d in [os.path.join(cuda_home, "include"), *glob.glob(os.path.join(cuda_home, "targets", "*",
+                                                                                    "include"))])
+
+
 def make_extension(cpp_extension, with_cuda: bool):
     if not with_cuda:
         return cpp_extension.CppExtension("fastdiff._C", CPU_SOURCES, extra_compile_args={"cxx": CXX_FLAGS},
@@ -48,8 +61,13 @@ def make_extension(cpp_extension, with_cuda: bool):
     nvcc = ["-O3"]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         nvcc += NVCC_ARCH_FLAGS  # torch adds its own -gencode flags only when none are given
-    return cpp_extension.CUDAExtension("fastdiff._C", CPU_SOURCES + CUDA_SOURCES,
-                                       define_macros=[("FASTDIFF_WITH_CUDA", None)],
+    sources, macros, libraries = CPU_SOURCES + CUDA_SOURCES, [("FASTDIFF_WITH_CUDA", None)], []
+    if has_cublas_headers(cpp_extension.CUDA_HOME):
+        sources, macros, libraries = sources + CUBLAS_SOURCES, macros + [("FASTDIFF_WITH_CUBLAS", None)], ["cublas"]
+    else:
+        print(f"fastdiff: no cublas_v2.h under {cpp_extension.CUDA_HOME}: fastdiff._C without its GEMM",
+              file=sys.stderr)
+    return cpp_extension.CUDAExtension("fastdiff._C", sources, define_macros=macros, libraries=libraries,
                                        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": nvcc},
                                        extra_link_args=OPENMP)
 
@@ -108,8 +126,9 @@ def extension_setup() -> dict:
                 print(f"\nWARNING: the CUDA part of fastdiff._C failed to build ({type(error).__name__}: "
                       f"{error}); retrying without it.\n", file=sys.stderr, flush=True)
                 for ext in self.extensions:  # in place: setuptools annotated these objects already
-                    ext.sources = [s for s in ext.sources if s not in CUDA_SOURCES]
-                    ext.define_macros = [m for m in ext.define_macros if m[0] != "FASTDIFF_WITH_CUDA"]
+                    ext.sources = [s for s in ext.sources if s not in CUDA_SOURCES + CUBLAS_SOURCES]
+                    ext.define_macros = [m for m in ext.define_macros
+                                         if m[0] not in ("FASTDIFF_WITH_CUDA", "FASTDIFF_WITH_CUBLAS")]
                     ext.libraries = [lib for lib in ext.libraries if lib not in CUDA_LIBRARIES]
                 self.compiler, self.inplace = options
                 try:

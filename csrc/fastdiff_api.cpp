@@ -17,6 +17,10 @@
 
 #include "scheduler_step.h"
 
+#ifdef FASTDIFF_WITH_CUBLAS
+#include "matmul.h"
+#endif
+
 namespace fastdiff {
 namespace {
 
@@ -154,6 +158,16 @@ prev_x0, noise: like x; required when a_p (a_n) is non-zero, ignored (never read
 Every tensor must share x's dtype and device. Math runs in float32 (float64 for float64).)");
   m.def("cuda_status", &fastdiff::cuda_status,
         "'' when the CUDA kernels can run on the current device, otherwise the reason they cannot");
+#ifdef FASTDIFF_WITH_CUBLAS
+  m.def("matmul_nt", &fastdiff::matmul_nt_cuda, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("out"),
+        pybind11::arg("accumulate"), pybind11::arg("reduced_precision_reduction"),
+        R"(out = x @ weight^T (out += ... when accumulate), cuBLAS on torch's handle and stream without a workspace.
+
+x (M, K), weight (N, K), out (M, N): contiguous, float16 or bfloat16, one CUDA device.)");
+  m.attr("with_cublas") = true;
+#else
+  m.attr("with_cublas") = false;
+#endif
 #ifdef FASTDIFF_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -1,5 +1,6 @@
-"""Loader for the compiled extension `fastdiff._C` (csrc/). A missing or broken build never breaks
-`import fastdiff`: it only makes the `cuda` backend unavailable, with the reason kept for `fastdiff info`."""
+"""Loader for the compiled extension `fastdiff._C` (csrc/): its scheduler_step and matmul. A missing or broken
+build never breaks `import fastdiff`: it only makes the `cuda` backend unavailable, with the reason kept for
+`fastdiff info`."""
 from typing import Optional
 
 import torch  # loads libtorch before _C, which links against it
@@ -12,7 +13,7 @@ except Exception as e:  # ImportError, or an ABI mismatch surfacing as OSError/R
     _C = None
     _load_error = f"{type(e).__name__}: {e}"
 
-_availability: dict[str, tuple[bool, str]] = {}
+_availability: dict[tuple[str, str], tuple[bool, str]] = {}
 
 
 def _check(device_type: str) -> tuple[bool, str]:
@@ -35,11 +36,44 @@ def _check(device_type: str) -> tuple[bool, str]:
     return False, f"fastdiff._C runs on cpu and cuda tensors, not {device_type}"
 
 
-def availability(device_type: str) -> tuple[bool, str]:
-    """Whether `fastdiff._C` can run `scheduler_step` on `device_type` tensors, and why (not)."""
-    if device_type not in _availability:  # the seam asks on every call; the answer never changes
-        _availability[device_type] = _check(device_type)
-    return _availability[device_type]
+def _check_matmul(device_type: str) -> tuple[bool, str]:
+    ok, why = _check(device_type)
+    if not ok:
+        return ok, why
+    if device_type != "cuda":
+        return False, f"fastdiff._C's matmul runs on CUDA tensors, not {device_type}"
+    if not _C.with_cublas:
+        return False, "fastdiff._C was built without its GEMM (the CUDA toolkit had no cuBLAS headers)"
+    return True, why + ", cuBLAS without a workspace"
+
+
+def availability(device_type: str, op: str = "scheduler_step") -> tuple[bool, str]:
+    """Whether `fastdiff._C` can run `op` (scheduler_step or matmul) on `device_type` tensors, and why (not)."""
+    key = (device_type, op)
+    if key not in _availability:  # the seam asks on every call; the answer never changes
+        _availability[key] = _check_matmul(device_type) if op == "matmul" else _check(device_type)
+    return _availability[key]
+
+
+def matmul(x: Tensor, weight: Tensor, out: Optional[Tensor] = None, accumulate: bool = False) -> Tensor:
+    """x @ weight^T through fastdiff._C's cuBLAS call without a workspace; same contract as `matmul_ref`
+    (`fastdiff.kernels.matmul`). float16/bfloat16 CUDA tensors; x and out are used as flat (rows, K) and
+    (rows, N) views, so out must be contiguous and x is copied only when it is not."""
+    from fastdiff.kernels.matmul import check_matmul_inputs
+
+    check_matmul_inputs(x, weight, out, accumulate)
+    ok, why = availability(x.device.type, "matmul")
+    if not ok:
+        raise RuntimeError("fastdiff._C matmul is not available: " + why)
+    if out is None:
+        out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    elif not out.is_contiguous():
+        raise ValueError(f"out must be contiguous, got strides {out.stride()} for shape {tuple(out.shape)}")
+    reduced = (torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction if x.dtype == torch.float16
+               else torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
+    _C.matmul_nt(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), out.view(-1, weight.shape[0]),
+                 accumulate, bool(reduced))
+    return out
 
 
 def scheduler_step(x: Tensor, model_output: Tensor, coeffs, guidance_scale: Optional[float] = None,

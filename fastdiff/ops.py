@@ -1,12 +1,13 @@
 """The one seam between model code and kernel implementations.
 
-Model code calls `ops.attention`, `ops.group_norm`, `ops.geglu`, `ops.linear`, `ops.layer_norm`,
+Model code calls `ops.attention`, `ops.group_norm`, `ops.geglu`, `ops.linear`, `ops.matmul`, `ops.layer_norm`,
 `ops.add_layer_norm`, `ops.residual_add`, `ops.conv2d`, `ops.subpixel_shuffle`, `ops.channel_cat` and
 `ops.scheduler_step` and never branches on the backend. Each op has up to three implementations:
 
     reference  plain PyTorch (`fastdiff.kernels.<op>.<op>_ref`), any device; the oracle for every test
     triton     `fastdiff.kernels.<op>.<op>`: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests)
-    cuda       `fastdiff._C` (csrc/), scheduler_step only; its C++ half runs on CPU tensors too
+    cuda       `fastdiff._C` (csrc/): scheduler_step, whose C++ half runs on CPU tensors too, and matmul
+               (cuBLAS without a workspace, CUDA tensors only)
 
 `auto` (the default, or FASTDIFF_BACKEND) picks per op and per device, fastest first; `fastdiff info`
 prints the choice. `set_backend("triton")` forces every op; `set_backend("cuda", op="scheduler_step")`
@@ -41,6 +42,10 @@ _IMPLS = {
     "linear": {
         "reference": ("fastdiff.kernels.linear", "linear_ref"),
         "triton": ("fastdiff.kernels.linear", "linear"),
+    },
+    "matmul": {
+        "reference": ("fastdiff.kernels.matmul", "matmul_ref"),
+        "cuda": ("fastdiff._ext", "matmul"),
     },
     "layer_norm": {
         "reference": ("fastdiff.kernels.layer_norm", "layer_norm_ref"),
@@ -82,13 +87,15 @@ OPS = tuple(_IMPLS)
 _AUTO_ORDER = {
     "cuda": {"attention": ("triton", "reference"), "group_norm": ("triton", "reference"),
              "geglu": ("triton", "reference"), "linear": ("triton", "reference"),
+             "matmul": ("cuda", "reference"),
              "layer_norm": ("triton", "reference"), "add_layer_norm": ("triton", "reference"),
              "residual_add": ("triton", "reference"),
              "conv2d": ("triton", "reference"), "subpixel_shuffle": ("triton", "reference"),
              "channel_cat": ("triton", "reference"),
              "scheduler_step": ("cuda", "triton", "reference")},
     "cpu": {"attention": ("reference",), "group_norm": ("reference",), "geglu": ("reference",),
-            "linear": ("reference",), "layer_norm": ("reference",), "add_layer_norm": ("reference",),
+            "linear": ("reference",), "matmul": ("reference",), "layer_norm": ("reference",),
+            "add_layer_norm": ("reference",),
             "residual_add": ("reference",),
             "conv2d": ("reference",), "subpixel_shuffle": ("reference",), "channel_cat": ("reference",),
             "scheduler_step": ("cuda", "reference")},
@@ -132,8 +139,9 @@ def use_backend(name: str, op: Optional[str] = None) -> Iterator[None]:
         _chosen.update(saved)
 
 
-def availability(backend: str, device_type: str) -> tuple[bool, str]:
-    """Whether `backend` can run on `device_type` here, and why not."""
+def availability(backend: str, device_type: str, op: str = "scheduler_step") -> tuple[bool, str]:
+    """Whether `backend` can run `op` on `device_type` here, and why not (only the cuda backend's answer
+    depends on the op: fastdiff._C has two, with different needs)."""
     if backend == "reference":
         return True, "plain PyTorch"
     if backend == "triton":
@@ -147,7 +155,7 @@ def availability(backend: str, device_type: str) -> tuple[bool, str]:
     if backend == "cuda":
         from fastdiff import _ext
 
-        return _ext.availability(device_type)
+        return _ext.availability(device_type, op)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -186,12 +194,12 @@ def resolve(op: str, device_type: str) -> str:
     """The backend `op` runs on for tensors of `device_type`; raises if a forced one cannot run there."""
     name = _chosen[op]
     if name != "auto":
-        ok, why = availability(name, device_type)
+        ok, why = availability(name, device_type, op)
         if not ok:
             raise RuntimeError(f"backend {name!r} was forced for {op} but cannot run on {device_type}: {why}")
         return name
     for candidate in _AUTO_ORDER.get(device_type, _AUTO_ORDER["cpu"])[op]:
-        if availability(candidate, device_type)[0]:
+        if availability(candidate, device_type, op)[0]:
             return candidate
     return "reference"
 
@@ -254,6 +262,18 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: O
             return _load("geglu", resolve("geglu", x.device.type))(h)
         return h if residual is None else residual + h
     return _load("linear", backend)(x, weight, bias, residual, geglu)
+
+
+def matmul(x: Tensor, weight: Tensor, out: Optional[Tensor] = None, accumulate: bool = False) -> Tensor:
+    """x @ weight^T, an nn.Linear's weight without its bias: x (..., K), weight (N, K) -> (..., N). With `out`
+    ((..., N), contiguous) the product is written there, or added onto it when `accumulate`, and out is
+    returned. Under `auto` float16/bfloat16 CUDA tensors go to fastdiff._C's cuBLAS call without a workspace
+    (no memset before its kernels in a captured graph; `fastdiff.kernels.matmul`), the rest to torch."""
+    backend = resolve("matmul", x.device.type)
+    if backend == "cuda" and _chosen["matmul"] == "auto" and (x.dtype not in (torch.float16, torch.bfloat16)
+                                                              or torch.compiler.is_compiling()):
+        backend = "reference"  # float32: torch's GEMM, under torch's TF32 settings; traced: a GEMM inductor sees
+    return _load("matmul", backend)(x, weight, out, accumulate)
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,

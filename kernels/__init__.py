@@ -30,6 +30,7 @@ else:
     from .group_norm import group_norm, group_norm_ref
     from .layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
     from .linear import linear, linear_ref
+    from .matmul import matmul_ref
     from .residual_add import residual_add, residual_add_ref
     from .scheduler_step import StepCoeffs, scheduler_step, scheduler_step_ref
     from .subpixel import subpixel_shuffle, subpixel_shuffle_ref, subpixel_weight
@@ -37,6 +38,7 @@ else:
     __all__ = ["add_layer_norm", "add_layer_norm_ref", "attention", "attention_ref", "channel_cat", "channel_cat_ref",
                "compiling_ahead", "conv2d",
                "conv2d_ref", "geglu", "geglu_ref", "group_norm", "group_norm_ref", "layer_norm", "layer_norm_ref",
-               "linear", "linear_ref", "prepare_compile", "residual_add", "residual_add_ref", "scheduler_step",
+               "linear", "linear_ref", "matmul_ref",
+               "prepare_compile", "residual_add", "residual_add_ref", "scheduler_step",
                "scheduler_step_ref",
                "StepCoeffs", "subpixel_shuffle", "subpixel_shuffle_ref", "subpixel_weight"]

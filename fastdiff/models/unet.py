@@ -423,15 +423,14 @@ class Attention(nn.Module):
             k = self.to_k(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, T, D)
             v = self.to_v(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, T, D)
         elif self.is_cross_attention:
-            q = self.to_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, S, D)
+            q = _pointwise(self.to_q, x).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, S, D)
             kv = self._context_kv(context).unflatten(-1, (2, self.heads, -1))  # (B, T, 2, H, D)
             k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) views
         else:
-            qkv = F.linear(x, self.fused_weight).unflatten(-1, (3, self.heads, -1))  # (B, S, 3, H, D)
+            qkv = ops.matmul(x, self.fused_weight).unflatten(-1, (3, self.heads, -1))  # (B, S, 3, H, D)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, S, D) views
         out = self.attend(q, k, v, self.scale).transpose(1, 2).flatten(2)  # (B, S, H * D)
-        linear = self.to_out[0]
-        return self.to_out[1](F.linear(out, linear.weight, linear.bias if out_bias else None))
+        return self.to_out[1](_pointwise(self.to_out[0], out, bias=out_bias))
 
 
 class GEGLU(nn.Module):
@@ -480,8 +479,7 @@ class FeedForward(nn.Module):
         if residual_has_bias:
             if residual is None:
                 raise ValueError("residual_has_bias needs the residual")
-            residual.view(-1, residual.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), out.weight.t())
-            return residual
+            return ops.matmul(h, out.weight, out=residual, accumulate=True)
         if residual is not None and self.linear_epilogue:
             return ops.linear(h, out.weight, out.bias, residual=residual)
         h = out(h)
@@ -539,8 +537,11 @@ def _projection(channels: int, linear: bool) -> Union[nn.Linear, nn.Conv2d]:
 def _pointwise(layer: Union[nn.Linear, nn.Conv2d], tokens: Tensor, bias: bool = True) -> Tensor:
     """Apply a Linear or a 1x1 Conv2d to tokens (B, S, Cin) -> (B, S, Cout), without its bias if `bias` is
     False. A 1x1 conv is a per-pixel linear map; only the stored weight's shape differs ((Cout, Cin, 1, 1) vs
-    (Cout, Cin)), so both run as F.linear."""
-    return F.linear(tokens, layer.weight.flatten(1), layer.bias if bias else None)
+    (Cout, Cin)), so both run as one matmul: F.linear with a bias, `ops.matmul` without one."""
+    weight = layer.weight.flatten(1)
+    if bias and layer.bias is not None:
+        return F.linear(tokens, weight, layer.bias)
+    return ops.matmul(tokens, weight)
 
 
 class Transformer2DModel(nn.Module):
