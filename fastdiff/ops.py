@@ -292,11 +292,13 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
                                                                               residual_bias, stream_bias)
 
 
-def residual_add(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
-    """x + y + bias[None, :, None, ...], one pass on the Triton backend: y is a conv's output computed without
-    its bias, x the residual. x, y: (N, C, *spatial), same layout; bias: (C,) or None; out: where to write
-    (x's shape, dtype and strides; may be x or y), else a new tensor; see `fastdiff.kernels.residual_add`."""
-    return _load("residual_add", resolve("residual_add", x.device.type))(x, y, bias, out)
+def residual_add(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None,
+                 x_bias: Optional[Tensor] = None) -> Tensor:
+    """x + x_bias + y + bias (biases [None, :, None, ...]), one pass on the Triton backend: y is a conv's output
+    computed without its bias, x the residual (x_bias: the bias its skip conv left out). x, y: (N, C, *spatial),
+    same layout; bias, x_bias: (C,) or None; out: where to write (x's shape, dtype and strides; may be x or y),
+    else a new tensor; see `fastdiff.kernels.residual_add`."""
+    return _load("residual_add", resolve("residual_add", x.device.type))(x, y, bias, out, x_bias)
 
 
 def conv2d(x: Tensor, weight: Tensor, stride: int = 1, padding: int = 0) -> Tensor:

@@ -1,11 +1,13 @@
-"""Residual add with a per-channel bias in one pass: x + y + bias[None, :, None, ...].
+"""Residual add with per-channel biases in one pass: x + x_bias + y + bias (biases broadcast over [None, :, None, ...]).
 
 The UNet's ResNet blocks end in `skip + conv2(h)`. PyTorch's cuDNN convolution adds the conv's bias in a
 pass of its own over the output (a broadcast add, not vectorized), so eagerly the block's tail reads and
 writes the conv output twice: the bias add, then the residual add. Called on the conv's output without its
-bias, `residual_add(skip, h, conv2.bias)` reads skip and h once and writes the sum once.
+bias, `residual_add(skip, h, conv2.bias)` reads skip and h once and writes the sum once. A block whose skip
+path is a 1x1 conv run as a matmul without its bias passes that bias too (`x_bias`): cuBLAS's GEMM with a bias
+epilogue is up to 1.55x slower than without one at SD1.5's widths on an H200 (benchmarks/RESULTS.md).
 
-The sum is computed in float32 as (y + bias) + x, the order of the eager ops, and rounded once to the
+The sum is computed in float32 as (y + bias) + (x + x_bias), the order of the eager ops, and rounded once to the
 dtype; eager torch rounds twice (after the bias add and after the residual add), so the two differ by up to
 an ulp in float16 and bfloat16 and agree exactly in float32.
 
@@ -35,28 +37,34 @@ NUM_WARPS = 4
 MAX_SAMPLE_NUMEL = 2**30  # C * HW per sample: int32 offsets inside a sample, with room for the last block
 
 
-def check_residual_add_shapes(x: Tensor, y: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> None:
-    """Validation shared by every backend: x (N, C, *spatial), y x's shape, bias (C,) or None, out x's shape,
-    dtype and strides or None."""
+def check_residual_add_shapes(x: Tensor, y: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None,
+                              x_bias: Optional[Tensor] = None) -> None:
+    """Validation shared by every backend: x (N, C, *spatial), y x's shape, bias and x_bias (C,) or None, out
+    x's shape, dtype and strides or None."""
     if x.dim() < 2:
         raise ValueError(f"x must be (N, C, *spatial), got shape {tuple(x.shape)}")
     if y.shape != x.shape:  # broadcasting would otherwise add a smaller y to every sample without complaint
         raise ValueError(f"y has shape {tuple(y.shape)}, expected x's shape {tuple(x.shape)}")
-    if bias is not None and tuple(bias.shape) != (x.shape[1],):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({x.shape[1]},)")
+    for name, b in (("bias", bias), ("x_bias", x_bias)):
+        if b is not None and tuple(b.shape) != (x.shape[1],):
+            raise ValueError(f"{name} has shape {tuple(b.shape)}, expected ({x.shape[1]},)")
     if out is not None and (out.shape != x.shape or out.stride() != x.stride() or out.dtype != x.dtype):
         raise ValueError(f"out must match x (shape {tuple(x.shape)}, strides {x.stride()}, {x.dtype}), got shape "
                          f"{tuple(out.shape)}, strides {out.stride()}, {out.dtype}")
 
 
-def residual_add_ref(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
+def residual_add_ref(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None,
+                     x_bias: Optional[Tensor] = None) -> Tensor:
     """Plain-PyTorch twin: the conv's bias added to its output y first, then the residual x, each in the
     dtype, exactly as the UNet computes `skip + conv(h)` with a biased conv today (cuDNN adds the bias to the
-    conv's output, then the block adds the skip). x, y: (N, C, *spatial); bias: (C,) or None.
+    conv's output, then the block adds the skip); x_bias is first added to x, as a biased skip conv would.
+    x, y: (N, C, *spatial); bias, x_bias: (C,) or None.
     Returns (N, C, *spatial) in x's layout (both contiguous or both channels_last), in `out` when given."""
-    check_residual_add_shapes(x, y, bias, out)
+    check_residual_add_shapes(x, y, bias, out, x_bias)
     if bias is not None:
         y = y + bias.view(1, -1, *([1] * (y.dim() - 2)))
+    if x_bias is not None:
+        x = x + x_bias.view(1, -1, *([1] * (x.dim() - 2)))
     return x + y if out is None else out.copy_(x + y)  # copy_: autograd records it (training the VAE)
 
 
@@ -66,7 +74,8 @@ if triton is not None:
     def _residual_add_kernel(
         X,  # pointer to x, (N, C, *spatial), contiguous or channels innermost
         Y,  # pointer to y, x's shape and layout
-        Bias,  # pointer to the bias (C,), or None
+        Bias,  # pointer to y's bias (C,), or None
+        XBias,  # pointer to x's bias (C,), or None
         Out,  # pointer to the output, x's shape and layout
         sample_numel,  # C * HW: elements per sample
         C,  # channels
@@ -81,11 +90,14 @@ if triton is not None:
         offs = (tl.program_id(0) % blocks) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < sample_numel
         start = n.to(tl.int64) * sample_numel
+        channel = offs % C if CHANNELS_LAST else offs // HW  # dead code without a bias
         out = tl.load(Y + start + offs, mask=mask).to(tl.float32)
         if Bias is not None:
-            channel = offs % C if CHANNELS_LAST else offs // HW
             out += tl.load(Bias + channel, mask=mask).to(tl.float32)
-        out += tl.load(X + start + offs, mask=mask).to(tl.float32)  # (y + bias) + x: the eager order
+        x = tl.load(X + start + offs, mask=mask).to(tl.float32)
+        if XBias is not None:
+            x += tl.load(XBias + channel, mask=mask).to(tl.float32)
+        out += x  # (y + bias) + (x + x_bias): the eager order
         tl.store(Out + start + offs, out.to(Out.dtype.element_ty), mask=mask)
 
     _residual_add_launcher = _triton.Launcher(_residual_add_kernel)  # repeat launches skip Triton's Python
@@ -102,36 +114,38 @@ def _layout(t: Tensor) -> Optional[str]:
     return None
 
 
-def _residual_add_run(kernel, x: Tensor, y: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
+def _residual_add_run(kernel, x: Tensor, y: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None,
+                      x_bias: Optional[Tensor] = None) -> Tensor:
     """Launch `kernel` (the Launcher, or the kernel wrapped by wrap_triton while torch.compile traces)."""
     out = torch.empty_like(x) if out is None else out  # x's layout
     batch, channels = x.shape[:2]
     sample_numel = x.numel() // batch
     grid = (batch * _triton.cdiv(sample_numel, BLOCK),)
-    kernel[grid](x, y, bias, out, sample_numel, channels, sample_numel // channels,
+    kernel[grid](x, y, bias, x_bias, out, sample_numel, channels, sample_numel // channels,
                  CHANNELS_LAST=not x.is_contiguous(), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
 
 
-def _residual_add_launch(x: Tensor, y: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return _residual_add_run(_residual_add_launcher, x, y, bias)
+def _residual_add_launch(x: Tensor, y: Tensor, bias: Optional[Tensor], x_bias: Optional[Tensor] = None) -> Tensor:
+    return _residual_add_run(_residual_add_launcher, x, y, bias, x_bias=x_bias)
 
 
-def _residual_add_traced(x: Tensor, y: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return _residual_add_run(wrap_triton(_residual_add_kernel), x, y, bias)
+def _residual_add_traced(x: Tensor, y: Tensor, bias: Optional[Tensor], x_bias: Optional[Tensor] = None) -> Tensor:
+    return _residual_add_run(wrap_triton(_residual_add_kernel), x, y, bias, x_bias=x_bias)
 
 
 # The op torch.compile puts in its graphs (see _triton.CompileOp); eager calls launch directly.
 _residual_add_op = _triton.CompileOp("fastdiff::triton_residual_add", _residual_add_launch, _residual_add_traced,
-                                     fake=lambda x, y, bias: torch.empty_like(x))
+                                     fake=lambda x, y, bias, x_bias=None: torch.empty_like(x))
 
 
-def check_residual_add_inputs(x: Tensor, y: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> None:
+def check_residual_add_inputs(x: Tensor, y: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None,
+                              x_bias: Optional[Tensor] = None) -> None:
     """Raise ValueError naming the bad value when the Triton kernel cannot compute this sum."""
-    check_residual_add_shapes(x, y, bias, out)
+    check_residual_add_shapes(x, y, bias, out, x_bias)
     if x.dtype not in DTYPES:
         raise ValueError(f"x has dtype {x.dtype}, expected one of {DTYPES}")
-    _triton.check_like(x, y=y, bias=bias, out=out)
+    _triton.check_like(x, y=y, bias=bias, x_bias=x_bias, out=out)
     x_layout, y_layout = _layout(x), _layout(y)
     if x_layout is None:
         raise ValueError(f"x must be contiguous or channels_last, got shape {tuple(x.shape)} with strides "
@@ -144,24 +158,25 @@ def check_residual_add_inputs(x: Tensor, y: Tensor, bias: Optional[Tensor], out:
     check_triton_device(x)
 
 
-def residual_add(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
-    """x + y + bias[None, :, None, ...] with the Triton kernel: one read of x and y, one write.
+def residual_add(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None,
+                 x_bias: Optional[Tensor] = None) -> Tensor:
+    """x + x_bias + y + bias (biases [None, :, None, ...]) with the Triton kernel: one read of x and y, one write.
 
     x, y: (N, C, *spatial), same shape and dtype (float16, bfloat16 or float32), both contiguous or both
     channels_last (dense with channels innermost: channels_last for 4-D, channels_last_3d for 5-D);
-    bias: (C,) in x's dtype, or None. y is the conv output whose bias was left out, x the residual: the sum
-    is (y + bias) + x in float32, rounded once to the dtype (eager torch, `residual_add_ref`, rounds after
-    each add). Returns (N, C, *spatial) in x's dtype and layout: a new tensor, or `out` (x's shape, dtype and
-    strides; it may be x or y, each element is read before it is written), which saves a live activation
-    where memory peaks (the VAE decoder at 512 px). Runs on CUDA tensors, or on the CPU under
-    TRITON_INTERPRET=1.
+    bias, x_bias: (C,) in x's dtype, or None. y is the conv output whose bias was left out, x the residual
+    (x_bias: the bias its skip conv left out): the sum is (y + bias) + (x + x_bias) in float32, rounded once to
+    the dtype (eager torch, `residual_add_ref`, rounds after each add). Returns (N, C, *spatial) in x's dtype
+    and layout: a new tensor, or `out` (x's shape, dtype and strides; it may be x or y, each element is read
+    before it is written), which saves a live activation where memory peaks (the VAE decoder at 512 px). Runs
+    on CUDA tensors, or on the CPU under TRITON_INTERPRET=1.
     """
-    check_residual_add_inputs(x, y, bias, out)
-    if bias is not None:
-        bias = bias.contiguous()
+    check_residual_add_inputs(x, y, bias, out, x_bias)
+    bias = None if bias is None else bias.contiguous()
+    x_bias = None if x_bias is None else x_bias.contiguous()
     if x.numel() == 0:
         return torch.empty_like(x) if out is None else out
     if torch.compiler.is_compiling():  # the compiled op returns a new tensor
-        result = _residual_add_op(x, y, bias)
+        result = _residual_add_op(x, y, bias, x_bias)
         return result if out is None else out.copy_(result)
-    return _residual_add_run(_residual_add_launcher, x, y, bias, out)
+    return _residual_add_run(_residual_add_launcher, x, y, bias, out, x_bias)

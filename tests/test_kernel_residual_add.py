@@ -58,12 +58,13 @@ def _errors(name, out, ref):
     return err
 
 
-def _check(name, x, y, b):
+def _check(name, x, y, b, xb=None):
     """Kernel against the exact sum and against eager torch: layout kept, float32 equal to eager, lower
-    precisions at most twice eager's error (interpreted bfloat16: one ulp)."""
-    out = residual_add(x, y, b)
-    torch_out = residual_add_ref(x, y, b)
-    exact = residual_add_ref(x.double(), y.double(), None if b is None else b.double())
+    precisions at most twice eager's error (interpreted bfloat16: one ulp). xb: x's bias, or None."""
+    out = residual_add(x, y, b, x_bias=xb)
+    torch_out = residual_add_ref(x, y, b, x_bias=xb)
+    double = lambda t: None if t is None else t.double()
+    exact = residual_add_ref(x.double(), y.double(), double(b), x_bias=double(xb))
     assert out.shape == x.shape and out.dtype == x.dtype and out.stride() == torch_out.stride() == x.stride()
     err = _errors(f"fastdiff {name}", out, exact)
     err_torch = _errors(f"torch    {name}", torch_out, exact)
@@ -79,11 +80,13 @@ def _check(name, x, y, b):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("bias", ["bias", "no-bias", "both-biases"])
 @pytest.mark.parametrize("case", ODD_CASES, ids=_case_id)
 def test_residual_add_error_at_most_twice_torch_error(case, bias, dtype):
     shape, layout = case
-    _check(f"{dtype} {_case_id(case)}", *_inputs(shape, layout, dtype, bias))
+    x, y, b = _inputs(shape, layout, dtype, bias != "no-bias")
+    xb = torch.randn(shape[1]).to(dtype) if bias == "both-biases" else None
+    _check(f"{dtype} {_case_id(case)} {bias}", x, y, b, xb)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -139,6 +142,8 @@ _META = torch.empty(2, 4, 3, 3, device="meta")
     (lambda: residual_add(_X, torch.randn(2, 4, 3)), r"y has shape \(2, 4, 3\), expected x's shape \(2, 4, 3, 3\)"),
     (lambda: residual_add(_X, _X, torch.randn(5)), r"bias has shape \(5,\), expected \(4,\)"),
     (lambda: residual_add(_X, _X, torch.randn(4, 1)), r"bias has shape \(4, 1\), expected \(4,\)"),
+    (lambda: residual_add(_X, _X, x_bias=torch.randn(3)), r"x_bias has shape \(3,\), expected \(4,\)"),
+    (lambda: residual_add(_X, _X, x_bias=torch.randn(4).half()), "x_bias has dtype torch.float16, expected x's"),
     (lambda: residual_add(_X.double(), _X.double()), "x has dtype torch.float64, expected one of"),
     (lambda: residual_add(_X.int(), _X.int()), "x has dtype torch.int32, expected one of"),
     (lambda: residual_add(_X, _X.half()), "y has dtype torch.float16, expected x's dtype torch.float32"),
@@ -213,13 +218,14 @@ _TRACE = """
 ra = importlib.import_module("fastdiff.kernels.residual_add")
 assert len(get_triton_kernels_for_op("fastdiff::triton_residual_add")) == 1, "residual_add is not a triton_op"
 for layout in (torch.contiguous_format, torch.channels_last):
-    for bias in (torch.empty(320, dtype=torch.float16), None):
+    bias = torch.empty(320, dtype=torch.float16)
+    for biases in ((bias, None), (None, None), (bias, bias.clone())):  # y's and x's
         x = torch.empty(2, 320, 16, 16, dtype=torch.float16).to(memory_format=layout)
-        graph = make_fx(ra._residual_add_traced, tracing_mode="fake")(x, x.clone(), bias)
+        graph = make_fx(ra._residual_add_traced, tracing_mode="fake")(x, x.clone(), *biases)
         (output,) = [n for n in graph.graph.nodes if n.op == "output"]
         assert output.args[0].meta["val"].stride() == x.stride(), "the output does not keep x's layout"
         found = kernel_writes(graph)
-        print(layout, "bias" if bias is not None else "no bias", "writes", sorted(found))
+        print(layout, sum(b is not None for b in biases), "biases, writes", sorted(found))
         assert found == {"Out"}, found
 """
 
@@ -246,6 +252,15 @@ def test_residual_add_error_on_gpu_at_most_twice_torch_error(shape, layout, dtyp
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_residual_add_without_bias_on_gpu(layout):
     _check(f"no bias {layout}", *_inputs(SD_SHAPES[1], layout, torch.float16, bias=False, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_residual_add_with_both_biases_on_gpu(layout, dtype):
+    """The ResNet tail with a 1x1 skip conv run without its bias: x_bias joins the same pass."""
+    x, y, b = _inputs(SD_SHAPES[1], layout, dtype, device="cuda")
+    _check(f"both biases {dtype} {layout}", x, y, b, torch.randn(b.shape[0], device="cuda").to(dtype))
 
 
 @pytest.mark.gpu

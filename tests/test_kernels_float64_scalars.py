@@ -84,13 +84,12 @@ for float_type in ("fp32", "fp64"):
                           **{name: None for name in ("R", "RB", "SB", "S") if name not in given}))
             print("layer_norm", float_type, dtype, form, "ok")
         for channels_last in (False, True):
-            for with_bias in (False, True):  # no float arguments: the compile path alone is checked
-                bias = dict(Bias=dtype) if with_bias else {}
-                build_ir(residual_add._residual_add_kernel, dict(X=dtype, Y=dtype, Out=dtype, **bias), set(),
-                         float_type, dict(CHANNELS_LAST=channels_last, BLOCK=1024,
-                                          **({} if with_bias else dict(Bias=None))))
+            for biases in ((), ("Bias",), ("Bias", "XBias")):  # no float arguments: the compile path alone
+                build_ir(residual_add._residual_add_kernel, dict(X=dtype, Y=dtype, Out=dtype, **dict.fromkeys(
+                    biases, dtype)), set(), float_type, dict(CHANNELS_LAST=channels_last, BLOCK=1024, **{
+                        name: None for name in ("Bias", "XBias") if name not in biases}))
                 print("residual_add", float_type, dtype, "channels_last" if channels_last else "contiguous",
-                      "bias" if with_bias else "no bias", "ok")
+                      "+".join(biases) or "no bias", "ok")
         # conv2d: no float arguments either. A 3x3 and a 1x1 kernel, Cin a multiple of BLOCK_K or not, writing
         # the output in the dtype (one split) or float32 partials; then the sum of the partials.
         for kh, even_k, out in ((3, True, dtype), (3, False, "fp32"), (1, True, "fp32"), (1, False, dtype)):
@@ -109,4 +108,4 @@ def test_kernels_build_with_float64_scalar_arguments():
     result = subprocess.run([sys.executable, "-c", _BUILD_IR], capture_output=True, text=True, env=env, timeout=600)
     print(result.stdout[-3000:], result.stderr[-3000:])
     assert result.returncode == 0
-    assert result.stdout.count(" ok") == 2 * 3 * (3 * 3 + 4 * 2 + 3 + 2 * 2 + 4 + 1)  # every case of the loops above
+    assert result.stdout.count(" ok") == 2 * 3 * (3 * 3 + 4 * 2 + 3 + 2 * 3 + 4 + 1)  # every case of the loops above
