@@ -57,19 +57,25 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TILE = 4096  # elements per loop step of a kernel's program: enough loads in flight, no spills
 MAX_CHANNELS = TILE  # channels_last: a tile holds at least one pixel's next_power_of_2(C) channels
 PROGRAMS_PER_SM = 4  # contiguous: stats/apply programs per SM; each loops over its slice
-# channels_last split path: programs (slices) per SM, and the tile (CL_TILE // next_power_of_2(C) pixels per loop
-# step). Each apply program adds up every slice's sums of its sample, so fewer, longer slices pay until a slice is
-# long: one program per SM while x has at most CL_ONE_PER_SM elements per SM, else CL_PROGRAMS_PER_SM. Measured on
-# an H200 (fp16 + SiLU, CUDA-graph replay, us; one per SM / two per SM, both with an 8192 tile): 2x320x64x64
-# (20K elements per SM) 15.7 / 20.9; 1x512x128x128 (64K) 22.7 / 27.2; 1x256x256x256 (127K) 56.3 / 47.7;
-# 1x128x512x512 (254K) 85.6 / 69.1. The 4096-element tile measured 17.5 / 20.9, 23.5 / 26.6, 49.8 / 44.8 and
-# 88.2 / 71.7 on the same shapes.
-CL_PROGRAMS_PER_SM = 2
+# channels_last split path: programs (slices) per SM, tile (elements per loop step: tile // next_power_of_2(C)
+# pixels) and warps. Each apply program adds up every slice's sums of its sample, so fewer, longer slices pay until
+# a slice is long: one program per SM while x has at most CL_ONE_PER_SM elements per SM (CL_TILE, NUM_WARPS), else
+# CL_MANY_PROGRAMS_PER_SM (CL_MANY_TILE, CL_MANY_WARPS). Measured on an H200 (fp16 + SiLU, CUDA-graph replay, us):
+# - one per SM / two per SM, both with an 8192 tile and 8 warps: 2x320x64x64 (20K elements per SM) 15.7 / 20.9;
+#   1x512x128x128 (64K) 22.7 / 27.2; 1x256x256x256 (127K) 56.3 / 47.7; 1x128x512x512 (254K) 85.6 / 69.1. The
+#   4096-element tile measured 17.5 / 20.9, 23.5 / 26.6, 49.8 / 44.8 and 88.2 / 71.7 on the same shapes.
+# - many per SM, (programs per SM, tile, warps) (2, 8192, 8) / (4, 4096, 4): 16x320x64x64 59.0 / 53.0;
+#   16x640x64x64 136.0 / 94.2; 16x960x64x64 146.9 / 110.6; 16x1280x32x32 54.0 / 58.1; 16x1920x32x32 62.5 / 64.9;
+#   8x960x64x64 64.5 / 60.5; 1x128x512x512 72.1 / 76.3; 8x128x512x512 432.9 / 429.5; 13 shapes 1521.5 / 1436.7
+#   in all (benchmarks/RESULTS.md, session 12).
 CL_ONE_PER_SM = 96 * 1024
 CL_TILE = 8192
+CL_MANY_PROGRAMS_PER_SM = 4
+CL_MANY_TILE = 4096
+CL_MANY_WARPS = 4
 PARTIAL_TILE = 4096  # partial sums an apply program adds per step
 STAGES = 3  # software-pipelining depth of the stats/apply/single-launch loops
-NUM_WARPS = 8  # every kernel's warps
+NUM_WARPS = 8  # every kernel's warps, but the channels_last split path's on large x (CL_MANY_WARPS)
 # Largest group (Cg * HW elements) normalized by the single-launch kernel; larger ones take the split path.
 # Measured on an H200 (fp16, CUDA-graph replay, benchmarks/RESULTS.md), single vs split µs: 2x1280x16x16
 # (10K per group) 6.1 vs 6.5 contiguous, 6.9 vs 10.9 channels_last; 2x640x32x32 (20K) 8.5 vs 7.8, 12.9 vs
@@ -511,9 +517,12 @@ def _launch_split(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Ten
     offset_stride = offset.stride(0) if offset is not None else 0
     if channels_last:
         block_c, block_g, block_cg = (_triton.next_power_of_2(n) for n in (channels, num_groups, cg))
-        rows, block = max(1, CL_TILE // block_c), 1
         sms = _triton.sm_count(x.device)
-        target = sms if x.numel() <= CL_ONE_PER_SM * sms else CL_PROGRAMS_PER_SM * sms
+        if x.numel() <= CL_ONE_PER_SM * sms:
+            target, tile, warps = sms, CL_TILE, NUM_WARPS
+        else:
+            target, tile, warps = CL_MANY_PROGRAMS_PER_SM * sms, CL_MANY_TILE, CL_MANY_WARPS
+        rows, block = max(1, tile // block_c), 1
         slices = max(1, min(_triton.cdiv(target, batch), _triton.cdiv(hw, rows)))
         per_slice = _triton.cdiv(_triton.cdiv(hw, slices), rows) * rows
         slices = _triton.cdiv(hw, per_slice)
@@ -523,7 +532,7 @@ def _launch_split(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Ten
         group_size = cg * hw
         block_c = block_g = block_cg = 1  # unused by the contiguous branches: one compiled variant per tile
         rows, block = 1, min(TILE, _triton.next_power_of_2(group_size))
-        target = PROGRAMS_PER_SM * _triton.sm_count(x.device)
+        target, warps = PROGRAMS_PER_SM * _triton.sm_count(x.device), NUM_WARPS
         slices = max(1, min(_triton.cdiv(target, batch * num_groups), _triton.cdiv(group_size, block)))
         per_slice = _triton.cdiv(_triton.cdiv(group_size, slices), block) * block
         slices = _triton.cdiv(group_size, per_slice)
@@ -534,7 +543,7 @@ def _launch_split(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Ten
                           dtype=torch.float32)
     stats = torch.empty((batch, 2, num_groups) if channels_last else (1,), device=x.device, dtype=torch.float32)
     meta = dict(CHANNELS_LAST=channels_last, BLOCK=block, ROWS=rows, BLOCK_C=block_c, BLOCK_G=block_g,
-                BLOCK_CG=block_cg, STAGES=STAGES, num_warps=NUM_WARPS)
+                BLOCK_CG=block_cg, STAGES=STAGES, num_warps=warps)
     kernels.stats[(slices, grid_rows)](x, offset, offset_stride, partials, scratch, hw, channels, num_groups, cg,
                                        slices, per_slice, **meta)
     kernels.apply[(slices, grid_rows)](x, offset, offset_stride, y, partials, stats, weight, bias, batch, hw, channels,

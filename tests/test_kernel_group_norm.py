@@ -169,10 +169,10 @@ def test_group_norm_loops_over_tiles_and_adds_many_partials(monkeypatch, channel
     # 64 elements straddle the 63-pixel channels: each element must gather its own channel's offset.
     launched = _force_path(monkeypatch, path)
     monkeypatch.setattr(gn_module, "TILE", 64)
-    monkeypatch.setattr(gn_module, "CL_TILE", 64)
+    monkeypatch.setattr(gn_module, "CL_MANY_TILE", 64)
     monkeypatch.setattr(gn_module, "PROGRAMS_PER_SM", programs_per_sm)
-    monkeypatch.setattr(gn_module, "CL_PROGRAMS_PER_SM", programs_per_sm)
-    monkeypatch.setattr(gn_module, "CL_ONE_PER_SM", 0)  # always CL_PROGRAMS_PER_SM
+    monkeypatch.setattr(gn_module, "CL_MANY_PROGRAMS_PER_SM", programs_per_sm)
+    monkeypatch.setattr(gn_module, "CL_ONE_PER_SM", 0)  # always CL_MANY_PROGRAMS_PER_SM
     monkeypatch.setattr(gn_module, "PARTIAL_TILE", 8)  # 8 // next_power_of_2(4 groups) = 2 slices per step
     x, weight, bias = _inputs((2, 12, 7, 9), torch.float32, channels_last)
     offset = _offset(x) if with_offset else None
