@@ -57,8 +57,8 @@ def availability(device_type: str, op: str = "scheduler_step") -> tuple[bool, st
 
 def matmul(x: Tensor, weight: Tensor, out: Optional[Tensor] = None, accumulate: bool = False) -> Tensor:
     """x @ weight^T through fastdiff._C's cuBLAS call without a workspace; same contract as `matmul_ref`
-    (`fastdiff.kernels.matmul`). float16/bfloat16 CUDA tensors; x and out are used as flat (rows, K) and
-    (rows, N) views, so out must be contiguous and x is copied only when it is not."""
+    (`fastdiff.kernels.matmul`). float16/bfloat16 CUDA tensors; x is used as a flat (rows, K) matrix, copied
+    only when it is not contiguous."""
     from fastdiff.kernels.matmul import check_matmul_inputs
 
     check_matmul_inputs(x, weight, out, accumulate)
@@ -67,8 +67,6 @@ def matmul(x: Tensor, weight: Tensor, out: Optional[Tensor] = None, accumulate: 
         raise RuntimeError("fastdiff._C matmul is not available: " + why)
     if out is None:
         out = x.new_empty((*x.shape[:-1], weight.shape[0]))
-    elif not out.is_contiguous():
-        raise ValueError(f"out must be contiguous, got strides {out.stride()} for shape {tuple(out.shape)}")
     reduced = (torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction if x.dtype == torch.float16
                else torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
     _C.matmul_nt(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), out.view(-1, weight.shape[0]),

@@ -13,7 +13,8 @@ from torch import Tensor
 
 def check_matmul_inputs(x: Tensor, weight: Tensor, out: Optional[Tensor], accumulate: bool) -> None:
     """Validation shared by every backend: x (..., K), weight (N, K) of x's dtype and device; out (..., N) like
-    x's leading dims, or None (then accumulate must be False)."""
+    x's leading dims and contiguous (it is written as a flat (rows, N) view), or None (then accumulate must be
+    False)."""
     if x.dim() < 1 or weight.dim() != 2:
         raise ValueError(f"x must be (..., K) and weight (N, K), got shapes {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
@@ -30,16 +31,18 @@ def check_matmul_inputs(x: Tensor, weight: Tensor, out: Optional[Tensor], accumu
     expected = (*x.shape[:-1], weight.shape[0])
     if tuple(out.shape) != expected:
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {expected}")
+    if not out.is_contiguous():
+        raise ValueError(f"out must be contiguous, got strides {out.stride()} for shape {tuple(out.shape)}")
 
 
 def matmul_ref(x: Tensor, weight: Tensor, out: Optional[Tensor] = None, accumulate: bool = False) -> Tensor:
     """Plain-PyTorch twin: x @ weight^T (F.linear without a bias). With `out` the product is written there, or
     added onto it when `accumulate` (one GEMM with C = out, as addmm_ computes it), and out is returned.
-    x: (..., K); weight: (N, K); out: (..., N) or None."""
+    x: (..., K); weight: (N, K); out: (..., N) contiguous, or None."""
     check_matmul_inputs(x, weight, out, accumulate)
     if out is None:
         return torch.nn.functional.linear(x, weight)
-    flat = out.view(-1, weight.shape[0])  # a view: out must be viewable flat (contiguous rows)
+    flat = out.view(-1, weight.shape[0])
     x2 = x.reshape(-1, x.shape[-1])
     if accumulate:
         flat.addmm_(x2, weight.t())

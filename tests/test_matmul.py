@@ -29,7 +29,9 @@ def test_reference_is_linear_without_bias_and_accumulates_onto_out():
     (lambda: (torch.randn(3, 7), torch.randn(4, 7), None, True), "accumulate=True adds onto `out`, but out is None"),
     (lambda: (torch.randn(3, 7), torch.randn(4, 7).double(), None, False), "weight is torch.float64"),
     (lambda: (torch.randn(3, 7), torch.randn(4, 7), torch.empty(3, 4).half(), False), "out is torch.float16"),
-], ids=["k_mismatch", "weight_not_2d", "out_shape", "accumulate_without_out", "weight_dtype", "out_dtype"])
+    (lambda: (torch.randn(3, 7), torch.randn(4, 7), torch.empty(4, 3).t(), False), "out must be contiguous"),
+], ids=["k_mismatch", "weight_not_2d", "out_shape", "accumulate_without_out", "weight_dtype", "out_dtype",
+        "strided_out"])
 def test_bad_inputs_raise_naming_the_value(args, message):
     x, w, out, accumulate = args()
     with pytest.raises(ValueError, match=message):
