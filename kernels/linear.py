@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import _triton
 from ._triton import check_triton_device, triton
+from .matmul import check_weight_shape
 
 if triton is not None:
     import triton.language as tl
@@ -48,12 +49,7 @@ def check_linear_shapes(x: Tensor, weight: Tensor, bias: Optional[Tensor], resid
                         geglu: bool) -> None:
     """Validation shared by every backend: x (..., K), weight (N', K) with N' = 2N for geglu else N, bias (N',)
     or None, residual (..., N) like the output or None; geglu and residual exclude each other."""
-    if x.dim() < 1 or weight.dim() != 2:
-        raise ValueError(f"x must be (..., K) and weight (N, K), got shapes {tuple(x.shape)} and "
-                         f"{tuple(weight.shape)}")
-    if weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected (N, {x.shape[-1]}) for x's last dim "
-                         f"{x.shape[-1]}")
+    check_weight_shape(x, weight)
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
     if geglu and weight.shape[0] % 2:

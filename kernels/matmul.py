@@ -11,16 +11,21 @@ import torch
 from torch import Tensor
 
 
-def check_matmul_inputs(x: Tensor, weight: Tensor, out: Optional[Tensor], accumulate: bool) -> None:
-    """Validation shared by every backend: x (..., K), weight (N, K) of x's dtype and device; out (..., N) like
-    x's leading dims and contiguous (it is written as a flat (rows, N) view), or None (then accumulate must be
-    False)."""
+def check_weight_shape(x: Tensor, weight: Tensor) -> None:
+    """x (..., K) and an nn.Linear's weight (N, K), or ValueError naming the shapes (also `linear`'s check)."""
     if x.dim() < 1 or weight.dim() != 2:
         raise ValueError(f"x must be (..., K) and weight (N, K), got shapes {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
     if weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight has shape {tuple(weight.shape)}, expected (N, {x.shape[-1]}) for x's last dim "
                          f"{x.shape[-1]}")
+
+
+def check_matmul_inputs(x: Tensor, weight: Tensor, out: Optional[Tensor], accumulate: bool) -> None:
+    """Validation shared by every backend: x (..., K), weight (N, K) of x's dtype and device; out (..., N) like
+    x's leading dims and contiguous (it is written as a flat (rows, N) view), or None (then accumulate must be
+    False)."""
+    check_weight_shape(x, weight)
     for name, t in (("weight", weight), ("out", out)):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"{name} is {t.dtype} on {t.device}, expected x's {x.dtype} on {x.device}")
