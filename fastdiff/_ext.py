@@ -6,6 +6,8 @@ from typing import Optional
 import torch  # loads libtorch before _C, which links against it
 from torch import Tensor
 
+from fastdiff.kernels.matmul import check_matmul_inputs
+
 try:
     from fastdiff import _C
     _load_error: Optional[str] = None
@@ -59,8 +61,6 @@ def matmul(x: Tensor, weight: Tensor, out: Optional[Tensor] = None, accumulate: 
     """x @ weight^T through fastdiff._C's cuBLAS call without a workspace; same contract as `matmul_ref`
     (`fastdiff.kernels.matmul`). float16/bfloat16 CUDA tensors; x is used as a flat (rows, K) matrix, copied
     only when it is not contiguous."""
-    from fastdiff.kernels.matmul import check_matmul_inputs
-
     check_matmul_inputs(x, weight, out, accumulate)
     ok, why = availability(x.device.type, "matmul")
     if not ok:

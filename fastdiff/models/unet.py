@@ -194,16 +194,16 @@ def _channels_last(x: Tensor) -> bool:
 def _skip_add(block: nn.Module, x: Tensor, h: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """The end of a ResNet block (UNet's or VAE's) whose conv2 ran without its bias: x (through the block's 1x1
     conv_shortcut when it has one) + h + conv2's bias, in one pass (`ops.residual_add`), written to `out` when
-    given. In channels_last memory the 1x1 shortcut is a matmul over the pixels' channel vectors (`ops.matmul`:
-    no bias, whose cuBLAS epilogue is slow), its bias added in the same pass (`x_bias`); otherwise it runs as a
-    conv without its bias, which joins conv2's in the add."""
+    given. The 1x1 shortcut runs without its bias, which the same pass adds (`x_bias`): in channels_last memory
+    as a matmul over the pixels' channel vectors (`ops.matmul`; cuBLAS's bias epilogue is slow), else as a conv."""
     if block.conv_shortcut is None:
         return ops.residual_add(x, h, block.conv2.bias, out=out)
     shortcut = block.conv_shortcut
     if _channels_last(x):
         skip = ops.matmul(x.permute(0, 2, 3, 1), shortcut.weight.flatten(1)).permute(0, 3, 1, 2)
-        return ops.residual_add(skip, h, block.conv2.bias, out=out, x_bias=shortcut.bias)
-    return ops.residual_add(_conv(shortcut, x), h, block.conv2.bias + shortcut.bias, out=out)
+    else:
+        skip = _conv(shortcut, x)
+    return ops.residual_add(skip, h, block.conv2.bias, out=out, x_bias=shortcut.bias)
 
 
 def _layer_norm(norm: nn.LayerNorm, x: Tensor, residual: Optional[Tensor] = None,
