@@ -284,20 +284,20 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
 
 def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor] = None,
                    bias: Optional[Tensor] = None, eps: float = 1e-5, residual_bias: Optional[Tensor] = None,
-                   stream_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                   stream_bias: Optional[Tensor] = None, copies: int = 1) -> tuple[Tensor, Tensor]:
     """s = x + residual (+ residual_bias, the bias residual's Linear left out; in x's dtype) and LayerNorm(s)
-    over the last dim, one pass on the Triton backend. x, residual: (..., C) -> (s + stream_bias, LayerNorm(s));
-    see `fastdiff.kernels.layer_norm`."""
+    over the last dim, one pass on the Triton backend. x, residual: (..., C) -> (s + stream_bias, LayerNorm(s)),
+    each written `copies` times along dim 0 ([s; s; ...]); see `fastdiff.kernels.layer_norm`."""
     return _load("add_layer_norm", resolve("add_layer_norm", x.device.type))(x, residual, weight, bias, eps,
-                                                                              residual_bias, stream_bias)
+                                                                              residual_bias, stream_bias, copies)
 
 
 def residual_add(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None,
                  x_bias: Optional[Tensor] = None) -> Tensor:
     """x + x_bias + y + bias (biases [None, :, None, ...]), one pass on the Triton backend: y is a conv's output
     computed without its bias, x the residual (x_bias: the bias its skip conv left out). x, y: (N, C, *spatial),
-    same layout; bias, x_bias: (C,) or None; out: where to write (x's shape, dtype and strides; may be x or y),
-    else a new tensor; see `fastdiff.kernels.residual_add`."""
+    same layout, or x with a divisor of y's N samples, repeated over them; bias, x_bias: (C,) or None; out: where
+    to write (y's shape, dtype and strides; may be x or y), else a new tensor; see `fastdiff.kernels.residual_add`."""
     return _load("residual_add", resolve("residual_add", x.device.type))(x, y, bias, out, x_bias)
 
 
@@ -314,8 +314,9 @@ def conv2d(x: Tensor, weight: Tensor, stride: int = 1, padding: int = 0) -> Tens
 
 
 def channel_cat(x: Tensor, skip: Tensor) -> Tensor:
-    """torch.cat([x, skip], dim=1) of (N, C1, H, W) and (N, C2, H, W); see `fastdiff.kernels.channel_cat`. The
-    Triton kernel takes channels_last maps only: others go to the reference under auto."""
+    """torch.cat([x, skip], dim=1) of (N, C1, H, W) and (N, C2, H, W), or of a skip with a divisor of N samples
+    repeated over x's; see `fastdiff.kernels.channel_cat`. The Triton kernel takes channels_last maps only:
+    others go to the reference under auto."""
     backend = resolve("channel_cat", x.device.type)
     if backend == "triton" and _chosen["channel_cat"] == "auto" and not (
             x.dim() == 4 and skip.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)

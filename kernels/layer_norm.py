@@ -18,6 +18,10 @@ cuBLAS's GEMM with a bias epilogue took 10.1 against 6.5 us without one at SD1.5
   stream_bias    the bias of the Linear whose output is added to s next (the MLP's output Linear, run as an
                  in-place `addmm_` onto the stream): written out is s + stream_bias, normalized is s.
 
+`copies` writes both outputs that many times, stacked along dim 0: a UNet's shared sample parts into the
+unconditional and conditional rows of classifier-free guidance right after this pass (before the first
+cross-attention), and the copies are written here instead of by a torch.cat that reads them back.
+
 One program holds BLOCK_M whole rows of BLOCK_N = next_power_of_2(C) columns in registers (SD's widths
 320, 640, 1280; at most MAX_WIDTH). Mean and variance come from two passes over those registers, the second
 over x - mean, so nothing cancels. There is no autotuning: rows per program and warps follow from the tile
@@ -65,31 +69,43 @@ def layer_norm_ref(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Te
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
-def _check_addend(residual: Optional[Tensor], residual_bias: Optional[Tensor]) -> None:
+def _check_addend(x: Tensor, residual: Optional[Tensor], residual_bias: Optional[Tensor], copies: int = 1) -> None:
     if residual is None and residual_bias is None:
         raise ValueError("add_layer_norm needs something to add: residual, residual_bias or both (use layer_norm "
                          "for LayerNorm alone)")
+    if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
+        raise ValueError(f"copies must be an int >= 1, got {copies!r}")
+    if copies > 1 and x.dim() < 2:
+        raise ValueError(f"copies > 1 stacks along dim 0, which x of shape {tuple(x.shape)} lacks (it is the width)")
+
+
+def _repeat(t: Tensor, copies: int) -> Tensor:
+    """[t; t; ...] (`copies` of t along dim 0)."""
+    return t if copies == 1 else torch.cat([t] * copies)
 
 
 def add_layer_norm_ref(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor] = None,
                        bias: Optional[Tensor] = None, eps: float = 1e-5, residual_bias: Optional[Tensor] = None,
-                       stream_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                       stream_bias: Optional[Tensor] = None, copies: int = 1) -> tuple[Tensor, Tensor]:
     """Plain-PyTorch twin: s = x + (residual + residual_bias) in x's dtype, then F.layer_norm(s), as
     fastdiff.models.unet.BasicTransformerBlock computes them (a missing term is left out). x, residual:
-    (..., C); residual_bias, stream_bias: (C,) or None -> (s + stream_bias, LayerNorm(s))."""
+    (..., C); residual_bias, stream_bias: (C,) or None -> (s + stream_bias, LayerNorm(s)), each repeated
+    `copies` times along dim 0 (torch.cat)."""
     check_layer_norm_shapes(x, residual, weight, bias, residual_bias, stream_bias)
-    _check_addend(residual, residual_bias)
+    _check_addend(x, residual, residual_bias, copies)
     if residual is None:
         s = x + residual_bias
     else:
         s = x + (residual if residual_bias is None else residual + residual_bias)
     y = F.layer_norm(s, s.shape[-1:], weight, bias, eps)
-    return (s if stream_bias is None else s + stream_bias), y
+    return _repeat(s if stream_bias is None else s + stream_bias, copies), _repeat(y, copies)
 
 
 if triton is not None:
 
-    @triton.jit
+    # copies unspecialized: 1 nearly always, 2 (or the guidance rows) once per UNet call, and neither may compile
+    # a variant of its own.
+    @triton.jit(do_not_specialize=["copies"])
     def _layer_norm_kernel(
         X,  # pointer to x, (M, N) contiguous
         R,  # pointer to the residual, (M, N) contiguous, or None
@@ -103,6 +119,7 @@ if triton is not None:
         M,  # rows: x's leading dims flattened
         N,  # columns: the normalized width C
         eps,  # added to the variance
+        copies,  # outputs written this many times, copy k at rows k * M.. (only with HAS_RESIDUAL)
         HAS_RESIDUAL: tl.constexpr,  # add the residual and/or its bias first and write the sum to S
         BLOCK_M: tl.constexpr,  # rows per program
         BLOCK_N: tl.constexpr,  # next_power_of_2(N): whole rows in registers
@@ -125,7 +142,11 @@ if triton is not None:
             if SB is not None:  # the next Linear's bias rides in the stored stream, not in what is normalized
                 stream_bias = tl.load(SB + cols, mask=mask_n, other=0.0).to(tl.float32)
                 stored = (s.to(tl.float32) + stream_bias[None, :]).to(S.dtype.element_ty)
-            tl.store(S + offs, stored, mask=mask)
+            copy_step = tl.cast(M, tl.int64) * N  # elements from one copy to the next
+            ptrs = S + offs
+            for _ in range(copies):
+                tl.store(ptrs, stored, mask=mask)
+                ptrs += copy_step
             x = s
         x = x.to(tl.float32)
         eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as float64: keep the statistics float32
@@ -138,7 +159,14 @@ if triton is not None:
             y *= tl.load(W + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if B is not None:
             y += tl.load(B + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+        y = y.to(Y.dtype.element_ty)
+        if HAS_RESIDUAL:
+            ptrs = Y + offs
+            for _ in range(copies):
+                tl.store(ptrs, y, mask=mask)
+                ptrs += copy_step
+        else:
+            tl.store(Y + offs, y, mask=mask)
 
     _layer_norm_launcher = _triton.Launcher(_layer_norm_kernel)  # repeat launches skip Triton's Python
 
@@ -152,18 +180,19 @@ def _rows_per_program(rows: int, block_n: int, device) -> int:
 
 def _layer_norm_run(kernel, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                     eps: float, residual_bias: Optional[Tensor] = None, stream_bias: Optional[Tensor] = None,
-                    add: bool = False) -> tuple[Optional[Tensor], Tensor]:
+                    add: bool = False, copies: int = 1) -> tuple[Optional[Tensor], Tensor]:
     """Launch `kernel` (the Launcher, or the kernel wrapped by wrap_triton while torch.compile traces);
-    returns (s or None, y). add: the add_layer_norm form (the sum s written out)."""
+    returns (s or None, y). add: the add_layer_norm form (the sum s written out), `copies` times."""
     width = x.shape[-1]
     rows = x.numel() // width
-    s = torch.empty_like(x) if add else None
-    y = torch.empty_like(x)
+    shape = (copies * x.shape[0], *x.shape[1:])
+    s = x.new_empty(shape) if add else None
+    y = x.new_empty(shape)
     block_n = _triton.next_power_of_2(width)
     block_m = _rows_per_program(rows, block_n, x.device)
     num_warps = min(MAX_WARPS, max(1, block_m * block_n // 512))  # 16 values per thread and tensor
     kernel[(_triton.cdiv(rows, block_m),)](x, residual, residual_bias, stream_bias, s, y, weight, bias, rows, width,
-                                           eps, HAS_RESIDUAL=add, BLOCK_M=block_m, BLOCK_N=block_n,
+                                           eps, copies, HAS_RESIDUAL=add, BLOCK_M=block_m, BLOCK_N=block_n,
                                            num_warps=num_warps)
     return s, y
 
@@ -177,16 +206,17 @@ def _layer_norm_traced(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
 
 
 def _add_layer_norm_launch(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                           eps: float, residual_bias: Optional[Tensor],
-                           stream_bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return _layer_norm_run(_layer_norm_launcher, x, residual, weight, bias, eps, residual_bias, stream_bias, add=True)
+                           eps: float, residual_bias: Optional[Tensor], stream_bias: Optional[Tensor],
+                           copies: int) -> tuple[Tensor, Tensor]:
+    return _layer_norm_run(_layer_norm_launcher, x, residual, weight, bias, eps, residual_bias, stream_bias, add=True,
+                           copies=copies)
 
 
 def _add_layer_norm_traced(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                           eps: float, residual_bias: Optional[Tensor],
-                           stream_bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                           eps: float, residual_bias: Optional[Tensor], stream_bias: Optional[Tensor],
+                           copies: int) -> tuple[Tensor, Tensor]:
     return _layer_norm_run(wrap_triton(_layer_norm_kernel), x, residual, weight, bias, eps, residual_bias,
-                           stream_bias, add=True)
+                           stream_bias, add=True, copies=copies)
 
 
 # The ops torch.compile puts in its graphs (see _triton.CompileOp); eager calls launch directly.
@@ -194,8 +224,8 @@ _layer_norm_op = _triton.CompileOp("fastdiff::triton_layer_norm", _layer_norm_la
                                    fake=lambda x, weight, bias, eps: torch.empty_like(x))
 _add_layer_norm_op = _triton.CompileOp(
     "fastdiff::triton_add_layer_norm", _add_layer_norm_launch, _add_layer_norm_traced,
-    fake=lambda x, residual, weight, bias, eps, residual_bias, stream_bias: (torch.empty_like(x),
-                                                                              torch.empty_like(x)))
+    fake=lambda x, residual, weight, bias, eps, residual_bias, stream_bias, copies: tuple(
+        x.new_empty((copies * x.shape[0], *x.shape[1:])) for _ in range(2)))
 
 
 def check_layer_norm_inputs(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
@@ -236,9 +266,9 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
 
 def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor] = None,
                    bias: Optional[Tensor] = None, eps: float = 1e-5, residual_bias: Optional[Tensor] = None,
-                   stream_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                   stream_bias: Optional[Tensor] = None, copies: int = 1) -> tuple[Tensor, Tensor]:
     """s = x + residual and LayerNorm(s) over the last dim with one Triton kernel: reads x and residual once,
-    writes s and LayerNorm(s).
+    writes s and LayerNorm(s) (each `copies` times, stacked along dim 0).
 
     x, residual: (..., C), same shape and dtype (float16, bfloat16 or float32), contiguous, C <= MAX_WIDTH;
     weight, bias: (C,) in x's dtype, or None. residual_bias (C,) or None: added to the residual (the bias its
@@ -246,13 +276,14 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
     None: added to the s written out, not to the s normalized (the next Linear's bias, see the module
     docstring). s is rounded to the dtype before it is normalized, as eager `s = x + residual;
     F.layer_norm(s)` does; statistics in float32. Returns (s + stream_bias, LayerNorm(s)), both (..., C) in
-    x's dtype, contiguous. Runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1.
+    x's dtype, contiguous, with copies * x.shape[0] rows in dim 0: [s; s; ...] and [y; y; ...]. Runs on CUDA
+    tensors, or on the CPU under TRITON_INTERPRET=1.
     """
     check_layer_norm_inputs(x, residual, weight, bias, eps, residual_bias, stream_bias)
-    _check_addend(residual, residual_bias)
+    _check_addend(x, residual, residual_bias, copies)
     weight, bias, residual_bias, stream_bias = (None if t is None else t.contiguous()
                                                 for t in (weight, bias, residual_bias, stream_bias))
     if x.numel() == 0:
-        return torch.empty_like(x), torch.empty_like(x)
+        return tuple(x.new_empty((copies * x.shape[0], *x.shape[1:])) for _ in range(2))
     op = _add_layer_norm_op if torch.compiler.is_compiling() else _add_layer_norm_launch
-    return op(x, residual, weight, bias, float(eps), residual_bias, stream_bias)
+    return op(x, residual, weight, bias, float(eps), residual_bias, stream_bias, copies)

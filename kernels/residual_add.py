@@ -7,6 +7,11 @@ bias, `residual_add(skip, h, conv2.bias)` reads skip and h once and writes the s
 path is a 1x1 conv run as a matmul without its bias passes that bias too (`x_bias`): cuBLAS's GEMM with a bias
 epilogue is up to 1.55x slower than without one at SD1.5's widths on an H200 (benchmarks/RESULTS.md).
 
+x may hold fewer samples than y, a divisor of y's: it then repeats over y's samples ([x; x; ...] along dim 0),
+as a UNet's shared sample does under classifier-free guidance, where the rows of one latent part into an
+unconditional and a conditional half inside the first transformer and its input is added back to both: the
+kernel reads sample n % N_x of x, so the repeated copy is never written.
+
 The sum is computed in float32 as (y + bias) + (x + x_bias), the order of the eager ops, and rounded once to the
 dtype; eager torch rounds twice (after the bias add and after the residual add), so the two differ by up to
 an ulp in float16 and bfloat16 and agree exactly in float32.
@@ -39,17 +44,19 @@ MAX_SAMPLE_NUMEL = 2**30  # C * HW per sample: int32 offsets inside a sample, wi
 
 def check_residual_add_shapes(x: Tensor, y: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None,
                               x_bias: Optional[Tensor] = None) -> None:
-    """Validation shared by every backend: x (N, C, *spatial), y x's shape, bias and x_bias (C,) or None, out
-    x's shape, dtype and strides or None."""
+    """Validation shared by every backend: x (N_x, C, *spatial), y (N, C, *spatial) with N_x dividing N (x
+    repeats over y's samples), bias and x_bias (C,) or None, out y's shape, dtype and strides or None."""
     if x.dim() < 2:
         raise ValueError(f"x must be (N, C, *spatial), got shape {tuple(x.shape)}")
-    if y.shape != x.shape:  # broadcasting would otherwise add a smaller y to every sample without complaint
-        raise ValueError(f"y has shape {tuple(y.shape)}, expected x's shape {tuple(x.shape)}")
+    # Broadcasting would otherwise add a smaller y to every sample without complaint; a smaller x repeats.
+    if y.shape[1:] != x.shape[1:] or (y.shape[0] % x.shape[0] if x.shape[0] else y.shape[0]):
+        raise ValueError(f"y has shape {tuple(y.shape)}, expected x's shape {tuple(x.shape)} or x's with a multiple "
+                         f"of its {x.shape[0]} samples")
     for name, b in (("bias", bias), ("x_bias", x_bias)):
         if b is not None and tuple(b.shape) != (x.shape[1],):
             raise ValueError(f"{name} has shape {tuple(b.shape)}, expected ({x.shape[1]},)")
-    if out is not None and (out.shape != x.shape or out.stride() != x.stride() or out.dtype != x.dtype):
-        raise ValueError(f"out must match x (shape {tuple(x.shape)}, strides {x.stride()}, {x.dtype}), got shape "
+    if out is not None and (out.shape != y.shape or out.stride() != y.stride() or out.dtype != x.dtype):
+        raise ValueError(f"out must match y (shape {tuple(y.shape)}, strides {y.stride()}, {x.dtype}), got shape "
                          f"{tuple(out.shape)}, strides {out.stride()}, {out.dtype}")
 
 
@@ -58,9 +65,11 @@ def residual_add_ref(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, out: O
     """Plain-PyTorch twin: the conv's bias added to its output y first, then the residual x, each in the
     dtype, exactly as the UNet computes `skip + conv(h)` with a biased conv today (cuDNN adds the bias to the
     conv's output, then the block adds the skip); x_bias is first added to x, as a biased skip conv would.
-    x, y: (N, C, *spatial); bias, x_bias: (C,) or None.
-    Returns (N, C, *spatial) in x's layout (both contiguous or both channels_last), in `out` when given."""
+    x: (N_x, C, *spatial), repeated over y's samples when N_x < N; y: (N, C, *spatial); bias, x_bias: (C,) or
+    None. Returns (N, C, *spatial) in x's layout (both contiguous or both channels_last), in `out` when given."""
     check_residual_add_shapes(x, y, bias, out, x_bias)
+    if x.shape[0] != y.shape[0]:
+        x = torch.cat([x] * (y.shape[0] // x.shape[0]))  # cat keeps x's memory layout
     if bias is not None:
         y = y + bias.view(1, -1, *([1] * (y.dim() - 2)))
     if x_bias is not None:
@@ -70,13 +79,16 @@ def residual_add_ref(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, out: O
 
 if triton is not None:
 
-    @triton.jit
+    # x_samples unspecialized: it is 1 (a shared batch-1 sample) or the batch, and either must not compile a
+    # variant of its own.
+    @triton.jit(do_not_specialize=["x_samples"])
     def _residual_add_kernel(
         X,  # pointer to x, (N, C, *spatial), contiguous or channels innermost
         Y,  # pointer to y, x's shape and layout
         Bias,  # pointer to y's bias (C,), or None
         XBias,  # pointer to x's bias (C,), or None
-        Out,  # pointer to the output, x's shape and layout
+        Out,  # pointer to the output, y's shape and layout
+        x_samples,  # samples in x: output sample n adds x's sample n % x_samples
         sample_numel,  # C * HW: elements per sample
         C,  # channels
         HW,  # spatial elements per channel (1 for an (N, C) tensor)
@@ -94,7 +106,7 @@ if triton is not None:
         out = tl.load(Y + start + offs, mask=mask).to(tl.float32)
         if Bias is not None:
             out += tl.load(Bias + channel, mask=mask).to(tl.float32)
-        x = tl.load(X + start + offs, mask=mask).to(tl.float32)
+        x = tl.load(X + (n % x_samples).to(tl.int64) * sample_numel + offs, mask=mask).to(tl.float32)
         if XBias is not None:
             x += tl.load(XBias + channel, mask=mask).to(tl.float32)
         out += x  # (y + bias) + (x + x_bias): the eager order
@@ -117,11 +129,11 @@ def _layout(t: Tensor) -> Optional[str]:
 def _residual_add_run(kernel, x: Tensor, y: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None,
                       x_bias: Optional[Tensor] = None) -> Tensor:
     """Launch `kernel` (the Launcher, or the kernel wrapped by wrap_triton while torch.compile traces)."""
-    out = torch.empty_like(x) if out is None else out  # x's layout
-    batch, channels = x.shape[:2]
-    sample_numel = x.numel() // batch
+    out = torch.empty_like(y) if out is None else out  # y has x's layout
+    batch, channels = y.shape[:2]
+    sample_numel = y.numel() // batch
     grid = (batch * _triton.cdiv(sample_numel, BLOCK),)
-    kernel[grid](x, y, bias, x_bias, out, sample_numel, channels, sample_numel // channels,
+    kernel[grid](x, y, bias, x_bias, out, x.shape[0], sample_numel, channels, sample_numel // channels,
                  CHANNELS_LAST=not x.is_contiguous(), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
 
@@ -136,7 +148,7 @@ def _residual_add_traced(x: Tensor, y: Tensor, bias: Optional[Tensor], x_bias: O
 
 # The op torch.compile puts in its graphs (see _triton.CompileOp); eager calls launch directly.
 _residual_add_op = _triton.CompileOp("fastdiff::triton_residual_add", _residual_add_launch, _residual_add_traced,
-                                     fake=lambda x, y, bias, x_bias=None: torch.empty_like(x))
+                                     fake=lambda x, y, bias, x_bias=None: torch.empty_like(y))
 
 
 def check_residual_add_inputs(x: Tensor, y: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None,
@@ -163,19 +175,20 @@ def residual_add(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, out: Optio
     """x + x_bias + y + bias (biases [None, :, None, ...]) with the Triton kernel: one read of x and y, one write.
 
     x, y: (N, C, *spatial), same shape and dtype (float16, bfloat16 or float32), both contiguous or both
-    channels_last (dense with channels innermost: channels_last for 4-D, channels_last_3d for 5-D);
+    channels_last (dense with channels innermost: channels_last for 4-D, channels_last_3d for 5-D); x may
+    instead hold a divisor N_x of y's N samples, repeated over them (sample n adds x[n % N_x]);
     bias, x_bias: (C,) in x's dtype, or None. y is the conv output whose bias was left out, x the residual
     (x_bias: the bias its skip conv left out): the sum is (y + bias) + (x + x_bias) in float32, rounded once to
     the dtype (eager torch, `residual_add_ref`, rounds after each add). Returns (N, C, *spatial) in x's dtype
-    and layout: a new tensor, or `out` (x's shape, dtype and strides; it may be x or y, each element is read
+    and layout: a new tensor, or `out` (y's shape, dtype and strides; it may be x or y, each element is read
     before it is written), which saves a live activation where memory peaks (the VAE decoder at 512 px). Runs
     on CUDA tensors, or on the CPU under TRITON_INTERPRET=1.
     """
     check_residual_add_inputs(x, y, bias, out, x_bias)
     bias = None if bias is None else bias.contiguous()
     x_bias = None if x_bias is None else x_bias.contiguous()
-    if x.numel() == 0:
-        return torch.empty_like(x) if out is None else out
+    if y.numel() == 0:
+        return torch.empty_like(y) if out is None else out
     if torch.compiler.is_compiling():  # the compiled op returns a new tensor
         result = _residual_add_op(x, y, bias, x_bias)
         return result if out is None else out.copy_(result)

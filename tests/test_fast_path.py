@@ -1,6 +1,7 @@
 """The fast path's model preparation on the CPU (float32): fused projections, channels_last and the SDPA
 attention choice leave the UNet's and VAE's outputs unchanged; the CUDA-graph parts refuse clearly without
 CUDA; a Pipeline with the prepared modules (graphs off) samples the same latents as the plain one."""
+import contextlib
 import copy
 import importlib
 
@@ -248,6 +249,32 @@ def test_linear_epilogues_match_separate_passes(kind, monkeypatch):
     assert calls.count(False) == blocks and calls.count(True) >= blocks
     print(f"{kind} linear epilogues (triton) vs separate: rel {rel(out, ref):.2e}; {len(calls)} kernel calls")
     assert rel(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_shared_sample_parts_without_tiles_on_the_triton_kernels(kind, monkeypatch):
+    """Under guidance a latent's rows part inside the first transformer block. There the LayerNorm pass writes
+    its outputs once per context row block (`copies`), proj_out's residual_add reads the transformer's input once
+    per row block, and the decoder's channel_cat does the same with the skips taken before the parting: no
+    torch.cat tiles. On the prepared (channels_last) UNet with those kernels (interpreter) the result must equal
+    the same UNet run on the tiled sample."""
+    unet = prepare_unet(_tiny_unet(kind), FastConfig())
+    sample = torch.randn(1, unet.config.in_channels, 12, 10).contiguous(memory_format=torch.channels_last)
+    context = torch.randn(2, 7, unet.config.cross_attention_dim)
+    tiles, cat = [], torch.cat  # a tile is a cat of one tensor with itself
+    monkeypatch.setattr(torch, "cat", lambda ts, *a, **k: tiles.append(len({id(t) for t in ts}) < len(ts)) or cat(
+        ts, *a, **k))
+    monkeypatch.setattr(ops, "_impl_cache", {})
+    with contextlib.ExitStack() as stack:
+        for op in ("add_layer_norm", "residual_add", "channel_cat"):
+            stack.enter_context(ops.use_backend("triton", op=op))
+        shared = unet(sample, 420, context)
+    monkeypatch.undo()
+    assert tiles and not any(tiles)
+    tiled = unet(torch.cat([sample, sample]), 420, context)
+    print(f"{kind} shared sample vs tiled, Triton kernels: rel {rel(shared, tiled):.2e}")
+    assert shared.shape == tiled.shape == (2, unet.config.out_channels, 12, 10)
+    assert rel(shared, tiled) <= 1e-5
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -1,8 +1,9 @@
 """The Triton channel concatenation of channels_last maps (the UNet decoder's skips) against torch.cat.
 
 CPU: under TRITON_INTERPRET=1 on odd widths (tiles part-filled in pixels and channels, an empty input), every
-dtype, bitwise equal to torch.cat; invalid inputs; the ops seam. GPU (`-m gpu`): SD1.5's decoder shapes at CFG
-batch 2 and 8 in every dtype, and CUDA-graph capture.
+dtype, bitwise equal to torch.cat; a skip of fewer samples repeated over x's; invalid inputs; the ops seam.
+GPU (`-m gpu`): SD1.5's decoder shapes at CFG batch 2 and 8 in every dtype, the shared sample's skip, and
+CUDA-graph capture.
 """
 import importlib
 
@@ -31,11 +32,27 @@ def test_channel_cat_equals_torch_cat(n, c1, c2, h, w, dtype):
     assert torch.equal(out, channel_cat_ref(x, skip))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("skip_samples", [1, 2])
+def test_channel_cat_repeats_a_skip_of_fewer_samples(skip_samples, dtype):
+    """A skip taken before a shared sample parted into its guidance rows: skip's samples repeat over x's 4."""
+    torch.manual_seed(0)
+    x, skip = _cl(torch.randn(4, 70, 3, 5).to(dtype)), _cl(torch.randn(skip_samples, 24, 3, 5).to(dtype))
+    out = channel_cat(x, skip)
+    assert out.shape == (4, 94, 3, 5) and out.is_contiguous(memory_format=torch.channels_last)
+    expected = torch.cat([x, torch.cat([skip] * (4 // skip_samples))], dim=1)
+    assert torch.equal(out, expected) and torch.equal(channel_cat_ref(x, skip), expected)
+
+
 def test_channel_cat_rejects_bad_inputs():
     x = _cl(torch.randn(2, 8, 3, 3))
-    with pytest.raises(ValueError, match=r"skip must match x's batch and spatial size \(2, 3, 3\), got shape "
-                                         r"\(2, 4, 3, 4\)"):
+    with pytest.raises(ValueError, match=r"skip must match x's batch \(or a divisor of it\) and spatial size "
+                                         r"\(2, 3, 3\), got shape \(2, 4, 3, 4\)"):
         channel_cat(x, _cl(torch.randn(2, 4, 3, 4)))
+    with pytest.raises(ValueError, match=r"skip must match x's batch .*, got shape \(3, 4, 3, 3\)"):
+        channel_cat(x, _cl(torch.randn(3, 4, 3, 3)))
+    with pytest.raises(ValueError, match=r"skip must match x's batch .*, got shape \(4, 4, 3, 3\)"):
+        channel_cat_ref(x, _cl(torch.randn(4, 4, 3, 3)))
     with pytest.raises(ValueError, match=r"4-D"):
         channel_cat(x, torch.randn(2, 4, 9))
     with pytest.raises(ValueError, match="skip has dtype torch.float16"):
@@ -69,6 +86,16 @@ def test_gpu_channel_cat_equals_torch_cat(n, c1, c2, hw, dtype):
     x = _cl(torch.randn(n, c1, hw, hw, device="cuda").to(dtype))
     skip = _cl(torch.randn(n, c2, hw, hw, device="cuda").to(dtype))
     assert torch.equal(channel_cat(x, skip), torch.cat([x, skip], 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [2, 16])
+def test_gpu_channel_cat_repeats_a_shared_samples_skip(n, dtype):
+    """SD1.5's last up block: the conv_in skip of the shared sample (n / 2 latents) under CFG's n rows."""
+    x = _cl(torch.randn(n, 320, 64, 64, device="cuda").to(dtype))
+    skip = _cl(torch.randn(n // 2, 320, 64, 64, device="cuda").to(dtype))
+    assert torch.equal(channel_cat(x, skip), torch.cat([x, torch.cat([skip, skip])], 1))
 
 
 @pytest.mark.gpu

@@ -2,7 +2,8 @@
 
 CPU: under TRITON_INTERPRET=1 on odd shapes (97 rows of C = 40 and of C = 320, neither a power of two: the
 row tile ends in masked columns; a 3-D 2x7x96 whose 14 rows leave a partly masked program), widths past the
-tile (5000, 8192), with and without the residual and the affine, every dtype; the ops seam; tracing.
+tile (5000, 8192), with and without the residual and the affine, every dtype; outputs written several times
+(`copies`); the ops seam; tracing.
 GPU (`-m gpu`): every dtype on SD1.5's transformer shapes, judged against torch's own error at that precision
 (both measured from a higher-precision reference); CUDA-graph capture; inductor launching the kernel itself.
 
@@ -171,6 +172,29 @@ def test_add_layer_norm_adds_the_linears_biases(form, dtype):
     _check_biases_against_torch_error(form, *_bias_inputs(form, (97, 320), dtype), acc=torch.float64)
 
 
+def _copies_inputs(form, shape, dtype, device="cpu"):
+    if form == "residual":
+        return (*_inputs(shape, dtype, device=device), None, None)
+    return _bias_inputs("all", shape, dtype, device=device)
+
+
+@pytest.mark.parametrize("copies", [2, 3])
+@pytest.mark.parametrize("form", ["residual", "all-biases"])
+def test_add_layer_norm_writes_its_outputs_copies_times(form, copies):
+    """A shared sample parting into guidance rows: [s; s; ...] and [y; y; ...] along dim 0, each copy exactly
+    the one-copy call's output, in the kernel and in the twin."""
+    args = _copies_inputs(form, (2, 7, 96), torch.float16)
+    outputs = {}
+    for fn in (add_layer_norm, add_layer_norm_ref):
+        s1, y1 = fn(*args[:4], 1e-5, *args[4:])
+        s, y = outputs[fn] = fn(*args[:4], 1e-5, *args[4:], copies=copies)
+        assert s.shape == y.shape == (2 * copies, 7, 96) and s.is_contiguous() and y.is_contiguous()
+        assert torch.equal(s, torch.cat([s1] * copies)) and torch.equal(y, torch.cat([y1] * copies))
+    with ops.use_backend("triton", op="add_layer_norm"):  # the seam passes copies on
+        s_ops, y_ops = ops.add_layer_norm(*args[:4], 1e-5, *args[4:], copies=copies)
+    assert torch.equal(s_ops, outputs[add_layer_norm][0]) and torch.equal(y_ops, outputs[add_layer_norm][1])
+
+
 def test_add_layer_norm_stream_bias_is_not_normalized():
     """y must not move with stream_bias, s must move by exactly it (float32, values that add exactly)."""
     x, r, weight, bias = _inputs((5, 40), torch.float32)
@@ -195,6 +219,9 @@ def test_empty_inputs_return_empty_outputs():
     s, y = add_layer_norm(x, x.clone())
     assert s.shape == y.shape == (0, 7, 40)
     assert layer_norm(x).shape == (0, 7, 40)
+    assert all(t.shape == (0, 7, 40) for t in add_layer_norm(x, x.clone(), copies=2))
+    assert all(t.shape == (4, 0, 40) for t in add_layer_norm(torch.randn(2, 0, 40), None, residual_bias=torch.randn(40),
+                                                             copies=2))
 
 
 _X, _W = torch.randn(4, 8), torch.randn(8)
@@ -218,6 +245,11 @@ _X, _W = torch.randn(4, 8), torch.randn(8)
     (lambda: add_layer_norm(_X, _X, stream_bias=_W.half()),
      "stream_bias has dtype torch.float16, expected x's dtype torch.float32"),
     (lambda: layer_norm(_X, eps=float("nan")), "eps must be >= 0, got nan"),
+    (lambda: add_layer_norm(_X, _X, copies=0), "copies must be an int >= 1, got 0"),
+    (lambda: add_layer_norm(_X, _X, copies=True), "copies must be an int >= 1, got True"),
+    (lambda: add_layer_norm(_X, _X, copies=2.0), "copies must be an int >= 1, got 2.0"),
+    (lambda: add_layer_norm(_W, _W, copies=2), r"copies > 1 stacks along dim 0, which x of shape \(8,\) lacks"),
+    (lambda: add_layer_norm_ref(_X, _X, copies=0), "copies must be an int >= 1, got 0"),
 ])
 def test_layer_norm_rejects_invalid_inputs(call, message):
     with pytest.raises(ValueError, match=message):
@@ -277,8 +309,10 @@ x = torch.empty(2, 64, 1280, dtype=torch.float16)
 w = torch.empty(1280, dtype=torch.float16)
 for name, fn, inputs, written in (
         ("layer_norm", ln._layer_norm_traced, (x, w, w.clone(), 1e-5), {"Y"}),
-        ("add_layer_norm", ln._add_layer_norm_traced, (x, x.clone(), w, w.clone(), 1e-5, None, None), {"S", "Y"}),
-        ("add_layer_norm with biases", ln._add_layer_norm_traced, (x, None, w, w.clone(), 1e-5, w.clone(), w.clone()),
+        ("add_layer_norm", ln._add_layer_norm_traced, (x, x.clone(), w, w.clone(), 1e-5, None, None, 1), {"S", "Y"}),
+        ("add_layer_norm with biases", ln._add_layer_norm_traced,
+         (x, None, w, w.clone(), 1e-5, w.clone(), w.clone(), 1), {"S", "Y"}),
+        ("add_layer_norm, two copies", ln._add_layer_norm_traced, (x, x.clone(), w, w.clone(), 1e-5, None, None, 2),
          {"S", "Y"})):
     found = kernel_writes(make_fx(fn, tracing_mode="fake")(*inputs))
     print(name, "writes", sorted(found))
@@ -314,6 +348,16 @@ def test_layer_norm_error_on_gpu_at_most_twice_torch_error(shape, residual, dtyp
 def test_add_layer_norm_biases_on_gpu_at_most_twice_torch_error(shape, form, dtype):
     acc = torch.float64 if dtype == torch.float32 else torch.float32
     _check_biases_against_torch_error(form, *_bias_inputs(form, shape, dtype, device="cuda"), acc=acc)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["residual", "all-biases"])
+def test_add_layer_norm_copies_on_gpu_equal_the_one_copy_outputs(form):
+    """SD1.5's first transformer at CFG batch 16 (8 shared latents): two copies of each output."""
+    args = _copies_inputs(form, (8, 4096, 320), torch.float16, device="cuda")
+    s1, y1 = add_layer_norm(*args[:4], 1e-5, *args[4:])
+    s, y = add_layer_norm(*args[:4], 1e-5, *args[4:], copies=2)
+    assert s.shape == (16, 4096, 320) and torch.equal(s, torch.cat([s1, s1])) and torch.equal(y, torch.cat([y1, y1]))
 
 
 @pytest.mark.gpu

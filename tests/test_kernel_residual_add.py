@@ -2,7 +2,8 @@
 
 CPU: under TRITON_INTERPRET=1 on small odd shapes (2x96x7x9: samples of 6048 elements end in a part-filled
 block; 3-D 2x40x13; 5-D; a 2-D (N, C)), contiguous and channels_last, with and without the bias, every
-dtype; blocks far smaller than a sample; the single rounding; invalid inputs; the ops seam; tracing.
+dtype; an x of fewer samples repeated over y's; blocks far smaller than a sample; the single rounding; invalid
+inputs; the ops seam; tracing.
 GPU (`-m gpu`): every dtype on SD1.5's ResNet shapes in both layouts, CUDA-graph capture, inductor
 launching the kernel itself.
 
@@ -65,7 +66,7 @@ def _check(name, x, y, b, xb=None):
     torch_out = residual_add_ref(x, y, b, x_bias=xb)
     double = lambda t: None if t is None else t.double()
     exact = residual_add_ref(x.double(), y.double(), double(b), x_bias=double(xb))
-    assert out.shape == x.shape and out.dtype == x.dtype and out.stride() == torch_out.stride() == x.stride()
+    assert out.shape == y.shape and out.dtype == x.dtype and out.stride() == torch_out.stride() == y.stride()
     err = _errors(f"fastdiff {name}", out, exact)
     err_torch = _errors(f"torch    {name}", torch_out, exact)
     if x.dtype == torch.float32:
@@ -87,6 +88,19 @@ def test_residual_add_error_at_most_twice_torch_error(case, bias, dtype):
     x, y, b = _inputs(shape, layout, dtype, bias != "no-bias")
     xb = torch.randn(shape[1]).to(dtype) if bias == "both-biases" else None
     _check(f"{dtype} {_case_id(case)} {bias}", x, y, b, xb)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("x_samples", [1, 2])
+@pytest.mark.parametrize("case", ODD_CASES[:2], ids=_case_id)
+def test_residual_add_repeats_an_x_of_fewer_samples_over_y(case, x_samples, dtype):
+    """A shared sample under classifier-free guidance: x's samples repeat over y's 4 ([x; x; ...])."""
+    shape, layout = case
+    x, _, b = _inputs((x_samples, *shape[1:]), layout, dtype)
+    y = _inputs((4, *shape[1:]), layout, dtype)[1]
+    _check(f"{dtype} x of {x_samples} over y of 4 {layout}", x, y, b, torch.randn(shape[1]).to(dtype))
+    repeated = torch.cat([x] * (4 // x_samples))
+    assert torch.equal(residual_add_ref(x, y, b), residual_add_ref(repeated, y, b))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -140,6 +154,9 @@ _META = torch.empty(2, 4, 3, 3, device="meta")
 @pytest.mark.parametrize("call, message", [
     (lambda: residual_add(torch.randn(8), torch.randn(8)), r"x must be \(N, C, \*spatial\), got shape \(8,\)"),
     (lambda: residual_add(_X, torch.randn(2, 4, 3)), r"y has shape \(2, 4, 3\), expected x's shape \(2, 4, 3, 3\)"),
+    (lambda: residual_add(_X, torch.randn(3, 4, 3, 3)),
+     r"y has shape \(3, 4, 3, 3\), expected x's shape \(2, 4, 3, 3\) or x's with a multiple of its 2 samples"),
+    (lambda: residual_add(torch.randn(4, 4, 3, 3), _X), r"y has shape \(2, 4, 3, 3\), expected x's shape \(4,"),
     (lambda: residual_add(_X, _X, torch.randn(5)), r"bias has shape \(5,\), expected \(4,\)"),
     (lambda: residual_add(_X, _X, torch.randn(4, 1)), r"bias has shape \(4, 1\), expected \(4,\)"),
     (lambda: residual_add(_X, _X, x_bias=torch.randn(3)), r"x_bias has shape \(3,\), expected \(4,\)"),
@@ -157,8 +174,9 @@ _META = torch.empty(2, 4, 3, 3, device="meta")
     (lambda: residual_add(_strided((2, 4, 3, 5)), _strided((2, 4, 3, 5))),
      r"x must be contiguous or channels_last, got shape \(2, 4, 5, 3\) with strides \(60, 15, 1, 5\)"),
     (lambda: residual_add(_X, _X, out=_channels_last(_X.clone())),
-     r"out must match x \(shape \(2, 4, 3, 3\), strides \(36, 9, 3, 1\), torch.float32\), got shape"),
-    (lambda: residual_add(_X, _X, out=_X.half()), r"out must match x .*, got shape \(2, 4, 3, 3\), strides"),
+     r"out must match y \(shape \(2, 4, 3, 3\), strides \(36, 9, 3, 1\), torch.float32\), got shape"),
+    (lambda: residual_add(_X, _X, out=_X.half()), r"out must match y .*, got shape \(2, 4, 3, 3\), strides"),
+    (lambda: residual_add(_X[:1], _X, out=_X[:1].clone()), r"out must match y \(shape \(2, 4, 3, 3\)"),
     (lambda: residual_add(*(torch.empty(1, 2**15, 2**15 + 1, device="meta") for _ in range(2))),
      "x has 1073774592 elements per sample, over the kernel's limit 1073741824"),
 ])
@@ -261,6 +279,16 @@ def test_residual_add_with_both_biases_on_gpu(layout, dtype):
     """The ResNet tail with a 1x1 skip conv run without its bias: x_bias joins the same pass."""
     x, y, b = _inputs(SD_SHAPES[1], layout, dtype, device="cuda")
     _check(f"both biases {dtype} {layout}", x, y, b, torch.randn(b.shape[0], device="cuda").to(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_residual_add_repeats_a_shared_sample_on_gpu(dtype):
+    """The shared sample's transformer output at SD1.5's 64x64 level: x of 1 and of 2 samples over CFG's rows."""
+    for x_samples, samples in ((1, 2), (8, 16)):
+        x, _, b = _inputs((x_samples, 320, 64, 64), "channels_last", dtype, device="cuda")
+        y = _inputs((samples, 320, 64, 64), "channels_last", dtype, device="cuda")[1]
+        _check(f"shared sample {x_samples} over {samples} {dtype}", x, y, b)
 
 
 @pytest.mark.gpu

@@ -207,13 +207,13 @@ def _skip_add(block: nn.Module, x: Tensor, h: Tensor, out: Optional[Tensor] = No
 
 
 def _layer_norm(norm: nn.LayerNorm, x: Tensor, residual: Optional[Tensor] = None,
-                residual_bias: Optional[Tensor] = None, stream_bias: Optional[Tensor] = None):
+                residual_bias: Optional[Tensor] = None, stream_bias: Optional[Tensor] = None, copies: int = 1):
     """Apply the nn.LayerNorm `norm` (which only holds the parameters and their keys) through the ops seam:
     LayerNorm(x), or with `residual` and/or `residual_bias` (C,) the pair (s + stream_bias, LayerNorm(s)) for
-    s = x + residual + residual_bias (see ops.add_layer_norm)."""
+    s = x + residual + residual_bias, each repeated `copies` times along dim 0 (see ops.add_layer_norm)."""
     if residual is None and residual_bias is None:
         return ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
-    return ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, residual_bias, stream_bias)
+    return ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, residual_bias, stream_bias, copies)
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float,
@@ -517,9 +517,10 @@ class BasicTransformerBlock(nn.Module):
         else:
             x, h = _layer_norm(self.norm1, x, residual_bias=x_bias)
         fold = self.fold_biases
-        x, h = _layer_norm(self.norm2, x, self.attn1(h, out_bias=not fold), _out_bias(self.attn1, fold))
-        if context.shape[0] != x.shape[0]:  # a sample shared by several contexts (see the UNet's forward)
-            x, h = _tile(x, context.shape[0]), _tile(h, context.shape[0])
+        # A sample shared by several contexts (see the UNet's forward) parts into their rows here: the norm
+        # pass writes its outputs once per context row block ([x; x; ...]).
+        x, h = _layer_norm(self.norm2, x, self.attn1(h, out_bias=not fold), _out_bias(self.attn1, fold),
+                           copies=context.shape[0] // x.shape[0])
         x, h = _layer_norm(self.norm3, x, self.attn2(h, context, out_bias=not fold), _out_bias(self.attn2, fold),
                            stream_bias=self.ff.net[2].bias if fold else None)
         return self.ff(h, residual=x, residual_has_bias=fold)
@@ -570,6 +571,10 @@ class Transformer2DModel(nn.Module):
             residual = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
             tokens = ops.linear(tokens, self.proj_out.weight.flatten(1), self.proj_out.bias, residual=residual)
             return tokens.view(b, h, w, c).permute(0, 3, 1, 2)
+        if x.shape[0] != tokens.shape[0] and _channels_last(x):  # the blocks parted a shared sample's rows
+            # proj_out without its bias, then one pass adds the bias and x, read once per row block (no tile)
+            tokens = _pointwise(self.proj_out, tokens, bias=False)
+            return ops.residual_add(x, tokens.view(-1, h, w, c).permute(0, 3, 1, 2), self.proj_out.bias)
         tokens = _pointwise(self.proj_out, tokens)  # (B', HW, C): B' > B once the blocks tiled a shared sample
         return _tile(x, tokens.shape[0]) + tokens.reshape(-1, h, w, c).permute(0, 3, 1, 2)
 
@@ -750,7 +755,7 @@ class UNet2DConditionModel(nn.Module):
             x, block_skips = block(x, temb, context)
             skips.extend(block_skips)
         x = _tile(self.mid_block(x, temb, context), context.shape[0])
-        skips = [_tile(skip, x.shape[0]) for skip in skips]  # those taken before a shared sample's rows parted
+        # Skips taken before a shared sample's rows parted keep their B rows: ops.channel_cat repeats them.
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]

@@ -110,13 +110,14 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, Cin, H, W) -> (B, Cout, H, W).
-        conv2 runs without its bias (PyTorch adds a conv's bias in a separate pass over its output), which
-        joins the residual add instead (`ops.residual_add`, one pass, written over conv2's output)."""
+        Both convs run without their bias (PyTorch adds a conv's bias in a separate pass over its output):
+        conv1's is norm2's offset (added as the norm reads h), conv2's joins the residual add (`ops.residual_add`,
+        one pass, written over conv2's output)."""
         # One statement per step, rebinding `h`, so each intermediate is freed as soon as the next exists:
         # at 512x512 every extra live activation costs B * 128 MiB (float32) in the decoder's last level.
         h = _group_norm(self.norm1, x, "silu")
-        h = self.conv1(h)
-        h = _group_norm(self.norm2, h, "silu")
+        h = _conv(self.conv1, h)
+        h = _group_norm(self.norm2, h, "silu", offset=self.conv1.bias.expand(h.shape[0], -1))  # one row, stride 0
         h = _conv(self.conv2, h)
         return _skip_add(self, x, h, out=h)
 
