@@ -13,6 +13,14 @@ the same kernel with descriptors built on the device, which pays for them in eve
 x, weight, residual and the output must start 16-byte aligned (K and N a multiple of 8 in float16, 4 in
 float32). Every product accumulates in float32; float32 inputs multiply in full float32 (no TF32).
 
+GELU is the exact erf form, F.gelu's default, evaluated as g * Phi(g) with Phi from Abramowitz & Stegun 7.1.26
+(`_gelu`): 1 - erf(z) = t (a1 + a2 t + ... + a5 t^4) exp(-z^2), t = 1 / (1 + p z), |error| <= 1.5e-7 on erf. The
+epilogue is arithmetic-bound at K = 320, where five K steps of MMA meet one GELU per output element: libdevice's
+erff (two branches, both taken by most warps) made the GEGLU projection at SD1.5's 64x64 level at CFG batch 16
+311.9 us against 290.3 with this form and 231.7 with no GELU at all (benchmarks/RESULTS.md, session 13). The
+negative tail keeps its relative accuracy: Phi(g) there is the small term itself, never 1 - (1 - small).
+In float32 it is off F.gelu by at most 6.3e-7 (F.gelu's own float32 error against float64 reaches 1.3e-6).
+
 `FASTER_THAN_CUBLAS` says where the kernel beat cuBLAS + the separate epilogue kernel, at SD1.5's shapes
 on an H200 (benchmarks/RESULTS.md, session 10); `prefers_triton` adds the inputs the kernel takes, and
 `ops.linear` under `auto` runs the kernel only where it says so.
@@ -77,6 +85,19 @@ def linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residua
 if triton is not None:
 
     @triton.jit
+    def _gelu(g):
+        """g * Phi(g) = g * (1 + erf(g / sqrt(2))) / 2, Phi from A&S 7.1.26 (see the module docstring)."""
+        z = tl.abs(g) * 0.7071067811865476  # 1/sqrt(2)
+        one = tl.full(z.shape, 1.0, tl.float32)
+        t = tl.math.fdiv(one, 1.0 + 0.3275911 * z, ieee_rounding=False)
+        poly = 1.061405429 * t - 1.453152027
+        poly = poly * t + 1.421413741
+        poly = poly * t - 0.284496736
+        poly = poly * t + 0.254829592
+        tail = 0.5 * poly * t * tl.math.exp2(-1.4426950408889634 * z * z)  # (1 - erf(z)) / 2; log2(e)
+        return g * tl.where(g < 0, tail, 1.0 - tail)
+
+    @triton.jit
     def _linear_kernel(
         x_desc,  # descriptor of x, (M, K), tiles (BLOCK_M, BLOCK_K)
         w_desc,  # descriptor of the weight, (N', K), tiles (BLOCK_N, BLOCK_K); N' = 2N for GEGLU
@@ -124,7 +145,7 @@ if triton is not None:
             if GEGLU:
                 gate += tl.load(Bias + N + cols, mask=cols < N).to(tl.float32)[None, :]
         if GEGLU:  # exact erf GELU, F.gelu's default
-            acc *= 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))  # 1/sqrt(2)
+            acc *= _gelu(gate)
         if r_desc is not None:
             acc += r_desc.load([row, col]).to(tl.float32)
         o_desc.store([row, col], acc.to(o_desc.dtype))  # clipped to (M, N)
@@ -136,9 +157,13 @@ def _config(m: int, n: int, k: int, geglu: bool) -> tuple[int, int, int, int, in
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), pinned per shape class instead of autotuned (every
     candidate would be a compile of the cold start). The best of 8 configs at SD1.5's shapes on an H200."""
     if geglu:  # two accumulators per tile
-        if k <= 320:  # 5 K steps: 2 stages beat 3 at 65536 rows (295.9 against 312.7 us), tie at 8192
+        # From 4096 rows, and at K = 320 (5 K steps: 2 stages beat 3 at 65536 rows, 295.9 against 312.7 us):
+        # 128 x 64 tiles of 4 warps. 128 x 128 tiles of 8 warps, the best with libdevice's erf at K = 640 and
+        # 1280, slowed by 10-17% with `_gelu`; 128 x 64 with `_gelu` took 234.9 against their 255.8 us at
+        # 16384 x 640, and 217.6 against 212.1 at 4096 x 1280 (session 13).
+        if k <= 320 or m >= 4096:
             return 128, 64, 64, 4, 2
-        return (128, 128, 64, 8, 4) if m >= 4096 else (128, 64, 32, 4, 4)
+        return 128, 64, 32, 4, 4
     if n <= 320:
         return 128, 64, 64, 4, 3
     return (128, 128, 64, 4, 3) if m >= 4096 else (64, 128, 64, 4, 4)
