@@ -130,6 +130,7 @@ if triton is not None:
         mask = (rows < M)[:, None] & mask_n[None, :]
         offs = rows[:, None].to(tl.int64) * N + cols[None, :]
         x = tl.load(X + offs, mask=mask, other=0.0)
+        copy_step = tl.cast(M, tl.int64) * N  # elements from one copy of an output to the next
         if HAS_RESIDUAL:
             # Round the sum to the dtype, as eager `x + r` does: the stored residual stream is what is normalized.
             r = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # the addend: residual + its bias
@@ -142,7 +143,6 @@ if triton is not None:
             if SB is not None:  # the next Linear's bias rides in the stored stream, not in what is normalized
                 stream_bias = tl.load(SB + cols, mask=mask_n, other=0.0).to(tl.float32)
                 stored = (s.to(tl.float32) + stream_bias[None, :]).to(S.dtype.element_ty)
-            copy_step = tl.cast(M, tl.int64) * N  # elements from one copy to the next
             ptrs = S + offs
             for _ in range(copies):
                 tl.store(ptrs, stored, mask=mask)
