@@ -33,11 +33,15 @@ a small global scratch (write, CTA barrier, gather) to become per-group and back
 SiLU is a runtime flag of the kernels, not a constexpr, so calls with and without it share one compiled
 kernel (half the apply and single-launch variants a cold start compiles; the cost is one branch per tile of
 a memory-bound loop).
-Offset: a pointer that Triton compiles as a constant when it is None (as weight and bias): calls without it
-load nothing more, calls with it compile one more variant of each kernel. Since x - (c - offset) equals
-(x + offset) - c, the kernels subtract each channel's offset from the values they centre x on (K in the
-sums, the mean to normalize) rather than add it to x: channels_last tiles do that once per channel, at no
-cost per element; contiguous ones once per element, gathering the offset as they gather weight and bias.
+Offset: a pointer that Triton compiles as a constant when it is None (as weight and bias): calls with it
+compile a variant of each kernel of their own. Since x - (c - offset) equals (x + offset) - c, the kernels
+subtract each channel's offset from the values they centre x on (K in the sums, the mean to normalize) rather
+than add it to x: channels_last tiles do that once per channel, at no cost per element; contiguous ones once
+per element, gathering the offset as they gather weight and bias. So eager channels_last calls without an
+offset pass zeros (`_zero_offset`, from one buffer per device and dtype) and launch the offset variants too:
+a model that normalizes the same shape with and without an offset (a ResNet block's norm1 and norm2) compiles
+it once. Subtracting a zero changes no bit. On an H200 the VAE's conv1 bias as norm2's offset had added 6
+compiled variants and 1.0-1.5 s to the first image in a fresh process (benchmarks/RESULTS.md, session 13).
 """
 from typing import Any, NamedTuple, Optional
 
@@ -550,8 +554,28 @@ def _launch_split(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Ten
                                        num_groups, cg, slices, per_slice, eps, silu, BLOCK_P=block_p, **meta)
 
 
+_ZEROS: dict[tuple, Tensor] = {}  # (device, dtype) -> zeros for _zero_offset, as long as the widest x so far
+
+
+def _zero_offset(x: Tensor) -> Optional[Tensor]:
+    """A zero offset (N, C) for channels_last x, rows at stride 0 (see the module docstring), or None: for
+    contiguous x (whose kernels would gather it per element), and during a CUDA-graph capture that finds no
+    buffer wide enough (one allocated there would belong to the graph's memory pool)."""
+    if not _is_channels_last(x):
+        return None
+    key, channels = (x.device, x.dtype), x.shape[1]
+    zeros = _ZEROS.get(key)
+    if zeros is None or zeros.numel() < channels:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        zeros = _ZEROS[key] = torch.zeros(max(channels, 1024), dtype=x.dtype, device=x.device)
+    return zeros[:channels].expand(x.shape[0], channels)
+
+
 def _group_norm_launch(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                        activation: Optional[str], offset: Optional[Tensor] = None) -> Tensor:
+    if offset is None:
+        offset = _zero_offset(x)
     return _group_norm_run(_LAUNCHERS, x, num_groups, weight, bias, eps, activation, offset)
 
 

@@ -140,6 +140,24 @@ def test_group_norm_with_offset_in_low_precision_rounds_only_the_output(monkeypa
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_channels_last_calls_without_offset_pass_zeros_and_change_no_bit(monkeypatch, path):
+    """Eager channels_last calls without an offset launch the offset variants with zeros, so a shape normalized
+    with and without an offset compiles once; the output is bitwise the offset-free variant's. Contiguous calls
+    pass none (their kernels would gather it per element)."""
+    _force_path(monkeypatch, path)
+    offsets, run = [], gn_module._group_norm_run
+    monkeypatch.setattr(gn_module, "_group_norm_run", lambda *a: (offsets.append(a[-1]), run(*a))[1])
+    x, weight, bias = _inputs((2, 40, 5, 7), torch.float32, True)
+    out = group_norm(x, 8, weight, bias, 1e-5, "silu")
+    assert offsets[-1] is not None and offsets[-1].shape == (2, 40) and not offsets[-1].any()
+    group_norm(x.contiguous(), 8, weight, bias, 1e-5, "silu")
+    assert offsets[-1] is None
+    monkeypatch.setattr(gn_module, "_zero_offset", lambda x: None)
+    plain = group_norm(x, 8, weight, bias, 1e-5, "silu")
+    assert offsets[-1] is None and torch.equal(out, plain)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_group_norm_ref_adds_the_offset_in_x_dtype_as_the_unfused_model(dtype):
     x, weight, bias = _inputs((2, 96, 7, 9), dtype, True)
@@ -306,6 +324,23 @@ def test_group_norm_with_offset_error_on_gpu_at_most_twice_torch_error(monkeypat
     err_torch = _report(f"torch    {dtype} {shape} x + offset", ref_torch, ref)
     assert launched == [path]
     _assert_within_twice_torch_error(out, x, err, err_torch, dtype)
+
+
+@pytest.mark.gpu
+def test_group_norm_captured_without_a_zero_buffer_allocates_none(monkeypatch):
+    """A capture that finds no zero buffer for `_zero_offset` launches the offset-free variant instead of
+    allocating one inside the graph's memory pool."""
+    x, weight, bias = _inputs((2, 320, 64, 64), torch.float16, True, device="cuda")
+    zero_offset = gn_module._zero_offset
+    monkeypatch.setattr(gn_module, "_zero_offset", lambda x: None)
+    group_norm(x, 32, weight, bias, 1e-5, "silu")  # compiles the offset-free variant outside the capture
+    monkeypatch.setattr(gn_module, "_zero_offset", zero_offset)
+    monkeypatch.setattr(gn_module, "_ZEROS", {})
+    graph, out = capture(lambda: group_norm(x, 32, weight, bias, 1e-5, "silu"), warm=False)
+    assert gn_module._ZEROS == {}
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out, group_norm_ref(x, 32, weight, bias, 1e-5, "silu"), atol=5e-3, rtol=2e-3)
 
 
 @pytest.mark.gpu
