@@ -554,22 +554,23 @@ def _launch_split(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Ten
                                        num_groups, cg, slices, per_slice, eps, silu, BLOCK_P=block_p, **meta)
 
 
-_ZEROS: dict[tuple, Tensor] = {}  # (device, dtype) -> zeros for _zero_offset, as long as the widest x so far
+# (device, dtype) -> MAX_CHANNELS zeros for _zero_offset. Made once and never replaced: a captured CUDA graph
+# keeps reading the buffer it was captured with.
+_ZEROS: dict[tuple, Tensor] = {}
 
 
 def _zero_offset(x: Tensor) -> Optional[Tensor]:
     """A zero offset (N, C) for channels_last x, rows at stride 0 (see the module docstring), or None: for
     contiguous x (whose kernels would gather it per element), and during a CUDA-graph capture that finds no
-    buffer wide enough (one allocated there would belong to the graph's memory pool)."""
+    buffer for x's device and dtype (one allocated there would belong to the graph's memory pool)."""
     if not _is_channels_last(x):
         return None
-    key, channels = (x.device, x.dtype), x.shape[1]
-    zeros = _ZEROS.get(key)
-    if zeros is None or zeros.numel() < channels:
+    key = (x.device, x.dtype)
+    if key not in _ZEROS:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return None
-        zeros = _ZEROS[key] = torch.zeros(max(channels, 1024), dtype=x.dtype, device=x.device)
-    return zeros[:channels].expand(x.shape[0], channels)
+        _ZEROS[key] = torch.zeros(MAX_CHANNELS, dtype=x.dtype, device=x.device)
+    return _ZEROS[key][:x.shape[1]].expand(x.shape[0], -1)  # channels_last x has at most MAX_CHANNELS
 
 
 def _group_norm_launch(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
