@@ -42,6 +42,13 @@ def check_like(x: Tensor, **tensors: Optional[Tensor]) -> None:
             raise ValueError(f"{name} is on {t.device}, expected x's device {x.device}")
 
 
+def repeat_samples(t: Tensor, samples: int) -> Tensor:
+    """[t; t; ...] along dim 0 up to `samples` rows (a multiple of t's), in t's memory layout; t itself when it
+    has them already. The reference twins' form of a shared sample repeated over classifier-free guidance's
+    rows, which the kernels read in place (sample n % t.shape[0])."""
+    return t if t.shape[0] == samples else torch.cat([t] * (samples // t.shape[0]))
+
+
 def jit_function(kernel):
     """The @triton.jit function under a kernel's @triton.autotune / @triton.heuristics wrappers (tools that
     compile a kernel for a GPU they do not run on need it; not under the interpreter)."""

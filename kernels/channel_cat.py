@@ -42,9 +42,7 @@ def channel_cat_ref(x: Tensor, skip: Tensor) -> Tensor:
     """Plain-PyTorch twin: torch.cat([x, skip], dim=1), (N, C1 + C2, H, W) in x's memory format; a skip of
     fewer samples is first repeated over x's (torch.cat of its copies along dim 0)."""
     check_channel_cat_shapes(x, skip)
-    if skip.shape[0] != x.shape[0]:
-        skip = torch.cat([skip] * (x.shape[0] // skip.shape[0]))
-    return torch.cat([x, skip], dim=1)
+    return torch.cat([x, _triton.repeat_samples(skip, x.shape[0])], dim=1)
 
 
 if triton is not None:

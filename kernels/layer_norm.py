@@ -79,11 +79,6 @@ def _check_addend(x: Tensor, residual: Optional[Tensor], residual_bias: Optional
         raise ValueError(f"copies > 1 stacks along dim 0, which x of shape {tuple(x.shape)} lacks (it is the width)")
 
 
-def _repeat(t: Tensor, copies: int) -> Tensor:
-    """[t; t; ...] (`copies` of t along dim 0)."""
-    return t if copies == 1 else torch.cat([t] * copies)
-
-
 def add_layer_norm_ref(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor] = None,
                        bias: Optional[Tensor] = None, eps: float = 1e-5, residual_bias: Optional[Tensor] = None,
                        stream_bias: Optional[Tensor] = None, copies: int = 1) -> tuple[Tensor, Tensor]:
@@ -98,7 +93,9 @@ def add_layer_norm_ref(x: Tensor, residual: Optional[Tensor], weight: Optional[T
     else:
         s = x + (residual if residual_bias is None else residual + residual_bias)
     y = F.layer_norm(s, s.shape[-1:], weight, bias, eps)
-    return _repeat(s if stream_bias is None else s + stream_bias, copies), _repeat(y, copies)
+    stored = s if stream_bias is None else s + stream_bias
+    rows = copies * x.shape[0]
+    return _triton.repeat_samples(stored, rows), _triton.repeat_samples(y, rows)
 
 
 if triton is not None:

@@ -68,8 +68,7 @@ def residual_add_ref(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, out: O
     x: (N_x, C, *spatial), repeated over y's samples when N_x < N; y: (N, C, *spatial); bias, x_bias: (C,) or
     None. Returns (N, C, *spatial) in x's layout (both contiguous or both channels_last), in `out` when given."""
     check_residual_add_shapes(x, y, bias, out, x_bias)
-    if x.shape[0] != y.shape[0]:
-        x = torch.cat([x] * (y.shape[0] // x.shape[0]))  # cat keeps x's memory layout
+    x = _triton.repeat_samples(x, y.shape[0])
     if bias is not None:
         y = y + bias.view(1, -1, *([1] * (y.dim() - 2)))
     if x_bias is not None:
