@@ -17,7 +17,7 @@ import sys
 from setuptools import setup
 
 CPU_SOURCES = ["csrc/fastdiff_api.cpp", "csrc/scheduler_step_cpu.cpp"]
-CUDA_SOURCES = ["csrc/scheduler_step_cuda.cu"]
+CUDA_SOURCES = ["csrc/scheduler_step_cuda.cu", "csrc/graph_cuda.cu"]
 CUBLAS_SOURCES = ["csrc/matmul_cuda.cpp"]
 CUDA_LIBRARIES = ("cudart", "c10_cuda", "torch_cuda", "cublas")  # what the CUDA part links beyond CppExtension
 # at::parallel_for is inline in ATen's headers: without -fopenmp it silently runs on one thread.

@@ -17,6 +17,10 @@
 
 #include "scheduler_step.h"
 
+#ifdef FASTDIFF_WITH_CUDA
+#include "graph.h"
+#endif
+
 #ifdef FASTDIFF_WITH_CUBLAS
 #include "matmul.h"
 #endif
@@ -131,6 +135,19 @@ std::tuple<at::Tensor, at::Tensor> scheduler_step(const at::Tensor& x, const at:
   return {x_next, x0};
 }
 
+#ifdef FASTDIFF_WITH_CUDA
+// graph: a cudaGraph_t as torch.cuda.CUDAGraph.raw_cuda_graph() gives it (captured with keep_graph=True, not yet
+// instantiated).
+std::tuple<int, int> graph_memsets_to_kernels(int64_t graph, int64_t max_bytes) {
+  TORCH_CHECK_VALUE(graph != 0, "graph_memsets_to_kernels: graph is a null cudaGraph_t");
+  TORCH_CHECK_VALUE(max_bytes >= 0, "graph_memsets_to_kernels: max_bytes must be >= 0, got ", max_bytes);
+  int replaced = 0, kept = 0;
+  C10_CUDA_CHECK(memset_nodes_to_kernels(reinterpret_cast<cudaGraph_t>(graph), static_cast<size_t>(max_bytes),
+                                         &replaced, &kept));
+  return {replaced, kept};
+}
+#endif
+
 // "" when the CUDA kernels can run on the current device, else why not.
 std::string cuda_status() {
 #ifdef FASTDIFF_WITH_CUDA
@@ -169,6 +186,13 @@ x (M, K), weight (N, K), out (M, N): contiguous, float16 or bfloat16, one CUDA d
   m.attr("with_cublas") = false;
 #endif
 #ifdef FASTDIFF_WITH_CUDA
+  m.def("graph_memsets_to_kernels", &fastdiff::graph_memsets_to_kernels, pybind11::arg("graph"),
+        pybind11::arg("max_bytes"),
+        R"(Memset nodes of a captured CUDA graph made kernel nodes, before it is instantiated; returns (replaced, kept).
+
+graph: torch.cuda.CUDAGraph(keep_graph=True).raw_cuda_graph() after the capture. Memsets of at most max_bytes
+bytes with default edges become a kernel that writes the same bytes, with the same dependencies; the others
+stay (csrc/graph.h).)");
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

@@ -1,6 +1,6 @@
-"""Loader for the compiled extension `fastdiff._C` (csrc/): its scheduler_step and matmul. A missing or broken
-build never breaks `import fastdiff`: it only makes the `cuda` backend unavailable, with the reason kept for
-`fastdiff info`."""
+"""Loader for the compiled extension `fastdiff._C` (csrc/): its scheduler_step, matmul and CUDA graph surgery.
+A missing or broken build never breaks `import fastdiff`: it only makes the `cuda` backend unavailable, with
+the reason kept for `fastdiff info`."""
 from typing import Optional
 
 import torch  # loads libtorch before _C, which links against it
@@ -49,12 +49,54 @@ def _check_matmul(device_type: str) -> tuple[bool, str]:
     return True, why + ", cuBLAS without a workspace"
 
 
+def _check_graph(device_type: str) -> tuple[bool, str]:
+    ok, why = _check(device_type)
+    if not ok:
+        return ok, why
+    if device_type != "cuda":
+        return False, f"CUDA graphs are made of CUDA work, not {device_type}"
+    try:
+        torch.cuda.CUDAGraph(keep_graph=True)
+    except TypeError:
+        return False, f"torch {torch.__version__}'s CUDAGraph has no keep_graph (a graph to edit before instantiating)"
+    return True, why + ", graph surgery"
+
+
+_CHECKS = {"scheduler_step": _check, "matmul": _check_matmul, "graph": _check_graph}
+
+
 def availability(device_type: str, op: str = "scheduler_step") -> tuple[bool, str]:
-    """Whether `fastdiff._C` can run `op` (scheduler_step or matmul) on `device_type` tensors, and why (not)."""
+    """Whether `fastdiff._C` can run `op` (scheduler_step, matmul or graph) on `device_type`, and why (not)."""
     key = (device_type, op)
     if key not in _availability:  # the seam asks on every call; the answer never changes
-        _availability[key] = _check_matmul(device_type) if op == "matmul" else _check(device_type)
+        if op not in _CHECKS:
+            raise ValueError(f"op must be one of {tuple(_CHECKS)}, got {op!r}")
+        _availability[key] = _CHECKS[op](device_type)
     return _availability[key]
+
+
+# Memsets up to this size become kernel nodes (`graph_memsets_to_kernels`); the ones seen in captures are 4 bytes.
+MEMSET_KERNEL_MAX_BYTES = 1 << 16
+
+
+def graph_memsets_to_kernels(graph: "torch.cuda.CUDAGraph", max_bytes: int = MEMSET_KERNEL_MAX_BYTES) -> int:
+    """Replace the small memset nodes of a captured graph by kernel nodes that write the same bytes, with the same
+    dependencies (csrc/graph.h), and return how many were replaced. In a replayed graph a memset node idles the GPU
+    for microseconds around it; the ones in fastdiff's UNet graphs are cuDNN's 4-byte workspace counters.
+
+    graph: captured with `torch.cuda.CUDAGraph(keep_graph=True)` and not yet instantiated; call
+    `graph.instantiate()` after this."""
+    ok, why = availability("cuda", "graph")
+    if not ok:
+        raise RuntimeError("fastdiff._C graph surgery is not available: " + why)
+    if not isinstance(graph, torch.cuda.CUDAGraph):
+        raise ValueError(f"graph must be a torch.cuda.CUDAGraph, got {type(graph).__name__}")
+    try:
+        raw = graph.raw_cuda_graph()
+    except RuntimeError as e:  # no keep_graph, or nothing captured
+        raise ValueError(f"graph must be captured with keep_graph=True and not yet instantiated: {e}") from None
+    replaced, _ = _C.graph_memsets_to_kernels(raw, max_bytes)
+    return replaced
 
 
 def matmul(x: Tensor, weight: Tensor, out: Optional[Tensor] = None, accumulate: bool = False) -> Tensor:

@@ -26,11 +26,13 @@ What the preparation changes, and why:
                  pass wrote with its bias (`fold_biases`, `ops.add_layer_norm`): cuBLAS's bias epilogue is slow.
   upsampling     nearest 2x + conv3x3 (UNet and VAE) as a 2x2 conv of the small image with four phases of
                  outputs, shuffled into place (`subpixel_upsample`, `fastdiff.kernels.subpixel`): 4/9 of the FLOPs.
-  text context   its cross-attention K/V projections computed once per prompt, outside the graphs (`denoiser`).
+  text context   its cross-attention K/V projections computed once per prompt, outside the UNet's graphs, in
+                 a graph of their own (`denoiser`).
   shared sample  with guidance the UNet gets the B latents once and the 2B [uncond; cond] contexts: the layers
                  before the first cross-attention run on B rows, not 2B (UNet2DConditionModel.forward).
   CUDA graphs    the UNet call (with the dtype casts) captured once per input shape and
-                 replayed; a new (batch, height, width) captures a new graph, nothing else is rebuilt.
+                 replayed; a new (batch, height, width) captures a new graph, nothing else is rebuilt. cuDNN's
+                 memset nodes in them become kernel nodes (`memset_kernels`).
   torch.compile  optional, of fastdiff's own UNet before capture (`compile="max-autotune-no-cudagraphs"`).
 The fused sampling update runs eagerly between replays (its coefficients change every step); the loop makes
 no host synchronisation once a shape is captured.
@@ -45,10 +47,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastdiff import ops
+from fastdiff import _ext, ops
 from fastdiff.models.unet import Attention, UpsampleConv
 
-ATTENTION_IMPLS = ("auto", "fastdiff", "sdpa")
+ATTENTION_IMPLS = ("auto", "fastdiff", "sdpa", "matmul")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Inductor modes that capture CUDA graphs themselves: a graph cannot be captured inside another capture.
 _SELF_GRAPHING_MODES = ("reduce-overhead", "max-autotune")
@@ -58,6 +60,40 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = Non
     """torch's scaled_dot_product_attention with `ops.attention`'s signature. q: (B, H, Sq, D); k, v:
     (B, H, Skv, D), any strides with the head dim contiguous -> (B, H, Sq, D)."""
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+# matmul_attention's float32 scores per block: 32 MB, 2048 queries x 4096 keys (the VAE's 64x64 map). On an H200
+# that block ran as fast as all 4096 queries at once (153 against 152 us at 1x1x4096x512) with half the memory.
+MATMUL_ATTENTION_SCORES = 2048 * 4096
+
+
+def matmul_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+    """Attention as a GEMM into float32 scores, a softmax in place and a GEMM, per (batch, head) and block of
+    queries (at most MATMUL_ATTENTION_SCORES scores); `ops.attention`'s signature, any head dim. For heads past the
+    flash kernels' widths, the VAE's one head of 512, where torch SDPA takes its memory-efficient kernel: at
+    1x1x4096x512 fp16 on an H200, 153 against 334 us, and 1218 against 2044 us at batch 8, with the same error
+    against a float64 reference (4.6e-4 against SDPA's 4.55e-4, 1.00e-3 against 0.99e-3 at larger logits).
+    The probabilities are rounded to v's dtype for the second GEMM, as the flash kernels do."""
+    B, H, Sq, D = q.shape
+    Skv, Dv = k.shape[2], v.shape[3]
+    scale = D ** -0.5 if scale is None else scale
+    q3, k3, v3 = q.reshape(B * H, Sq, D), k.reshape(B * H, Skv, D), v.reshape(B * H, Skv, Dv)
+    out = q.new_empty(B * H, Sq, Dv)
+    rows = max(1, min(Sq, MATMUL_ATTENTION_SCORES // Skv))
+    scores = torch.empty(1, rows, Skv, device=q.device, dtype=torch.float32)  # reused by every block
+    half_scores = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)  # cuBLAS writes them as float32
+    for b in range(B * H):
+        kt = k3[b:b + 1].transpose(1, 2)
+        for i in range(0, Sq, rows):
+            qi = q3[b:b + 1, i:i + rows]
+            s = scores[:, :qi.shape[1]]
+            if half_scores:
+                torch.baddbmm(s, qi, kt, beta=0, alpha=scale, out_dtype=torch.float32, out=s)
+            else:
+                torch.baddbmm(s, qi.float(), kt.float(), beta=0, alpha=scale, out=s)
+            torch.softmax(s, -1, out=s)
+            torch.bmm(s.to(v.dtype), v3[b:b + 1], out=out[b:b + 1, i:i + rows])
+    return out.view(B, H, Sq, Dv)
 
 
 # "auto" at head dim 40: fastdiff's kernel from this many (batch * heads) on, SDPA below. On an H200 the SD1.5
@@ -74,7 +110,8 @@ def _spare_column_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[flo
     return sdpa_attention(q, k, v, scale)
 
 
-_ATTEND = {"fastdiff": ops.attention, "sdpa": sdpa_attention, "spare_column": _spare_column_attention}
+_ATTEND = {"fastdiff": ops.attention, "sdpa": sdpa_attention, "matmul": matmul_attention,
+           "spare_column": _spare_column_attention}
 # "auto" above this head dim: fastdiff's kernel. At SD1.5's head dim 160 (the 16x16 and 8x8 levels, 256 and 64
 # tokens) it took 7.4 us against SDPA's 10.5 (cuDNN's kernel) at 2x8x256x160 on an H200, and the UNet step 5.869
 # against 5.887 ms at CFG batch 2 (no change at 8 and 16). At head dim 80 SDPA is faster (18.3 vs 19.7 us).
@@ -84,11 +121,13 @@ AUTO_TRITON_ABOVE_HEAD_DIM = 128
 def _pick_attention(impl: str, head_dim: int) -> str:
     """"auto" resolved for one attention module, by what measured faster on an H200: at head dim 40, where
     fastdiff's streaming kernel sums p in a spare padding column, the choice by batch above; fastdiff's kernel
-    above AUTO_TRITON_ABOVE_HEAD_DIM; SDPA elsewhere."""
-    from fastdiff.kernels.attention import has_spare_column
+    above AUTO_TRITON_ABOVE_HEAD_DIM; `matmul_attention` past the kernel's widest head; SDPA elsewhere."""
+    from fastdiff.kernels.attention import MAX_HEAD_DIM, has_spare_column
 
     if impl != "auto":
         return impl
+    if head_dim > MAX_HEAD_DIM:
+        return "matmul"
     if has_spare_column(head_dim):
         return "spare_column"
     return "fastdiff" if head_dim > AUTO_TRITON_ABOVE_HEAD_DIM else "sdpa"
@@ -107,7 +146,8 @@ class FastConfig:
     #   p @ v also sums p, for large batches (AUTO_MIN_BATCH_HEADS), and above head dim 128; SDPA otherwise;
     #   benchmarks/RESULTS.md
     cross_attention: str = "fastdiff"  # Triton's on-chip path for the 77 text keys: 1.1-1.6x SDPA
-    vae_attention: str = "sdpa"  # the VAE's single 512-wide head is outside the Triton kernel's limits
+    vae_attention: str = "auto"  # the VAE's single 512-wide head, past the Triton kernel's limits: "auto" takes
+    #   `matmul_attention` there (2.2x torch SDPA's memory-efficient kernel on an H200), "sdpa" torch's
     fuse_geglu: bool = True  # GEGLU's value * GELU(gate) in one Triton pass (ops.geglu) instead of eager gelu
     #   and mul: 6% faster images on an H200 (benchmarks/RESULTS.md)
     linear_epilogues: bool = True  # the transformers' GEGLU projection with its gate, and their MLP output and
@@ -123,6 +163,8 @@ class FastConfig:
     split_k_conv: bool = True  # the UNet ResNet blocks' 3x3 convs through ops.conv2d: Triton's split-K kernel
     #   where it beats cuDNN (few output pixels: the 8x8 level at CFG batch 2), cuDNN elsewhere
     cuda_graphs: bool = True  # capture the UNet call once per input shape and replay it
+    memset_kernels: bool = True  # in those graphs (and the text encoder's), cuDNN's memset nodes made kernel
+    #   nodes (CUDAGraphRunner): CFG-2 UNet replay 5.184 -> 5.154 ms on an H200, bitwise the same output
     compile: Optional[str] = None  # torch.compile mode for the UNet before capture, e.g. "default" or
     #   "max-autotune-no-cudagraphs"; None runs the eager kernels (no compile time at all)
     warmup: int = 2  # eager calls before a capture (autotuning, cuBLAS/cuDNN plans, lazy inits)
@@ -192,6 +234,7 @@ class _Captured(NamedTuple):
     graph: "torch.cuda.CUDAGraph"
     inputs: tuple[Tensor, ...]  # static input buffers, copied into before each replay
     output: Tensor  # static output buffer, rewritten by each replay
+    memsets_replaced: int  # memset nodes made kernel nodes (`memset_kernels`)
 
 
 class CUDAGraphRunner:
@@ -206,9 +249,14 @@ class CUDAGraphRunner:
     Graphs share one memory pool (they never run concurrently), so a second resolution costs only what it
     needs beyond the first. `fn` must have no host
     synchronisation and no branch on tensor values; it may allocate (from the graph's pool).
+
+    memset_kernels: before instantiating a graph, make its small memset nodes (cuDNN's 4-byte workspace counters)
+    kernel nodes that write the same bytes (`fastdiff._ext.graph_memsets_to_kernels`), where fastdiff._C has its
+    CUDA part: a memset node idles the GPU for microseconds around it. Outputs are bitwise the same.
     """
 
-    def __init__(self, fn: Callable[..., Tensor], warmup: int = 2, by_reference: tuple[int, ...] = ()):
+    def __init__(self, fn: Callable[..., Tensor], warmup: int = 2, by_reference: tuple[int, ...] = (),
+                 memset_kernels: bool = True):
         if not torch.cuda.is_available():
             raise RuntimeError("CUDAGraphRunner needs a CUDA device and torch sees none; call the model directly "
                                "on the CPU (Pipeline does so when fast=None)")
@@ -217,6 +265,7 @@ class CUDAGraphRunner:
         self.fn = fn
         self.warmup = warmup
         self.by_reference = frozenset(by_reference)
+        self.memset_kernels = memset_kernels
         self._graphs: dict[tuple, _Captured] = {}
         self._pool = None
 
@@ -228,6 +277,11 @@ class CUDAGraphRunner:
     def captured(self) -> int:
         """How many graphs (input signatures) are held."""
         return len(self._graphs)
+
+    @property
+    def memsets_replaced(self) -> int:
+        """Memset nodes made kernel nodes, over the graphs held."""
+        return sum(entry.memsets_replaced for entry in self._graphs.values())
 
     def __call__(self, *inputs: Tensor) -> Tensor:
         for i, t in enumerate(inputs):
@@ -258,12 +312,17 @@ class CUDAGraphRunner:
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
+        surgery = self.memset_kernels and _ext.availability("cuda", "graph")[0]
+        graph = torch.cuda.CUDAGraph(keep_graph=True) if surgery else torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             output = self.fn(*static)
         if not isinstance(output, Tensor):
             raise TypeError(f"the captured function must return one tensor, got {type(output).__name__}")
-        return _Captured(graph, static, output)
+        replaced = 0
+        if surgery:
+            replaced = _ext.graph_memsets_to_kernels(graph)
+            graph.instantiate()
+        return _Captured(graph, static, output, replaced)
 
     def clear(self) -> None:
         """Drop every graph and its memory pool."""
@@ -297,11 +356,15 @@ class FastUNet:
         # torch.compile, which would guard on the projections' lookup.
         self._projects = self.config.fuse_projections and self.config.compile is None
         by_reference = (2,) if self._projects else ()
-        self._guided = CUDAGraphRunner(self._call_guided, self.config.warmup, by_reference) if graphs \
-            else self._call_guided
-        self._plain = CUDAGraphRunner(self._call_plain, self.config.warmup, by_reference) if graphs \
-            else self._call_plain
+        memset_kernels = self.config.memset_kernels
+        self._guided = CUDAGraphRunner(self._call_guided, self.config.warmup, by_reference, memset_kernels) \
+            if graphs else self._call_guided
+        self._plain = CUDAGraphRunner(self._call_plain, self.config.warmup, by_reference, memset_kernels) \
+            if graphs else self._call_plain
         self._contexts: dict[tuple, Tensor] = {}  # one context buffer per shape, rewritten for each prompt
+        # the K/V projections of a rewritten buffer, replayed: 16 small matmuls (SD1.5) cost 0.5 ms of launches
+        self._projector = CUDAGraphRunner(self._project, self.config.warmup, (0,), memset_kernels) \
+            if graphs and self._projects else self._project
         # found once: walking the UNet's ~700 modules took 0.5 ms of host time on a 2-core dev CPU, in every
         # image's prologue
         self._cross_attentions = [m for m in self.unet.modules() if isinstance(m, Attention) and m.is_cross_attention]
@@ -319,6 +382,11 @@ class FastUNet:
 
     def _call_plain(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
         return self._forward(self._input(x), t, context).float().contiguous()
+
+    def _project(self, buffer: Tensor) -> Tensor:
+        for module in self._cross_attentions:  # UNet2DConditionModel.project_context, module by module
+            module.project_context(buffer)
+        return buffer
 
     def eager_call(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
         """One call of the prepared UNet as `denoiser` makes it, but eager: no graph, no torch.compile; with
@@ -346,13 +414,12 @@ class FastUNet:
 
         def held_context() -> Tensor:
             buffer = self._contexts.get(key)
-            if buffer is None:
+            if buffer is None:  # its first projections allocate what they keep: eager, outside any graph
                 buffer = self._contexts[key] = torch.empty_like(context, memory_format=torch.contiguous_format)
-            if self._holders.get(key) is not model_fn:
-                buffer.copy_(context)
-                for module in self._cross_attentions:  # UNet2DConditionModel.project_context, module by module
-                    module.project_context(buffer)
-                self._holders[key] = model_fn
+                self._project(buffer.copy_(context))
+            elif self._holders.get(key) is not model_fn:
+                self._projector(buffer.copy_(context))  # into the kept projections, in place
+            self._holders[key] = model_fn
             return buffer
 
         def model_fn(x: Tensor, t: Tensor) -> Tensor:
@@ -363,5 +430,5 @@ class FastUNet:
 
     @property
     def graphs_captured(self) -> int:
-        """CUDA graphs held (one per input shape and guidance mode)."""
+        """UNet CUDA graphs held (one per input shape and guidance mode)."""
         return sum(r.captured for r in (self._guided, self._plain) if isinstance(r, CUDAGraphRunner))

@@ -306,16 +306,43 @@ def test_folded_biases_match_the_linears_own(kind, backend, monkeypatch):
     assert rel(out, ref) <= 1e-5
 
 
-def test_prepared_vae_matches_plain():
+@pytest.mark.parametrize("vae_attention", ["auto", "sdpa", "matmul"])
+def test_prepared_vae_matches_plain(vae_attention):
     cfg = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
     plain = AutoencoderKL(cfg).eval().requires_grad_(False)
     _randomise(plain)
-    fast = prepare_vae(copy.deepcopy(plain), FastConfig())
+    fast = prepare_vae(copy.deepcopy(plain), FastConfig(vae_attention=vae_attention))
     z = torch.randn(2, cfg.latent_channels, 6, 5)
     ref, out = plain.decode(z), fast.decode(z)
     err = (out - ref).abs()
-    print(f"vae decode: max {err.max():.2e} mean {err.mean():.2e} rel {rel(out, ref):.2e}")
+    print(f"vae decode ({vae_attention}): max {err.max():.2e} mean {err.mean():.2e} rel {rel(out, ref):.2e}")
     assert rel(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 97, 77, 40), (1, 1, 64, 64, 512), (2, 1, 33, 5, 19)],
+                         ids=["odd", "vae_width", "tiny_keys"])
+def test_matmul_attention_matches_sdpa_across_query_blocks(shape, monkeypatch):
+    """Blocks of 10 queries (the limit set low) cover full blocks and a short last one."""
+    from fastdiff import fast
+
+    B, H, Sq, Skv, D = shape
+    monkeypatch.setattr(fast, "MATMUL_ATTENTION_SCORES", 10 * Skv)
+    q, k, v = torch.randn(B, H, Sq, D), torch.randn(B, H, Skv, D), torch.randn(B, H, Skv, D + 3)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.3)
+    out = fast.matmul_attention(q, k, v, scale=0.3)
+    print(f"{shape}: rel {rel(out, ref):.2e}")
+    assert out.shape == (B, H, Sq, D + 3) and out.dtype == q.dtype
+    assert rel(out, ref) <= 1e-6
+
+
+def test_auto_attention_takes_matmul_past_the_kernels_widest_head():
+    from fastdiff.fast import _pick_attention
+    from fastdiff.kernels.attention import MAX_HEAD_DIM
+
+    assert _pick_attention("auto", 512) == "matmul"  # SD's VAE: one head of 512
+    assert _pick_attention("auto", MAX_HEAD_DIM + 1) == "matmul"
+    assert _pick_attention("auto", MAX_HEAD_DIM) != "matmul"
+    assert _pick_attention("sdpa", 512) == "sdpa"
 
 
 def test_fast_config_rejects_bad_settings():

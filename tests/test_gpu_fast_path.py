@@ -77,9 +77,9 @@ def test_two_resolutions_keep_two_graphs(sd15_fp32):
 
 @torch.no_grad()
 def test_graphs_read_the_projected_context_in_place(sd15_fp32):
-    """The graph reads its context buffer and the K/V projections computed from it outside the graph: a second
-    prompt of the same shape replays the same graph with its own projections, and interleaved denoisers each
-    get their own prompt."""
+    """The graph reads its context buffer and the K/V projections computed from it outside the graph (eagerly for
+    the first prompt, then in a graph of their own): a second prompt of the same shape replays the same graph
+    with its own projections, and interleaved denoisers each get their own prompt."""
     fast = FastUNet(copy.deepcopy(sd15_fp32).half(), FastConfig())
     x, t, first = _inputs(1, 64, 64)
     second = torch.randn_like(first)
@@ -90,6 +90,7 @@ def test_graphs_read_the_projected_context_in_place(sd15_fp32):
         print(f"prompt {i}: rel {rel(out, expected[i]):.2e} (vs the other prompt {rel(out, expected[1 - i]):.2e})")
         assert rel(out, expected[i]) <= 1e-3
     assert fast.graphs_captured == 1
+    assert fast._projector.captured == 1  # the second prompt's projections on, replayed in place
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +219,23 @@ def test_first_image_compiles_its_kernels_ahead_all_at_once(tiny_folder, schedul
     assert len(counts) == 1 and counts[0] > before
     assert after == counts[0], "the image compiled kernels that compiling ahead did not"
     assert all(np.isfinite(image).all() for image in images + again)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch, logit_std", [(1, 1.0), (2, 8.0)])
+def test_matmul_attention_error_within_twice_sdpas_at_the_vae_width(dtype, batch, logit_std):
+    """SD's VAE attention: one head of 512 over the 64x64 latent's 4096 tokens. Error against a float64
+    reference, next to torch SDPA's at the same precision."""
+    import torch.nn.functional as F
+
+    from fastdiff.fast import matmul_attention
+
+    g = torch.Generator("cuda").manual_seed(batch)
+    q, k, v = (torch.randn(batch, 1, 4096, 512, device="cuda", generator=g) for _ in range(3))
+    q = q * logit_std
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    ours = matmul_attention(q.to(dtype), k.to(dtype), v.to(dtype))
+    theirs = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype))
+    print(f"{dtype} b{batch} logits std {logit_std}: matmul {rel(ours, ref):.2e}, sdpa {rel(theirs, ref):.2e}")
+    assert ours.dtype == dtype
+    assert rel(ours, ref) <= 2 * rel(theirs, ref)

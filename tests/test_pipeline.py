@@ -1,5 +1,6 @@
 """End to end on CPU in float32: fastdiff's sampling loop against diffusers' StableDiffusionPipeline with the
 same tiny random model, the same initial latents and the same ancestral noise."""
+import copy
 import math
 
 import numpy as np
@@ -182,3 +183,28 @@ def test_clip_skip_reaches_the_text_encoder(tiny):
     got = ours.encode_prompt([PROMPT], [""], num_images=1, cfg=True, clip_skip=1)
     assert torch.equal(got, expected)
     assert not torch.equal(got, ours.encode_prompt([PROMPT], [""], num_images=1, cfg=True))
+
+
+def test_schedules_are_kept_per_request_and_follow_the_config(tiny, monkeypatch):
+    """A plan is made once per (sampler, steps, karras, eta, resolved config) and reused by later images; a changed
+    scheduler config makes a new one; at most SCHEDULES_KEPT are held."""
+    import fastdiff.pipeline as P
+    from fastdiff import schedulers
+
+    ours, _ = tiny["sd1"]
+    pipe = copy.copy(ours)  # own caches and config, same modules
+    pipe._schedules, pipe.scheduler_config = {}, dict(ours.scheduler_config)
+    made = []
+    real = schedulers.make_schedule
+    monkeypatch.setattr(schedulers, "make_schedule", lambda *a, **k: made.append(a[:2]) or real(*a, **k))
+    first = pipe.schedule("dpmpp_2m", 5)
+    assert pipe.schedule("dpmpp_2m", 5) is first and len(made) == 1
+    fresh = real("dpmpp_2m", 5, pipe.scheduler_config, device=pipe.device)
+    assert first.timesteps == fresh.timesteps and first.sigmas == fresh.sigmas
+    assert pipe.schedule("euler", 5) is not first and pipe.schedule("dpmpp_2m", 6).steps == 6
+    pipe.scheduler_config["timestep_spacing"] = "trailing"
+    assert pipe.schedule("dpmpp_2m", 5).timesteps != first.timesteps and len(made) == 4
+    for steps in range(1, 2 * P.SCHEDULES_KEPT):
+        pipe.schedule("ddim", steps)
+    assert len(pipe._schedules) == P.SCHEDULES_KEPT
+    assert "trailing" not in ours.scheduler_config.values()  # the shared pipeline is untouched
