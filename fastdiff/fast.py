@@ -11,11 +11,12 @@ What the preparation changes, and why:
                  (B, H*W, C) token view and back become free views instead of copies.
   fused q/k/v    one matmul for self-attention's q, k, v and one for cross-attention's k, v (the same
                  parameters and state-dict keys: `Attention.fuse_projections` makes them views); one for
-                 every ResNet block's time projection (`UNet2DConditionModel.fuse_time_projections`).
+                 every ResNet block's time projection (`UNet2DConditionModel.fuse_time_projections`); one
+                 for each text-encoder layer's q, k, v (`CLIPTextModel.fuse_projections`).
   attention      per kind, head dim and batch, fastdiff's Triton kernel (`ops.attention`) or torch SDPA,
                  whichever was measured faster: Triton for cross-attention, for large-batch self-attention
                  at head dim 40 (SD1.5's 64x64 level) and for self-attention at head dim 160, SDPA for the
-                 other self-attention.
+                 other self-attention. The VAE's one 512-wide head: GEMM, softmax, GEMM (`matmul_attention`).
   GEGLU          the MLP's value * GELU(gate) in one Triton pass (`fuse_geglu`): 6.65 against 7.05 ms per
                  UNet step, 182.8 against 193.8 ms per image on an H200.
   epilogues      where it beat cuBLAS, one Triton matmul makes the GEGLU projection and its gate, and proj_out
@@ -228,6 +229,14 @@ def prepare_vae(vae: nn.Module, config: FastConfig) -> nn.Module:
         elif isinstance(module, UpsampleConv):
             module.subpixel = config.subpixel_upsample
     return vae
+
+
+def prepare_text_encoder(text_encoder: nn.Module, config: FastConfig) -> nn.Module:
+    """The text encoder's part of the fast path, in place: with fuse_projections, one q/k/v matmul per layer
+    (`CLIPTextModel.fuse_projections`)."""
+    if config.fuse_projections:
+        text_encoder.fuse_projections()
+    return text_encoder
 
 
 class _Captured(NamedTuple):

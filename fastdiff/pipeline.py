@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastdiff import schedulers
-from fastdiff.fast import CUDAGraphRunner, FastConfig, FastUNet, prepare_vae
+from fastdiff.fast import CUDAGraphRunner, FastConfig, FastUNet, prepare_text_encoder, prepare_vae
 from fastdiff.kernels import compiling_ahead
 from fastdiff.loading import load_components
 
@@ -240,6 +240,7 @@ class Pipeline:
             config = self.fast if isinstance(self.fast, FastConfig) else FastConfig()
             self._fast_unet = FastUNet(self.unet, config)
             prepare_vae(self.vae, config)
+            prepare_text_encoder(self.text_encoder, config)
         return self._fast_unet
 
     def _compile_kernels(self, x: Tensor, context: Tensor, req: _Request, sched: schedulers.Schedule,

@@ -68,6 +68,29 @@ def test_clip_skip_matches_diffusers_rule(hidden, layers, heads, intermediate, a
         assert torch.equal(ours(ids, clip_skip=0), ours(ids))
 
 
+@pytest.mark.parametrize("hidden, layers, heads, intermediate, act", CONFIGS)
+def test_fused_projections_match_transformers_and_keep_their_keys(hidden, layers, heads, intermediate, act):
+    """`fuse_projections()` (the fast path's one q/k/v matmul) at every clip_skip; the state dict keeps its keys
+    and values, and a load afterwards reaches the fused matmul."""
+    theirs = _theirs(hidden, layers, heads, intermediate, act)
+    ours = _ours(theirs)
+    keys = list(ours.state_dict())
+    ours.fuse_projections()
+    ours.fuse_projections()  # twice is harmless
+    assert list(ours.state_dict()) == keys
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in theirs.state_dict().items() if k in keys)
+    ids = torch.randint(0, 1000, (2, 77))
+    with torch.no_grad():
+        hidden_states = theirs(ids, output_hidden_states=True).hidden_states
+        for clip_skip in range(layers):
+            want = theirs.final_layer_norm(hidden_states[-(clip_skip + 1)])
+            assert _rel_err(ours(ids, clip_skip=clip_skip), want, f"fused clip_skip={clip_skip}") <= 1e-5
+        assert torch.equal(ours(ids, clip_skip=layers), _ours(theirs)(ids, clip_skip=layers))  # no layer run
+        fresh = _theirs(hidden, layers, heads, intermediate, act)
+        ours.load_state_dict(fresh.state_dict())
+        assert _rel_err(ours(ids), fresh(ids).last_hidden_state, "fused, reloaded") <= 1e-5
+
+
 def test_clip_skip_out_of_range_raises():
     ours = CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                         num_attention_heads=2))

@@ -104,12 +104,32 @@ class CLIPAttention(nn.Module):
         self.k_proj = nn.Linear(d, d)
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
+        # (3D, D) [q; k; v] and (3D,) once fused; not in the state dict (the projections keep their keys, as views)
+        self.register_buffer("fused_weight", None, persistent=False)
+        self.register_buffer("fused_bias", None, persistent=False)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """One matmul for q, k and v: their weights and biases become views into `fused_weight` and
+        `fused_bias`, with the same parameters and state-dict keys, no second copy, and `load_state_dict`
+        afterwards still updating the fused tensors (as `fastdiff.models.unet.Attention.fuse_projections`)."""
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        self.fused_weight = torch.cat([p.weight for p in parts])
+        self.fused_bias = torch.cat([p.bias for p in parts])
+        d = self.q_proj.out_features
+        for i, p in enumerate(parts):
+            p.weight = nn.Parameter(self.fused_weight[i * d:(i + 1) * d], requires_grad=False)
+            p.bias = nn.Parameter(self.fused_bias[i * d:(i + 1) * d], requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """Causal self-attention: token t sees tokens 0..t. x (B, T, D) -> (B, T, D)."""
         b, t, d = x.shape
-        q, k, v = (proj(x).view(b, t, self.num_heads, -1).transpose(1, 2)  # (B, H, T, head_dim)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if self.fused_weight is not None:  # (3, B, H, T, head_dim) views of one matmul's output
+            q, k, v = F.linear(x, self.fused_weight, self.fused_bias).view(b, t, 3, self.num_heads, -1
+                                                                            ).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = (proj(x).view(b, t, self.num_heads, -1).transpose(1, 2)  # (B, H, T, head_dim)
+                       for proj in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(head_dim), as CLIP
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
 
@@ -170,6 +190,17 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
         self.register_load_state_dict_pre_hook(_accept_transformers_layouts)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """The fast path's form (`fastdiff.fast.prepare_text_encoder`): every layer's q, k and v projections in
+        one matmul (`CLIPAttention.fuse_projections`), two kernels fewer per layer. The parameters and
+        state-dict keys stay; calling it twice is harmless. (The residual adds stay torch's: fusing them into
+        the LayerNorm passes would save a kernel more per add, but compile a Triton kernel before the first
+        image's ahead-of-time compiles, in its cold start.)"""
+        for layer in self.text_model.encoder.layers:
+            if layer.self_attn.fused_weight is None:
+                layer.self_attn.fuse_projections()
 
     def forward(self, input_ids: Tensor, clip_skip: Optional[int] = None) -> Tensor:
         """Final hidden states. input_ids: (B, T) long, T <= max_position_embeddings -> (B, T, hidden_size).
