@@ -63,6 +63,7 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = Non
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+TIME_TABLES_KEPT = 16  # timestep tensors whose time features a FastUNet keeps (`FastUNet._time_features`)
 # matmul_attention's float32 scores per block: 32 MB, 2048 queries x 4096 keys (the VAE's 64x64 map). On an H200
 # that block ran as fast as all 4096 queries at once (153 against 152 us at 1x1x4096x512) with half the memory.
 MATMUL_ATTENTION_SCORES = 2048 * 4096
@@ -379,18 +380,44 @@ class FastUNet:
         self._cross_attentions = [m for m in self.unet.modules() if isinstance(m, Attention) and m.is_cross_attention]
         self._upsamplers = [m for m in self.unet.modules() if isinstance(m, UpsampleConv) and m.subpixel]
         self._holders: dict[tuple, Callable] = {}  # the model_fn whose context each buffer holds
+        # `_time_features`: the timestep tensors a sampler steps through, each with its rows of time features
+        self._time_tables: dict[int, tuple[Tensor, tuple[int, ...], Tensor]] = {}
+        self._time_inputs = [*self.unet.time_embedding.parameters(), *(
+            t for t in (self.unet.fused_time_weight, self.unet.fused_time_bias, self.unet.fused_conv1_bias)
+            if t is not None)]
 
     def _input(self, x: Tensor) -> Tensor:
         fmt = torch.channels_last if self.config.channels_last else torch.contiguous_format
         return x.to(self.dtype, memory_format=fmt)
 
-    def _call_guided(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def _call_guided(self, x: Tensor, temb: Tensor, context: Tensor) -> Tensor:
         # x is shared by both halves of context: (2B, C, h, w) = [uncond; cond], the layers before the first
         # cross-attention run on B rows (the UNet's forward, "shared sample")
-        return self._forward(self._input(x), t, context).float().contiguous()
+        return self._forward(self._input(x), None, context, temb=temb, out_dtype=torch.float32)
 
-    def _call_plain(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        return self._forward(self._input(x), t, context).float().contiguous()
+    def _call_plain(self, x: Tensor, temb: Tensor, context: Tensor) -> Tensor:
+        return self._forward(self._input(x), None, context, temb=temb, out_dtype=torch.float32)
+
+    def _time_features(self, t: Tensor) -> Tensor:
+        """The UNet's `time_features` of a 0-d timestep shared by the batch, a (1, width) row. A sampler passes
+        `sched.model_timesteps[i]`, a view of a 1-D tensor: the rows of all its timesteps are then computed at
+        once, kept with that tensor (until it or the time path's weights change: their version counters), and
+        t's row is found by its offset in it, host metadata only. So the graphs start from the row, not from
+        the timestep: the sinusoidal embedding and the time MLP, 15 small kernels, left every step. Any other
+        t is computed now."""
+        base = t._base
+        if not (t.dim() == 0 and base is not None and base.dim() == 1 and base.is_contiguous()
+                and base.dtype == torch.float32 and base.device == t.device):
+            return self.unet.time_features(t.reshape(()).to(torch.float32), 1, t.device, self.dtype)
+        version = (base._version, *(p._version for p in self._time_inputs))
+        entry = self._time_tables.get(id(base))
+        if entry is None or entry[0] is not base or entry[1] != version:
+            while len(self._time_tables) >= TIME_TABLES_KEPT:
+                del self._time_tables[next(iter(self._time_tables))]
+            rows = self.unet.time_features(base, base.shape[0], base.device, self.dtype)
+            entry = self._time_tables[id(base)] = (base, version, rows)
+        i = t.storage_offset() - base.storage_offset()
+        return entry[2][i:i + 1]
 
     def _project(self, buffer: Tensor) -> Tensor:
         for module in self._cross_attentions:  # UNet2DConditionModel.project_context, module by module
@@ -418,7 +445,7 @@ class FastUNet:
         for module in self._upsamplers:  # weights loaded since the graphs were captured reach them
             module.subpixel_weight()
         if not self._projects:
-            return lambda x, t: call(x, t.reshape(()).to(torch.float32), context)
+            return lambda x, t: call(x, self._time_features(t), context)
         key = (tuple(context.shape), context.device)
 
         def held_context() -> Tensor:
@@ -432,7 +459,7 @@ class FastUNet:
             return buffer
 
         def model_fn(x: Tensor, t: Tensor) -> Tensor:
-            return call(x, t.reshape(()).to(torch.float32), held_context())
+            return call(x, self._time_features(t), held_context())
 
         held_context()  # project now, not inside the first step
         return model_fn

@@ -158,6 +158,32 @@ def test_denoisers_of_one_shape_interleave():
         assert rel(out, expected[i]) <= 1e-6
 
 
+def test_time_features_come_from_the_schedules_rows_and_follow_weight_changes():
+    """model_fn(x, sched.model_timesteps[i]) reads row i of time features made once for the whole tensor; the
+    result equals the UNet called with the timestep. New time-path weights (or new timesteps) make new rows."""
+    from fastdiff import schedulers
+
+    unet = _tiny_unet("sd1")
+    fast = FastUNet(unet, FastConfig(cuda_graphs=False))
+    x, _, _ = _unet_inputs(unet.config, batch=1)
+    context = torch.randn(2, 7, unet.config.cross_attention_dim)
+    timesteps = schedulers.make_schedule("dpmpp_2m", 4, {}).model_timesteps
+    fn = fast.denoiser(context, cfg=True)
+    for i in range(4):
+        out = fn(x, timesteps[i])
+        assert out.dtype == torch.float32 and out.is_contiguous()  # conv_out's bias, cast and layout in one pass
+        assert rel(out, fast.eager_call(x, timesteps[i], context)) <= 1e-6
+    assert len(fast._time_tables) == 1
+    loose = timesteps[2].clone()  # not a view of a schedule: computed on its own
+    assert rel(fn(x, loose), fast.eager_call(x, loose, context)) <= 1e-6
+    with torch.no_grad():
+        unet.time_embedding.linear_1.weight.mul_(1.5)  # as a load_state_dict would, in place
+        timesteps.add_(3.0)
+    for i in (0, 3):
+        assert rel(fn(x, timesteps[i]), fast.eager_call(x, timesteps[i], context)) <= 1e-6
+    assert len(fast._time_tables) == 1
+
+
 @pytest.mark.parametrize("self_attention, cross_attention", [("sdpa", "fastdiff"), ("fastdiff", "sdpa"),
                                                              ("auto", "fastdiff")])
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])

@@ -724,10 +724,29 @@ class UNet2DConditionModel(nn.Module):
             if isinstance(module, Attention):
                 module.projected.clear()
 
-    def forward(self, sample: Tensor, timestep: Union[int, float, Tensor], context: Tensor) -> Tensor:
+    def time_features(self, timestep: Union[int, float, Tensor], batch: int, device: torch.device,
+                      dtype: torch.dtype) -> Tensor:
+        """What the ResNet blocks take from the timestep (`temb`): SiLU of the time-embedding MLP of its
+        sinusoidal embedding, (B or 1, 4 * C0), or once the time projections are fused
+        (`fuse_time_projections`) every block's norm2 offset, (B or 1, sum of the blocks' Cout). timestep: as
+        `forward` takes it, for a batch of `batch` samples. It depends on the timestep alone, so a caller that
+        knows the timesteps ahead may compute it for all of them at once and pass rows to `forward`."""
+        t = _timesteps(timestep, batch, device)  # (B,), or (1,) when shared
+        t_emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
+                                   self.config.freq_shift).to(dtype)  # (B or 1, C0)
+        # Every ResnetBlock2D starts with SiLU(time embedding); take it once here.
+        temb = F.silu(self.time_embedding(t_emb))  # (B or 1, 4 * C0)
+        if self.fused_time_weight is not None:  # every block's time projection + conv1 bias in one matmul
+            temb = F.linear(temb, self.fused_time_weight, self.fused_time_bias) + self.fused_conv1_bias
+        return temb
+
+    def forward(self, sample: Tensor, timestep: Union[int, float, Tensor, None], context: Tensor,
+                temb: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
         """sample: (B, in_channels, h, w), any h, w; timestep: a number or 0-d tensor for the whole batch, or a
         (B,) tensor (fractional values allowed); context: (B, T, cross_attention_dim) text-encoder hidden states
-        -> (B, out_channels, h, w).
+        -> (B, out_channels, h, w). temb: `time_features` of the timestep, computed ahead, (B or 1, width); the
+        timestep is then not read (None allowed). out_dtype: the output in that dtype and contiguous, conv_out's
+        bias added in the same pass (one kernel where a cast and a copy would follow); else as conv_out makes it.
 
         Shared sample: context may hold r * B rows when the timestep is shared. The result is then
         forward(cat([sample] * r), timestep, context), (r * B, out_channels, h, w), as classifier-free guidance
@@ -738,16 +757,16 @@ class UNet2DConditionModel(nn.Module):
         if context.shape[0] % batch:
             raise ValueError(f"context has {context.shape[0]} rows, expected a multiple of sample's batch {batch} "
                              f"(sample {tuple(sample.shape)}, context {tuple(context.shape)})")
-        t = _timesteps(timestep, batch, sample.device)  # (B,), or (1,) when shared
-        if context.shape[0] != batch and t.shape[0] != 1:
-            raise ValueError(f"a sample shared by several contexts ({batch} samples, {context.shape[0]} contexts) "
-                             f"needs one timestep for the batch, got shape {tuple(timestep.shape)}")
-        t_emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
-                                   self.config.freq_shift).to(sample.dtype)  # (B or 1, C0)
-        # Every ResnetBlock2D starts with SiLU(time embedding); take it once here.
-        temb = F.silu(self.time_embedding(t_emb))  # (B or 1, 4 * C0)
-        if self.fused_time_weight is not None:  # every block's time projection + conv1 bias in one matmul
-            temb = F.linear(temb, self.fused_time_weight, self.fused_time_bias) + self.fused_conv1_bias
+        shared = context.shape[0] != batch
+        if temb is None:
+            t = _timesteps(timestep, batch, sample.device)  # (B,), or (1,) when shared
+            if shared and t.shape[0] != 1:
+                raise ValueError(f"a sample shared by several contexts ({batch} samples, {context.shape[0]} "
+                                 f"contexts) needs one timestep for the batch, got shape {tuple(timestep.shape)}")
+            temb = self.time_features(t, batch, sample.device, sample.dtype)
+        elif temb.dim() != 2 or temb.shape[0] not in (1, batch) or (shared and temb.shape[0] != 1):
+            raise ValueError(f"temb must be (1, width){'' if shared else f' or ({batch}, width)'} for "
+                             f"{batch} samples and {context.shape[0]} contexts, got shape {tuple(temb.shape)}")
 
         x = self.conv_in(sample)  # (B, C0, h, w)
         skips = [x]
@@ -761,4 +780,9 @@ class UNet2DConditionModel(nn.Module):
             block_skips, skips = skips[-n:], skips[:-n]
             # Upsample to the next skip's size, not blindly 2x: odd sizes were rounded up on the way down.
             x = block(x, block_skips, temb, context, skips[-1].shape[-2:] if skips else None)
-        return self.conv_out(_group_norm(self.conv_norm_out, x, "silu"))
+        h = _group_norm(self.conv_norm_out, x, "silu")
+        if out_dtype is None:
+            return self.conv_out(h)
+        y = F.conv2d(h, self.conv_out.weight, None, self.conv_out.stride, self.conv_out.padding)
+        return torch.add(y, self.conv_out.bias[:, None, None], out=torch.empty(y.shape, dtype=out_dtype,
+                                                                              device=y.device))
