@@ -390,11 +390,13 @@ class FastUNet:
         fmt = torch.channels_last if self.config.channels_last else torch.contiguous_format
         return x.to(self.dtype, memory_format=fmt)
 
+    @torch.no_grad()  # inference only: a graph's output is a static buffer
     def _call_guided(self, x: Tensor, temb: Tensor, context: Tensor) -> Tensor:
         # x is shared by both halves of context: (2B, C, h, w) = [uncond; cond], the layers before the first
         # cross-attention run on B rows (the UNet's forward, "shared sample")
         return self._forward(self._input(x), None, context, temb=temb, out_dtype=torch.float32)
 
+    @torch.no_grad()
     def _call_plain(self, x: Tensor, temb: Tensor, context: Tensor) -> Tensor:
         return self._forward(self._input(x), None, context, temb=temb, out_dtype=torch.float32)
 

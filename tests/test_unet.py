@@ -294,3 +294,19 @@ def test_forward_replays_in_a_cuda_graph():
             graph.replay()
             expected = ours(sample, timestep, context)
             assert rel_err(out, expected) <= TOL
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_out_dtype_gives_a_contiguous_output_of_that_dtype(grad):
+    """forward(..., out_dtype=) adds conv_out's bias in the pass that casts and lays the output out; with
+    autograd recording (out= has no gradient) it falls back to conv_out and a copy. Same values either way."""
+    torch.manual_seed(0)
+    config = UNetConfig(**CONFIGS["sd1"])
+    unet = UNet2DConditionModel(config).eval().requires_grad_(grad).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
+    t, context = torch.tensor([3.0, 500.0]), torch.randn(2, 5, config.cross_attention_dim)
+    with torch.set_grad_enabled(grad):
+        ref = unet(x, t, context)
+        out = unet(x, t, context, out_dtype=torch.float64)
+    assert out.dtype == torch.float64 and out.is_contiguous() and out.requires_grad == grad
+    torch.testing.assert_close(out, ref.double(), rtol=1e-6, atol=1e-6)

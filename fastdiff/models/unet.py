@@ -783,6 +783,8 @@ class UNet2DConditionModel(nn.Module):
         h = _group_norm(self.conv_norm_out, x, "silu")
         if out_dtype is None:
             return self.conv_out(h)
+        if torch.is_grad_enabled() and (h.requires_grad or self.conv_out.bias.requires_grad):  # out= has no grad
+            return self.conv_out(h).to(out_dtype, memory_format=torch.contiguous_format)
         y = F.conv2d(h, self.conv_out.weight, None, self.conv_out.stride, self.conv_out.padding)
         return torch.add(y, self.conv_out.bias[:, None, None], out=torch.empty(y.shape, dtype=out_dtype,
                                                                               device=y.device))
