@@ -64,16 +64,17 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = Non
 
 
 TIME_TABLES_KEPT = 16  # timestep tensors whose time features a FastUNet keeps (`FastUNet._time_features`)
-# matmul_attention's float32 scores per block: 32 MB, 2048 queries x 4096 keys (the VAE's 64x64 map). On an H200
-# that block ran as fast as all 4096 queries at once (153 against 152 us at 1x1x4096x512) with half the memory.
-MATMUL_ATTENTION_SCORES = 2048 * 4096
+# matmul_attention's float32 scores per block: 16 MB, 1024 queries x 4096 keys (the VAE's 64x64 map). On an H200
+# (CUDA-graph replays, 1x1x4096x512 fp16) 1024 rows took 168 us, 2048 rows 146 us but 24 MB more at a batch-1
+# image's memory peak, which the VAE's attention then set (2717 MB against diffusers eager's 2725 MB).
+MATMUL_ATTENTION_SCORES = 1024 * 4096
 
 
 def matmul_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
     """Attention as a GEMM into float32 scores, a softmax in place and a GEMM, per (batch, head) and block of
     queries (at most MATMUL_ATTENTION_SCORES scores); `ops.attention`'s signature, any head dim. For heads past the
     flash kernels' widths, the VAE's one head of 512, where torch SDPA takes its memory-efficient kernel: at
-    1x1x4096x512 fp16 on an H200, 153 against 334 us, and 1218 against 2044 us at batch 8, with the same error
+    1x1x4096x512 fp16 on an H200, 168 against 334 us, and 1337 against 2005 us at batch 8, with the same error
     against a float64 reference (4.6e-4 against SDPA's 4.55e-4, 1.00e-3 against 0.99e-3 at larger logits).
     The probabilities are rounded to v's dtype for the second GEMM, as the flash kernels do."""
     B, H, Sq, D = q.shape
@@ -149,7 +150,7 @@ class FastConfig:
     #   benchmarks/RESULTS.md
     cross_attention: str = "fastdiff"  # Triton's on-chip path for the 77 text keys: 1.1-1.6x SDPA
     vae_attention: str = "auto"  # the VAE's single 512-wide head, past the Triton kernel's limits: "auto" takes
-    #   `matmul_attention` there (2.2x torch SDPA's memory-efficient kernel on an H200), "sdpa" torch's
+    #   `matmul_attention` there (2.0x torch SDPA's memory-efficient kernel on an H200), "sdpa" torch's
     fuse_geglu: bool = True  # GEGLU's value * GELU(gate) in one Triton pass (ops.geglu) instead of eager gelu
     #   and mul: 6% faster images on an H200 (benchmarks/RESULTS.md)
     linear_epilogues: bool = True  # the transformers' GEGLU projection with its gate, and their MLP output and
