@@ -163,8 +163,12 @@ class FastConfig:
     #   (benchmarks/RESULTS.md). Takes the MLP output from linear_epilogues.
     subpixel_upsample: bool = True  # the UNet's and the VAE's nearest 2x upsampling + conv3x3 as a 2x2 conv of
     #   the small image and a shuffle (fastdiff.kernels.subpixel): 4/9 of the FLOPs, no upsampled copy
-    split_k_conv: bool = True  # the UNet ResNet blocks' 3x3 convs through ops.conv2d: Triton's split-K kernel
-    #   where it beats cuDNN (few output pixels: the 8x8 level at CFG batch 2), cuDNN elsewhere
+    conv_bias_pass: bool = True  # the UNet's conv_in and downsampler convs without their bias, which one
+    #   vectorized Triton pass adds (ops.residual_add without a residual): PyTorch's own bias add after a cuDNN
+    #   conv is a broadcast that is not vectorized (conv_in at CFG batch 2: 10.3 -> 5.4 us plus the pass)
+    split_k_conv: bool = True  # the UNet ResNet blocks' 3x3 convs and conv_out through ops.conv2d: Triton's
+    #   split-K kernel where it beats cuDNN (few output pixels: the 8x8 level at CFG batch 2; conv_out's 4
+    #   channels at CFG batch 2), cuDNN elsewhere
     cuda_graphs: bool = True  # capture the UNet call once per input shape and replay it
     memset_kernels: bool = True  # in those graphs (and the text encoder's), cuDNN's memset nodes made kernel
     #   nodes (CUDAGraphRunner): CFG-2 UNet replay 5.184 -> 5.154 ms on an H200, bitwise the same output
@@ -188,7 +192,8 @@ class FastConfig:
 def prepare_unet(unet: nn.Module, config: FastConfig) -> nn.Module:
     """Make a fastdiff UNet2DConditionModel fast in place (see the module docstring) and return it.
     State-dict keys and values are unchanged (up to the dtype); calling it twice is harmless."""
-    from fastdiff.models.unet import GEGLU, BasicTransformerBlock, FeedForward, ResnetBlock2D, Transformer2DModel
+    from fastdiff.models.unet import (GEGLU, BasicTransformerBlock, Downsample2D, FeedForward, ResnetBlock2D,
+                                      Transformer2DModel)
 
     if config.dtype is not None:
         unet.to(config.dtype)
@@ -216,6 +221,10 @@ def prepare_unet(unet: nn.Module, config: FastConfig) -> nn.Module:
             module.subpixel = config.subpixel_upsample
         elif isinstance(module, ResnetBlock2D):
             module.conv1.split_k = module.conv2.split_k = config.split_k_conv
+        elif isinstance(module, Downsample2D):
+            module.conv.bias_pass = config.conv_bias_pass
+    unet.conv_in.bias_pass = config.conv_bias_pass
+    unet.conv_out.split_k = config.split_k_conv  # its 4 output channels: `prefers_split_k`'s narrow case
     return unet
 
 

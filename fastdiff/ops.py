@@ -292,13 +292,14 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
                                                                               residual_bias, stream_bias, copies)
 
 
-def residual_add(x: Tensor, y: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None,
+def residual_add(x: Optional[Tensor], y: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None,
                  x_bias: Optional[Tensor] = None) -> Tensor:
     """x + x_bias + y + bias (biases [None, :, None, ...]), one pass on the Triton backend: y is a conv's output
     computed without its bias, x the residual (x_bias: the bias its skip conv left out). x, y: (N, C, *spatial),
     same layout, or x with a divisor of y's N samples, repeated over them; bias, x_bias: (C,) or None; out: where
-    to write (y's shape, dtype and strides; may be x or y), else a new tensor; see `fastdiff.kernels.residual_add`."""
-    return _load("residual_add", resolve("residual_add", x.device.type))(x, y, bias, out, x_bias)
+    to write (y's shape, dtype and strides; may be x or y), else a new tensor. x None: y + bias alone (a conv's
+    bias in a vectorized pass); see `fastdiff.kernels.residual_add`."""
+    return _load("residual_add", resolve("residual_add", y.device.type))(x, y, bias, out, x_bias)
 
 
 def conv2d(x: Tensor, weight: Tensor, stride: int = 1, padding: int = 0) -> Tensor:

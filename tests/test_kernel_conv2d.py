@@ -184,6 +184,10 @@ def test_prefers_split_k_on_sd15_shapes():
     assert not prefers((2, 1280, 8, 8), (1280, 1280, 3, 3), dtype=torch.float64)
     assert not prefers((2, 1280, 8, 8), (1280, 1280, 3, 3), stride=0)
     assert not prefers((2, 1280, 2, 2), (1280, 1280, 3, 3), padding=0)  # an empty output
+    assert prefers((2, 320, 64, 64), (4, 320, 3, 3))  # the UNet's conv_out at CFG batch 2: a narrow output
+    assert not prefers((16, 320, 64, 64), (4, 320, 3, 3))  # at CFG batch 16: as fast on cuDNN
+    assert not prefers((2, 4, 64, 64), (320, 4, 3, 3))  # conv_in: wide output, K = 36
+    assert not prefers((2, 8, 64, 64), (4, 8, 3, 3))  # narrow, but K = 72: short
 
 
 _X = torch.randn(2, 8, 5, 5).to(memory_format=torch.channels_last)

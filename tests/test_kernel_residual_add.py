@@ -123,6 +123,27 @@ def test_residual_add_rounds_once():
     assert torch.equal(residual_add_ref(x, y, b), y)
 
 
+def _check_bias_alone(name, y, b):
+    """x None: y + bias, one rounding like eager torch's y + bias, so equal to it (interpreted bfloat16: one ulp)."""
+    out, torch_out = residual_add(None, y, b), residual_add_ref(None, y, b)
+    exact = y.double() + b.double().view(1, -1, *([1] * (y.dim() - 2)))
+    _errors(f"bias alone {name}", out, exact)
+    assert out.shape == y.shape and out.dtype == y.dtype and out.stride() == torch_out.stride() == y.stride()
+    if y.dtype == torch.bfloat16 and y.device.type == "cpu":
+        torch.testing.assert_close(out.double(), exact, atol=1e-5, rtol=INTERPRETED_BF16_RTOL)
+    else:
+        assert torch.equal(out, torch_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ODD_CASES, ids=_case_id)
+def test_bias_alone_without_a_residual(case, dtype):
+    _, y, b = _inputs(*case, dtype)
+    _check_bias_alone(f"{_case_id(case)} {dtype}", y, b)
+    out = torch.empty_like(y)
+    assert residual_add(None, y, b, out=out) is out and torch.equal(out, residual_add(None, y, b))
+
+
 @pytest.mark.parametrize("into", ["x", "y", "new"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_residual_add_writes_into_out_even_when_it_is_an_input(layout, into):
@@ -158,6 +179,10 @@ _META = torch.empty(2, 4, 3, 3, device="meta")
      r"y has shape \(3, 4, 3, 3\), expected x's shape \(2, 4, 3, 3\) or x's with a multiple of its 2 samples"),
     (lambda: residual_add(torch.randn(4, 4, 3, 3), _X), r"y has shape \(2, 4, 3, 3\), expected x's shape \(4,"),
     (lambda: residual_add(_X, _X, torch.randn(5)), r"bias has shape \(5,\), expected \(4,\)"),
+    (lambda: residual_add(None, _X), r"without x \(no residual\) the pass adds y's bias alone: give bias"),
+    (lambda: residual_add(None, _X, torch.randn(4), x_bias=torch.randn(4)), "give bias, and no x_bias"),
+    (lambda: residual_add(None, _X, torch.randn(3)), r"bias has shape \(3,\), expected \(4,\)"),
+    (lambda: residual_add(None, torch.randn(8), torch.randn(8)), r"y must be \(N, C, \*spatial\), got shape"),
     (lambda: residual_add(_X, _X, torch.randn(4, 1)), r"bias has shape \(4, 1\), expected \(4,\)"),
     (lambda: residual_add(_X, _X, x_bias=torch.randn(3)), r"x_bias has shape \(3,\), expected \(4,\)"),
     (lambda: residual_add(_X, _X, x_bias=torch.randn(4).half()), "x_bias has dtype torch.float16, expected x's"),
@@ -289,6 +314,16 @@ def test_residual_add_repeats_a_shared_sample_on_gpu(dtype):
         x, _, b = _inputs((x_samples, 320, 64, 64), "channels_last", dtype, device="cuda")
         y = _inputs((samples, 320, 64, 64), "channels_last", dtype, device="cuda")[1]
         _check(f"shared sample {x_samples} over {samples} {dtype}", x, y, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 320, 64, 64), (8, 320, 64, 64), (2, 640, 16, 16)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_bias_alone_on_gpu(shape, dtype):
+    """SD1.5's conv_in output at batch 1 and 8, and a downsampler's at CFG batch 2, channels_last."""
+    _, y, b = _inputs(shape, "channels_last", dtype, device="cuda")
+    _check_bias_alone(f"{shape} {dtype}", y, b)
 
 
 @pytest.mark.gpu

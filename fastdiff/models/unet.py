@@ -186,6 +186,15 @@ def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+def _biased_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """conv(x); where a fast path set `conv.bias_pass` (`FastConfig.conv_bias_pass`), the conv runs without its
+    bias and one vectorized pass adds it (`ops.residual_add` without a residual): PyTorch adds a cuDNN conv's
+    bias in a broadcast pass of its own that is not vectorized."""
+    if getattr(conv, "bias_pass", False) and conv.bias is not None:
+        return ops.residual_add(None, _conv(conv, x), conv.bias)
+    return conv(x)
+
+
 def _channels_last(x: Tensor) -> bool:
     """Whether 4-D x is stored channels_last (and not also contiguous, as one channel or one pixel is)."""
     return x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous() and not x.is_contiguous()
@@ -304,7 +313,7 @@ class Downsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        return _biased_conv(self.conv, x)
 
 
 class UpsampleConv(nn.Module):
@@ -768,7 +777,7 @@ class UNet2DConditionModel(nn.Module):
             raise ValueError(f"temb must be (1, width){'' if shared else f' or ({batch}, width)'} for "
                              f"{batch} samples and {context.shape[0]} contexts, got shape {tuple(temb.shape)}")
 
-        x = self.conv_in(sample)  # (B, C0, h, w)
+        x = _biased_conv(self.conv_in, sample)  # (B, C0, h, w)
         skips = [x]
         for block in self.down_blocks:
             x, block_skips = block(x, temb, context)
@@ -785,6 +794,6 @@ class UNet2DConditionModel(nn.Module):
             return self.conv_out(h)
         if torch.is_grad_enabled() and (h.requires_grad or self.conv_out.bias.requires_grad):  # out= has no grad
             return self.conv_out(h).to(out_dtype, memory_format=torch.contiguous_format)
-        y = F.conv2d(h, self.conv_out.weight, None, self.conv_out.stride, self.conv_out.padding)
+        y = _conv(self.conv_out, h)
         return torch.add(y, self.conv_out.bias[:, None, None], out=torch.empty(y.shape, dtype=out_dtype,
                                                                               device=y.device))
