@@ -31,6 +31,9 @@ What the preparation changes, and why:
                  a graph of their own (`denoiser`).
   shared sample  with guidance the UNet gets the B latents once and the 2B [uncond; cond] contexts: the layers
                  before the first cross-attention run on B rows, not 2B (UNet2DConditionModel.forward).
+  time features  the sinusoidal time embedding, its MLP and the blocks' time projections computed once per
+                 sampling schedule for all its timesteps; each step's graph starts from its row
+                 (`FastUNet._time_features`).
   CUDA graphs    the UNet call (with the dtype casts) captured once per input shape and
                  replayed; a new (batch, height, width) captures a new graph, nothing else is rebuilt. cuDNN's
                  memset nodes in them become kernel nodes (`memset_kernels`).
@@ -166,7 +169,7 @@ class FastConfig:
     #   the small image and a shuffle (fastdiff.kernels.subpixel): 4/9 of the FLOPs, no upsampled copy
     conv_bias_pass: bool = True  # the UNet's conv_in and downsampler convs without their bias, which one
     #   vectorized Triton pass adds (ops.residual_add without a residual): PyTorch's own bias add after a cuDNN
-    #   conv is a broadcast that is not vectorized (conv_in at CFG batch 2: 10.3 -> 5.4 us plus the pass)
+    #   conv is a broadcast that is not vectorized (conv_in at batch 1: 10.3 -> 5.4 us plus the pass)
     split_k_conv: bool = True  # the UNet ResNet blocks' 3x3 convs and conv_out through ops.conv2d: Triton's
     #   split-K kernel where it beats cuDNN (few output pixels: the 8x8 level at CFG batch 2; conv_out's 4
     #   channels at CFG batch 2), cuDNN elsewhere
@@ -416,7 +419,7 @@ class FastUNet:
         `sched.model_timesteps[i]`, a view of a 1-D tensor: the rows of all its timesteps are then computed at
         once, kept with that tensor (until it or the time path's weights change: their version counters), and
         t's row is found by its offset in it, host metadata only. So the graphs start from the row, not from
-        the timestep: the sinusoidal embedding and the time MLP, 15 small kernels, left every step. Any other
+        the timestep: the sinusoidal embedding and the time MLP, 15 small ops, left every step. Any other
         t is computed now."""
         base = t._base
         if not (t.dim() == 0 and base is not None and base.dim() == 1 and base.is_contiguous()
