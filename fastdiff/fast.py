@@ -43,6 +43,7 @@ no host synchronisation once a shape is captured.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
@@ -74,6 +75,12 @@ TIME_TABLES_KEPT = 16  # timestep tensors whose time features a FastUNet keeps (
 MATMUL_ATTENTION_SCORES = 1024 * 4096
 
 
+@functools.cache
+def _gemm_writes_float32() -> bool:
+    """Whether this torch has baddbmm's `out_dtype` overload (half inputs, float32 output; recent versions)."""
+    return "dtype_out" in torch.ops.aten.baddbmm.overloads()
+
+
 def matmul_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
     """Attention as a GEMM into float32 scores, a softmax in place and a GEMM, per (batch, head) and block of
     queries (at most MATMUL_ATTENTION_SCORES scores); `ops.attention`'s signature, any head dim. For heads past the
@@ -88,7 +95,8 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = N
     out = q.new_empty(B * H, Sq, Dv)
     rows = max(1, min(Sq, MATMUL_ATTENTION_SCORES // Skv))
     scores = torch.empty(1, rows, Skv, device=q.device, dtype=torch.float32)  # reused by every block
-    half_scores = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)  # cuBLAS writes them as float32
+    # cuBLAS writes float32 scores from half inputs; elsewhere (the CPU, an older torch) the inputs are upcast
+    half_scores = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _gemm_writes_float32()
     for b in range(B * H):
         kt = k3[b:b + 1].transpose(1, 2)
         for i in range(0, Sq, rows):
