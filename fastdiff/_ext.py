@@ -38,23 +38,27 @@ def _check(device_type: str) -> tuple[bool, str]:
     return False, f"fastdiff._C runs on cpu and cuda tensors, not {device_type}"
 
 
-def _check_matmul(device_type: str) -> tuple[bool, str]:
+def _check_cuda(device_type: str, what: str) -> tuple[bool, str]:
+    """_check, for a part of fastdiff._C (`what`) that runs on CUDA alone."""
     ok, why = _check(device_type)
+    if ok and device_type != "cuda":
+        return False, f"{what} runs on CUDA, not {device_type}"
+    return ok, why
+
+
+def _check_matmul(device_type: str) -> tuple[bool, str]:
+    ok, why = _check_cuda(device_type, "fastdiff._C's matmul")
     if not ok:
         return ok, why
-    if device_type != "cuda":
-        return False, f"fastdiff._C's matmul runs on CUDA tensors, not {device_type}"
     if not _C.with_cublas:
         return False, "fastdiff._C was built without its GEMM (the CUDA toolkit had no cuBLAS headers)"
     return True, why + ", cuBLAS without a workspace"
 
 
 def _check_graph(device_type: str) -> tuple[bool, str]:
-    ok, why = _check(device_type)
+    ok, why = _check_cuda(device_type, "CUDA graph surgery")
     if not ok:
         return ok, why
-    if device_type != "cuda":
-        return False, f"CUDA graphs are made of CUDA work, not {device_type}"
     try:
         torch.cuda.CUDAGraph(keep_graph=True)
     except TypeError:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._config import read_settings
+from ._fuse import concat_as_views
 
 _ACTIVATIONS = ("quick_gelu", "gelu")
 # Settings of a transformers text_encoder/config.json that fastdiff does not implement, with the values that
@@ -114,12 +115,8 @@ class CLIPAttention(nn.Module):
         `fused_bias`, with the same parameters and state-dict keys, no second copy, and `load_state_dict`
         afterwards still updating the fused tensors (as `fastdiff.models.unet.Attention.fuse_projections`)."""
         parts = (self.q_proj, self.k_proj, self.v_proj)
-        self.fused_weight = torch.cat([p.weight for p in parts])
-        self.fused_bias = torch.cat([p.bias for p in parts])
-        d = self.q_proj.out_features
-        for i, p in enumerate(parts):
-            p.weight = nn.Parameter(self.fused_weight[i * d:(i + 1) * d], requires_grad=False)
-            p.bias = nn.Parameter(self.fused_bias[i * d:(i + 1) * d], requires_grad=False)
+        self.fused_weight = concat_as_views(parts, "weight")
+        self.fused_bias = concat_as_views(parts, "bias")
 
     def forward(self, x: Tensor) -> Tensor:
         """Causal self-attention: token t sees tokens 0..t. x (B, T, D) -> (B, T, D)."""

@@ -34,6 +34,8 @@ from torch import Tensor
 
 from fastdiff import ops
 
+from ._fuse import concat_as_views
+
 from ._config import read_settings
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -394,11 +396,7 @@ class Attention(nn.Module):
         to_k, to_v's weights views into it: the same parameters and state-dict keys, no second copy, and
         `load_state_dict` afterwards still updates the fused tensor."""
         parts = (self.to_k, self.to_v) if self.is_cross_attention else (self.to_q, self.to_k, self.to_v)
-        fused = torch.cat([p.weight for p in parts])  # (n * dim, in)
-        self.fused_weight = fused
-        for i, p in enumerate(parts):
-            rows = p.weight.shape[0]
-            p.weight = nn.Parameter(fused[i * rows:(i + 1) * rows], requires_grad=False)
+        self.fused_weight = concat_as_views(parts, "weight")  # (n * dim, in)
 
     @torch.no_grad()
     def project_context(self, context: Tensor) -> None:
@@ -706,18 +704,14 @@ class UNet2DConditionModel(nn.Module):
         resnets = [m for m in self.modules() if isinstance(m, ResnetBlock2D)]
         if not resnets or self.fused_time_weight is not None:
             return
-        weight = torch.cat([r.time_emb_proj.weight for r in resnets])
-        time_bias = torch.cat([r.time_emb_proj.bias for r in resnets])
-        conv1_bias = torch.cat([r.conv1.bias for r in resnets])
+        projections = [r.time_emb_proj for r in resnets]
+        self.fused_time_weight = concat_as_views(projections, "weight")
+        self.fused_time_bias = concat_as_views(projections, "bias")
+        self.fused_conv1_bias = concat_as_views([r.conv1 for r in resnets], "bias")
         start = 0
         for r in resnets:
-            cols = slice(start, start + r.time_emb_proj.out_features)
-            r.time_emb_proj.weight = nn.Parameter(weight[cols], requires_grad=False)
-            r.time_emb_proj.bias = nn.Parameter(time_bias[cols], requires_grad=False)
-            r.conv1.bias = nn.Parameter(conv1_bias[cols], requires_grad=False)
-            r.time_offsets = cols
-            start = cols.stop
-        self.fused_time_weight, self.fused_time_bias, self.fused_conv1_bias = weight, time_bias, conv1_bias
+            r.time_offsets = slice(start, start + r.time_emb_proj.out_features)
+            start = r.time_offsets.stop
 
     def project_context(self, context: Tensor) -> None:
         """Compute every cross-attention's K/V projection of `context` (B, T, cross_attention_dim) now and keep
