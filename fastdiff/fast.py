@@ -29,6 +29,8 @@ What the preparation changes, and why:
                  outputs, shuffled into place (`subpixel_upsample`, `fastdiff.kernels.subpixel`): 4/9 of the FLOPs.
   text context   its cross-attention K/V projections computed once per prompt, outside the UNet's graphs, in
                  a graph of their own (`denoiser`).
+  GroupNorm sums the kernels that write a GroupNorm's input (residual adds, skip concatenations, bias passes)
+                 also sum it for the norm, which then runs only its normalizing pass (`group_sums`).
   shared sample  with guidance the UNet gets the B latents once and the 2B [uncond; cond] contexts: the layers
                  before the first cross-attention run on B rows, not 2B (UNet2DConditionModel.forward).
   time features  the sinusoidal time embedding, its MLP and the blocks' time projections computed once per
@@ -178,6 +180,9 @@ class FastConfig:
     conv_bias_pass: bool = True  # the UNet's conv_in and downsampler convs without their bias, which one
     #   vectorized Triton pass adds (ops.residual_add without a residual): PyTorch's own bias add after a cuDNN
     #   conv is a broadcast that is not vectorized (conv_in at batch 1: 10.3 -> 5.4 us plus the pass)
+    group_sums: bool = True  # the residual adds, skip concatenations and bias passes whose output a GroupNorm
+    #   reads next also sum it for that norm (UNet2DConditionModel.sum_for_group_norms), which then only
+    #   normalizes: one launch that reads its input once. channels_last and without compile only
     split_k_conv: bool = True  # the UNet ResNet blocks' 3x3 convs and conv_out through ops.conv2d: Triton's
     #   split-K kernel where it beats cuDNN (few output pixels: the 8x8 level at CFG batch 2; conv_out's 4
     #   channels at CFG batch 2), cuDNN elsewhere
@@ -236,6 +241,7 @@ def prepare_unet(unet: nn.Module, config: FastConfig) -> nn.Module:
         elif isinstance(module, Downsample2D):
             module.conv.bias_pass = config.conv_bias_pass
     unet.conv_in.bias_pass = config.conv_bias_pass
+    unet.sum_for_group_norms(config.group_sums and config.channels_last and config.compile is None)
     unet.conv_out.split_k = config.split_k_conv  # its 4 output channels: `prefers_split_k`'s narrow case
     return unet
 

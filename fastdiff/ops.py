@@ -1,8 +1,8 @@
 """The one seam between model code and kernel implementations.
 
 Model code calls `ops.attention`, `ops.group_norm`, `ops.geglu`, `ops.linear`, `ops.matmul`, `ops.layer_norm`,
-`ops.add_layer_norm`, `ops.residual_add`, `ops.conv2d`, `ops.subpixel_shuffle`, `ops.channel_cat` and
-`ops.scheduler_step` and never branches on the backend. Each op has up to three implementations:
+`ops.add_layer_norm`, `ops.residual_add`, `ops.conv2d`, `ops.subpixel_shuffle`, `ops.channel_cat`,
+`ops.residual_add_sums`, `ops.channel_cat_sums` and `ops.scheduler_step` and never branches on the backend. Each op has up to three implementations:
 
     reference  plain PyTorch (`fastdiff.kernels.<op>.<op>_ref`), any device; the oracle for every test
     triton     `fastdiff.kernels.<op>.<op>`: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests)
@@ -67,6 +67,14 @@ _IMPLS = {
         "reference": ("fastdiff.kernels.channel_cat", "channel_cat_ref"),
         "triton": ("fastdiff.kernels.channel_cat", "channel_cat"),
     },
+    "residual_add_sums": {
+        "reference": ("fastdiff.kernels.group_sums", "residual_add_sums_ref"),
+        "triton": ("fastdiff.kernels.group_sums", "residual_add_sums"),
+    },
+    "channel_cat_sums": {
+        "reference": ("fastdiff.kernels.group_sums", "channel_cat_sums_ref"),
+        "triton": ("fastdiff.kernels.group_sums", "channel_cat_sums"),
+    },
     "subpixel_shuffle": {
         "reference": ("fastdiff.kernels.subpixel", "subpixel_shuffle_ref"),
         "triton": ("fastdiff.kernels.subpixel", "subpixel_shuffle"),
@@ -92,12 +100,14 @@ _AUTO_ORDER = {
              "residual_add": ("triton", "reference"),
              "conv2d": ("triton", "reference"), "subpixel_shuffle": ("triton", "reference"),
              "channel_cat": ("triton", "reference"),
+             "residual_add_sums": ("triton", "reference"), "channel_cat_sums": ("triton", "reference"),
              "scheduler_step": ("cuda", "triton", "reference")},
     "cpu": {"attention": ("reference",), "group_norm": ("reference",), "geglu": ("reference",),
             "linear": ("reference",), "matmul": ("reference",), "layer_norm": ("reference",),
             "add_layer_norm": ("reference",),
             "residual_add": ("reference",),
             "conv2d": ("reference",), "subpixel_shuffle": ("reference",), "channel_cat": ("reference",),
+            "residual_add_sums": ("reference",), "channel_cat_sums": ("reference",),
             "scheduler_step": ("cuda", "reference")},
 }
 
@@ -234,11 +244,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-               eps: float = 1e-5, activation: Optional[str] = None, offset: Optional[Tensor] = None) -> Tensor:
+               eps: float = 1e-5, activation: Optional[str] = None, offset: Optional[Tensor] = None,
+               sums: Optional[Tensor] = None) -> Tensor:
     """GroupNorm over x + offset[:, :, None, ...] (offset: (N, C) or None; x: (N, C, *spatial)), then
-    `activation` (None or "silu"); see `fastdiff.kernels.group_norm`."""
+    `activation` (None or "silu"); sums: x's statistics from the kernel that wrote it (`residual_add_sums`,
+    `channel_cat_sums`), which spare the Triton kernel its statistics pass. See `fastdiff.kernels.group_norm`."""
     fn = _load("group_norm", resolve("group_norm", x.device.type))
-    return fn(x, num_groups, weight, bias, eps, activation, offset)
+    return fn(x, num_groups, weight, bias, eps, activation, offset, sums)
 
 
 def geglu(h: Tensor) -> Tensor:
@@ -324,6 +336,31 @@ def channel_cat(x: Tensor, skip: Tensor) -> Tensor:
             and skip.is_contiguous(memory_format=torch.channels_last)):
         backend = "reference"
     return _load("channel_cat", backend)(x, skip)
+
+
+def _channels_last_maps(*tensors: Optional[Tensor]) -> bool:
+    return all(t is None or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) for t in tensors)
+
+
+def residual_add_sums(x: Optional[Tensor], y: Tensor, bias: Optional[Tensor] = None, x_bias: Optional[Tensor] = None,
+                      num_groups: int = 32) -> tuple[Tensor, Optional[Tensor]]:
+    """`residual_add(x, y, bias, x_bias=x_bias)` and the statistics of its output for the GroupNorm of
+    `num_groups` groups that reads it next (`group_norm(..., sums=)`): (out, sums or None). One kernel on the
+    Triton backend, which takes channels_last maps (others go to the reference under auto); see
+    `fastdiff.kernels.group_sums`."""
+    backend = resolve("residual_add_sums", y.device.type)
+    if backend == "triton" and _chosen["residual_add_sums"] == "auto" and not _channels_last_maps(x, y):
+        backend = "reference"
+    return _load("residual_add_sums", backend)(x, y, bias, x_bias, num_groups)
+
+
+def channel_cat_sums(x: Tensor, skip: Tensor, num_groups: int = 32) -> tuple[Tensor, Optional[Tensor]]:
+    """`channel_cat(x, skip)` and the statistics of its output for the GroupNorm that reads it next, as
+    `residual_add_sums`."""
+    backend = resolve("channel_cat_sums", x.device.type)
+    if backend == "triton" and _chosen["channel_cat_sums"] == "auto" and not _channels_last_maps(x, skip):
+        backend = "reference"
+    return _load("channel_cat_sums", backend)(x, skip, num_groups)
 
 
 def subpixel_shuffle(y: Tensor, bias: Optional[Tensor] = None) -> Tensor:

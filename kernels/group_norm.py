@@ -98,12 +98,41 @@ class _Kernels(NamedTuple):
     single_cl: Any
 
 
+def group_sums_ref(x: Tensor, num_groups: int) -> Tensor:
+    """The statistics a kernel that writes x can hand to the GroupNorm that reads it (`group_norm(sums=)`):
+    float32 (2, N, P, G), the sums of (x - K) and of (x - K)^2 over slice p of group g of sample n, where the
+    shift K is the group's first element x[n, g * C // G, 0, ...]. The slices partition each group's elements in
+    any way (the producers of kernels/group_sums.py: a slice of pixels each); here P = 1."""
+    batch, channels = x.shape[:2]
+    if num_groups < 1 or channels % num_groups:
+        raise ValueError(f"num_groups must divide the {channels} channels, got {num_groups}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    d = x.reshape(batch, num_groups, -1).to(acc)
+    d = d - d[:, :, :1]
+    return torch.stack([d.sum(-1), (d * d).sum(-1)])[:, :, None, :].float()
+
+
+def _check_sums(x: Tensor, num_groups: int, sums: Tensor, offset: Optional[Tensor]) -> None:
+    if offset is not None:
+        raise ValueError("sums are of x alone: pass them without an offset")
+    batch = x.shape[0]
+    if sums.dim() != 4 or sums.shape[0] != 2 or sums.shape[1] != batch or sums.shape[2] < 1 or sums.shape[3] != num_groups:
+        raise ValueError(f"sums has shape {tuple(sums.shape)}, expected (2, {batch}, slices, {num_groups})")
+    if sums.dtype != torch.float32 or sums.device != x.device or not sums.is_contiguous():
+        raise ValueError(f"sums must be contiguous float32 on x's device {x.device}, got {sums.dtype} on "
+                         f"{sums.device}{'' if sums.is_contiguous() else ', not contiguous'}")
+
+
 def group_norm_ref(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                   eps: float = 1e-5, activation: Optional[str] = None, offset: Optional[Tensor] = None) -> Tensor:
+                   eps: float = 1e-5, activation: Optional[str] = None, offset: Optional[Tensor] = None,
+                   sums: Optional[Tensor] = None) -> Tensor:
     """Plain-PyTorch twin: x + offset[:, :, None, ...] in x's dtype (the unfused model's add), then
-    F.group_norm in float32 (float64 stays float64), then the activation."""
+    F.group_norm in float32 (float64 stays float64), then the activation. `sums` (x's own statistics from its
+    producer, see `group_sums_ref`) are checked and not needed: the reference computes from x."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if sums is not None:
+        _check_sums(x, num_groups, sums, offset)
     if offset is not None:
         _check_offset_shape(x, offset)
         x = x + offset.reshape(*offset.shape, *(1,) * (x.dim() - 2))
@@ -185,6 +214,28 @@ if triton is not None:
             tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def store_group_sums(sum1, sum2, cols, mask_c, Scratch, Partials, n, p, N, P, C, G, CG, BLOCK_G: tl.constexpr,
+                         BLOCK_CG: tl.constexpr):
+        """Write slice p of sample n's per-channel shifted sums sum1, sum2 ((BLOCK_C,) over channels `cols`,
+        mask_c: the valid ones) to Partials (2, N, P, G) as per-group sums. Channels -> groups: the sums are
+        parked in Scratch ((N, P, 2, C) float32) and read back as (G, CG), which is cheaper than a (G, C)
+        membership mask. Shared by the stats kernel and the producers that sum their output
+        (kernels/group_sums.py)."""
+        scratch = Scratch + (n * P + p) * 2 * C
+        tl.store(scratch + cols, sum1, mask=mask_c)
+        tl.store(scratch + C + cols, sum2, mask=mask_c)
+        tl.debug_barrier()  # the CTA's stores above are visible to all its threads below
+        g = tl.arange(0, BLOCK_G)
+        j = tl.arange(0, BLOCK_CG)
+        member = (g < G)[:, None] & (j < CG)[None, :]
+        by_group = g[:, None] * CG + j[None, :]  # (BLOCK_G, BLOCK_CG) channel indices
+        s1 = tl.sum(tl.load(scratch + by_group, mask=member, other=0.0), 1)
+        s2 = tl.sum(tl.load(scratch + C + by_group, mask=member, other=0.0), 1)
+        out = Partials + (n * P + p) * G + g
+        tl.store(out, s1, mask=g < G)
+        tl.store(out + N * P * G, s2, mask=g < G)
+
+    @triton.jit
     def _group_norm_stats_kernel(
         X,  # pointer to x, (N, C, HW) contiguous or (N, HW, C) channels_last
         Offset,  # pointer to the offsets (N, C) added to x, or None
@@ -227,20 +278,8 @@ if triton is not None:
                 d = tl.where(mask, x.to(tl.float32) - center[None, :], 0.0)
                 acc1 += d
                 acc2 += d * d
-            # Channels -> groups: park the per-channel sums in Scratch, then read them back as (G, CG).
-            scratch = Scratch + (n * P + p) * 2 * C
-            tl.store(scratch + cols, tl.sum(acc1, 0), mask=mask_c)
-            tl.store(scratch + C + cols, tl.sum(acc2, 0), mask=mask_c)
-            tl.debug_barrier()  # the CTA's stores above are visible to all its threads below
-            g = tl.arange(0, BLOCK_G)
-            j = tl.arange(0, BLOCK_CG)
-            member = (g < G)[:, None] & (j < CG)[None, :]
-            by_group = g[:, None] * CG + j[None, :]  # (BLOCK_G, BLOCK_CG) channel indices
-            s1 = tl.sum(tl.load(scratch + by_group, mask=member, other=0.0), 1)
-            s2 = tl.sum(tl.load(scratch + C + by_group, mask=member, other=0.0), 1)
-            out = Partials + (n * P + p) * G + g
-            tl.store(out, s1, mask=g < G)
-            tl.store(out + tl.num_programs(1) * P * G, s2, mask=g < G)
+            store_group_sums(tl.sum(acc1, 0), tl.sum(acc2, 0), cols, mask_c, Scratch, Partials, n, p,
+                             tl.num_programs(1), P, C, G, CG, BLOCK_G, BLOCK_CG)
         else:
             ng = tl.program_id(1)  # n * G + g
             group_size = CG * HW
@@ -455,7 +494,8 @@ def _check_offset_shape(x: Tensor, offset: Tensor) -> None:
 
 
 def check_group_norm_inputs(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                            eps: float, activation: Optional[str], offset: Optional[Tensor] = None) -> None:
+                            eps: float, activation: Optional[str], offset: Optional[Tensor] = None,
+                            sums: Optional[Tensor] = None) -> None:
     """Raise ValueError naming the bad value when the Triton kernels cannot compute this GroupNorm."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -478,6 +518,8 @@ def check_group_norm_inputs(x: Tensor, num_groups: int, weight: Optional[Tensor]
         raise ValueError(f"eps must be >= 0, got {eps}")
     if channels > MAX_CHANNELS and _is_channels_last(x):
         raise ValueError(f"channels_last x has {channels} channels, over the kernel's limit {MAX_CHANNELS}")
+    if sums is not None:
+        _check_sums(x, num_groups, sums, offset)
     check_triton_device(x)
 
 
@@ -487,13 +529,19 @@ def _is_channels_last(x: Tensor) -> bool:
 
 
 def _group_norm_run(kernels: _Kernels, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                    eps: float, activation: Optional[str], offset: Optional[Tensor]) -> Tensor:
+                    eps: float, activation: Optional[str], offset: Optional[Tensor],
+                    sums: Optional[Tensor] = None) -> Tensor:
     batch, channels = x.shape[:2]
     hw = x.numel() // (batch * channels)
     y = torch.empty_like(x)  # same layout as x
-    launch = _launch_single if channels // num_groups * hw <= SINGLE_LAUNCH_MAX else _launch_split
-    launch(kernels, x, offset, y, num_groups, weight, bias, eps, int(activation == "silu"), batch, channels, hw,
-           _is_channels_last(x))
+    args = (kernels, x, offset, y, num_groups, weight, bias, eps, int(activation == "silu"), batch, channels, hw,
+            _is_channels_last(x))
+    if sums is not None:
+        _launch_split(*args, sums=sums)
+    elif channels // num_groups * hw <= SINGLE_LAUNCH_MAX:
+        _launch_single(*args)
+    else:
+        _launch_split(*args)
     return y
 
 
@@ -513,25 +561,52 @@ def _launch_single(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Te
                              BLOCK=min(TILE, _triton.next_power_of_2(cg * hw)), STAGES=STAGES, num_warps=NUM_WARPS)
 
 
+class ChannelsLastPlan(NamedTuple):
+    """How the channels_last split kernels (and the producers of kernels/group_sums.py) cut a sample's pixels:
+    `slices` programs per sample of `per_slice` pixels each, `rows` pixels x `block_c` channels per loop step."""
+    slices: int
+    per_slice: int
+    rows: int
+    warps: int
+    block_c: int  # next_power_of_2(C)
+    block_g: int  # next_power_of_2(G)
+    block_cg: int  # next_power_of_2(C // G)
+
+
+def channels_last_plan(x: Tensor, num_groups: int) -> ChannelsLastPlan:
+    """The slices of channels_last x (N, C, *spatial): one per SM in all while x is small, else
+    CL_MANY_PROGRAMS_PER_SM per SM with smaller tiles (the measurements are at CL_ONE_PER_SM)."""
+    batch, channels = x.shape[:2]
+    hw = x.numel() // max(1, batch * channels)
+    block_c, block_g, block_cg = (_triton.next_power_of_2(n) for n in (channels, num_groups, channels // num_groups))
+    sms = _triton.sm_count(x.device)
+    if x.numel() <= CL_ONE_PER_SM * sms:
+        target, tile, warps = sms, CL_TILE, NUM_WARPS
+    else:
+        target, tile, warps = CL_MANY_PROGRAMS_PER_SM * sms, CL_MANY_TILE, CL_MANY_WARPS
+    rows = max(1, tile // block_c)
+    slices = max(1, min(_triton.cdiv(target, batch), _triton.cdiv(hw, rows)))
+    per_slice = _triton.cdiv(_triton.cdiv(hw, slices), rows) * rows
+    return ChannelsLastPlan(_triton.cdiv(hw, per_slice), per_slice, rows, warps, block_c, block_g, block_cg)
+
+
+def _partials_block(slices: int, block_g: int) -> int:
+    """Slices' partial sums a channels_last apply program adds per step (a (BLOCK_P, BLOCK_G) tile)."""
+    return min(_triton.next_power_of_2(slices), max(1, PARTIAL_TILE // block_g))
+
+
 def _launch_split(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Tensor, num_groups: int,
                   weight: Optional[Tensor], bias: Optional[Tensor], eps: float, silu: int, batch: int, channels: int,
-                  hw: int, channels_last: bool) -> None:
-    """Statistics over slices of each group (or sample), then the output: two launches that fill the GPU."""
+                  hw: int, channels_last: bool, sums: Optional[Tensor] = None) -> None:
+    """Statistics over slices of each group (or sample), then the output: two launches that fill the GPU. With
+    `sums` (the partial sums x's producer made, see `group_sums_ref`) only the second."""
     cg = channels // num_groups
     offset_stride = offset.stride(0) if offset is not None else 0
     if channels_last:
-        block_c, block_g, block_cg = (_triton.next_power_of_2(n) for n in (channels, num_groups, cg))
-        sms = _triton.sm_count(x.device)
-        if x.numel() <= CL_ONE_PER_SM * sms:
-            target, tile, warps = sms, CL_TILE, NUM_WARPS
-        else:
-            target, tile, warps = CL_MANY_PROGRAMS_PER_SM * sms, CL_MANY_TILE, CL_MANY_WARPS
-        rows, block = max(1, tile // block_c), 1
-        slices = max(1, min(_triton.cdiv(target, batch), _triton.cdiv(hw, rows)))
-        per_slice = _triton.cdiv(_triton.cdiv(hw, slices), rows) * rows
-        slices = _triton.cdiv(hw, per_slice)
+        plan = channels_last_plan(x, num_groups)
+        slices, per_slice, rows, warps, block_c, block_g, block_cg = plan
+        block = 1
         grid_rows = batch  # a slice covers every group of its pixels
-        block_p = min(_triton.next_power_of_2(slices), max(1, PARTIAL_TILE // block_g))
     else:
         group_size = cg * hw
         block_c = block_g = block_cg = 1  # unused by the contiguous branches: one compiled variant per tile
@@ -541,17 +616,22 @@ def _launch_split(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Ten
         per_slice = _triton.cdiv(_triton.cdiv(group_size, slices), block) * block
         slices = _triton.cdiv(group_size, per_slice)
         grid_rows = batch * num_groups
-        block_p = min(_triton.next_power_of_2(slices), PARTIAL_TILE)
-    partials = torch.empty((2, batch, slices, num_groups), device=x.device, dtype=torch.float32)
-    scratch = torch.empty((batch, slices, 2, channels) if channels_last else (1,), device=x.device,
-                          dtype=torch.float32)
-    stats = torch.empty((batch, 2, num_groups) if channels_last else (1,), device=x.device, dtype=torch.float32)
     meta = dict(CHANNELS_LAST=channels_last, BLOCK=block, ROWS=rows, BLOCK_C=block_c, BLOCK_G=block_g,
                 BLOCK_CG=block_cg, STAGES=STAGES, num_warps=warps)
-    kernels.stats[(slices, grid_rows)](x, offset, offset_stride, partials, scratch, hw, channels, num_groups, cg,
-                                       slices, per_slice, **meta)
+    if sums is None:
+        partials = torch.empty((2, batch, slices, num_groups), device=x.device, dtype=torch.float32)
+        scratch = torch.empty((batch, slices, 2, channels) if channels_last else (1,), device=x.device,
+                              dtype=torch.float32)
+        kernels.stats[(slices, grid_rows)](x, offset, offset_stride, partials, scratch, hw, channels, num_groups, cg,
+                                           slices, per_slice, **meta)
+    else:
+        partials = sums  # its own number of slices: the apply kernel adds them all, whatever its grid
+    partial_slices = partials.shape[2]
+    block_p = (_partials_block(partial_slices, block_g) if channels_last
+               else min(_triton.next_power_of_2(partial_slices), PARTIAL_TILE))
+    stats = torch.empty((batch, 2, num_groups) if channels_last else (1,), device=x.device, dtype=torch.float32)
     kernels.apply[(slices, grid_rows)](x, offset, offset_stride, y, partials, stats, weight, bias, batch, hw, channels,
-                                       num_groups, cg, slices, per_slice, eps, silu, BLOCK_P=block_p, **meta)
+                                       num_groups, cg, partial_slices, per_slice, eps, silu, BLOCK_P=block_p, **meta)
 
 
 # (device, dtype) -> MAX_CHANNELS zeros for _zero_offset. Made once and never replaced: a captured CUDA graph
@@ -574,10 +654,11 @@ def _zero_offset(x: Tensor) -> Optional[Tensor]:
 
 
 def _group_norm_launch(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                       activation: Optional[str], offset: Optional[Tensor] = None) -> Tensor:
+                       activation: Optional[str], offset: Optional[Tensor] = None,
+                       sums: Optional[Tensor] = None) -> Tensor:
     if offset is None:
         offset = _zero_offset(x)
-    return _group_norm_run(_LAUNCHERS, x, num_groups, weight, bias, eps, activation, offset)
+    return _group_norm_run(_LAUNCHERS, x, num_groups, weight, bias, eps, activation, offset, sums)
 
 
 def _group_norm_traced(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -594,7 +675,8 @@ _group_norm_op = _triton.CompileOp("fastdiff::triton_group_norm", _group_norm_la
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-               eps: float = 1e-5, activation: Optional[str] = None, offset: Optional[Tensor] = None) -> Tensor:
+               eps: float = 1e-5, activation: Optional[str] = None, offset: Optional[Tensor] = None,
+               sums: Optional[Tensor] = None) -> Tensor:
     """GroupNorm over x + offset[:, :, None, ...]: (N, C, *spatial), then `activation` (None or "silu"), with
     the Triton kernels.
 
@@ -602,9 +684,13 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias
     weight, bias: (C,) in x's dtype, or None; offset: (N, C) in x's dtype with adjacent channels, its rows at
     any stride (0: an expanded (1, C) row), or None, added to x in float32 (the reference adds it in x's
     dtype first, as the unfused model does). Statistics in float32.
+    sums: x's statistics as the kernel that wrote x summed them (`group_sums_ref` gives the format;
+    kernels/group_sums.py's producers make them), or None. With them only the normalizing pass runs: one
+    launch that reads x once, instead of two reads or two launches. Not with an offset. Ignored while
+    torch.compile traces (the statistics are then computed from x).
     Returns x's shape, dtype and layout. Runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1.
     """
-    check_group_norm_inputs(x, num_groups, weight, bias, eps, activation, offset)
+    check_group_norm_inputs(x, num_groups, weight, bias, eps, activation, offset, sums)
     if not x.is_contiguous() and not _is_channels_last(x):
         x = x.contiguous()
     if weight is not None:
@@ -613,5 +699,6 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias
         bias = bias.contiguous()
     if x.numel() == 0:
         return torch.empty_like(x)
-    op = _group_norm_op if torch.compiler.is_compiling() else _group_norm_launch
-    return op(x, num_groups, weight, bias, float(eps), activation, offset)
+    if torch.compiler.is_compiling():
+        return _group_norm_op(x, num_groups, weight, bias, float(eps), activation, offset)
+    return _group_norm_launch(x, num_groups, weight, bias, float(eps), activation, offset, sums)

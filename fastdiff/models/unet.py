@@ -171,12 +171,35 @@ class UNetConfig:
         return {"_class_name": "UNet2DConditionModel", **d}
 
 
+def _summed(x: Tensor, sums: Optional[Tensor]) -> Tensor:
+    """x, carrying `sums`: the statistics that the kernel which wrote x made for the GroupNorm that reads x next
+    (`ops.residual_add_sums`, `ops.channel_cat_sums`), which `_group_norm` hands to that norm. x's version
+    counter is kept with them: a later in-place change to x voids them."""
+    if sums is not None:
+        x.group_sums = (x._version, sums)
+    return x
+
+
 def _group_norm(norm: nn.GroupNorm, x: Tensor, activation: Optional[str] = None,
                 offset: Optional[Tensor] = None) -> Tensor:
     """Apply the nn.GroupNorm `norm` (which only holds the parameters and their keys) through the ops seam,
     fused with the SiLU that follows it when activation="silu", to x + offset[:, :, None, None] when an offset
-    (B, C) is given (fused into the norm's reads of x on the Triton backend)."""
-    return ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation=activation, offset=offset)
+    (B, C) is given (fused into the norm's reads of x on the Triton backend). Statistics that x's producer
+    summed for it (`_summed`) spare the norm its own."""
+    version, sums = getattr(x, "group_sums", (None, None))
+    if sums is not None and (offset is not None or version != x._version or sums.shape[-1] != norm.num_groups):
+        sums = None
+    return ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation=activation, offset=offset,
+                          sums=sums)
+
+
+def _residual_add(x: Optional[Tensor], y: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None,
+                  x_bias: Optional[Tensor] = None, sum_groups: Optional[int] = None) -> Tensor:
+    """`ops.residual_add`; with `sum_groups` (and no `out`) it also sums its output for the GroupNorm of that
+    many groups that reads it next (`_summed`)."""
+    if sum_groups is not None and out is None:
+        return _summed(*ops.residual_add_sums(x, y, bias, x_bias, sum_groups))
+    return ops.residual_add(x, y, bias, out=out, x_bias=x_bias)
 
 
 def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -193,7 +216,7 @@ def _biased_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     bias and one vectorized pass adds it (`ops.residual_add` without a residual): PyTorch adds a cuDNN conv's
     bias in a broadcast pass of its own that is not vectorized."""
     if getattr(conv, "bias_pass", False) and conv.bias is not None:
-        return ops.residual_add(None, _conv(conv, x), conv.bias)
+        return _residual_add(None, _conv(conv, x), conv.bias, sum_groups=getattr(conv, "sum_groups", None))
     return conv(x)
 
 
@@ -207,14 +230,15 @@ def _skip_add(block: nn.Module, x: Tensor, h: Tensor, out: Optional[Tensor] = No
     conv_shortcut when it has one) + h + conv2's bias, in one pass (`ops.residual_add`), written to `out` when
     given. The 1x1 shortcut runs without its bias, which the same pass adds (`x_bias`): in channels_last memory
     as a matmul over the pixels' channel vectors (`ops.matmul`; cuBLAS's bias epilogue is slow), else as a conv."""
+    sum_groups = getattr(block, "sum_groups", None)
     if block.conv_shortcut is None:
-        return ops.residual_add(x, h, block.conv2.bias, out=out)
+        return _residual_add(x, h, block.conv2.bias, out, sum_groups=sum_groups)
     shortcut = block.conv_shortcut
     if _channels_last(x):
         skip = ops.matmul(x.permute(0, 2, 3, 1), shortcut.weight.flatten(1)).permute(0, 3, 1, 2)
     else:
         skip = _conv(shortcut, x)
-    return ops.residual_add(skip, h, block.conv2.bias, out=out, x_bias=shortcut.bias)
+    return _residual_add(skip, h, block.conv2.bias, out, shortcut.bias, sum_groups)
 
 
 def _layer_norm(norm: nn.LayerNorm, x: Tensor, residual: Optional[Tensor] = None,
@@ -287,6 +311,7 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.time_offsets: Optional[slice] = None  # set by UNet2DConditionModel.fuse_time_projections
+        self.sum_groups: Optional[int] = None  # set by UNet2DConditionModel.sum_for_group_norms
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         """x: (B, Cin, H, W); temb: SiLU of the time embedding, (B or 1, 4 * C0) -> (B, Cout, H, W). Once the
@@ -565,6 +590,7 @@ class Transformer2DModel(nn.Module):
         self.proj_out = _projection(channels, cfg.use_linear_projection)
         self.linear_epilogue = False  # a fast path's: proj_out adds the input in its kernel (ops.linear)
         self.fold_biases = False  # a fast path's: proj_in's bias added in the first block's LayerNorm pass
+        self.sum_groups: Optional[int] = None  # set by UNet2DConditionModel.sum_for_group_norms
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         """x: (B, C, H, W); context: (B, T, cross_attention_dim) -> (B, C, H, W)."""
@@ -581,7 +607,8 @@ class Transformer2DModel(nn.Module):
         if x.shape[0] != tokens.shape[0] and _channels_last(x):  # the blocks parted a shared sample's rows
             # proj_out without its bias, then one pass adds the bias and x, read once per row block (no tile)
             tokens = _pointwise(self.proj_out, tokens, bias=False)
-            return ops.residual_add(x, tokens.view(-1, h, w, c).permute(0, 3, 1, 2), self.proj_out.bias)
+            return _residual_add(x, tokens.view(-1, h, w, c).permute(0, 3, 1, 2), self.proj_out.bias,
+                                 sum_groups=self.sum_groups)
         tokens = _pointwise(self.proj_out, tokens)  # (B', HW, C): B' > B once the blocks tiled a shared sample
         return _tile(x, tokens.shape[0]) + tokens.reshape(-1, h, w, c).permute(0, 3, 1, 2)
 
@@ -643,13 +670,18 @@ class UpBlock(nn.Module):
         self.attentions = None if heads is None else nn.ModuleList(
             Transformer2DModel(out_channels, heads, transformer_layers, cfg) for _ in range(num_layers))
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+        self.sum_concats = False  # set by UNet2DConditionModel.sum_for_group_norms
 
     def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor,
                 upsample_size: Optional[torch.Size]) -> Tensor:
         """x: (B, Cprev, H, W); skips: len(resnets) tensors, consumed from the end -> (B, Cout, *upsample_size)
         (or (B, Cout, H, W) at the last level)."""
         for i, (resnet, skip) in enumerate(zip(self.resnets, reversed(skips))):
-            x = resnet(ops.channel_cat(x, skip), temb)
+            if self.sum_concats:
+                x = _summed(*ops.channel_cat_sums(x, skip, resnet.norm1.num_groups))
+            else:
+                x = ops.channel_cat(x, skip)
+            x = resnet(x, temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
         if self.upsamplers is not None:
@@ -695,6 +727,33 @@ class UNet2DConditionModel(nn.Module):
         self.register_buffer("fused_conv1_bias", None, persistent=False)
 
     @torch.no_grad()
+    def sum_for_group_norms(self, enabled: bool = True) -> None:
+        """Have every kernel whose output goes straight into a GroupNorm also sum that output for the norm
+        (`ops.residual_add_sums`, `ops.channel_cat_sums`), so that the norm runs only its normalizing pass.
+        The down path and the middle run as one chain of modules: each one that a ResNet block (its norm1) or
+        a transformer (its norm) follows sums for it. A module sums only where its kernel is one of those
+        two ops: conv_in and the downsamplers with their bias pass (`FastConfig.conv_bias_pass`), a ResNet
+        block's residual add, a transformer's where its rows part a shared sample. In the up path each skip
+        concatenation sums for its ResNet block's norm1, and each ResNet block for its transformer's norm.
+        enabled=False turns it all off."""
+        chain: list[nn.Module] = [self.conv_in]
+        for block in self.down_blocks:
+            for i, resnet in enumerate(block.resnets):
+                chain.append(resnet)
+                if block.attentions is not None:
+                    chain.append(block.attentions[i])
+            if block.downsamplers is not None:
+                chain.append(block.downsamplers[0].conv)
+        chain += [self.mid_block.resnets[0], self.mid_block.attentions[0], self.mid_block.resnets[1]]
+        for producer, consumer in zip(chain, chain[1:] + [None]):
+            norm = consumer.norm1 if isinstance(consumer, ResnetBlock2D) else getattr(consumer, "norm", None)
+            producer.sum_groups = norm.num_groups if enabled and norm is not None else None
+        for block in self.up_blocks:
+            block.sum_concats = enabled
+            for i, resnet in enumerate(block.resnets):
+                attention = None if block.attentions is None else block.attentions[i]
+                resnet.sum_groups = attention.norm.num_groups if enabled and attention is not None else None
+
     def fuse_time_projections(self) -> None:
         """Make the time projections of all ResnetBlock2Ds one matmul: forward then computes every block's
         norm2 offset (time_emb_proj(temb) + conv1.bias) at once, two kernels instead of two per block (44 for
