@@ -147,7 +147,7 @@ def test_channels_last_calls_without_offset_pass_zeros_and_change_no_bit(monkeyp
     pass none (their kernels would gather it per element)."""
     _force_path(monkeypatch, path)
     offsets, run = [], gn_module._group_norm_run
-    monkeypatch.setattr(gn_module, "_group_norm_run", lambda *a: (offsets.append(a[-1]), run(*a))[1])
+    monkeypatch.setattr(gn_module, "_group_norm_run", lambda *a: (offsets.append(a[7]), run(*a))[1])  # its offset
     x, weight, bias = _inputs((2, 40, 5, 7), torch.float32, True)
     out = group_norm(x, 8, weight, bias, 1e-5, "silu")
     assert offsets[-1] is not None and offsets[-1].shape == (2, 40) and not offsets[-1].any()
