@@ -338,19 +338,23 @@ def channel_cat(x: Tensor, skip: Tensor) -> Tensor:
     return _load("channel_cat", backend)(x, skip)
 
 
-def _channels_last_maps(*tensors: Optional[Tensor]) -> bool:
-    return all(t is None or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) for t in tensors)
+def _triton_sums_pay(out_like: Tensor, *inputs: Optional[Tensor]) -> bool:
+    """Whether the Triton producer takes these inputs (channels_last maps) and summing pays at this size
+    (`fastdiff.kernels.group_sums.pays`)."""
+    maps = all(t is None or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) for t in inputs)
+    return maps and _module("fastdiff.kernels.group_sums").pays(out_like)
 
 
 def residual_add_sums(x: Optional[Tensor], y: Tensor, bias: Optional[Tensor] = None, x_bias: Optional[Tensor] = None,
                       num_groups: int = 32) -> tuple[Tensor, Optional[Tensor]]:
     """`residual_add(x, y, bias, x_bias=x_bias)` and the statistics of its output for the GroupNorm of
     `num_groups` groups that reads it next (`group_norm(..., sums=)`): (out, sums or None). One kernel on the
-    Triton backend, which takes channels_last maps (others go to the reference under auto); see
+    Triton backend. Under auto, calls that kernel does not take (not channels_last) or where summing does not
+    pay (small maps) run the plain `residual_add` and return no sums: the norm then computes its own. See
     `fastdiff.kernels.group_sums`."""
     backend = resolve("residual_add_sums", y.device.type)
-    if backend == "triton" and _chosen["residual_add_sums"] == "auto" and not _channels_last_maps(x, y):
-        backend = "reference"
+    if backend == "triton" and _chosen["residual_add_sums"] == "auto" and not _triton_sums_pay(y, x, y):
+        return residual_add(x, y, bias, x_bias=x_bias), None
     return _load("residual_add_sums", backend)(x, y, bias, x_bias, num_groups)
 
 
@@ -358,8 +362,8 @@ def channel_cat_sums(x: Tensor, skip: Tensor, num_groups: int = 32) -> tuple[Ten
     """`channel_cat(x, skip)` and the statistics of its output for the GroupNorm that reads it next, as
     `residual_add_sums`."""
     backend = resolve("channel_cat_sums", x.device.type)
-    if backend == "triton" and _chosen["channel_cat_sums"] == "auto" and not _channels_last_maps(x, skip):
-        backend = "reference"
+    if backend == "triton" and _chosen["channel_cat_sums"] == "auto" and not _triton_sums_pay(x, x, skip):
+        return channel_cat(x, skip), None
     return _load("channel_cat_sums", backend)(x, skip, num_groups)
 
 

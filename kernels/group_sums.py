@@ -17,6 +17,18 @@ the output's dtype: every program recomputes it from the inputs, so the slices a
 
 Each returns (output, sums). While torch.compile traces, sums is None (the GroupNorm then computes its own):
 the tensor-returning ops are the compiled ones.
+
+Where it pays (`pays`): on large maps only. Summing costs the producer a reduction and a channels-to-groups
+exchange at its end, and the normalizing pass still has a fixed cost (adding the slices' sums, groups back to
+channels); on small maps those fixed costs exceed what the norm saves. Measured on an H200 (fp16, CUDA-graph
+replay, us, benchmarks/RESULTS.md session 15), producer + norm with the sums / the plain op + the norm's own:
+    residual add  1x320x64x64 10.5 / 15.7   2x320x64x64 14.7 / 19.5   2x640x32x32 11.3 / 14.2
+                  2x320x32x32 (y + bias) 7.2 / 11.3   2x1280x16x16 10.6 / 8.0   2x1280x8x8 9.7 / 4.7
+    concatenation 2x960x64x64 26.8 / 30.5   2x640x64x64 23.7 / 23.9   2x960x32x32 11.7 / 16.2
+                  2x1920x32x32 17.5 / 18.2   2x1280x32x32 16.5 / 16.6   2x2560x16x16 13.2 / 11.0
+                  2x2560x8x8 9.9 / 5.3
+An alternative with (pixels, groups, channels in a group) tiles and no exchange was slower at SD1.5's 10 and
+20 channels per group (2x320x64x64: 29.9 us), whose runs cannot be loaded in aligned 16-byte vectors.
 """
 from typing import Optional
 
@@ -33,6 +45,15 @@ if triton is not None:
     import triton.language as tl
 
     from .group_norm import store_group_sums
+
+
+MIN_PIXELS = 32 * 32  # `pays`: the smallest map (H * W) whose producers sum for the next GroupNorm
+
+
+def pays(out: Tensor) -> bool:
+    """Whether summing for the GroupNorm beats the norm's own statistics for an output like `out` (N, C, H, W):
+    maps of at least MIN_PIXELS pixels (see the module docstring)."""
+    return out.dim() == 4 and out.shape[2] * out.shape[3] >= MIN_PIXELS
 
 
 def _check_groups(channels: int, num_groups: int) -> None:
