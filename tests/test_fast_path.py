@@ -418,3 +418,49 @@ def test_pipeline_prepared_modules_sample_the_same_latents(tiny_pipes, guidance_
     print(f"cfg {guidance_scale} rescale {guidance_rescale}: max {err.max():.2e} mean {err.mean():.2e} "
           f"rel {rel(out, ref):.2e}")
     assert rel(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_group_sums_from_the_producers_leave_the_output_unchanged(kind, monkeypatch):
+    """FastConfig(group_sums=True), the default, has the kernels that write a GroupNorm's input sum it for the
+    norm (UNet2DConditionModel.sum_for_group_norms). On the Triton kernels (interpreter), with a shared sample,
+    the output equals the same UNet's without the sums, and every producer's sums reach a norm."""
+    plain = _tiny_unet(kind)
+    without = prepare_unet(copy.deepcopy(plain), FastConfig(group_sums=False))
+    summing = prepare_unet(plain, FastConfig())
+    sample = torch.randn(1, plain.config.in_channels, 12, 10).contiguous(memory_format=torch.channels_last)
+    context = torch.randn(2, 7, plain.config.cross_attention_dim)
+    norms, producers = [], []
+    real_norm, real_add, real_cat = ops.group_norm, ops.residual_add_sums, ops.channel_cat_sums
+    monkeypatch.setattr(ops, "group_norm", lambda *a, **k: norms.append(k["sums"] is not None) or real_norm(*a, **k))
+    monkeypatch.setattr(ops, "residual_add_sums", lambda *a: producers.append("add") or real_add(*a))
+    monkeypatch.setattr(ops, "channel_cat_sums", lambda *a: producers.append("cat") or real_cat(*a))
+    with contextlib.ExitStack() as stack:
+        for op in ("group_norm", "residual_add", "channel_cat", "residual_add_sums", "channel_cat_sums"):
+            stack.enter_context(ops.use_backend("triton", op=op))
+        ref = without(sample, 420, context)
+        assert not producers and not any(norms)
+        out = summing(sample, 420, context)
+    ups = sum(len(block.resnets) for block in summing.up_blocks)
+    print(f"{kind} group sums vs none: rel {rel(out, ref):.2e}; {sum(norms)} of {len(norms)} norms took sums")
+    assert producers.count("cat") == ups and sum(norms) == len(producers) > ups
+    assert rel(out, ref) <= 1e-5
+
+
+def test_group_norm_ignores_sums_of_a_tensor_changed_since():
+    from fastdiff.models.unet import _group_norm, _summed
+
+    norm = torch.nn.GroupNorm(4, 8)
+    x = torch.randn(2, 8, 3, 3)
+    seen = []
+    real = ops.group_norm
+    try:
+        ops.group_norm = lambda *a, **k: seen.append(k["sums"]) or real(*a, **k)
+        _summed(x, ops.residual_add_sums(None, x, torch.zeros(8), None, 4)[1])
+        _group_norm(norm, x)
+        x.add_(1.0)
+        out = _group_norm(norm, x)
+    finally:
+        ops.group_norm = real
+    assert seen[0] is not None and seen[1] is None
+    torch.testing.assert_close(out, norm(x))

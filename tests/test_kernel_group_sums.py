@@ -6,8 +6,8 @@ dtype: the output equals the plain kernel's bit for bit, the sums equal `group_s
 the norm from them equals the norm that computes its own statistics; several slices (forced by a smaller tile
 and more "SMs" than the interpreter has) and a consumer cut differently from its producer; the format on
 both layouts; invalid inputs; the ops seam.
-GPU (`-m gpu`): SD1.5's UNet shapes at CFG batch 2 in every dtype, judged against torch's own error, and
-CUDA-graph capture.
+GPU (`-m gpu`): SD1.5's UNet shapes at CFG batch 2 in every dtype, judged against torch's own error, the
+sizes where the ops seam sums under auto, and CUDA-graph capture.
 """
 import importlib
 
@@ -215,3 +215,18 @@ def test_gpu_sums_and_norm_replay_in_a_cuda_graph():
     graph.replay()
     expected = group_norm(residual_add(x, y, bias), GROUPS, weight, nbias, 1e-5, "silu")
     torch.testing.assert_close(static, expected, atol=4e-3, rtol=4e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size, summed", [(64, True), (32, True), (16, False), (8, False)])
+def test_gpu_ops_sum_under_auto_only_where_it_pays(size, summed):
+    """Under auto the ops seam sums only maps of at least MIN_PIXELS pixels; smaller ones get the plain op and
+    no sums (their GroupNorm computes its own, which was faster there)."""
+    x, y = (_map((2, 320, size, size), torch.float16, 0.0, "cuda") for _ in range(2))
+    bias = torch.randn(320, device="cuda").half()
+    out, sums = ops.residual_add_sums(x, y, bias, None, GROUPS)
+    assert (sums is not None) == summed
+    assert torch.equal(out, residual_add(x, y, bias))
+    out, sums = ops.channel_cat_sums(x, y, GROUPS)
+    assert (sums is not None) == summed
+    assert torch.equal(out, channel_cat(x, y))
