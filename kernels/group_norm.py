@@ -77,6 +77,13 @@ CL_TILE = 8192
 CL_MANY_PROGRAMS_PER_SM = 4
 CL_MANY_TILE = 4096
 CL_MANY_WARPS = 4
+# The normalizing pass alone (sums from x's producer, kernels/group_sums.py), channels_last: one program per SM
+# (CL_TILE, NUM_WARPS) while x has at most SUMMED_ONE_PER_SM elements per SM, else two. Measured on an H200
+# (fp16 + SiLU, graph replay, us), one / two per SM / four per SM with 4096-element tiles and 4 warps:
+# 2x640x32x32 (10K per SM) 5.5 / 6.9 / 6.4; 2x320x64x64 (20K) 7.5 / 7.7 / 7.3; 2x640x64x64 (40K) 11.5 / 11.3 /
+# 12.0; 2x960x64x64 (60K) 12.2 / 12.0 / 12.0; 16x640x32x32 (80K) 37.6 / 17.5 / 19.1; 16x320x64x64 (160K) 54.0 /
+# 32.7 / 32.0 (benchmarks/RESULTS.md, session 15).
+SUMMED_ONE_PER_SM = 64 * 1024
 PARTIAL_TILE = 4096  # partial sums an apply program adds per step
 STAGES = 3  # software-pipelining depth of the stats/apply/single-launch loops
 NUM_WARPS = 8  # every kernel's warps, but the channels_last split path's on large x (CL_MANY_WARPS)
@@ -573,21 +580,27 @@ class ChannelsLastPlan(NamedTuple):
     block_cg: int  # next_power_of_2(C // G)
 
 
-def channels_last_plan(x: Tensor, num_groups: int) -> ChannelsLastPlan:
-    """The slices of channels_last x (N, C, *spatial): one per SM in all while x is small, else
-    CL_MANY_PROGRAMS_PER_SM per SM with smaller tiles (the measurements are at CL_ONE_PER_SM)."""
+def channels_last_plan(x: Tensor, num_groups: int, config: Optional[tuple[int, int, int]] = None) -> ChannelsLastPlan:
+    """The slices of channels_last x (N, C, *spatial) for `config`, (programs per SM, tile elements, warps). By
+    default the split kernels' rule: one per SM in all while x is small, else CL_MANY_PROGRAMS_PER_SM per SM
+    with smaller tiles (the measurements are at CL_ONE_PER_SM)."""
     batch, channels = x.shape[:2]
     hw = x.numel() // max(1, batch * channels)
     block_c, block_g, block_cg = (_triton.next_power_of_2(n) for n in (channels, num_groups, channels // num_groups))
     sms = _triton.sm_count(x.device)
-    if x.numel() <= CL_ONE_PER_SM * sms:
-        target, tile, warps = sms, CL_TILE, NUM_WARPS
-    else:
-        target, tile, warps = CL_MANY_PROGRAMS_PER_SM * sms, CL_MANY_TILE, CL_MANY_WARPS
+    if config is None:
+        config = ((1, CL_TILE, NUM_WARPS) if x.numel() <= CL_ONE_PER_SM * sms
+                  else (CL_MANY_PROGRAMS_PER_SM, CL_MANY_TILE, CL_MANY_WARPS))
+    per_sm, tile, warps = config
     rows = max(1, tile // block_c)
-    slices = max(1, min(_triton.cdiv(target, batch), _triton.cdiv(hw, rows)))
+    slices = max(1, min(_triton.cdiv(per_sm * sms, batch), _triton.cdiv(hw, rows)))
     per_slice = _triton.cdiv(_triton.cdiv(hw, slices), rows) * rows
     return ChannelsLastPlan(_triton.cdiv(hw, per_slice), per_slice, rows, warps, block_c, block_g, block_cg)
+
+
+def _summed_config(x: Tensor) -> tuple[int, int, int]:
+    """The normalizing pass's (programs per SM, tile, warps) when a producer summed x: see SUMMED_ONE_PER_SM."""
+    return (1 if x.numel() <= SUMMED_ONE_PER_SM * _triton.sm_count(x.device) else 2), CL_TILE, NUM_WARPS
 
 
 def _partials_block(slices: int, block_g: int) -> int:
@@ -603,7 +616,7 @@ def _launch_split(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Ten
     cg = channels // num_groups
     offset_stride = offset.stride(0) if offset is not None else 0
     if channels_last:
-        plan = channels_last_plan(x, num_groups)
+        plan = channels_last_plan(x, num_groups, None if sums is None else _summed_config(x))
         slices, per_slice, rows, warps, block_c, block_g, block_cg = plan
         block = 1
         grid_rows = batch  # a slice covers every group of its pixels

@@ -47,6 +47,13 @@ if triton is not None:
     from .group_norm import store_group_sums
 
 
+# The producers' (programs per SM, tile elements, warps) by the output's elements per SM: the first whose bound
+# holds. Longer slices hide less latency; more programs make more partial sums for the norm to add. Measured on
+# an H200 (fp16, graph replay, us) for (1, 8192, 8) / (2, 4096, 4) / (4, 2048, 4): residual add 2x320x64x64 (20K
+# per SM) 7.0 / 7.2 / 7.6; 2x640x32x32 (10K) 5.4 / 5.7 / 6.8; concatenation 2x640x64x64 (40K) 11.9 / 9.5 / 10.6;
+# 2x960x64x64 (60K) 12.3 / 9.7 / 10.8; residual add 16x640x32x32 (80K) 35.0 / 22.7 / 22.3; 16x320x64x64 (160K)
+# 60.5 / 57.8 / 38.6 (benchmarks/RESULTS.md, session 15).
+PRODUCER_CONFIGS = ((32 * 1024, (1, 8192, 8)), (64 * 1024, (2, 4096, 4)), (None, (4, 2048, 4)))
 MIN_PIXELS = 32 * 32  # `pays`: the smallest map (H * W) whose producers sum for the next GroupNorm
 
 
@@ -164,7 +171,9 @@ def _summed_output(out: Tensor, num_groups: int, x: Optional[Tensor], x_bias: Op
     """Launch the kernel that writes channels_last `out` (N, C, H, W) and return its sums (2, N, P, G)."""
     batch, channels = out.shape[:2]
     hw = out.numel() // (batch * channels)
-    plan = channels_last_plan(out, num_groups)
+    per_sm = out.numel() / _triton.sm_count(out.device)
+    config = next(config for bound, config in PRODUCER_CONFIGS if bound is None or per_sm <= bound)
+    plan = channels_last_plan(out, num_groups, config)
     sums = torch.empty((2, batch, plan.slices, num_groups), device=out.device, dtype=torch.float32)
     scratch = torch.empty((batch, plan.slices, 2, channels), device=out.device, dtype=torch.float32)
     concat = skip is not None

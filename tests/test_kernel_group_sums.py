@@ -25,6 +25,7 @@ from fastdiff.kernels.residual_add import residual_add
 from cuda_graphs import capture
 
 gn_module = importlib.import_module("fastdiff.kernels.group_norm")  # the package re-exports the functions
+gs_module = importlib.import_module("fastdiff.kernels.group_sums")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GROUPS = 32
@@ -101,6 +102,7 @@ def test_sums_over_several_slices_serve_a_norm_cut_differently(op, monkeypatch):
     """4 slices of 16 pixels (2 per loop step) in the producer; the norm then runs on 2 slices of its own and
     must still add all 4 of the producer's."""
     monkeypatch.setattr(gn_module, "CL_TILE", 256)  # 256 // next_power_of_2(96) = 2 pixels per step
+    monkeypatch.setattr(gs_module, "PRODUCER_CONFIGS", ((None, (1, 256, 4)),))  # the same for the producer
     monkeypatch.setattr(_triton, "sm_count", lambda device: 8)  # 8 // 2 samples = 4 slices
     y = _map((2, 96, 7, 9), torch.float32, mean=3.0)
     if op == "residual_add":
@@ -109,7 +111,7 @@ def test_sums_over_several_slices_serve_a_norm_cut_differently(op, monkeypatch):
         out, sums = channel_cat_sums(_cl(y[:, :48]), _cl(y[:, 48:]), GROUPS)
     _check_sums(out, sums, slices=4)
     monkeypatch.setattr(_triton, "sm_count", lambda device: 4)
-    assert gn_module.channels_last_plan(out, GROUPS).slices == 2
+    assert gn_module.channels_last_plan(out, GROUPS, gn_module._summed_config(out)).slices == 2
     _check_norm(out, sums)
 
 
