@@ -2,7 +2,8 @@
 
 Model code calls `ops.attention`, `ops.group_norm`, `ops.geglu`, `ops.linear`, `ops.matmul`, `ops.layer_norm`,
 `ops.add_layer_norm`, `ops.residual_add`, `ops.conv2d`, `ops.subpixel_shuffle`, `ops.channel_cat`,
-`ops.residual_add_sums`, `ops.channel_cat_sums` and `ops.scheduler_step` and never branches on the backend. Each op has up to three implementations:
+`ops.residual_add_sums`, `ops.channel_cat_sums` and `ops.scheduler_step` and never branches on the backend. Each
+op has up to three implementations:
 
     reference  plain PyTorch (`fastdiff.kernels.<op>.<op>_ref`), any device; the oracle for every test
     triton     `fastdiff.kernels.<op>.<op>`: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests)

@@ -27,7 +27,8 @@ else:
     from .channel_cat import channel_cat, channel_cat_ref
     from .conv2d import conv2d, conv2d_ref
     from .geglu import geglu, geglu_ref
-    from .group_norm import group_norm, group_norm_ref
+    from .group_norm import group_norm, group_norm_ref, group_sums_ref
+    from .group_sums import channel_cat_sums, channel_cat_sums_ref, residual_add_sums, residual_add_sums_ref
     from .layer_norm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
     from .linear import linear, linear_ref
     from .matmul import matmul_ref
@@ -36,9 +37,10 @@ else:
     from .subpixel import subpixel_shuffle, subpixel_shuffle_ref, subpixel_weight
 
     __all__ = ["add_layer_norm", "add_layer_norm_ref", "attention", "attention_ref", "channel_cat", "channel_cat_ref",
-               "compiling_ahead", "conv2d",
-               "conv2d_ref", "geglu", "geglu_ref", "group_norm", "group_norm_ref", "layer_norm", "layer_norm_ref",
-               "linear", "linear_ref", "matmul_ref",
-               "prepare_compile", "residual_add", "residual_add_ref", "scheduler_step",
+               "channel_cat_sums", "channel_cat_sums_ref", "compiling_ahead", "conv2d",
+               "conv2d_ref", "geglu", "geglu_ref", "group_norm", "group_norm_ref", "group_sums_ref", "layer_norm",
+               "layer_norm_ref", "linear", "linear_ref", "matmul_ref",
+               "prepare_compile", "residual_add", "residual_add_ref", "residual_add_sums", "residual_add_sums_ref",
+               "scheduler_step",
                "scheduler_step_ref",
                "StepCoeffs", "subpixel_shuffle", "subpixel_shuffle_ref", "subpixel_weight"]

@@ -123,7 +123,8 @@ def _check_sums(x: Tensor, num_groups: int, sums: Tensor, offset: Optional[Tenso
     if offset is not None:
         raise ValueError("sums are of x alone: pass them without an offset")
     batch = x.shape[0]
-    if sums.dim() != 4 or sums.shape[0] != 2 or sums.shape[1] != batch or sums.shape[2] < 1 or sums.shape[3] != num_groups:
+    if sums.dim() != 4 or sums.shape[0] != 2 or sums.shape[1] != batch or sums.shape[2] < 1 \
+            or sums.shape[3] != num_groups:
         raise ValueError(f"sums has shape {tuple(sums.shape)}, expected (2, {batch}, slices, {num_groups})")
     if sums.dtype != torch.float32 or sums.device != x.device or not sums.is_contiguous():
         raise ValueError(f"sums must be contiguous float32 on x's device {x.device}, got {sums.dtype} on "
