@@ -282,8 +282,8 @@ def test_shared_sample_parts_without_tiles_on_the_triton_kernels(kind, monkeypat
     """Under guidance a latent's rows part inside the first transformer block. There the LayerNorm pass writes
     its outputs once per context row block (`copies`), proj_out's residual_add reads the transformer's input once
     per row block, and the decoder's channel_cat does the same with the skips taken before the parting (so do
-    their summing variants, `FastConfig.group_sums`): no torch.cat tiles. On the prepared (channels_last) UNet with those kernels (interpreter) the result must equal
-    the same UNet run on the tiled sample."""
+    their summing variants, `FastConfig.group_sums`): no torch.cat tiles. On the prepared (channels_last) UNet
+    with those kernels (interpreter) the result must equal the same UNet run on the tiled sample."""
     unet = prepare_unet(_tiny_unet(kind), FastConfig())
     sample = torch.randn(1, unet.config.in_channels, 12, 10).contiguous(memory_format=torch.channels_last)
     context = torch.randn(2, 7, unet.config.cross_attention_dim)
