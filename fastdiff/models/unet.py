@@ -726,7 +726,6 @@ class UNet2DConditionModel(nn.Module):
         self.register_buffer("fused_time_bias", None, persistent=False)
         self.register_buffer("fused_conv1_bias", None, persistent=False)
 
-    @torch.no_grad()
     def sum_for_group_norms(self, enabled: bool = True) -> None:
         """Have every kernel whose output goes straight into a GroupNorm also sum that output for the norm
         (`ops.residual_add_sums`, `ops.channel_cat_sums`), so that the norm runs only its normalizing pass.
@@ -754,6 +753,7 @@ class UNet2DConditionModel(nn.Module):
                 attention = None if block.attentions is None else block.attentions[i]
                 resnet.sum_groups = attention.norm.num_groups if enabled and attention is not None else None
 
+    @torch.no_grad()
     def fuse_time_projections(self) -> None:
         """Make the time projections of all ResnetBlock2Ds one matmul: forward then computes every block's
         norm2 offset (time_emb_proj(temb) + conv1.bias) at once, two kernels instead of two per block (44 for
