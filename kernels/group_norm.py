@@ -105,14 +105,20 @@ class _Kernels(NamedTuple):
     single_cl: Any
 
 
+def check_num_groups(channels: int, num_groups: int) -> None:
+    """ValueError unless num_groups is a positive divisor of the channels (shared by the GroupNorm's and the
+    producers' checks)."""
+    if num_groups < 1 or channels % num_groups:
+        raise ValueError(f"num_groups must divide the {channels} channels, got {num_groups}")
+
+
 def group_sums_ref(x: Tensor, num_groups: int) -> Tensor:
     """The statistics a kernel that writes x can hand to the GroupNorm that reads it (`group_norm(sums=)`):
     float32 (2, N, P, G), the sums of (x - K) and of (x - K)^2 over slice p of group g of sample n, where the
     shift K is the group's first element x[n, g * C // G, 0, ...]. The slices partition each group's elements in
     any way (the producers of kernels/group_sums.py: a slice of pixels each); here P = 1."""
     batch, channels = x.shape[:2]
-    if num_groups < 1 or channels % num_groups:
-        raise ValueError(f"num_groups must divide the {channels} channels, got {num_groups}")
+    check_num_groups(channels, num_groups)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     d = x.reshape(batch, num_groups, -1).to(acc)
     d = d - d[:, :, :1]
@@ -512,8 +518,7 @@ def check_group_norm_inputs(x: Tensor, num_groups: int, weight: Optional[Tensor]
     if x.dtype not in DTYPES:
         raise ValueError(f"x has dtype {x.dtype}, expected one of {DTYPES}")
     channels = x.shape[1]
-    if num_groups < 1 or channels % num_groups:
-        raise ValueError(f"num_groups must divide the {channels} channels, got {num_groups}")
+    check_num_groups(channels, num_groups)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (channels,):
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({channels},)")

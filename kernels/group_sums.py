@@ -38,7 +38,7 @@ from torch import Tensor
 from . import _triton
 from ._triton import triton
 from .channel_cat import channel_cat, channel_cat_ref, check_channel_cat_inputs
-from .group_norm import MAX_CHANNELS, STAGES, channels_last_plan, group_sums_ref
+from .group_norm import MAX_CHANNELS, STAGES, channels_last_plan, check_num_groups, group_sums_ref
 from .residual_add import check_residual_add_inputs, residual_add, residual_add_ref
 
 if triton is not None:
@@ -64,8 +64,7 @@ def pays(out: Tensor) -> bool:
 
 
 def _check_groups(channels: int, num_groups: int) -> None:
-    if num_groups < 1 or channels % num_groups:
-        raise ValueError(f"num_groups must divide the {channels} channels, got {num_groups}")
+    check_num_groups(channels, num_groups)
     if channels > MAX_CHANNELS:
         raise ValueError(f"the output has {channels} channels, over the kernels' limit {MAX_CHANNELS}")
 
