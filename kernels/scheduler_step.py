@@ -86,26 +86,17 @@ def scheduler_step_ref(x: Tensor, model_output: Tensor, coeffs: StepCoeffs,
     return x_next.to(x.dtype), x0.to(x.dtype)
 
 
+# 512 elements per program, 4 warps (4 elements a thread). On an H200 this was the best of ten configs, or
+# within 0.1 us of it, at SD1.5's batch 1 and 8, SD2's 768 px and SDXL's 1024 px latents in both dtypes, and
+# within 2% of the best at 16 and 64 SDXL latents. It replaced an autotuner over 1024- to 4096-element
+# programs, whose timing of a 1.5 us kernel is launch noise: it had picked 2048-element programs at
+# 1x4x64x64 (1.59 us against 1.26).
+BLOCK = 512
+NUM_WARPS = 4
+
+
 if triton is not None:
 
-    # (BLOCK, num_warps): elements per program. A latent of up to SMALL elements takes the first config,
-    # 4 elements a thread: on an H200, at SD1.5's batch 1 and 8, SD2's 768 px and SDXL's 1024 px latents,
-    # it was the best of ten configs or within 0.05 us of it, in both dtypes. The autotuner is not asked
-    # there: its timing of a 1.5 us kernel is launch noise, and it had picked 2048-element programs at
-    # 1x4x64x64 (1.59 us against 1.26). Larger tensors autotune; the prune filter drops blocks far past
-    # the tensor.
-    SMALL = 1 << 20
-    _GRID = [(512, 4), (1024, 4), (2048, 4), (4096, 8)]
-    _CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in _GRID]
-
-    def _prune_configs(configs, named_args, **kwargs):
-        n = {**named_args, **kwargs}["n_elements"]
-        if n <= SMALL or _triton.INTERPRET:  # the interpreter cannot time configs
-            return configs[:1]
-        return [c for c in configs if c.kwargs["BLOCK"] <= max(1024, _triton.next_power_of_2(n) // 8)]
-
-    @triton.autotune(configs=_CONFIGS, key=["n_elements"], prune_configs_by={"early_config_prune": _prune_configs},
-                     **_triton.autotune_options())
     @triton.jit
     def _scheduler_step_kernel(
         X,  # pointer to x, n_elements, dense
@@ -159,10 +150,10 @@ def _scheduler_step_launch(x: Tensor, model_output: Tensor, c_x: float, c_m: flo
     x_next = torch.empty_like(x)  # x's layout; the caller made every input share it
     x0 = torch.empty_like(x)
     n = x.numel()
-    _scheduler_step_launcher[lambda meta: (_triton.cdiv(n, meta["BLOCK"]),)](
+    _scheduler_step_launcher[(_triton.cdiv(n, BLOCK),)](
         x, model_output, prev_x0, noise, x_next, x0, n,
         0.0 if guidance_scale is None else guidance_scale, c_x, c_m, a_x, a_0, a_p, a_n,
-        GUIDANCE=guidance_scale is not None,
+        GUIDANCE=guidance_scale is not None, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     return x_next, x0
 
