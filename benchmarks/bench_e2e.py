@@ -513,9 +513,7 @@ def case_profile(benchmark, arch: str, system: str, batch: int) -> dict:
     context = s.fastdiff.encode_prompt([PROMPT] * batch, [""] * batch, 1, True).to(s.fastdiff.dtype)
     x = torch.randn(2 * batch, 4, SIZE // 8, SIZE // 8, device=DEVICE, dtype=s.fastdiff.dtype).contiguous(
         memory_format=fmt)
-    # a view of a 1-D float32 tensor, as a sampler's `model_timesteps[i]`: the fast path then reads the step's
-    # time features from a precomputed row, as it does while sampling, instead of computing them per call
-    t = torch.tensor([601.0], device=DEVICE)[0]
+    t = torch.tensor(601.0, device=DEVICE)
 
     def step():
         with torch.no_grad():
