@@ -1,4 +1,5 @@
-"""Builds the optional extension fastdiff._C from csrc/; everything else is in pyproject.toml.
+"""Builds the optional extension fastdiff._C from csrc/ and installs the top-level kernels/ folder's op files as
+modules of fastdiff.kernels; everything else is in pyproject.toml.
 
 The extension is optional. Where torch is not importable, no C++ compiler works or the build fails, setup
 prints a warning and installs fastdiff without it (the ops seam then uses Triton or plain PyTorch, and
@@ -10,11 +11,13 @@ prints a warning and installs fastdiff without it (the ops seam then uses Triton
 The CUDA part includes fastdiff's GEMM without a cuBLAS workspace (csrc/matmul_cuda.cpp) where the CUDA toolkit
 has cuBLAS's headers; without them it builds the rest.
 """
+import glob
 import os
 import subprocess
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 CPU_SOURCES = ["csrc/fastdiff_api.cpp", "csrc/scheduler_step_cpu.cpp"]
 CUDA_SOURCES = ["csrc/scheduler_step_cuda.cu", "csrc/graph_cuda.cu"]
@@ -26,6 +29,22 @@ CXX_FLAGS = ["-O3", *OPENMP]  # the C++ standard is torch's choice (C++17 or C++
 # sm_80 and sm_90 machine code; compute_90 PTX lets newer GPUs JIT-compile it.
 NVCC_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
                    "-gencode=arch=compute_90,code=compute_90"]
+
+
+class BuildPy(build_py):
+    """fastdiff.kernels is fastdiff/kernels/__init__.py plus every op file of the top-level kernels/ folder.
+
+    kernels/ has no __init__.py, so that from the repository root `import kernels` still finds Hugging Face's
+    `kernels` distribution (which transformers imports), not this folder. A wheel gets the op files beside the
+    package's __init__.py; a source checkout reaches them through that package's __path__."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        if package == "fastdiff.kernels":
+            here = os.path.dirname(os.path.abspath(__file__))
+            modules += [(package, os.path.splitext(os.path.basename(f))[0], os.path.relpath(f, here))
+                        for f in sorted(glob.glob(os.path.join(here, "kernels", "*.py")))]
+        return modules
 
 
 def warn(message: str) -> None:
@@ -47,8 +66,6 @@ def cuda_unavailable_reason(torch, cpp_extension) -> str:
 
 def has_cublas_headers(cuda_home: str) -> bool:
     """Whether the CUDA toolkit at cuda_home has cuBLAS's headers (some installs ship nvcc without them)."""
-    import glob
-
     return any(os.path.exists(os.path.join(d, "cublas_v2.h"))
                for d in [os.path.join(cuda_home, "include"), *glob.glob(os.path.join(cuda_home, "targets", "*",
                                                                                     "include"))])
@@ -144,4 +161,6 @@ def extension_setup() -> dict:
             "cmdclass": {"build_ext": OptionalBuildExt}}
 
 
-setup(**extension_setup())
+extension = extension_setup()
+setup(ext_modules=extension.get("ext_modules", []),
+      cmdclass={**extension.get("cmdclass", {}), "build_py": BuildPy})
