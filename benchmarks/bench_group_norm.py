@@ -21,7 +21,7 @@ from fastdiff.kernels.group_norm import group_norm
 gn_module = importlib.import_module("fastdiff.kernels.group_norm")  # the package re-exports the function
 
 # UNet levels at batch 2 (CFG) with 64x64 latents; the VAE decoder at 512 px: its mid block and first up
-# block (1x512x64x64: groups of 16 x 4096, exactly the default SINGLE_LAUNCH_MAX), its largest levels.
+# block (1x512x64x64: groups of 16 x 4096 = 64K elements, twice SINGLE_LAUNCH_MAX), its largest levels.
 SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (1, 512, 64, 64), (1, 128, 512, 512),
           (1, 512, 128, 128)] if ON_GPU else [(2, 96, 7, 9)]
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}

@@ -2,11 +2,12 @@
 
     python benchmarks/cold_start_compiles.py
 
-A fast-path image with an empty kernel cache spends much of its cold start compiling Triton kernels (issue 7,
-benchmarks/RESULTS.md). Compiling is CPU work, and Triton compiles for a GPU it does not see, so this script
-measures that cost here, for the attention and GroupNorm kernels only: the first image also compiles
+A fast-path image with an empty kernel cache spends much of its cold start compiling Triton kernels
+(benchmarks/RESULTS.md, "cold start"). Compiling is CPU work, and Triton compiles for a GPU it does not see, so
+this script measures that cost here, for the attention and GroupNorm kernels only: the first image also compiles
 LayerNorm, GEGLU, residual_add and (without the extension) scheduler-step variants, which it does not count
-(39 variants in all on an H200 in session 6, counted from the kernel cache; this script counts 14):
+(39 variants in all, counted from an H200's kernel cache with an earlier version of the fast path; this script
+counts 14):
 1. It runs the SD1.5 UNet (CFG batch 2, 64x64 latents) and the VAE decoder on the meta device, prepared as
    the fast path prepares them, and records every call of the Triton-backed ops (their shapes, layouts and
    dtypes). The ops return empty tensors, so no real work is done.

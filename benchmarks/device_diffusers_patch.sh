@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The diffusers integration's GPU run, from the repository root on a CUDA machine (the device tool's `run`,
-# carrying the diffusers wheels: carry [".whl"]):
+# The diffusers integration's GPU run, from the repository root on a CUDA machine, with the diffusers wheels (and
+# their dependencies) in .whl/:
 #     bash benchmarks/device_diffusers_patch.sh
 # installs diffusers from .whl/ and fastdiff (no CUDA build of csrc/: the pipeline does not use it), runs the
 # integration's and the compiled kernels' GPU tests, then times diffusers' SD1.5 pipeline (random weights, fp16,
@@ -14,7 +14,7 @@ OUT=${OUT:-device_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > "$OUT/install.log" 2>&1 \
-    || { echo "installing the carried wheels failed (carry [\".whl\"]?), see install.log"; exit 1; }
+    || { echo "installing the wheels in .whl/ failed (are they there?), see install.log"; exit 1; }
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 FASTDIFF_SKIP_CUDA_BUILD=1 python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 \
     || { echo "pip install of fastdiff failed, see install.log"; exit 1; }

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The fast path's GPU run (issue 7), from the repository root on a CUDA machine (the device tool's `run`,
-# carrying the diffusers wheels: carry [".whl"]):
+# The fast path's GPU run, from the repository root on a CUDA machine, with the diffusers wheels (and their
+# dependencies) in .whl/:
 #     bash benchmarks/device_e2e.sh
 # installs diffusers from .whl/ and fastdiff (no CUDA build of csrc/: the fast path does not need it), runs the
 # fast path's GPU tests, then benchmarks/bench_e2e.py: fastdiff vs diffusers eager vs diffusers + torch.compile,
 # whole 512x512 SD1.5 images at batch 1/4/8, SD2.1-base at batch 1, parity, UNet step TFLOP/s, a per-kernel
 # profile, cold start and peak memory in fresh processes. Cases run in priority order and are skipped once the
-# budget (FASTDIFF_E2E_BUDGET_S, default 470 s for the whole script) would be overrun; the results JSON is
+# time limit (FASTDIFF_E2E_BUDGET_S, default 470 s for the whole script) would be overrun; the results JSON is
 # rewritten after every case. Logs, JSON and summary.txt land in $OUT (./device_out when unset).
 # CPU smoke test of the same script: FASTDIFF_E2E_SKIP_INSTALL=1 bash benchmarks/device_e2e.sh
 set -u -o pipefail
@@ -20,10 +20,10 @@ SECONDS=0
 if [ "${FASTDIFF_E2E_SKIP_INSTALL:-0}" != 1 ]; then
     if ls .whl/*.whl > /dev/null 2>&1; then
         python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > "$OUT/install.log" 2>&1 \
-            || { echo "installing the carried wheels failed, see install.log"; exit 1; }
+            || { echo "installing the wheels in .whl/ failed, see install.log"; exit 1; }
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     else
-        echo "no .whl/ (carry [\".whl\"]): the diffusers baselines will be skipped" | tee "$OUT/install.log"
+        echo "no diffusers wheels in .whl/: the diffusers baselines will be skipped" | tee "$OUT/install.log"
     fi
     FASTDIFF_SKIP_CUDA_BUILD=1 python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 \
         || { echo "pip install of fastdiff failed, see install.log"; exit 1; }

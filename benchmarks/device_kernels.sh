@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The kernels' GPU run, from the repository root on a CUDA machine (the device tool's `run`):
+# The kernels' GPU run, from the repository root on a CUDA machine:
 #     bash benchmarks/device_kernels.sh [tests|bench|tune|all|group_norm|layer_norm|residual_add] [pytest -k filter]
 # installs fastdiff (no CUDA build of csrc/), runs the kernels' GPU tests (8 workers: Triton compiles in
 # parallel; their timings do not matter), then the kernel benchmarks in one process, one at a time, and

@@ -4,7 +4,7 @@
 // Inside a captured CUDA graph each clear is a memset node, and the GPU idles around it (about 1.4 us before
 // and 2-7 us after, on an H200). With no workspace cuBLAS picks kernels that need none: at SD1.5's shapes the
 // same kernels, bitwise the same outputs, and 30 fewer memsets per UNet step at CFG batch 16
-// (benchmarks/RESULTS.md). torch's workspace size is process-wide (CUBLAS_WORKSPACE_CONFIG, read once), so
+// (H200, torch 2.11). torch's workspace size is process-wide (CUBLAS_WORKSPACE_CONFIG, read once), so
 // fastdiff sets it to zero on the handle for its own calls only; torch sets its own again on its next call.
 //
 // Only compiled where the CUDA toolkit has cuBLAS's headers (setup.py defines FASTDIFF_WITH_CUBLAS).

@@ -356,7 +356,7 @@ class CompileOp:
                launches them from its generated code, so a compiled graph neither pays the Python dispatcher
                and launcher (~100 us of host time per call) nor loses the buffers around the op to an opaque
                call. Registering one imports torch._inductor and with it torch._dynamo: 4.7 of the 9.6 s that
-               `import fastdiff` took on an H200 host (1.2 s on a CPU dev box), a cost a process that never
+               `import fastdiff` took on an H200 host (1.2 s on a CPU-only machine), a cost a process that never
                compiles must not pay. So it is registered by `prepare_compile()`, or on import when
                torch._dynamo is imported already (diffusers imports it; so does torch.compile).
     Calls go to the traceable op once it exists, else to the opaque one. Under the interpreter

@@ -9,7 +9,8 @@ GPU streams the weights, each program into a float32 partial tile, and a second 
 partials up. The aim was ~10 us per convolution; measured on an H200 (fp16, CUDA-graph replay) it takes 20.1
 us against cuDNN's 23.6 at 2x1280x8x8 (1.18x) and runs at 1500 GB/s, short of streaming speed. Not profiled
 further: the float32 partials (8.5 MB at 13 splits) and x re-read by each of the 20 column tiles are the
-suspects. In the UNet it took the step from 5.577 to 5.534 ms at CFG batch 2 (benchmarks/RESULTS.md).
+suspects. In the UNet it took the step from 5.577 to 5.534 ms at CFG batch 2 (torch 2.11, triton 3.6; the kernel's
+own figures: benchmarks/RESULTS.md).
 
 Implicit GEMM: out (M, Cout) = A (M, K) @ B (K, Cout), with rows m = (n, oh, ow) the output pixels, k =
 (kh * KW + kw) * Cin + ci, A[m, k] = x[n, ci, oh * stride + kh - padding, ow * stride + kw - padding] (zero

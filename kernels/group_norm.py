@@ -41,7 +41,7 @@ per element, gathering the offset as they gather weight and bias. So eager chann
 offset pass zeros (`_zero_offset`, from one buffer per device and dtype) and launch the offset variants too:
 a model that normalizes the same shape with and without an offset (a ResNet block's norm1 and norm2) compiles
 it once. Subtracting a zero changes no bit. On an H200 the VAE's conv1 bias as norm2's offset had added 6
-compiled variants and 1.0-1.5 s to the first image in a fresh process (benchmarks/RESULTS.md, session 13).
+compiled variants and 1.0-1.5 s to the first image in a fresh process (torch 2.11, triton 3.6).
 """
 from typing import Any, NamedTuple, Optional
 
@@ -71,7 +71,7 @@ PROGRAMS_PER_SM = 4  # contiguous: stats/apply programs per SM; each loops over 
 # - many per SM, (programs per SM, tile, warps) (2, 8192, 8) / (4, 4096, 4): 16x320x64x64 59.0 / 53.0;
 #   16x640x64x64 136.0 / 94.2; 16x960x64x64 146.9 / 110.6; 16x1280x32x32 54.0 / 58.1; 16x1920x32x32 62.5 / 64.9;
 #   8x960x64x64 64.5 / 60.5; 1x128x512x512 72.1 / 76.3; 8x128x512x512 432.9 / 429.5; 13 shapes 1521.5 / 1436.7
-#   in all (benchmarks/RESULTS.md, session 12).
+#   in all (torch 2.11, triton 3.6).
 CL_ONE_PER_SM = 96 * 1024
 CL_TILE = 8192
 CL_MANY_PROGRAMS_PER_SM = 4
@@ -82,7 +82,7 @@ CL_MANY_WARPS = 4
 # (fp16 + SiLU, graph replay, us), one / two per SM / four per SM with 4096-element tiles and 4 warps:
 # 2x640x32x32 (10K per SM) 5.5 / 6.9 / 6.4; 2x320x64x64 (20K) 7.5 / 7.7 / 7.3; 2x640x64x64 (40K) 11.5 / 11.3 /
 # 12.0; 2x960x64x64 (60K) 12.2 / 12.0 / 12.0; 16x640x32x32 (80K) 37.6 / 17.5 / 19.1; 16x320x64x64 (160K) 54.0 /
-# 32.7 / 32.0 (benchmarks/RESULTS.md, session 15).
+# 32.7 / 32.0 (torch 2.11, triton 3.6).
 SUMMED_ONE_PER_SM = 64 * 1024
 PARTIAL_TILE = 4096  # partial sums an apply program adds per step
 STAGES = 3  # software-pipelining depth of the stats/apply/single-launch loops

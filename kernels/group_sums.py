@@ -3,7 +3,7 @@
 A GroupNorm needs each (sample, group)'s mean and variance before it writes any output, so a stand-alone
 GroupNorm either reads x twice in one program per group (few programs: 64 at SD1.5's 32x32 level at CFG batch
 2) or launches twice, statistics then output. On an H200 that exchange costs more than the pass over memory
-itself at the UNet's sizes (benchmarks/RESULTS.md, session 8). The kernel that writes x has every value in
+itself at the UNet's sizes (benchmarks/RESULTS.md, "GroupNorm + SiLU"). The kernel that writes x has every value in
 registers already: these kernels also add them up, per slice of pixels, into partial sums in the format of
 `group_sums_ref`, and `group_norm(x, ..., sums=)` then runs only its normalizing pass (one launch, one read).
 
@@ -21,7 +21,7 @@ the tensor-returning ops are the compiled ones.
 Where it pays (`pays`): on large maps only. Summing costs the producer a reduction and a channels-to-groups
 exchange at its end, and the normalizing pass still has a fixed cost (adding the slices' sums, groups back to
 channels); on small maps those fixed costs exceed what the norm saves. Measured on an H200 (fp16, CUDA-graph
-replay, us, benchmarks/RESULTS.md session 15), producer + norm with the sums / the plain op + the norm's own:
+replay, us, torch 2.11, triton 3.6), producer + norm with the sums / the plain op + the norm's own:
     residual add  1x320x64x64 10.5 / 15.7   2x320x64x64 14.7 / 19.5   2x640x32x32 11.3 / 14.2
                   2x320x32x32 (y + bias) 7.2 / 11.3   2x1280x16x16 10.6 / 8.0   2x1280x8x8 9.7 / 4.7
     concatenation 2x960x64x64 26.8 / 30.5   2x640x64x64 23.7 / 23.9   2x960x32x32 11.7 / 16.2
@@ -52,7 +52,7 @@ if triton is not None:
 # an H200 (fp16, graph replay, us) for (1, 8192, 8) / (2, 4096, 4) / (4, 2048, 4): residual add 2x320x64x64 (20K
 # per SM) 7.0 / 7.2 / 7.6; 2x640x32x32 (10K) 5.4 / 5.7 / 6.8; concatenation 2x640x64x64 (40K) 11.9 / 9.5 / 10.6;
 # 2x960x64x64 (60K) 12.3 / 9.7 / 10.8; residual add 16x640x32x32 (80K) 35.0 / 22.7 / 22.3; 16x320x64x64 (160K)
-# 60.5 / 57.8 / 38.6 (benchmarks/RESULTS.md, session 15).
+# 60.5 / 57.8 / 38.6 (torch 2.11, triton 3.6).
 PRODUCER_CONFIGS = ((32 * 1024, (1, 8192, 8)), (64 * 1024, (2, 4096, 4)), (None, (4, 2048, 4)))
 MIN_PIXELS = 32 * 32  # `pays`: the smallest map (H * W) whose producers sum for the next GroupNorm
 

@@ -17,13 +17,13 @@ GELU is the exact erf form, F.gelu's default, evaluated as g * Phi(g) with Phi f
 (`_gelu`): 1 - erf(z) = t (a1 + a2 t + ... + a5 t^4) exp(-z^2), t = 1 / (1 + p z), |error| <= 1.5e-7 on erf. The
 epilogue is arithmetic-bound at K = 320, where five K steps of MMA meet one GELU per output element: libdevice's
 erff (two branches, both taken by most warps) made the GEGLU projection at SD1.5's 64x64 level at CFG batch 16
-311.9 us against 290.3 with this form and 231.7 with no GELU at all (benchmarks/RESULTS.md, session 13). The
+311.9 us against 290.3 with this form and 231.7 with no GELU at all (torch 2.11, triton 3.6). The
 negative tail keeps its relative accuracy: Phi(g) there is the small term itself, never 1 - (1 - small).
 Evaluated in float32 on the CPU, this form is within 6.3e-7 of the float64 GELU on [-9, 9]; float32 F.gelu's
 own error there reaches 1.3e-6.
 
 `FASTER_THAN_CUBLAS` says where the kernel beat cuBLAS + the separate epilogue kernel, at SD1.5's shapes
-on an H200 (benchmarks/RESULTS.md, session 10); `prefers_triton` adds the inputs the kernel takes, and
+on an H200 (benchmarks/RESULTS.md, "Linear with its epilogue"); `prefers_triton` adds the inputs the kernel takes, and
 `ops.linear` under `auto` runs the kernel only where it says so.
 """
 from typing import Optional
@@ -161,7 +161,7 @@ def _config(m: int, n: int, k: int, geglu: bool) -> tuple[int, int, int, int, in
         # From 4096 rows, and at K = 320 (5 K steps: 2 stages beat 3 at 65536 rows, 295.9 against 312.7 us):
         # 128 x 64 tiles of 4 warps. 128 x 128 tiles of 8 warps, the best with libdevice's erf at K = 640 and
         # 1280, slowed by 10-17% with `_gelu`; 128 x 64 with `_gelu` took 234.9 against their 255.8 us at
-        # 16384 x 640, and 217.6 against 212.1 at 4096 x 1280 (session 13).
+        # 16384 x 640, and 217.6 against 212.1 at 4096 x 1280.
         if k <= 320 or m >= 4096:
             return 128, 64, 64, 4, 2
         return 128, 64, 32, 4, 4
@@ -256,7 +256,7 @@ def prefers_triton(x: Tensor, weight: Tensor, residual: Optional[Tensor] = None,
 
 def faster_than_cublas(m: int, k: int) -> bool:
     """Whether `linear` beat cuBLAS + the separate epilogue kernel at an (m x k) input on an H200 at SD1.5's
-    transformer shapes (benchmarks/RESULTS.md, session 10): from 512 rows up at K <= 1280. Below, cuBLAS'
+    transformer shapes (benchmarks/RESULTS.md): from 512 rows up at K <= 1280. Below, cuBLAS'
     small-M kernels win; at K >= 2560 (the MLP's second Linear at the 32x32 level and below) its deeper K loop
     does."""
     return m >= 512 and k <= 1280

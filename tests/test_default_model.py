@@ -19,7 +19,7 @@ from fastdiff.pipeline import default_model_path
 from fastdiff.train.analyse import analyse
 from fastdiff.train.data import IMAGE_SIZE
 
-MAX_BYTES = 30 * 2**20  # issue 6: the shipped folder stays within 30 MB
+MAX_BYTES = 30 * 2**20  # the shipped folder stays within 30 MB
 
 # (caption, seed, expected (color, shape, position, size, background)): together they use every colour,
 # shape, position, size and background at least once.

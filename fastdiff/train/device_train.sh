@@ -1,31 +1,30 @@
 #!/usr/bin/env bash
-# The default model's training run on one CUDA GPU, from the repository root (the device tool's `run`):
+# The default model's training run on one CUDA GPU, from the repository root:
 #     bash fastdiff/train/device_train.sh [all|vae|unet]
-#   all   (default) one call: the VAE stage, then the UNet + text encoder stage, export, evaluation (needs
-#         ~16 minutes: for a machine without the device tool's 10-minute limit)
-#   vae   first of two calls: the VAE stage; $OUT/vae/ comes back (config.json + 7 MB of float32 weights)
-#   unet  second call, with that folder carried at $VAE_FROM (default device_carry/vae: put it there, list
-#         device_carry/ in .git/info/exclude and pass carry=["device_carry"]): the UNet stage, export, evaluation
+#   all   (default) one call: the VAE stage, then the UNet + text encoder stage, export, evaluation (about
+#         16 minutes)
+#   vae   first of two calls: the VAE stage; $OUT/vae/ holds the result (config.json + 7 MB of float32 weights)
+#   unet  second call, with that folder at $VAE_FROM (default device_carry/vae): the UNet stage, export,
+#         evaluation
 # Both ways run the same recipe (`python -m fastdiff.train ... --config default`); two calls (how the shipped
-# model was trained) give each stage a whole 10-minute command. The end of a run measures prompt adherence over 300 captions at several guidance
-# scales, times one CPU-only `fastdiff generate`, and packs the model folder into $OUT as <= 15 MB parts (the
-# device tool returns at most 8 files of at most 16 MB). Then, on the calling machine:
-#     mkdir -p fastdiff/assets/default && cat FILES_AT/default_model.tar.part-* | tar -xf - -C fastdiff/assets/default
+# model was trained) keep each call under 10 minutes. The end of a run measures prompt adherence over 300
+# captions at several guidance scales, times one CPU-only `fastdiff generate`, and packs the model folder into
+# $OUT as <= 15 MB parts. Then, where $OUT's files are:
+#     mkdir -p fastdiff/assets/default && cat $OUT/default_model.tar.part-* | tar -xf - -C fastdiff/assets/default
 #
 # Time, measured (2026-11-22, one H200, torch 2.11.0+cu130): the VAE stage's 8000 steps took 430 s (a call
 # of 495 s); the UNet stage ran 2.4 steps/s (0.177 s per step of batch 256; eager PyTorch, bf16 autocast),
 # so its 2376 steps take 7 minutes, and the `unet` call with export, evaluation (23 s for 300 captions x 4
-# guidance scales) and the CPU generate took 526 s. Two calls are needed: `all` does not fit one 10-minute
-# command. TIME_LIMIT is a safety net: a stage it cuts short is exported as it stands and the log says so;
-# since the learning rate is constant after warm-up, that model is exactly the recipe run with
-# `--unet-steps <steps done>` (recorded in model_index.json).
+# guidance scales) and the CPU generate took 526 s. TIME_LIMIT is a safety net: a stage it cuts short is
+# exported as it stands and the log says so; since the learning rate is constant after warm-up, that model is
+# exactly the recipe run with `--unet-steps <steps done>` (recorded in model_index.json).
 set -u -o pipefail
 MODE=${1:-all}
 OUT=${OUT:-device_out}
-RUN=${RUN:-/tmp/fastdiff_default}  # checkpoints and logs; only what is copied to $OUT comes back
+RUN=${RUN:-/tmp/fastdiff_default}  # checkpoints and logs; what the run keeps is copied to $OUT
 VAE_FROM=${VAE_FROM:-device_carry/vae}
 GUIDANCE=${GUIDANCE:-1.5,3,5,7.5}
-TIME_LIMIT=${TIME_LIMIT:-8}  # minutes of training at most in this call (the tool stops a command at 10)
+TIME_LIMIT=${TIME_LIMIT:-8}  # minutes of training at most in this call (keeps the call under 10 minutes)
 # A CPU smoke test of this script: CONFIG=tiny DEVICE=cpu INSTALL=0 EVAL_N=4 bash fastdiff/train/device_train.sh
 CONFIG=${CONFIG:-default}
 DEVICE=${DEVICE:-cuda}

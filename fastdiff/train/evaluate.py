@@ -19,7 +19,7 @@ from .analyse import ATTRIBUTES, LABELS, Analysis, analyse, confusion, score
 from .data import Scene, sample_scenes
 
 EVAL_SEED = 12345  # the dataset seed evaluation captions come from
-# The prompt adherence the shipped default model must reach (issue 6), per attribute.
+# The prompt adherence the shipped default model must reach, per attribute.
 TARGETS = {"color": 0.95, "shape": 0.85, "position": 0.90, "size": 0.85}
 
 
