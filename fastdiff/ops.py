@@ -1,9 +1,9 @@
-"""The one seam between model code and kernel implementations.
+"""The one dispatcher: which implementation runs each op, decided in one place.
 
-Model code calls `ops.attention`, `ops.group_norm`, `ops.geglu`, `ops.linear`, `ops.matmul`, `ops.layer_norm`,
-`ops.add_layer_norm`, `ops.residual_add`, `ops.conv2d`, `ops.subpixel_shuffle`, `ops.channel_cat`,
-`ops.residual_add_sums`, `ops.channel_cat_sums` and `ops.scheduler_step` and never branches on the backend. Each
-op has up to three implementations:
+The engine's fused modules (`fastdiff.engine`) and the samplers call `ops.attention`, `ops.group_norm`,
+`ops.geglu`, `ops.linear`, `ops.matmul`, `ops.layer_norm`, `ops.add_layer_norm`, `ops.residual_add`,
+`ops.conv2d`, `ops.subpixel_shuffle`, `ops.channel_cat`, `ops.residual_add_sums`, `ops.channel_cat_sums` and
+`ops.scheduler_step` and never branch on the backend. Each op has up to three implementations:
 
     reference  plain PyTorch (`fastdiff.kernels.<op>.<op>_ref`), any device; the oracle for every test
     triton     `fastdiff.kernels.<op>.<op>`: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests)
@@ -12,8 +12,10 @@ op has up to three implementations:
 
 `auto` (the default, or FASTDIFF_BACKEND) picks per op and per device, fastest first; `fastdiff info`
 prints the choice. `set_backend("triton")` forces every op; `set_backend("cuda", op="scheduler_step")`
-forces one.
+forces one. Attention has more implementations than backends (torch's SDPA, `matmul_attention` for very wide
+heads): `attention_impl` picks one per attention module, by head size.
 """
+import functools
 import importlib
 import os
 from contextlib import contextmanager
@@ -242,6 +244,96 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     if backend == "triton" and _chosen["attention"] == "auto" and not _triton_attention_fits(q):
         backend = "reference"
     return _load("attention", backend)(q, k, v, scale)
+
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+    """torch's scaled_dot_product_attention with `ops.attention`'s signature. q: (B, H, Sq, D); k, v:
+    (B, H, Skv, D), any strides with the head dim contiguous -> (B, H, Sq, D)."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+# matmul_attention's float32 scores per block: 16 MB, 1024 queries x 4096 keys (the VAE's 64x64 map). On an H200
+# (CUDA-graph replays, 1x1x4096x512 fp16) 1024 rows took 168 us, 2048 rows 146 us with 24 MB more scores alive.
+# A batch-1 image peaked at 2717 MB with either (diffusers eager: 2725 MB): the smaller block keeps the VAE's
+# attention well under that peak for 0.02 ms per image.
+MATMUL_ATTENTION_SCORES = 1024 * 4096
+
+
+@functools.cache
+def _gemm_writes_float32() -> bool:
+    """Whether this torch has baddbmm's `out_dtype` overload (half inputs, float32 output; recent versions)."""
+    return "dtype_out" in torch.ops.aten.baddbmm.overloads()
+
+
+def matmul_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+    """Attention as a GEMM into float32 scores, a softmax in place and a GEMM, per (batch, head) and block of
+    queries (at most MATMUL_ATTENTION_SCORES scores); `ops.attention`'s signature, any head dim. For heads past the
+    flash kernels' widths, the VAE's one head of 512, where torch SDPA takes its memory-efficient kernel: at
+    1x1x4096x512 fp16 on an H200, 168 against 334 us, and 1337 against 2005 us at batch 8, with the same error
+    against a float64 reference (4.6e-4 against SDPA's 4.55e-4, 1.00e-3 against 0.99e-3 at larger logits).
+    The probabilities are rounded to v's dtype for the second GEMM, as the flash kernels do."""
+    B, H, Sq, D = q.shape
+    Skv, Dv = k.shape[2], v.shape[3]
+    scale = D ** -0.5 if scale is None else scale
+    q3, k3, v3 = q.reshape(B * H, Sq, D), k.reshape(B * H, Skv, D), v.reshape(B * H, Skv, Dv)
+    out = q.new_empty(B * H, Sq, Dv)
+    rows = max(1, min(Sq, MATMUL_ATTENTION_SCORES // Skv))
+    scores = torch.empty(1, rows, Skv, device=q.device, dtype=torch.float32)  # reused by every block
+    # cuBLAS writes float32 scores from half inputs; elsewhere (the CPU, an older torch) the inputs are upcast
+    half_scores = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _gemm_writes_float32()
+    for b in range(B * H):
+        kt = k3[b:b + 1].transpose(1, 2)
+        for i in range(0, Sq, rows):
+            qi = q3[b:b + 1, i:i + rows]
+            s = scores[:, :qi.shape[1]]
+            if half_scores:
+                torch.baddbmm(s, qi, kt, beta=0, alpha=scale, out_dtype=torch.float32, out=s)
+            else:
+                torch.baddbmm(s, qi.float(), kt.float(), beta=0, alpha=scale, out=s)
+            torch.softmax(s, -1, out=s)
+            torch.bmm(s.to(v.dtype), v3[b:b + 1], out=out[b:b + 1, i:i + rows])
+    return out.view(B, H, Sq, Dv)
+
+
+# "auto" at head dim 40: fastdiff's kernel from this many (batch * heads) on, SDPA below. On an H200 the SD1.5
+# UNet step with fastdiff's kernel at the 64x64 level was 1.3% faster at CFG batch 16 (8 x 8 heads = 128) and
+# 0.8% slower at CFG batch 2 (16) than with SDPA there.
+AUTO_MIN_BATCH_HEADS = 64
+
+
+def _spare_column_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+    """"auto" self-attention at a head dim with a spare padding column (40): fastdiff's kernel, which sums p
+    on the tensor cores there, from AUTO_MIN_BATCH_HEADS batch * heads on; SDPA for fewer."""
+    if q.shape[0] * q.shape[1] >= AUTO_MIN_BATCH_HEADS:
+        return attention(q, k, v, scale)
+    return sdpa_attention(q, k, v, scale)
+
+
+# "auto" above this head dim: fastdiff's kernel. At SD1.5's head dim 160 (the 16x16 and 8x8 levels, 256 and 64
+# tokens) it took 7.4 us against SDPA's 10.5 (cuDNN's kernel) at 2x8x256x160 on an H200, and the UNet step 5.869
+# against 5.887 ms at CFG batch 2 (no change at 8 and 16). At head dim 80 SDPA is faster (18.3 vs 19.7 us).
+AUTO_TRITON_ABOVE_HEAD_DIM = 128
+
+
+def attention_impl(preference: str, head_dim: int) -> Callable[..., Tensor]:
+    """The attention function (`attention`'s signature) for one attention module of head size `head_dim`:
+    "fastdiff" is `attention` (the Triton kernel where the backend picks it), "sdpa" torch's SDPA, "matmul"
+    `matmul_attention`, and "auto" what measured faster on an H200: at head dim 40, where fastdiff's streaming
+    kernel sums p in a spare padding column, the choice by batch above; fastdiff's kernel above
+    AUTO_TRITON_ABOVE_HEAD_DIM; `matmul_attention` past the kernel's widest head; SDPA elsewhere."""
+    if preference == "auto":
+        kernel = _module("fastdiff.kernels.attention")
+        if head_dim > kernel.MAX_HEAD_DIM:
+            preference = "matmul"
+        elif kernel.has_spare_column(head_dim):
+            return _spare_column_attention
+        else:
+            preference = "fastdiff" if head_dim > AUTO_TRITON_ABOVE_HEAD_DIM else "sdpa"
+    impls = {"fastdiff": attention, "sdpa": sdpa_attention, "matmul": matmul_attention}
+    if preference not in impls:
+        raise ValueError(f"attention preference must be one of {['auto', *impls]}, got {preference!r}")
+    return impls[preference]
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,

@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 
 from fastdiff import schedulers
-from fastdiff.fast import CUDAGraphRunner, FastConfig, FastUNet, prepare_text_encoder, prepare_vae
-from fastdiff.kernels import compiling_ahead
+from fastdiff.engine import Engine, FastConfig, make_engine
 from fastdiff.loading import load_components
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -54,11 +53,13 @@ class _Request:
 
 
 class Pipeline:
-    """The Stable Diffusion stack: `unet`, `vae`, `text_encoder`, `tokenizer` and the scheduler config.
+    """The Stable Diffusion stack: `unet`, `vae`, `text_encoder`, `tokenizer` and the scheduler config, run by
+    one `engine` (`fastdiff.engine`).
 
-    fast: the CUDA fast path (`fastdiff.fast`: channels_last, fused projections, CUDA graphs). None (the
-    default) uses it whenever the models are on a CUDA device; True or a `FastConfig` requires it; False
-    runs the plain modules. It is set up on the first call, preparing the UNet and VAE in place.
+    fast: the CUDA fast path (`fastdiff.engine.FastEngine`: fused modules, channels_last, CUDA graphs). None (the
+    default) takes it whenever the models are on a CUDA device; True or a `FastConfig` require it; False runs the
+    models as written. The engine is built on the first call (converting the UNet and VAE in place: dtype,
+    channels_last, fused projections as views of their parameters).
     """
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict, source: str = "",
@@ -70,15 +71,13 @@ class Pipeline:
         self.scheduler_config = dict(scheduler_config)
         self.source = source
         if not (fast is None or isinstance(fast, (bool, FastConfig))):
-            raise ValueError(f"fast must be None, True, False or a fastdiff.fast.FastConfig, got {fast!r}")
+            raise ValueError(f"fast must be None, True, False or a fastdiff.engine.FastConfig, got {fast!r}")
         graphs = fast is True or (isinstance(fast, FastConfig) and fast.cuda_graphs)
         if graphs and self.device.type != "cuda":
             raise ValueError(f"fast={fast!r} captures CUDA graphs, which needs the models on a CUDA device, they "
                              f"are on {self.device}; pass fast=None to use the fast path only where it applies")
         self.fast = fast
-        self._fast_unet: Optional[FastUNet] = None
-        self._compiled_for: set[tuple] = set()  # request shapes whose Triton kernels _compile_kernels compiled
-        self._text_graphs: dict[Optional[int], CUDAGraphRunner] = {}  # fast path: the text encoder per clip_skip
+        self._engine: Optional[Engine] = None
         self._schedules: dict[tuple, schedulers.Schedule] = {}  # recent plans (`schedule`)
 
     @classmethod
@@ -102,6 +101,13 @@ class Pipeline:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+    @property
+    def engine(self) -> Engine:
+        """What runs the models (built on first use): `FastEngine` on the fast path, else `Engine`."""
+        if self._engine is None:
+            self._engine = make_engine(self.unet, self.vae, self.text_encoder, self.fast)
+        return self._engine
 
     @property
     def vae_scale_factor(self) -> int:
@@ -155,7 +161,7 @@ class Pipeline:
         x = noise * sched.init_noise_sigma if x0 is None else schedulers.add_noise(x0, noise, sched, start)
 
         fused_guidance = req.guidance_scale if req.cfg and req.guidance_rescale == 0.0 else None
-        self._compile_kernels(x, context, req, sched, fused_guidance, start)
+        self._compile_ahead(x, context, req, sched, fused_guidance, start)
         model_fn = self._model_fn(context, req)
         bar = _progress(req.steps - start, progress)
 
@@ -198,22 +204,8 @@ class Pipeline:
         """Text -> context (B', 77, D): B' = 2 * len(prompts) * num_images with guidance ([uncond; cond])."""
         texts = (negative + prompts) if cfg else prompts
         ids = self.tokenizer(texts).to(self.device)
-        context = self._encode_text(ids, clip_skip)  # (len(texts), 77, D)
+        context = self.engine.encode_text(ids, clip_skip)  # (len(texts), 77, D)
         return context.repeat_interleave(num_images, dim=0)
-
-    def _encode_text(self, ids: Tensor, clip_skip: Optional[int]) -> Tensor:
-        """The text encoder; on the fast path with CUDA graphs, replayed from one graph per (ids shape,
-        clip_skip): its ~170 small kernels cost 4.5 ms of launches per image on an H200 when run eagerly."""
-        fast = self.fast_unet()
-        if fast is None or not fast.config.cuda_graphs:
-            return self.text_encoder(ids, clip_skip=clip_skip)
-        runner = self._text_graphs.get(clip_skip)
-        if runner is None:
-            encoder = self.text_encoder
-            runner = self._text_graphs[clip_skip] = CUDAGraphRunner(lambda t: encoder(t, clip_skip=clip_skip),
-                                                                    fast.config.warmup,
-                                                                    memset_kernels=fast.config.memset_kernels)
-        return runner(ids).clone()  # the graph's output buffer is rewritten by the next call
 
     def encode_image(self, image: Tensor, batch: int, generator: torch.Generator) -> Tensor:
         """(N, 3, H, W) in [0, 1] -> scaled latents (batch, 4, h, w), a sample of the VAE posterior as in
@@ -221,7 +213,7 @@ class Pipeline:
         if image.shape[0] not in (1, batch):
             raise ValueError(f"image batch must be 1 or {batch} (prompts x num_images), got {image.shape[0]}")
         vae_dtype = next(self.vae.parameters()).dtype
-        mean, logvar = self.vae.encode_distribution((image * 2 - 1).to(self.device, vae_dtype))
+        mean, logvar = self.engine.encode_image((image * 2 - 1).to(self.device, vae_dtype))
         eps = _randn(tuple(mean.shape), generator).to(self.device)
         z = (mean.float() + torch.exp(0.5 * logvar.float()) * eps) * self.vae.config.scaling_factor
         return z.expand(batch, *z.shape[1:]) if z.shape[0] == 1 else z
@@ -229,57 +221,29 @@ class Pipeline:
     def decode_latents(self, x: Tensor) -> Tensor:
         """Scaled latents (B, 4, h, w) -> images (B, 3, H, W) float32 in [0, 1]."""
         vae_dtype = next(self.vae.parameters()).dtype
-        image = self.vae.decode((x / self.vae.config.scaling_factor).to(vae_dtype)).float()
+        image = self.engine.decode((x / self.vae.config.scaling_factor).to(vae_dtype)).float()
         return (image / 2 + 0.5).clamp(0, 1)
 
-    def fast_unet(self) -> Optional[FastUNet]:
-        """The fast path's UNet (built, and the UNet and VAE prepared, on first use), or None when off."""
-        if self.fast is False or (self.fast is None and self.device.type != "cuda"):
-            return None
-        if self._fast_unet is None:
-            config = self.fast if isinstance(self.fast, FastConfig) else FastConfig()
-            self._fast_unet = FastUNet(self.unet, config)
-            prepare_vae(self.vae, config)
-            prepare_text_encoder(self.text_encoder, config)
-        return self._fast_unet
-
-    def _compile_kernels(self, x: Tensor, context: Tensor, req: _Request, sched: schedulers.Schedule,
-                         guidance_scale: Optional[float], start: int) -> None:
-        """Before the first image of a new shape on the fast path: compile, all at once, every Triton kernel
-        that sampling and decoding it will launch.
-
-        The UNet, the sampling loop (on a stand-in model and stand-in noise) and the VAE decoder run eagerly
-        inside `fastdiff.kernels.compiling_ahead`: their Triton launches do not run but hand their compiles to
-        a thread pool, which the block waits for. With an empty kernel cache the first image then waits for
-        about the slowest compile instead of the sum (on a warm cache the compiles are cache reads). Nothing
-        here touches `x` or the seed's generator. Skipped off the fast path and when the UNet goes through
-        torch.compile (inductor compiles its own kernels)."""
-        fast = self.fast_unet()
+    def _compile_ahead(self, x: Tensor, context: Tensor, req: _Request, sched: schedulers.Schedule,
+                       guidance_scale: Optional[float], start: int) -> None:
+        """Before the first image of a new shape: the engine compiles what sampling and decoding it will launch
+        (`Engine.compile_ahead`), from a dry run of the loop on a stand-in model and stand-in noise and of the
+        decoder. Nothing here touches `x` or the seed's generator."""
         decode = req.output_type != "latent"
         key = (tuple(x.shape), tuple(context.shape), req.cfg, req.scheduler, guidance_scale is None, start, decode)
-        if fast is None or fast.config.compile is not None or key in self._compiled_for:
-            return
         rows = 2 * x.shape[0] if guidance_scale is not None else x.shape[0]  # the model_fn's output batch
-        model_out = torch.zeros((rows, *x.shape[1:]), device=x.device)
-        with compiling_ahead():
-            fast.eager_call(x, torch.zeros((), device=x.device), context)  # outputs unwritten: dropped
+
+        def dry_run() -> None:
+            model_out = torch.zeros((rows, *x.shape[1:]), device=x.device)
             schedulers.sample(lambda x_in, t: model_out, x, sched, guidance_scale=guidance_scale,
                               noise_fn=lambda shape: torch.zeros(tuple(shape), device=x.device), start_index=start)
             if decode:
                 self.decode_latents(x)
-        self._compiled_for.add(key)
+
+        self.engine.compile_ahead(key, x, context, dry_run)
 
     def _model_fn(self, context: Tensor, req: _Request) -> Callable[[Tensor, Tensor], Tensor]:
-        fast = self.fast_unet()
-        if fast is not None:
-            unet_fn = fast.denoiser(context, req.cfg)
-        else:
-            unet, dtype = self.unet, self.dtype
-
-            def unet_fn(x_in: Tensor, t: Tensor) -> Tensor:
-                x = torch.cat([x_in, x_in]) if req.cfg else x_in  # (2B, ...) = [uncond; cond]
-                return unet(x.to(dtype), t, context).float()
-
+        unet_fn = self.engine.denoiser(context, req.cfg)
         if not (req.cfg and req.guidance_rescale > 0.0):
             return unet_fn
 

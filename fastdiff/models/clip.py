@@ -5,9 +5,7 @@ CLIP ViT-L/14's (D 768, 12 layers, quick_gelu), SD2 OpenCLIP ViT-H/14's minus it
 23 layers, gelu). Parameter names are transformers' `CLIPTextModel` keys
 (`text_model.encoder.layers.N.self_attn.q_proj.weight`, ...), so checkpoints load unchanged.
 
-Attention is computed here with PyTorch's `scaled_dot_product_attention(is_causal=True)`, not through
-`fastdiff.ops.attention`: that op is non-causal with no mask, and the text encoder is 77 tokens run
-once per prompt (about 1% of an image's FLOPs), so widening the kernel seam for it would buy nothing.
+Attention is PyTorch's `scaled_dot_product_attention(is_causal=True)`.
 """
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -17,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._config import read_settings
-from ._fuse import concat_as_views
 
 _ACTIVATIONS = ("quick_gelu", "gelu")
 # Settings of a transformers text_encoder/config.json that fastdiff does not implement, with the values that
@@ -105,28 +102,12 @@ class CLIPAttention(nn.Module):
         self.k_proj = nn.Linear(d, d)
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
-        # (3D, D) [q; k; v] and (3D,) once fused; not in the state dict (the projections keep their keys, as views)
-        self.register_buffer("fused_weight", None, persistent=False)
-        self.register_buffer("fused_bias", None, persistent=False)
-
-    @torch.no_grad()
-    def fuse_projections(self) -> None:
-        """One matmul for q, k and v: their weights and biases become views into `fused_weight` and
-        `fused_bias`, with the same parameters and state-dict keys, no second copy, and `load_state_dict`
-        afterwards still updating the fused tensors (as `fastdiff.models.unet.Attention.fuse_projections`)."""
-        parts = (self.q_proj, self.k_proj, self.v_proj)
-        self.fused_weight = concat_as_views(parts, "weight")
-        self.fused_bias = concat_as_views(parts, "bias")
 
     def forward(self, x: Tensor) -> Tensor:
         """Causal self-attention: token t sees tokens 0..t. x (B, T, D) -> (B, T, D)."""
         b, t, d = x.shape
-        if self.fused_weight is not None:  # (3, B, H, T, head_dim) views of one matmul's output
-            q, k, v = F.linear(x, self.fused_weight, self.fused_bias).view(b, t, 3, self.num_heads, -1
-                                                                            ).permute(2, 0, 3, 1, 4)
-        else:
-            q, k, v = (proj(x).view(b, t, self.num_heads, -1).transpose(1, 2)  # (B, H, T, head_dim)
-                       for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (proj(x).view(b, t, self.num_heads, -1).transpose(1, 2)  # (B, H, T, head_dim)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(head_dim), as CLIP
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
 
@@ -187,17 +168,6 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
         self.register_load_state_dict_pre_hook(_accept_transformers_layouts)
-
-    @torch.no_grad()
-    def fuse_projections(self) -> None:
-        """The fast path's form (`fastdiff.fast.prepare_text_encoder`): every layer's q, k and v projections in
-        one matmul (`CLIPAttention.fuse_projections`), two kernels fewer per layer. The parameters and
-        state-dict keys stay; calling it twice is harmless. (The residual adds stay torch's: fusing them into
-        the LayerNorm passes would save a kernel more per add, but compile a Triton kernel before the first
-        image's ahead-of-time compiles, in its cold start.)"""
-        for layer in self.text_model.encoder.layers:
-            if layer.self_attn.fused_weight is None:
-                layer.self_attn.fuse_projections()
 
     def forward(self, input_ids: Tensor, clip_skip: Optional[int] = None) -> Tensor:
         """Final hidden states. input_ids: (B, T) long, T <= max_position_embeddings -> (B, T, hidden_size).

@@ -8,7 +8,7 @@
       mid_block:   ResnetBlock2D -> Transformer2DModel -> ResnetBlock2D
       up_blocks:   per level, [cat(x, skip) -> ResnetBlock2D (+ Transformer2DModel)] x (layers_per_block + 1),
                    then nearest 2x upsample + conv except at the last level
-      GroupNorm+SiLU -> conv_out                               (B, 4, h, w)   == diffusers' `.sample`
+      GroupNorm -> SiLU -> conv_out                            (B, 4, h, w)   == diffusers' `.sample`
 
 A Transformer2DModel is GroupNorm -> proj_in -> [self-attention, cross-attention on the context, GEGLU MLP]
 x transformer_layers_per_block -> proj_out, plus the input. "CrossAttn..." blocks have them, plain ones don't.
@@ -19,9 +19,7 @@ diffusers' naming: `attention_head_dim` is the number of HEADS (SD1: 8 at every 
 the head size is channels // heads. diffusers keeps the name for old configs and so does this file.
 
 Parameter names and state-dict keys are diffusers' exactly, so `load_state_dict(diffusers_unet.state_dict())`
-works unchanged. Attention, GroupNorm(+SiLU), LayerNorm (with the residual add before it) and GEGLU run through
-`fastdiff.ops`. The forward has no host synchronisation and no branch on tensor values, so a CUDA graph can
-capture it (pass the timestep as a device tensor then).
+works unchanged. This file says what the network computes, in plain PyTorch.
 """
 import math
 from dataclasses import asdict, dataclass, fields
@@ -31,10 +29,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-
-from fastdiff import ops
-
-from ._fuse import concat_as_views
 
 from ._config import read_settings
 
@@ -110,8 +104,8 @@ class UNetConfig:
     #   (diffusers' legacy naming): SD1 8, SD2 (5, 10, 20, 20); head size = channels // heads
     use_linear_projection: bool = False  # transformers' proj_in/proj_out: nn.Linear (SD2) or 1x1 nn.Conv2d (SD1)
     upcast_attention: bool = False  # compute attention scores and softmax in float32 (SD2.1 needs it in fp16).
-    #   Always honoured: every fastdiff.ops.attention backend accumulates q k^T and the softmax in float32
-    #   whatever this says (diffusers' default SDPA processor ignores the flag altogether)
+    #   Always honoured: attention accumulates q k^T and the softmax in float32 whatever this says
+    #   (diffusers' default SDPA processor ignores the flag altogether)
 
     def __post_init__(self):
         for name in ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
@@ -171,86 +165,6 @@ class UNetConfig:
         return {"_class_name": "UNet2DConditionModel", **d}
 
 
-def _summed(x: Tensor, sums: Optional[Tensor]) -> Tensor:
-    """x, carrying `sums`: the statistics that the kernel which wrote x made for the GroupNorm that reads x next
-    (`ops.residual_add_sums`, `ops.channel_cat_sums`), which `_group_norm` hands to that norm. x's version
-    counter is kept with them: a later in-place change to x voids them."""
-    if sums is not None:
-        x.group_sums = (x._version, sums)
-    return x
-
-
-def _group_norm(norm: nn.GroupNorm, x: Tensor, activation: Optional[str] = None,
-                offset: Optional[Tensor] = None) -> Tensor:
-    """Apply the nn.GroupNorm `norm` (which only holds the parameters and their keys) through the ops seam,
-    fused with the SiLU that follows it when activation="silu", to x + offset[:, :, None, None] when an offset
-    (B, C) is given (fused into the norm's reads of x on the Triton backend). Statistics that x's producer
-    summed for it (`_summed`) spare the norm its own."""
-    version, sums = getattr(x, "group_sums", (None, None))
-    if sums is not None and (offset is not None or version != x._version or sums.shape[-1] != norm.num_groups):
-        sums = None
-    return ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, activation=activation, offset=offset,
-                          sums=sums)
-
-
-def _residual_add(x: Optional[Tensor], y: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None,
-                  x_bias: Optional[Tensor] = None, sum_groups: Optional[int] = None) -> Tensor:
-    """`ops.residual_add`; with `sum_groups` (and no `out`) it also sums its output for the GroupNorm of that
-    many groups that reads it next (`_summed`)."""
-    if sum_groups is not None and out is None:
-        return _summed(*ops.residual_add_sums(x, y, bias, x_bias, sum_groups))
-    return ops.residual_add(x, y, bias, out=out, x_bias=x_bias)
-
-
-def _conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """The nn.Conv2d `conv` without its bias (the caller adds it inside a later pass over the output). With
-    `conv.split_k` set (a plain attribute a fast path sets, `FastConfig.split_k_conv`) through `ops.conv2d`,
-    whose Triton split-K kernel takes the convolutions with few output pixels (`prefers_split_k`)."""
-    if getattr(conv, "split_k", False):
-        return ops.conv2d(x, conv.weight, conv.stride[0], conv.padding[0])
-    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
-def _biased_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """conv(x); where a fast path set `conv.bias_pass` (`FastConfig.conv_bias_pass`), the conv runs without its
-    bias and one vectorized pass adds it (`ops.residual_add` without a residual): PyTorch adds a cuDNN conv's
-    bias in a broadcast pass of its own that is not vectorized."""
-    if getattr(conv, "bias_pass", False) and conv.bias is not None:
-        return _residual_add(None, _conv(conv, x), conv.bias, sum_groups=getattr(conv, "sum_groups", None))
-    return conv(x)
-
-
-def _channels_last(x: Tensor) -> bool:
-    """Whether 4-D x is stored channels_last (and not also contiguous, as one channel or one pixel is)."""
-    return x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous() and not x.is_contiguous()
-
-
-def _skip_add(block: nn.Module, x: Tensor, h: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """The end of a ResNet block (UNet's or VAE's) whose conv2 ran without its bias: x (through the block's 1x1
-    conv_shortcut when it has one) + h + conv2's bias, in one pass (`ops.residual_add`), written to `out` when
-    given. The 1x1 shortcut runs without its bias, which the same pass adds (`x_bias`): in channels_last memory
-    as a matmul over the pixels' channel vectors (`ops.matmul`; cuBLAS's bias epilogue is slow), else as a conv."""
-    sum_groups = getattr(block, "sum_groups", None)
-    if block.conv_shortcut is None:
-        return _residual_add(x, h, block.conv2.bias, out, sum_groups=sum_groups)
-    shortcut = block.conv_shortcut
-    if _channels_last(x):
-        skip = ops.matmul(x.permute(0, 2, 3, 1), shortcut.weight.flatten(1)).permute(0, 3, 1, 2)
-    else:
-        skip = _conv(shortcut, x)
-    return _residual_add(skip, h, block.conv2.bias, out, shortcut.bias, sum_groups)
-
-
-def _layer_norm(norm: nn.LayerNorm, x: Tensor, residual: Optional[Tensor] = None,
-                residual_bias: Optional[Tensor] = None, stream_bias: Optional[Tensor] = None, copies: int = 1):
-    """Apply the nn.LayerNorm `norm` (which only holds the parameters and their keys) through the ops seam:
-    LayerNorm(x), or with `residual` and/or `residual_bias` (C,) the pair (s + stream_bias, LayerNorm(s)) for
-    s = x + residual + residual_bias, each repeated `copies` times along dim 0 (see ops.add_layer_norm)."""
-    if residual is None and residual_bias is None:
-        return ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
-    return ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, residual_bias, stream_bias, copies)
-
-
 def timestep_embedding(timesteps: Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float,
                        max_period: float = 10000.0) -> Tensor:
     """Sinusoidal timestep embedding of DDPM (Ho et al. 2020), as diffusers' get_timestep_embedding.
@@ -268,7 +182,7 @@ def timestep_embedding(timesteps: Tensor, dim: int, flip_sin_to_cos: bool, freq_
     return emb
 
 
-def _timesteps(timestep: Union[int, float, Tensor], batch: int, device: torch.device) -> Tensor:
+def timesteps_of(timestep: Union[int, float, Tensor], batch: int, device: torch.device) -> Tensor:
     """int, float, 0-d or (1,) tensor -> (1,): one timestep every sample shares (its time embedding is computed
     once and broadcast); (B,) tensor -> (B,), one per sample. On `device`. Only shapes are inspected, never
     values (no host synchronisation)."""
@@ -278,12 +192,6 @@ def _timesteps(timestep: Union[int, float, Tensor], batch: int, device: torch.de
         raise ValueError(f"timestep must be a number, a 0-d tensor or a ({batch},) tensor for a batch of {batch}, "
                          f"got shape {tuple(timestep.shape)}")
     return timestep.to(device).reshape(-1)
-
-
-def _tile(t: Tensor, batch: int) -> Tensor:
-    """t (b, ...) -> (batch, ...) = [t; t; ...] for a batch that is a multiple of b, in t's memory layout (cat
-    keeps channels_last); t itself when it has the batch already."""
-    return t if t.shape[0] == batch else torch.cat([t] * (batch // t.shape[0]))
 
 
 class TimestepEmbedding(nn.Module):
@@ -299,7 +207,8 @@ class TimestepEmbedding(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-    """GroupNorm+SiLU -> conv3x3 -> + time embedding -> GroupNorm+SiLU -> conv3x3, plus a (1x1-projected) skip."""
+    """GroupNorm -> SiLU -> conv3x3 -> + projected time embedding -> GroupNorm -> SiLU -> conv3x3, plus the input
+    (through a 1x1 conv when the channel count changes)."""
 
     def __init__(self, in_channels: int, out_channels: int, cfg: UNetConfig):
         super().__init__()
@@ -310,26 +219,14 @@ class ResnetBlock2D(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
-        self.time_offsets: Optional[slice] = None  # set by UNet2DConditionModel.fuse_time_projections
-        self.sum_groups: Optional[int] = None  # set by UNet2DConditionModel.sum_for_group_norms
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        """x: (B, Cin, H, W); temb: SiLU of the time embedding, (B or 1, 4 * C0) -> (B, Cout, H, W). Once the
-        UNet's time projections are fused, temb holds every block's offset instead, (B or 1, sum of Cout),
-        and this block reads its columns `time_offsets`.
-        The convolutions run without their biases (PyTorch adds a conv's bias in a separate pass over its
-        output): conv1's bias joins the time embedding as norm2's per-(sample, channel) offset, which the
-        Triton GroupNorm adds as it reads (the sum has no other reader, so it is never written out); conv2's
-        and the shortcut's join the residual add (`ops.residual_add`, one pass)."""
-        h = _conv(self.conv1, _group_norm(self.norm1, x, "silu"))
-        if self.time_offsets is None:
-            offset = self.time_emb_proj(temb) + self.conv1.bias  # (B or 1, Cout)
-        else:
-            offset = temb[:, self.time_offsets]
-        # h + offset[:, :, None, None] is normed; one row shared by every sample is read at row stride 0
-        offset = offset.expand(h.shape[0], -1)
-        h = _conv(self.conv2, self.dropout(_group_norm(self.norm2, h, "silu", offset=offset)))
-        return _skip_add(self, x, h)
+        """x: (B, Cin, H, W); temb: the time embedding (B or 1, 4 * C0) -> (B, Cout, H, W)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
 
 
 class Downsample2D(nn.Module):
@@ -340,194 +237,83 @@ class Downsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _biased_conv(self.conv, x)
+        return self.conv(x)
 
 
-class UpsampleConv(nn.Module):
-    """Nearest upsampling, then a conv3x3 with padding 1 (the UNet's and the VAE's Upsample2D).
-
-    `subpixel` (a plain attribute a fast path sets, `FastConfig.subpixel_upsample`): a 2x upsampling of
-    channels_last x runs as a 2x2 convolution of x with four phases of output channels, then a shuffle of the
-    phases into place with the bias (`fastdiff.kernels.subpixel`): 4/9 of the FLOPs, and the upsampled
-    input is never written. Its 2x2 weights are derived from `conv.weight` and re-derived (in place, so CUDA
-    graphs that read them see the change once it is made) when that weight changed (`subpixel_weight`)."""
+class Upsample2D(nn.Module):
+    """Nearest upsampling to `size` (twice the input, or the odd size of the matching skip), then conv3x3."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.subpixel = False
-        self._derived: Optional[tuple[tuple, Tensor]] = None  # (what conv.weight was, its 2x2 form)
 
-    @torch.no_grad()
-    def subpixel_weight(self) -> Tensor:
-        """conv.weight's 2x2 phases (4 * C, C, 2, 2), derived again if the weight was replaced or written to
-        since (its address, version counter or dtype changed: `load_state_dict`, `.to()`)."""
-        from fastdiff.kernels.subpixel import subpixel_weight
-
-        w = self.conv.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if self._derived is None or self._derived[0] != key:
-            fresh = subpixel_weight(w)
-            kept = None if self._derived is None else self._derived[1]
-            if kept is not None and (kept.shape, kept.stride(), kept.dtype, kept.device) == \
-                    (fresh.shape, fresh.stride(), fresh.dtype, fresh.device):
-                fresh = kept.copy_(fresh)
-            self._derived = (key, fresh)
-        return self._derived[1]
-
-    def upsample_conv(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        """conv(nearest upsampling of x (B, C, H, W) to `size`) -> (B, C, *size)."""
-        if self.subpixel and tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]) and _channels_last(x):
-            return ops.subpixel_shuffle(F.conv2d(x, self.subpixel_weight(), None, 1, 1), self.conv.bias)
+    def forward(self, x: Tensor, size: Optional[torch.Size] = None) -> Tensor:
+        """x: (B, C, H, W) -> (B, C, *size), or (B, C, 2H, 2W) without a size."""
+        size = (2 * x.shape[-2], 2 * x.shape[-1]) if size is None else size
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
-class Upsample2D(UpsampleConv):
-    """Nearest upsampling to `size` (twice the input, or the odd size of the matching skip), then conv3x3."""
-
-    def forward(self, x: Tensor, size: torch.Size) -> Tensor:
-        """x: (B, C, H, W) -> (B, C, *size)."""
-        return self.upsample_conv(x, size)
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """(B, S, H * D) -> (B, H, S, D)."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
 class Attention(nn.Module):
     """Multi-head attention without biases on q, k, v (diffusers' Attention with SD's settings).
-    Self-attention when `context_dim` is None, else cross-attention onto a context of that width.
-
-    `attend(q, k, v, scale)` computes softmax(q k^T * scale) v; it is `ops.attention` unless a fast path
-    (`fastdiff.fast`) picks another implementation. After `fuse_projections()` one matmul makes q, k and v
-    (self-attention) or k and v (cross-attention)."""
+    Self-attention when `context_dim` is None, else cross-attention onto a context of that width."""
 
     def __init__(self, dim: int, heads: int, context_dim: Optional[int], dropout: float):
         super().__init__()
         self.heads = heads
-        self.scale = (dim // heads) ** -0.5
         self.is_cross_attention = context_dim is not None
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(dropout)])
-        self.attend = ops.attention
-        # (3 * dim, dim) [q; k; v] for self-attention, (2 * dim, context_dim) [k; v] for cross-attention, once
-        # fused; not in the state dict (to_q/to_k/to_v keep their keys, as views into it).
-        self.register_buffer("fused_weight", None, persistent=False)
-        # Cross-attention: contexts whose K/V projection was computed ahead (`project_context`), by id:
-        # (the context tensor itself, its projection (B, T, 2 * dim)).
-        self.projected: dict[int, tuple[Tensor, Tensor]] = {}
 
-    @torch.no_grad()
-    def fuse_projections(self) -> None:
-        """Concatenate the projection weights that read the same input into `fused_weight` and make to_q,
-        to_k, to_v's weights views into it: the same parameters and state-dict keys, no second copy, and
-        `load_state_dict` afterwards still updates the fused tensor."""
-        parts = (self.to_k, self.to_v) if self.is_cross_attention else (self.to_q, self.to_k, self.to_v)
-        self.fused_weight = concat_as_views(parts, "weight")  # (n * dim, in)
+    @property
+    def head_dim(self) -> int:
+        return self.to_q.out_features // self.heads
 
-    @torch.no_grad()
-    def project_context(self, context: Tensor) -> None:
-        """Cross-attention after `fuse_projections()`: compute context's K/V projection now and keep it, so
-        that later calls given this same tensor (`is`, not equal values) skip the matmul. The text context is
-        constant over a sampling loop, so its projections need not run in every step. Called again with the
-        same tensor (after new values were written into it), it recomputes the projection into the same
-        memory: CUDA graphs captured reading it see the new values."""
-        if not self.is_cross_attention or self.fused_weight is None:
-            raise ValueError("project_context needs a cross-attention with fused projections; call "
-                             "fuse_projections() first")
-        kept = self.projected.get(id(context))
-        shape = (*context.shape[:-1], self.fused_weight.shape[0])
-        if kept is not None and kept[0] is context and kept[1].shape == shape and kept[1].dtype == context.dtype:
-            torch.matmul(context, self.fused_weight.t(), out=kept[1])  # in place: one kernel, no copy after it
-        else:
-            self.projected[id(context)] = (context, F.linear(context, self.fused_weight))
-
-    def _context_kv(self, context: Tensor) -> Tensor:
-        """context's fused K/V projection (B, T, 2 * dim): the one `project_context` kept, else computed."""
-        kept = self.projected.get(id(context))
-        if kept is not None and kept[0] is context:
-            return kept[1]
-        return F.linear(context, self.fused_weight)
-
-    def forward(self, x: Tensor, context: Optional[Tensor] = None, out_bias: bool = True) -> Tensor:
-        """x: (B, S, dim); context: (B, T, context_dim), or None to attend over x -> (B, S, dim).
-        out_bias=False leaves to_out's bias out, for a caller that adds it in its next pass."""
-        if self.fused_weight is None:
-            context = x if context is None else context
-            q = self.to_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, S, D)
-            k = self.to_k(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, T, D)
-            v = self.to_v(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, T, D)
-        elif self.is_cross_attention:
-            q = _pointwise(self.to_q, x).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, S, D)
-            kv = self._context_kv(context).unflatten(-1, (2, self.heads, -1))  # (B, T, 2, H, D)
-            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) views
-        else:
-            qkv = ops.matmul(x, self.fused_weight).unflatten(-1, (3, self.heads, -1))  # (B, S, 3, H, D)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, S, D) views
-        out = self.attend(q, k, v, self.scale).transpose(1, 2).flatten(2)  # (B, S, H * D)
-        return self.to_out[1](_pointwise(self.to_out[0], out, bias=out_bias))
+    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        """x: (B, S, dim); context: (B, T, context_dim), or None to attend over x -> (B, S, dim)."""
+        context = x if context is None else context
+        q = split_heads(self.to_q(x), self.heads)  # (B, H, S, D)
+        k = split_heads(self.to_k(context), self.heads)  # (B, H, T, D)
+        v = split_heads(self.to_v(context), self.heads)  # (B, H, T, D)
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(D)) v
+        return self.to_out[1](self.to_out[0](out.transpose(1, 2).flatten(2)))
 
 
 class GEGLU(nn.Module):
-    """Gated GELU (Shazeer 2020): one Linear makes value and gate, out = value * GELU(gate).
-
-    `fused` (a plain attribute, not in the state dict) runs the gate through `ops.geglu`, one pass over the
-    projection's output instead of eager `gelu` and `mul`; a fast path sets it (`FastConfig.fuse_geglu`).
-    `linear_epilogue` (`FastConfig.linear_epilogues`) goes further: the gate in the projection's own kernel
-    (`ops.linear(..., geglu=True)`), so the 2 * dim_out wide projection is never written."""
+    """Gated GELU (Shazeer 2020): one Linear makes value and gate, out = value * GELU(gate)."""
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = nn.Linear(dim_in, 2 * dim_out)
-        self.fused = False
-        self.linear_epilogue = False
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, S, dim_in) -> (B, S, dim_out)."""
-        if self.linear_epilogue:
-            return ops.linear(x, self.proj.weight, self.proj.bias, geglu=True)
-        if self.fused:
-            return ops.geglu(self.proj(x))
         value, gate = self.proj(x).chunk(2, dim=-1)
         return value * F.gelu(gate)
 
 
 class FeedForward(nn.Module):
-    """GEGLU to 4x the width, then back: (B, S, dim) -> (B, S, dim), plus the block's residual when given.
-
-    `linear_epilogue` (a plain attribute a fast path sets, `FastConfig.linear_epilogues`) adds the residual
-    in the output Linear's kernel (`ops.linear(..., residual=...)`) instead of in a pass of its own."""
+    """GEGLU to 4x the width, then back: (B, S, dim) -> (B, S, dim)."""
 
     def __init__(self, dim: int, dropout: float):
         super().__init__()
         # net.1 is diffusers' dropout slot; it keeps the output Linear at the key `net.2`.
         self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Dropout(dropout), nn.Linear(4 * dim, dim)])
-        self.linear_epilogue = False
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None, residual_has_bias: bool = False) -> Tensor:
-        """x: (B, S, dim) -> residual + MLP(x), or MLP(x) without a residual. residual_has_bias: the residual
-        (contiguous) already holds the output Linear's bias (a BasicTransformerBlock with fold_biases carries
-        it there), so the output Linear accumulates onto it in place, one cuBLAS GEMM with C = residual; the
-        residual's memory is overwritten and returned."""
-        project, dropout, out = self.net
-        h = dropout(project(x))
-        if residual_has_bias:
-            if residual is None:
-                raise ValueError("residual_has_bias needs the residual")
-            return ops.matmul(h, out.weight, out=residual, accumulate=True)
-        if residual is not None and self.linear_epilogue:
-            return ops.linear(h, out.weight, out.bias, residual=residual)
-        h = out(h)
-        return h if residual is None else residual + h
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-LayerNorm residual block: self-attention, cross-attention on the context, GEGLU MLP.
-
-    `fold_biases` (a plain attribute a fast path sets, `FastConfig.fold_biases`) moves three Linears' biases
-    into the LayerNorm passes (ops.add_layer_norm): the attentions' to_out biases join the residual adds
-    (residual_bias), and the MLP output's bias is added to the stream the MLP adds onto (stream_bias), whose
-    output Linear then accumulates onto it in place (FeedForward's residual_has_bias). On an H200 cuBLAS's GEMM
-    with a bias was up to 1.55x slower than without one at SD's widths, and the in-place accumulation beat both
-    the eager add and the Triton epilogue."""
+    """Pre-LayerNorm residual block: self-attention, cross-attention on the context, GEGLU MLP."""
 
     def __init__(self, dim: int, heads: int, cfg: UNetConfig):
         super().__init__()
@@ -537,30 +323,12 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = Attention(dim, heads, cfg.cross_attention_dim, cfg.dropout)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, cfg.dropout)
-        self.fold_biases = False
 
-    def forward(self, x: Tensor, context: Tensor, x_bias: Optional[Tensor] = None) -> Tensor:
-        """x: (B, S, dim); context: (B, T, cross_attention_dim) -> (B, S, dim). x_bias: (dim,), a bias x still
-        lacks (proj_in's, which a Transformer2DModel with fold_biases leaves to this block), or None.
-        Each residual add that feeds a LayerNorm is one op with it (`ops.add_layer_norm`: one pass over memory
-        on the Triton backend): x = x + attn1(norm1(x)), then x = x + attn2(norm2(x)), then x + ff(norm3(x))."""
-        if x_bias is None:
-            h = _layer_norm(self.norm1, x)
-        else:
-            x, h = _layer_norm(self.norm1, x, residual_bias=x_bias)
-        fold = self.fold_biases
-        # A sample shared by several contexts (see the UNet's forward) parts into their rows here: the norm
-        # pass writes its outputs once per context row block ([x; x; ...]).
-        x, h = _layer_norm(self.norm2, x, self.attn1(h, out_bias=not fold), _out_bias(self.attn1, fold),
-                           copies=context.shape[0] // x.shape[0])
-        x, h = _layer_norm(self.norm3, x, self.attn2(h, context, out_bias=not fold), _out_bias(self.attn2, fold),
-                           stream_bias=self.ff.net[2].bias if fold else None)
-        return self.ff(h, residual=x, residual_has_bias=fold)
-
-
-def _out_bias(attention: Attention, folded: bool) -> Optional[Tensor]:
-    """The bias an attention left out of its to_out matmul (`folded`), for the residual add to add; else None."""
-    return attention.to_out[0].bias if folded else None
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        """x: (B, S, dim); context: (B, T, cross_attention_dim) -> (B, S, dim)."""
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
 
 
 def _projection(channels: int, linear: bool) -> Union[nn.Linear, nn.Conv2d]:
@@ -568,14 +336,10 @@ def _projection(channels: int, linear: bool) -> Union[nn.Linear, nn.Conv2d]:
     return nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
 
 
-def _pointwise(layer: Union[nn.Linear, nn.Conv2d], tokens: Tensor, bias: bool = True) -> Tensor:
-    """Apply a Linear or a 1x1 Conv2d to tokens (B, S, Cin) -> (B, S, Cout), without its bias if `bias` is
-    False. A 1x1 conv is a per-pixel linear map; only the stored weight's shape differs ((Cout, Cin, 1, 1) vs
-    (Cout, Cin)), so both run as one matmul: F.linear with a bias, `ops.matmul` without one."""
-    weight = layer.weight.flatten(1)
-    if bias and layer.bias is not None:
-        return F.linear(tokens, weight, layer.bias)
-    return ops.matmul(tokens, weight)
+def pointwise(layer: Union[nn.Linear, nn.Conv2d], tokens: Tensor) -> Tensor:
+    """A Linear or a 1x1 Conv2d applied to tokens (B, S, Cin) -> (B, S, Cout): a 1x1 conv is a per-pixel linear
+    map, only its stored weight's shape differs ((Cout, Cin, 1, 1) against (Cout, Cin))."""
+    return F.linear(tokens, layer.weight.flatten(1), layer.bias)
 
 
 class Transformer2DModel(nn.Module):
@@ -588,29 +352,16 @@ class Transformer2DModel(nn.Module):
         self.proj_in = _projection(channels, cfg.use_linear_projection)
         self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(channels, heads, cfg) for _ in range(num_layers))
         self.proj_out = _projection(channels, cfg.use_linear_projection)
-        self.linear_epilogue = False  # a fast path's: proj_out adds the input in its kernel (ops.linear)
-        self.fold_biases = False  # a fast path's: proj_in's bias added in the first block's LayerNorm pass
-        self.sum_groups: Optional[int] = None  # set by UNet2DConditionModel.sum_for_group_norms
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         """x: (B, C, H, W); context: (B, T, cross_attention_dim) -> (B, C, H, W)."""
         b, c, h, w = x.shape
-        tokens = _group_norm(self.norm, x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C)
-        tokens = _pointwise(self.proj_in, tokens, bias=not self.fold_biases)
-        for i, block in enumerate(self.transformer_blocks):
-            tokens = block(tokens, context, x_bias=self.proj_in.bias if self.fold_biases and i == 0 else None)
-        if self.linear_epilogue and x.shape[0] == tokens.shape[0] and x.is_contiguous(
-                memory_format=torch.channels_last):  # x's (B, H, W, C) memory is the residual's (B, HW, C)
-            residual = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
-            tokens = ops.linear(tokens, self.proj_out.weight.flatten(1), self.proj_out.bias, residual=residual)
-            return tokens.view(b, h, w, c).permute(0, 3, 1, 2)
-        if x.shape[0] != tokens.shape[0] and _channels_last(x):  # the blocks parted a shared sample's rows
-            # proj_out without its bias, then one pass adds the bias and x, read once per row block (no tile)
-            tokens = _pointwise(self.proj_out, tokens, bias=False)
-            return _residual_add(x, tokens.view(-1, h, w, c).permute(0, 3, 1, 2), self.proj_out.bias,
-                                 sum_groups=self.sum_groups)
-        tokens = _pointwise(self.proj_out, tokens)  # (B', HW, C): B' > B once the blocks tiled a shared sample
-        return _tile(x, tokens.shape[0]) + tokens.reshape(-1, h, w, c).permute(0, 3, 1, 2)
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C)
+        tokens = pointwise(self.proj_in, tokens)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        tokens = pointwise(self.proj_out, tokens)
+        return x + tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class DownBlock(nn.Module):
@@ -670,18 +421,13 @@ class UpBlock(nn.Module):
         self.attentions = None if heads is None else nn.ModuleList(
             Transformer2DModel(out_channels, heads, transformer_layers, cfg) for _ in range(num_layers))
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
-        self.sum_concats = False  # set by UNet2DConditionModel.sum_for_group_norms
 
     def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor,
                 upsample_size: Optional[torch.Size]) -> Tensor:
         """x: (B, Cprev, H, W); skips: len(resnets) tensors, consumed from the end -> (B, Cout, *upsample_size)
         (or (B, Cout, H, W) at the last level)."""
         for i, (resnet, skip) in enumerate(zip(self.resnets, reversed(skips))):
-            if self.sum_concats:
-                x = _summed(*ops.channel_cat_sums(x, skip, resnet.norm1.num_groups))
-            else:
-                x = ops.channel_cat(x, skip)
-            x = resnet(x, temb)
+            x = resnet(torch.cat([x, skip], dim=1), temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
         if self.upsamplers is not None:
@@ -720,133 +466,33 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
-        # Set by fuse_time_projections(), not in the state dict: every ResnetBlock2D's time_emb_proj weight
-        # (sum of Cout, 4 * C0) and bias, and its conv1 bias, each block's parameters views into them.
-        self.register_buffer("fused_time_weight", None, persistent=False)
-        self.register_buffer("fused_time_bias", None, persistent=False)
-        self.register_buffer("fused_conv1_bias", None, persistent=False)
 
-    def sum_for_group_norms(self, enabled: bool = True) -> None:
-        """Have every kernel whose output goes straight into a GroupNorm also sum that output for the norm
-        (`ops.residual_add_sums`, `ops.channel_cat_sums`), so that the norm runs only its normalizing pass.
-        The down path and the middle run as one chain of modules: each one that a ResNet block (its norm1) or
-        a transformer (its norm) follows sums for it. A module sums only where its kernel is one of those
-        two ops: conv_in and the downsamplers with their bias pass (`FastConfig.conv_bias_pass`), a ResNet
-        block's residual add, a transformer's where its rows part a shared sample. In the up path each skip
-        concatenation sums for its ResNet block's norm1, and each ResNet block for its transformer's norm.
-        enabled=False turns it all off."""
-        chain: list[nn.Module] = [self.conv_in]
-        for block in self.down_blocks:
-            for i, resnet in enumerate(block.resnets):
-                chain.append(resnet)
-                if block.attentions is not None:
-                    chain.append(block.attentions[i])
-            if block.downsamplers is not None:
-                chain.append(block.downsamplers[0].conv)
-        chain += [self.mid_block.resnets[0], self.mid_block.attentions[0], self.mid_block.resnets[1]]
-        for producer, consumer in zip(chain, chain[1:] + [None]):
-            norm = consumer.norm1 if isinstance(consumer, ResnetBlock2D) else getattr(consumer, "norm", None)
-            producer.sum_groups = norm.num_groups if enabled and norm is not None else None
-        for block in self.up_blocks:
-            block.sum_concats = enabled
-            for i, resnet in enumerate(block.resnets):
-                attention = None if block.attentions is None else block.attentions[i]
-                resnet.sum_groups = attention.norm.num_groups if enabled and attention is not None else None
-
-    @torch.no_grad()
-    def fuse_time_projections(self) -> None:
-        """Make the time projections of all ResnetBlock2Ds one matmul: forward then computes every block's
-        norm2 offset (time_emb_proj(temb) + conv1.bias) at once, two kernels instead of two per block (44 for
-        SD1.5), and each block reads its columns. The blocks' time_emb_proj.weight/bias and conv1.bias become
-        views into the fused tensors: the same parameters and state-dict keys, and load_state_dict afterwards
-        still updates what runs. Convert dtype or device before fusing, not after (the views would split)."""
-        resnets = [m for m in self.modules() if isinstance(m, ResnetBlock2D)]
-        if not resnets or self.fused_time_weight is not None:
-            return
-        projections = [r.time_emb_proj for r in resnets]
-        self.fused_time_weight = concat_as_views(projections, "weight")
-        self.fused_time_bias = concat_as_views(projections, "bias")
-        self.fused_conv1_bias = concat_as_views([r.conv1 for r in resnets], "bias")
-        start = 0
-        for r in resnets:
-            r.time_offsets = slice(start, start + r.time_emb_proj.out_features)
-            start = r.time_offsets.stop
-
-    def project_context(self, context: Tensor) -> None:
-        """Compute every cross-attention's K/V projection of `context` (B, T, cross_attention_dim) now and keep
-        them (`Attention.project_context`): forwards given this same tensor skip 16 matmuls (SD1.5) per step.
-        Needs fused projections (`Attention.fuse_projections`, done by the fast path)."""
-        for module in self.modules():
-            if isinstance(module, Attention) and module.is_cross_attention:
-                module.project_context(context)
-
-    def forget_contexts(self) -> None:
-        """Drop every projection `project_context` kept (and with them the contexts they were kept for)."""
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.projected.clear()
-
-    def time_features(self, timestep: Union[int, float, Tensor], batch: int, device: torch.device,
-                      dtype: torch.dtype) -> Tensor:
-        """What the ResNet blocks take from the timestep (`temb`): SiLU of the time-embedding MLP of its
-        sinusoidal embedding, (B or 1, 4 * C0), or once the time projections are fused
-        (`fuse_time_projections`) every block's norm2 offset, (B or 1, sum of the blocks' Cout). timestep: as
-        `forward` takes it, for a batch of `batch` samples. It depends on the timestep alone, so a caller that
-        knows the timesteps ahead may compute it for all of them at once and pass rows to `forward`."""
-        t = _timesteps(timestep, batch, device)  # (B,), or (1,) when shared
+    def time_embed(self, timestep: Union[int, float, Tensor], batch: int, device: torch.device,
+                   dtype: torch.dtype) -> Tensor:
+        """The time embedding every ResNet block receives, (B or 1, 4 * C0): the time-embedding MLP of the
+        timestep's sinusoidal embedding. timestep: as `forward` takes it, for a batch of `batch` samples."""
+        t = timesteps_of(timestep, batch, device)  # (B,), or (1,) when shared
         t_emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
-                                   self.config.freq_shift).to(dtype)  # (B or 1, C0)
-        # Every ResnetBlock2D starts with SiLU(time embedding); take it once here.
-        temb = F.silu(self.time_embedding(t_emb))  # (B or 1, 4 * C0)
-        if self.fused_time_weight is not None:  # every block's time projection + conv1 bias in one matmul
-            temb = F.linear(temb, self.fused_time_weight, self.fused_time_bias) + self.fused_conv1_bias
-        return temb
+                                   self.config.freq_shift)
+        return self.time_embedding(t_emb.to(dtype))
 
-    def forward(self, sample: Tensor, timestep: Union[int, float, Tensor, None], context: Tensor,
-                temb: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    def forward(self, sample: Tensor, timestep: Union[int, float, Tensor], context: Tensor) -> Tensor:
         """sample: (B, in_channels, h, w), any h, w; timestep: a number or 0-d tensor for the whole batch, or a
         (B,) tensor (fractional values allowed); context: (B, T, cross_attention_dim) text-encoder hidden states
-        -> (B, out_channels, h, w). temb: `time_features` of the timestep, computed ahead, (B or 1, width); the
-        timestep is then not read (None allowed). out_dtype: the output in that dtype and contiguous, conv_out's
-        bias added in the same pass (one kernel where a cast and a copy would follow); else as conv_out makes it.
-
-        Shared sample: context may hold r * B rows when the timestep is shared. The result is then
-        forward(cat([sample] * r), timestep, context), (r * B, out_channels, h, w), as classifier-free guidance
-        asks with r = 2 ([uncond; cond] contexts, one latent). Everything before the first cross-attention
-        depends on the sample alone, so it runs once per sample instead of r times, and the rows part there
-        (at SD1.5's 64x64 level: conv_in, a ResNet block, a self-attention and their norms)."""
-        batch = sample.shape[0]
-        if context.shape[0] % batch:
-            raise ValueError(f"context has {context.shape[0]} rows, expected a multiple of sample's batch {batch} "
+        -> (B, out_channels, h, w)."""
+        if context.shape[0] != sample.shape[0]:
+            raise ValueError(f"context has {context.shape[0]} rows, expected sample's batch {sample.shape[0]} "
                              f"(sample {tuple(sample.shape)}, context {tuple(context.shape)})")
-        shared = context.shape[0] != batch
-        if temb is None:
-            t = _timesteps(timestep, batch, sample.device)  # (B,), or (1,) when shared
-            if shared and t.shape[0] != 1:
-                raise ValueError(f"a sample shared by several contexts ({batch} samples, {context.shape[0]} "
-                                 f"contexts) needs one timestep for the batch, got shape {tuple(timestep.shape)}")
-            temb = self.time_features(t, batch, sample.device, sample.dtype)
-        elif temb.dim() != 2 or temb.shape[0] not in (1, batch) or (shared and temb.shape[0] != 1):
-            raise ValueError(f"temb must be (1, width){'' if shared else f' or ({batch}, width)'} for "
-                             f"{batch} samples and {context.shape[0]} contexts, got shape {tuple(temb.shape)}")
-
-        x = _biased_conv(self.conv_in, sample)  # (B, C0, h, w)
+        temb = self.time_embed(timestep, sample.shape[0], sample.device, sample.dtype)
+        x = self.conv_in(sample)  # (B, C0, h, w)
         skips = [x]
         for block in self.down_blocks:
             x, block_skips = block(x, temb, context)
             skips.extend(block_skips)
-        x = _tile(self.mid_block(x, temb, context), context.shape[0])
-        # Skips taken before a shared sample's rows parted keep their B rows: ops.channel_cat repeats them.
+        x = self.mid_block(x, temb, context)
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             # Upsample to the next skip's size, not blindly 2x: odd sizes were rounded up on the way down.
             x = block(x, block_skips, temb, context, skips[-1].shape[-2:] if skips else None)
-        h = _group_norm(self.conv_norm_out, x, "silu")
-        if out_dtype is None:
-            return self.conv_out(h)
-        if torch.is_grad_enabled() and (h.requires_grad or self.conv_out.bias.requires_grad):  # out= has no grad
-            return self.conv_out(h).to(out_dtype, memory_format=torch.contiguous_format)
-        y = _conv(self.conv_out, h)
-        return torch.add(y, self.conv_out.bias[:, None, None], out=torch.empty(y.shape, dtype=out_dtype,
-                                                                              device=y.device))
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
