@@ -14,16 +14,17 @@ decoded to pixels. Systems:
   diffusers_compile   diffusers' recipe: fuse_qkv_projections, channels_last UNet and VAE, the UNet under
                       torch.compile(mode="reduce-overhead", fullgraph=True)
 Case kinds (one pytest case each, run in the order of CASES, skipped once FASTDIFF_E2E_DEADLINE_S is near):
-  parity      final latents from one initial noise: fastdiff fast fp16 vs fastdiff reference fp32 (reference
-              ops, TF32 off) against diffusers fp16 vs diffusers fp32; the acceptance budget is 2x theirs
+  parity      final latents from one initial noise: fastdiff fast fp16 vs fastdiff reference fp32 (the models
+              as written, reference ops, TF32 off) against diffusers fp16 vs diffusers fp32; the acceptance
+              budget is 2x theirs
   image       ms per whole image (prompt to pixels, CUDA synchronised), images/s, first-call seconds
   unet_step   ms per UNet call at the CFG batch (fastdiff as configured by default, with SDPA self-attention
               everywhere, with Triton self-attention everywhere, with GEGLU unfused; diffusers eager and
               compiled), effective TFLOP/s from
               torch.utils.flop_counter; VAE decode ms
-  profile     torch.profiler per-kernel table of one fastdiff UNet step (eager launch of the prepared UNet,
-              the same kernels the graph replays) and GPU time per kernel category; on a GPU also the
-              timeline of one graph replay (nodes, memset nodes, busy and idle time)
+  profile     torch.profiler per-kernel table of one fastdiff UNet step (eager launch of the engine's fused
+              UNet, `FastEngine.fast_unet`: the same kernels the graph replays) and GPU time per kernel
+              category; on a GPU also the timeline of one graph replay (nodes, memset nodes, busy and idle time)
   cold_start  fresh processes (this file run as a script) to the first image: fastdiff with empty Triton and
               inductor caches, then warm ones; diffusers eager; each with peak GPU memory
   memory      fresh processes at a larger batch: fastdiff and diffusers eager peak GPU memory
@@ -33,7 +34,11 @@ keeps what it measured; `python benchmarks/bench_e2e.py --summary FILE` prints t
 CPU (or FASTDIFF_E2E_TINY=1): tiny random models, 64x64, 2 steps, one round each, compile with backend
 "eager": checks that the benchmark works, not how fast anything is.
 
-    pytest benchmarks/bench_e2e.py --benchmark-only
+    pytest benchmarks/bench_e2e.py --benchmark-only                    # every case (FASTDIFF_E2E_CASES: some)
+    python benchmarks/bench_e2e.py --run [CASES]                       # CASES in one pytest process, then the table
+
+--run takes FASTDIFF_E2E_CASES's syntax; without CASES it runs the headline, HEADLINE_CASES: SD1.5 512x512 batch 1,
+fastdiff against diffusers + compile, whose ratio the table's "sd15 b1" line ends with.
 """
 from __future__ import annotations
 
@@ -119,6 +124,7 @@ CPU_CASES = [("sd15", "parity", "all", 1), ("sd15", "image", "fastdiff", 1),
 # Rough seconds each case needs (compiles dominate), to skip what cannot finish before the deadline.
 COST_S = {"parity": 25, "image": 15, "unet_step": 20, "profile": 10, "cold_start": 120, "memory": 60}
 COMPILE_COST_S = 100
+HEADLINE_CASES = "sd15:image:fastdiff:1,sd15:image:diffusers_compile:1"  # `--run`'s default
 
 
 def _cases() -> list[tuple]:
@@ -233,9 +239,9 @@ def run_diffusers(pipe, noise: torch.Tensor, output_type: str = "pt") -> torch.T
 
 
 def default_fast():
-    """The Pipeline's own default on CUDA; on the CPU the prepared modules without graphs, so that the CPU run
-    goes through the fast path's code too."""
-    from fastdiff.fast import FastConfig
+    """The Pipeline's own default on CUDA; on the CPU the fast path's fused modules without graphs, so that the CPU
+    run goes through the fast path's code too."""
+    from fastdiff.engine import FastConfig
 
     return None if ON_GPU else FastConfig(cuda_graphs=False)
 
@@ -306,7 +312,7 @@ class Systems:
     def fastdiff_unfused_geglu(self):
         """fastdiff's fast path with GEGLU's gelu and mul unfused, on a copy of the float16 UNet."""
         import fastdiff
-        from fastdiff.fast import FastConfig
+        from fastdiff.engine import FastConfig
 
         f = self.fastdiff
         return fastdiff.Pipeline(copy.deepcopy(f.unet), f.vae, f.text_encoder, f.tokenizer, f.scheduler_config,
@@ -315,7 +321,7 @@ class Systems:
     def fastdiff_compiled(self):
         """fastdiff's fast path with its UNet under torch.compile, on a copy of the float16 models."""
         import fastdiff
-        from fastdiff.fast import FastConfig
+        from fastdiff.engine import FastConfig
 
         f = self.fastdiff
         # "default": max-autotune's GEMM search would take minutes of the run's budget
@@ -429,7 +435,7 @@ def case_image(benchmark, arch: str, system: str, batch: int) -> dict:
 
 
 def case_unet_step(benchmark, arch: str, system: str, batch: int) -> dict:
-    from fastdiff.fast import FastConfig, FastUNet, prepare_unet
+    from fastdiff.engine import FastConfig, FastEngine
 
     s = systems_for(arch)
     cfg_batch = 2 * batch
@@ -440,24 +446,26 @@ def case_unet_step(benchmark, arch: str, system: str, batch: int) -> dict:
     # time features from a precomputed row, as it does while sampling, instead of computing them per call
     t = torch.tensor([601.0], device=DEVICE)[0]
     info = {"flops": flops, "cfg_batch": cfg_batch, "note": FLOPS_NOTE}
-    default = s.fastdiff.fast_unet()
-    if default is None:
-        pytest.skip("the fast path is off (no CUDA): nothing to time per step")
+    default = s.fastdiff.engine
+    if not isinstance(default, FastEngine):
+        pytest.skip("the fast path is off: nothing to time per step")
     step = default.denoiser(context, True)
     benchmark.pedantic(lambda: step(x, t), rounds=5, iterations=1, warmup_rounds=1)
     ms = time_calls(lambda: step(x, t))
     info["fastdiff"] = {"ms": ms, "tflops": flops / ms / 1e9}
     graphs = default.config.cuda_graphs
-    # Each variant re-prepares the shared UNet in place, so each is built right before it is timed (its
-    # graph is captured in time_calls' warm-up, with the modules as that variant set them).
+    # Each variant is an engine of its own over the pipeline's models (its fused modules share their parameters;
+    # the pipeline's engine is left as it is), built right before it is timed: its graph is captured in
+    # time_calls' warm-up.
+    f = s.fastdiff
     for name, config in (("fastdiff_sdpa_self", FastConfig(self_attention="sdpa", cuda_graphs=graphs)),
                          ("fastdiff_triton_self", FastConfig(self_attention="fastdiff", cuda_graphs=graphs)),
                          ("fastdiff_unfused_geglu", FastConfig(fuse_geglu=False, cuda_graphs=graphs))):
-        fn = FastUNet(s.fastdiff.unet, config).denoiser(context, True)
-        ms = time_calls(lambda fn=fn: fn(x, t))  # bound now: `del fn` below frees the variant's graph
+        fn = FastEngine(f.unet, f.vae, f.text_encoder, config).denoiser(context, True)
+        ms = time_calls(lambda fn=fn: fn(x, t))  # bound now: `del fn` below frees the variant's engine and graph
         info[name] = {"ms": ms, "tflops": flops / ms / 1e9}
         del fn
-    prepare_unet(s.fastdiff.unet, default.config)  # the pipeline's modules back to the default choice
+        gc.collect()  # the engine and its denoiser refer to each other
     if s.diffusers is not None:
         x2 = torch.randn(cfg_batch, 4, SIZE // 8, SIZE // 8, device=DEVICE, dtype=DTYPE)
         ctx = context.to(DTYPE)
@@ -506,9 +514,11 @@ def case_profile(benchmark, arch: str, system: str, batch: int) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    from fastdiff.engine import FastEngine
+
     s = systems_for(arch)
-    fast = s.fastdiff.fast_unet()
-    unet = fast.unet if fast is not None else s.fastdiff.unet
+    fast = s.fastdiff.engine if isinstance(s.fastdiff.engine, FastEngine) else None
+    unet = fast.fast_unet if fast is not None else s.fastdiff.unet  # the fused modules, or the models as written
     fmt = torch.channels_last if fast is not None and fast.config.channels_last else torch.contiguous_format
     context = s.fastdiff.encode_prompt([PROMPT] * batch, [""] * batch, 1, True).to(s.fastdiff.dtype)
     x = torch.randn(2 * batch, 4, SIZE // 8, SIZE // 8, device=DEVICE, dtype=s.fastdiff.dtype).contiguous(
@@ -540,7 +550,7 @@ def case_profile(benchmark, arch: str, system: str, batch: int) -> dict:
             "gpu_ms_by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
             "gpu_ms_by_kernel": dict(sorted(by_name.items(), key=lambda kv: -kv[1][1])[:60]),
             "replay": replay,
-            "note": "one eager launch of the prepared UNet (the kernels the CUDA graph replays), CFG batch "
+            "note": "one eager launch of the fused UNet (the kernels the CUDA graph replays), CFG batch "
                     f"{2 * batch}; GPU time summed over kernels; replay: one call of the fast path's denoiser"}
 
 
@@ -553,7 +563,7 @@ def replay_profile(pipe, batch: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     context = pipe.encode_prompt([PROMPT] * batch, [""] * batch, 1, True)
-    fn = pipe.fast_unet().denoiser(context, True)
+    fn = pipe.engine.denoiser(context, True)
     x = torch.randn(batch, 4, SIZE // 8, SIZE // 8, device=DEVICE)
     # a view of a 1-D float32 tensor, as a sampler's `model_timesteps[i]`: the fast path then reads the step's
     # time features from a precomputed row, as it does while sampling, instead of computing them per call
@@ -671,6 +681,21 @@ def child_main(system: str, arch: str, batch: int) -> None:
     print(json.dumps(report))
 
 
+def run_cases(cases: str) -> int:
+    """`pytest benchmarks/bench_e2e.py --benchmark-only` with FASTDIFF_E2E_CASES=cases, in a child process (the
+    cases are chosen when pytest imports this file), then the summary of the results file it wrote. Returns
+    pytest's exit status."""
+    JSON_PATH.unlink(missing_ok=True)  # no figure of an earlier run in the table
+    env = dict(os.environ, FASTDIFF_E2E_CASES=cases, FASTDIFF_E2E_JSON=str(JSON_PATH))
+    done = subprocess.run([sys.executable, "-m", "pytest", __file__, "--benchmark-only", "-q", "-s",
+                           "-p", "no:cacheprovider"], env=env)
+    if JSON_PATH.exists():
+        print(summary(JSON_PATH))
+    else:
+        print(f"no results file at {JSON_PATH}: no case ran (FASTDIFF_E2E_CASES={cases!r})")
+    return done.returncode
+
+
 def _fmt(v, spec=".1f") -> str:
     return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else "-"
 
@@ -688,7 +713,7 @@ def summary(path: Path) -> str:
                    ("fastdiff", "fastdiff_unfused_geglu", "fastdiff_compile", "diffusers_eager",
                     "diffusers_compile")}
             ours, base = row["fastdiff"].get("ms"), row["diffusers_compile"].get("ms")
-            speed = f"{base / ours:.2f}x vs diffusers+compile" if ours and base else "no ratio"
+            speed = f"{base / ours:.3f}x vs diffusers+compile" if ours and base else "no ratio"
             lines.append(f"{arch} b{batch} ms/image: " + ", ".join(
                 f"{k} {_fmt(r.get('ms'))} ({_fmt(r.get('images_per_s'), '.2f')} img/s, "
                 f"first {_fmt(r.get('first_call_s'))} s)"
@@ -736,10 +761,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=3, metavar=("SYSTEM", "ARCH", "BATCH"))
     parser.add_argument("--summary", type=Path, metavar="RESULTS_JSON")
+    parser.add_argument("--run", nargs="?", const=HEADLINE_CASES, metavar="CASES",
+                        help=f"run CASES (FASTDIFF_E2E_CASES's syntax; default {HEADLINE_CASES}) in one pytest "
+                             f"process, then print the table")
     args = parser.parse_args()
     if args.child:
         child_main(args.child[0], args.child[1], int(args.child[2]))
     elif args.summary:
         print(summary(args.summary))
+    elif args.run:
+        sys.exit(run_cases(args.run))
     else:
-        parser.error("pass --child SYSTEM ARCH BATCH or --summary FILE (benchmarks run under pytest)")
+        parser.error("pass --run [CASES], --child SYSTEM ARCH BATCH or --summary FILE")

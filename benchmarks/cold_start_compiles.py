@@ -7,10 +7,13 @@ A fast-path image with an empty kernel cache spends much of its cold start compi
 this script measures that cost here, for the attention and GroupNorm kernels only: the first image also compiles
 LayerNorm, GEGLU, residual_add and (without the extension) scheduler-step variants, which it does not count
 (39 variants in all, counted from an H200's kernel cache with an earlier version of the fast path; this script
-counts 14):
-1. It runs the SD1.5 UNet (CFG batch 2, 64x64 latents) and the VAE decoder on the meta device, prepared as
-   the fast path prepares them, and records every call of the Triton-backed ops (their shapes, layouts and
-   dtypes). The ops return empty tensors, so no real work is done.
+counts 20 on the engine's fused modules):
+1. It runs the SD1.5 UNet (CFG batch 2, 64x64 latents) and the VAE decoder on the meta device, as the fast
+   path's fused modules (`fastdiff.engine.FastUNet`, `fast_vae`), and records every call of the Triton-backed ops
+   (their shapes, layouts and dtypes). The ops return empty tensors, so no real work is done; the producers
+   that sum for a GroupNorm (`ops.residual_add_sums`, `ops.channel_cat_sums`) hand it their sums where the
+   Triton path on a GPU would (channels_last maps where summing pays), so that the norm records the variant
+   the GPU launches.
 2. It replays each call through the kernel's own launch function with the kernels replaced by recorders.
    That gives each compiled variant: the constexprs, the autotuner's candidate configs after pruning, and
    the integer arguments Triton specialises on (== 1, divisible by 16).
@@ -23,8 +26,8 @@ import time
 
 import torch
 
-import fastdiff.fast as fast
 from fastdiff import ops
+from fastdiff.engine import FastConfig, FastUNet, fast_vae
 from fastdiff.models import UNet2DConditionModel, UNetConfig
 from fastdiff.models.vae import AutoencoderKL, VAEConfig
 
@@ -60,25 +63,44 @@ def record_op_calls() -> dict[str, list]:
         calls["attention"].append((q, k, scale))
         return torch.empty_like(q)
 
-    def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, offset=None):
-        calls["group_norm"].append((x, num_groups, weight, bias, eps, activation, offset))
+    def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, offset=None, sums=None):
+        calls["group_norm"].append((x, num_groups, weight, bias, eps, activation, offset, sums))
         return torch.empty_like(x)
 
-    saved = ops.attention, ops.group_norm, fast._ATTEND["fastdiff"]
-    ops.attention, ops.group_norm, fast._ATTEND["fastdiff"] = attention, group_norm, attention
+    # Under `auto` on a GPU a producer sums only where the Triton path takes its inputs and summing pays; the meta
+    # device resolves to the reference path, which always would: decide as the GPU does.
+    def residual_add_sums(x, y, bias=None, x_bias=None, num_groups=32):
+        if ops._triton_sums_pay(y, x, y):
+            return saved_sums[0](x, y, bias, x_bias, num_groups)
+        return ops.residual_add(x, y, bias, x_bias=x_bias), None
+
+    def channel_cat_sums(x, skip, num_groups=32):
+        if ops._triton_sums_pay(x, x, skip):
+            return saved_sums[1](x, skip, num_groups)
+        return ops.channel_cat(x, skip), None
+
+    # Patched before the fused modules are built: each attention module takes its function then
+    # (`ops.attention_impl`), and "fastdiff" (and "auto" at head dim 40) is `ops.attention`.
+    saved = ops.attention, ops.group_norm
+    saved_sums = ops.residual_add_sums, ops.channel_cat_sums
+    ops.attention, ops.group_norm = attention, group_norm
+    ops.residual_add_sums, ops.channel_cat_sums = residual_add_sums, channel_cat_sums
     try:
         with torch.device("meta"):
             unet = UNet2DConditionModel(UNetConfig(sample_size=64, cross_attention_dim=768, attention_head_dim=8))
             vae = AutoencoderKL(VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                                           latent_channels=4, sample_size=512))
-        config = fast.FastConfig()
-        fast.prepare_unet(unet.half(), config)
-        fast.prepare_vae(vae.half(), config)
+        config = FastConfig()
+        fast_unet = FastUNet(unet.half(), config)
+        fast_decoder = fast_vae(vae.half(), config)
         latents = torch.empty(2, 4, 64, 64, device="meta", dtype=torch.float16).to(memory_format=torch.channels_last)
-        unet(latents, torch.tensor(500.0, device="meta"), torch.empty(2, 77, 768, device="meta", dtype=torch.float16))
-        vae.decode(latents[:1])
+        context = torch.empty(2, 77, 768, device="meta", dtype=torch.float16)
+        with torch.no_grad():
+            fast_unet(latents, torch.tensor(500.0, device="meta"), context)
+            fast_decoder.decode(latents[:1])
     finally:
-        ops.attention, ops.group_norm, fast._ATTEND["fastdiff"] = saved
+        ops.attention, ops.group_norm = saved
+        ops.residual_add_sums, ops.channel_cat_sums = saved_sums
     return calls
 
 

@@ -2,12 +2,15 @@
 # The fast path's GPU run, from the repository root on a CUDA machine, with the diffusers wheels (and their
 # dependencies) in .whl/:
 #     bash benchmarks/device_e2e.sh
-# installs diffusers from .whl/ and fastdiff (no CUDA build of csrc/: the fast path does not need it), runs the
-# fast path's GPU tests, then benchmarks/bench_e2e.py: fastdiff vs diffusers eager vs diffusers + torch.compile,
+# installs diffusers from .whl/ and fastdiff with its extension fastdiff._C built by nvcc for this GPU (as
+# benchmarks/RESULTS.md's figures were measured: the fast path's workspace-free GEMM, its scheduler step and its
+# CUDA-graph surgery are in them; TORCH_CUDA_ARCH_LIST overrides the GPU's own architecture), runs the fast
+# path's GPU tests, then benchmarks/bench_e2e.py: fastdiff vs diffusers eager vs diffusers + torch.compile,
 # whole 512x512 SD1.5 images at batch 1/4/8, SD2.1-base at batch 1, parity, UNet step TFLOP/s, a per-kernel
 # profile, cold start and peak memory in fresh processes. Cases run in priority order and are skipped once the
 # time limit (FASTDIFF_E2E_BUDGET_S, default 470 s for the whole script) would be overrun; the results JSON is
-# rewritten after every case. Logs, JSON and summary.txt land in $OUT (./device_out when unset).
+# rewritten after every case; the build counts against that limit. Logs, JSON and summary.txt land in $OUT
+# (./device_out when unset).
 # CPU smoke test of the same script: FASTDIFF_E2E_SKIP_INSTALL=1 bash benchmarks/device_e2e.sh
 set -u -o pipefail
 OUT=${OUT:-device_out}
@@ -25,13 +28,32 @@ if [ "${FASTDIFF_E2E_SKIP_INSTALL:-0}" != 1 ]; then
     else
         echo "no diffusers wheels in .whl/: the diffusers baselines will be skipped" | tee "$OUT/install.log"
     fi
-    FASTDIFF_SKIP_CUDA_BUILD=1 python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 \
-        || { echo "pip install of fastdiff failed, see install.log"; exit 1; }
+    T0=$SECONDS
+    ARCH=${TORCH_CUDA_ARCH_LIST:-}
+    if [ -z "$ARCH" ]; then
+        ARCH=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
+    fi
+    # -v: setup.py's warning when the extension (or its CUDA part) could not be built goes to install.log
+    TORCH_CUDA_ARCH_LIST=$ARCH python3 -m pip install -v --no-deps --no-build-isolation -e . \
+        >> "$OUT/install.log" 2>&1 || { echo "pip install of fastdiff failed, see install.log"; exit 1; }
+    echo "fastdiff installed, fastdiff._C built for ${ARCH:-the architectures setup.py picks}: $((SECONDS - T0))s"
 fi
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
     python3 -c "import diffusers; print('diffusers', diffusers.__version__)" 2>/dev/null || echo "diffusers: not installed"
+    # setup.py never fails for the extension (it falls back to a build without the CUDA part, or none): say so
+    python3 -c "
+from fastdiff import _ext
+missing = []
+for op in ('scheduler_step', 'matmul', 'graph'):
+    ok, why = _ext.availability('cuda', op)
+    print('fastdiff._C', op + ':', 'yes,' if ok else 'NO,', why)
+    missing += [] if ok else [op]
+if missing:
+    print('WARNING: without fastdiff._C\'s', ', '.join(missing), 'the figures are not comparable to',
+          'benchmarks/RESULTS.md\'s (see install.log)')
+"
 } 2>&1 | tee "$OUT/env.txt"
 echo "setup: ${SECONDS}s"
 

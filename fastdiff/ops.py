@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# scheduler_step's coefficients and its input checks, which the samplers build and run before the op
+from fastdiff.kernels.scheduler_step import StepCoeffs, check_step_inputs  # noqa: F401
+
 BACKENDS = ("auto", "reference", "triton", "cuda")
 
 # op -> backend -> (module, function). Modules are imported only when first used.
@@ -348,8 +351,7 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias
 
 def geglu(h: Tensor) -> Tensor:
     """value * GELU(gate) (exact erf GELU) of a GEGLU projection's output. h: (..., 2N) = [value | gate]
-    -> (..., N) in h's dtype; see `fastdiff.kernels.geglu`. The UNet calls it only when a fast path set
-    `GEGLU.fused`."""
+    -> (..., N) in h's dtype; see `fastdiff.kernels.geglu` (`FastConfig.fuse_geglu`)."""
     return _load("geglu", resolve("geglu", h.device.type))(h)
 
 

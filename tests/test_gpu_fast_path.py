@@ -1,6 +1,7 @@
-"""The CUDA fast path on a GPU: CUDA-graph replay equals the prepared modules called eagerly, two resolutions
-hold two graphs that both stay right, the fast UNet in float16 is as close to a float32 reference as the plain
-float16 UNet, and the sampling loop makes no host synchronisation. Run on the device: `pytest -m gpu`."""
+"""The CUDA fast path (`fastdiff.engine.FastEngine`) on a GPU: CUDA-graph replay equals the engine's fused modules
+called eagerly, two resolutions hold two graphs that both stay right, the fast UNet in float16 is as close to a
+float32 reference as the reference UNet in float16, and the sampling loop makes no host synchronisation. Run on
+the device: `pytest -m gpu`."""
 import contextlib
 import copy
 
@@ -10,8 +11,8 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import ops
-from fastdiff.fast import FastConfig, FastUNet
+from cuda_graphs import fast_engine
+from fastdiff.engine import CUDAGraphRunner, FastConfig
 from fastdiff.models import UNet2DConditionModel, UNetConfig
 
 pytestmark = pytest.mark.gpu
@@ -44,17 +45,16 @@ def test_graph_replay_matches_eager_and_fp16_budget(sd15_fp32):
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        with ops.use_backend("reference"):
-            ref = sd15_fp32(torch.cat([x, x]), t, context.float())
+        ref = sd15_fp32(torch.cat([x, x]), t, context.float())  # the reference modules: plain PyTorch
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     plain16 = copy.deepcopy(sd15_fp32).half()
     theirs = plain16(torch.cat([x, x]).half(), t, context).float()
-    fast = FastUNet(plain16, FastConfig())
+    fast = fast_engine(plain16, config=FastConfig())  # converts plain16 in place: run it as written first
     replayed = fast.denoiser(context, cfg=True)(x, t).clone()
     eager = fast.eager_call(x, t, context).float()  # the call the graph captured, run eagerly
-    print(f"graph vs eager prepared: rel {rel(replayed, eager):.2e}; fast fp16 vs fp32 {rel(replayed, ref):.2e}, "
-          f"plain fp16 vs fp32 {rel(theirs, ref):.2e}")
+    print(f"graph vs eager fused modules: rel {rel(replayed, eager):.2e}; fast fp16 vs fp32 "
+          f"{rel(replayed, ref):.2e}, reference fp16 vs fp32 {rel(theirs, ref):.2e}")
     assert fast.graphs_captured == 1
     assert torch.isfinite(replayed).all()
     assert rel(replayed, eager) <= 1e-3
@@ -63,7 +63,7 @@ def test_graph_replay_matches_eager_and_fp16_budget(sd15_fp32):
 
 @torch.no_grad()
 def test_two_resolutions_keep_two_graphs(sd15_fp32):
-    fast = FastUNet(copy.deepcopy(sd15_fp32).half(), FastConfig())
+    fast = fast_engine(copy.deepcopy(sd15_fp32).half(), config=FastConfig())
     cases = [_inputs(1, 64, 64), _inputs(2, 48, 80)]
     eager = [fast.eager_call(x, t, c).float() for x, t, c in cases]
     for round_ in range(2):  # the second round replays the first graph after the second was captured
@@ -80,7 +80,7 @@ def test_graphs_read_the_projected_context_in_place(sd15_fp32):
     """The graph reads its context buffer and the K/V projections computed from it outside the graph (eagerly for
     the first prompt, then in a graph of their own): a second prompt of the same shape replays the same graph
     with its own projections, and interleaved denoisers each get their own prompt."""
-    fast = FastUNet(copy.deepcopy(sd15_fp32).half(), FastConfig())
+    fast = fast_engine(copy.deepcopy(sd15_fp32).half(), config=FastConfig())
     x, t, first = _inputs(1, 64, 64)
     second = torch.randn_like(first)
     expected = [fast.eager_call(x, t, c).float() for c in (first, second)]
@@ -123,7 +123,7 @@ def test_sampling_loop_has_no_host_sync(tiny_folder, scheduler, monkeypatch):
     monkeypatch.setattr(fastdiff.schedulers, "sample", sample)
     unfused = torch.stack(plain(["a red circle", "a blue square"], **kw))
     print(f"{scheduler}: replay vs first {rel(second, first):.2e}, fast vs plain fp16 {rel(second, unfused):.2e}")
-    assert pipe.fast_unet().graphs_captured == 1
+    assert pipe.engine.graphs_captured == 1
     assert rel(second, first) <= 1e-6
     assert rel(second, unfused) <= 1e-2
 
@@ -137,7 +137,9 @@ def test_text_encoder_replays_one_graph_per_clip_skip(tiny_folder):
         want = plain.encode_prompt(["a red circle"], [""], 1, True, clip_skip)
         print(f"clip_skip {clip_skip}: graph vs eager rel {rel(got[clip_skip], want):.2e}")
         assert rel(got[clip_skip], want) <= 1e-6
-    assert len(pipe._text_graphs) == 2
+    graphs = pipe.engine._text_calls  # per clip_skip
+    assert set(graphs) == {None, 1}
+    assert all(isinstance(g, CUDAGraphRunner) and g.captured == 1 for g in graphs.values())
     first = got[None].clone()
     pipe.encode_prompt(["a blue square"], [""], 1, True)  # replays into the graph's buffer: earlier results stay
     assert torch.equal(got[None], first)
@@ -195,10 +197,10 @@ def _forget_compiled_kernels(monkeypatch) -> None:
 def test_first_image_compiles_its_kernels_ahead_all_at_once(tiny_folder, scheduler, monkeypatch):
     """Every Triton kernel the first image of a new shape compiles, it compiles inside compiling_ahead(); the
     image itself then compiles nothing more."""
-    import fastdiff.pipeline
+    import fastdiff.engine.engine as engine_module  # where FastEngine.compile_ahead finds compiling_ahead
 
     counts = []
-    real = fastdiff.pipeline.compiling_ahead
+    real = engine_module.compiling_ahead
 
     @contextlib.contextmanager
     def counting():
@@ -206,7 +208,7 @@ def test_first_image_compiles_its_kernels_ahead_all_at_once(tiny_folder, schedul
             yield
         counts.append(_compiled_variants())
 
-    monkeypatch.setattr(fastdiff.pipeline, "compiling_ahead", counting)
+    monkeypatch.setattr(engine_module, "compiling_ahead", counting)
     _forget_compiled_kernels(monkeypatch)  # what other tests in this process compiled must not count
     pipe = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda")
     before = _compiled_variants()
@@ -228,7 +230,7 @@ def test_matmul_attention_error_within_twice_sdpas_at_the_vae_width(dtype, batch
     reference, next to torch SDPA's at the same precision."""
     import torch.nn.functional as F
 
-    from fastdiff.fast import matmul_attention
+    from fastdiff.ops import matmul_attention
 
     g = torch.Generator("cuda").manual_seed(batch)
     q, k, v = (torch.randn(batch, 1, 4096, 512, device="cuda", generator=g) for _ in range(3))

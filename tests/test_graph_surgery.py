@@ -60,7 +60,7 @@ def _memsets_per_replay(runner, *inputs) -> int:
 def test_cudnn_attention_graph_loses_its_memsets_and_keeps_its_output():
     """SD1.5's 64x64 self-attention at CFG batch 2 (head dim 40) on cuDNN: the shape whose memsets the UNet graph
     holds on an H200."""
-    from fastdiff.fast import CUDAGraphRunner
+    from fastdiff.engine import CUDAGraphRunner
 
     ok, why = _ext.availability("cuda", "graph")
     assert ok, f"fastdiff._C's graph surgery cannot run: {why}"
@@ -88,7 +88,8 @@ def test_fast_config_switches_the_surgery():
     """memset_kernels=False keeps every memset node in the UNet graph; True replaces them, same output."""
     import copy
 
-    from fastdiff.fast import FastConfig, FastUNet
+    from cuda_graphs import fast_engine
+    from fastdiff.engine import FastConfig
     from fastdiff.models import UNet2DConditionModel, UNetConfig
 
     torch.manual_seed(0)
@@ -99,9 +100,9 @@ def test_fast_config_switches_the_surgery():
     context = torch.randn(2, 77, 768, device="cuda").half()
     outs, replaced = [], []
     for memset_kernels in (False, True):
-        fast = FastUNet(copy.deepcopy(unet), FastConfig(memset_kernels=memset_kernels))
+        fast = fast_engine(copy.deepcopy(unet), config=FastConfig(memset_kernels=memset_kernels))
         outs.append(fast.denoiser(context, cfg=True)(x, t).clone())
-        replaced.append(fast._guided.memsets_replaced)
+        replaced.append(fast._unet_calls.memsets_replaced)  # the UNet calls' CUDAGraphRunner
     print(f"memset nodes replaced: off {replaced[0]}, on {replaced[1]}")
     assert replaced[0] == 0 and replaced[1] > 0
     assert torch.equal(outs[0], outs[1])

@@ -2,9 +2,9 @@
 
 CPU: the algebra in float64 (the 2x2 form equals the direct one on odd, 1x1 and non-square images); the Triton
 shuffle under TRITON_INTERPRET=1 against subpixel_shuffle_ref (channels that fill no whole tile, with and without
-the bias, every dtype); invalid inputs; the models' UpsampleConv takes the 2x2 form when asked and follows
-weights loaded later. GPU (`-m gpu`): every dtype on the SD1.5 UNet's and VAE's upsamplers against a float64
-reference next to the direct form's own error, and CUDA-graph capture.
+the bias, every dtype); invalid inputs. GPU (`-m gpu`): every dtype on the SD1.5 UNet's and VAE's upsamplers
+against a float64 reference next to the direct form's own error, and CUDA-graph capture. The engine's upsampler
+that uses them (`FastUpsample`) is tested in test_engine_unet.py.
 """
 import pytest
 import torch
@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from fastdiff import ops
 from fastdiff.kernels.subpixel import subpixel_shuffle, subpixel_shuffle_ref, subpixel_weight
-from fastdiff.models.unet import UpsampleConv
 from cuda_graphs import capture
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -93,30 +92,6 @@ def test_ops_seam_runs_the_triton_shuffle():
     with ops.use_backend("triton", op="subpixel_shuffle"):
         out = ops.subpixel_shuffle(y, bias)
     torch.testing.assert_close(out, subpixel_shuffle_ref(y, bias))
-
-
-def test_upsample_conv_takes_the_two_by_two_form_and_follows_loaded_weights(monkeypatch):
-    torch.manual_seed(2)
-    module = UpsampleConv(6).double().to(memory_format=torch.channels_last)
-    x = _cl(torch.randn(2, 6, 5, 3, dtype=torch.float64))
-    direct = module.upsample_conv(x, (10, 6))
-    calls = []
-    monkeypatch.setattr(ops, "subpixel_shuffle", lambda y, b: (calls.append(y.shape), subpixel_shuffle_ref(y, b))[1])
-    module.subpixel = True
-    out = module.upsample_conv(x, (10, 6))
-    assert calls == [(2, 24, 6, 4)]
-    assert (out - direct).abs().max() <= 1e-12
-    module.upsample_conv(x, (9, 6))  # an odd target size (the UNet's odd skips) takes the direct form
-    module.upsample_conv(x.contiguous(), (10, 6))  # so does contiguous x
-    assert len(calls) == 1
-    derived = module.subpixel_weight()
-    with torch.no_grad():
-        module.load_state_dict({"conv.weight": torch.randn(6, 6, 3, 3), "conv.bias": torch.randn(6)})
-    plain = UpsampleConv(6).double()
-    plain.load_state_dict(module.state_dict())
-    out = module.upsample_conv(x, (10, 6))
-    assert module.subpixel_weight() is derived  # re-derived into the same memory (CUDA graphs read it)
-    assert (out - plain.upsample_conv(x, (10, 6))).abs().max() <= 1e-12
 
 
 @pytest.mark.gpu

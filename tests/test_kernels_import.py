@@ -57,12 +57,15 @@ def test_fastdiff_kernels_import_outside_the_repository(tmp_path):
     assert found.resolve() == REPO_ROOT / "kernels" / "group_norm.py"
 
 
-def test_built_package_holds_every_op_file_in_fastdiff_kernels(tmp_path):
-    """What a wheel (plain `pip install .`) installs: setup.py's build_py puts kernels/*.py in fastdiff/kernels/."""
+def test_built_package_holds_every_package_and_every_op_file_in_fastdiff_kernels(tmp_path):
+    """What a wheel (plain `pip install .`) installs: every package of fastdiff/, and kernels/*.py in
+    fastdiff/kernels/ (setup.py's build_py)."""
     build = tmp_path / "build"
     done = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(build)],
                           capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
+    packages = sorted(str(p.parent.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "fastdiff").rglob("__init__.py"))
+    assert [p for p in packages if not (build / p / "__init__.py").is_file()] == []  # every package is listed
     installed = sorted(p.name for p in (build / "fastdiff" / "kernels").glob("*.py"))
     expected = sorted(["__init__.py", *(p.name for p in (REPO_ROOT / "kernels").glob("*.py"))])
     assert installed == expected

@@ -57,3 +57,65 @@ def test_geglu_backends_agree():
     print(f"geglu triton vs reference: max {err.max():.2e} mean {err.mean():.2e}")
     assert out.shape == (2, 9, 24)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 97, 77, 40), (1, 1, 64, 64, 512), (2, 1, 33, 5, 19)],
+                         ids=["odd", "vae_width", "tiny_keys"])
+def test_matmul_attention_matches_sdpa_across_query_blocks(shape, monkeypatch):
+    """Blocks of 10 queries (the limit set low) cover full blocks and a short last one."""
+    B, H, Sq, Skv, D = shape
+    monkeypatch.setattr(ops, "MATMUL_ATTENTION_SCORES", 10 * Skv)
+    q, k, v = torch.randn(B, H, Sq, D), torch.randn(B, H, Skv, D), torch.randn(B, H, Skv, D + 3)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.3)
+    out = ops.matmul_attention(q, k, v, scale=0.3)
+    print(f"{shape}: rel {_rel(out, ref):.2e}")
+    assert out.shape == (B, H, Sq, D + 3) and out.dtype == q.dtype
+    assert _rel(out, ref) <= 1e-6
+
+
+def test_sdpa_attention_is_torchs_with_the_ops_signature():
+    q, k, v = torch.randn(2, 3, 9, 16), torch.randn(2, 3, 7, 16), torch.randn(2, 3, 7, 16)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.2)
+    assert torch.equal(ops.sdpa_attention(q, k, v, 0.2), expected)
+    torch.testing.assert_close(ops.sdpa_attention(q, k, v), ops.attention(q, k, v))  # default scale 1/sqrt(D)
+
+
+def test_auto_attention_takes_matmul_past_the_kernels_widest_head():
+    from fastdiff.kernels.attention import MAX_HEAD_DIM
+
+    assert ops.attention_impl("auto", 512) is ops.matmul_attention  # SD's VAE: one head of 512
+    assert ops.attention_impl("auto", MAX_HEAD_DIM + 1) is ops.matmul_attention
+    assert ops.attention_impl("auto", MAX_HEAD_DIM) is not ops.matmul_attention
+    assert ops.attention_impl("sdpa", 512) is ops.sdpa_attention
+
+
+def test_attention_impl_names_each_preference_and_rejects_others():
+    assert ops.attention_impl("fastdiff", 64) is ops.attention
+    assert ops.attention_impl("sdpa", 64) is ops.sdpa_attention
+    assert ops.attention_impl("matmul", 64) is ops.matmul_attention
+    with pytest.raises(ValueError, match="attention preference must be one of"):
+        ops.attention_impl("flash", 64)
+
+
+def test_auto_attention_by_head_dim_spare_column_at_40_sdpa_at_80_triton_at_160():
+    # SD1.5's head dims at heads 8: 40 (Triton sums p in a spare column), 80, 160 (above
+    # AUTO_TRITON_ABOVE_HEAD_DIM)
+    picked = {d: ops.attention_impl("auto", d) for d in (40, 80, 160)}
+    print({d: fn.__name__ for d, fn in picked.items()})
+    assert picked == {40: ops._spare_column_attention, 80: ops.sdpa_attention, 160: ops.attention}
+    assert ops.attention_impl("auto", ops.AUTO_TRITON_ABOVE_HEAD_DIM) is ops.sdpa_attention
+
+
+def test_spare_column_attention_is_batch_dependent(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ops, "sdpa_attention", lambda *a: calls.append("sdpa"))
+    monkeypatch.setattr(ops, "attention", lambda *a: calls.append("fastdiff"))
+    q = torch.empty(4, 8, 10, 40)  # batch * heads = 32
+    for minimum in (33, 32):
+        monkeypatch.setattr(ops, "AUTO_MIN_BATCH_HEADS", minimum)
+        ops._spare_column_attention(q, q, q)
+    assert calls == ["sdpa", "fastdiff"]

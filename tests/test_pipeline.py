@@ -1,7 +1,11 @@
 """End to end on CPU in float32: fastdiff's sampling loop against diffusers' StableDiffusionPipeline with the
 same tiny random model, the same initial latents and the same ancestral noise."""
 import copy
+import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -208,3 +212,21 @@ def test_schedules_are_kept_per_request_and_follow_the_config(tiny, monkeypatch)
         pipe.schedule("ddim", steps)
     assert len(pipe._schedules) == P.SCHEDULES_KEPT
     assert "trailing" not in ours.scheduler_config.values()  # the shared pipeline is untouched
+
+
+def test_inference_does_not_import_the_training_code():
+    """The CLI module and a generation with the embedded default model import nothing of fastdiff.train (its
+    data, analysis and training loop are for `fastdiff train` alone): in a fresh interpreter, as a user's."""
+    code = ("import json, sys\n"
+            "import fastdiff.cli, fastdiff\n"
+            "out = fastdiff.generate('a red circle on the left on a white background', 2, seed=0, device='cpu',\n"
+            "                        output_type='latent', progress=False)\n"
+            "print(json.dumps({'shape': list(out[0].shape),\n"
+            "                  'train': sorted(m for m in sys.modules if m.startswith('fastdiff.train'))}))\n")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    print(result.stdout, result.stderr)
+    assert result.returncode == 0
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert len(report["shape"]) == 3  # the latents of one image: the generation ran
+    assert report["train"] == []

@@ -116,6 +116,23 @@ def test_backward_runs_through_inplace_residuals():
     assert all(p.grad is not None for p in ours.parameters())
 
 
+def test_reference_runs_in_plain_pytorch_without_the_ops_seam(monkeypatch):
+    # which kernels run the VAE is the engine's business (fastdiff.engine.fast_vae, tested in
+    # test_engine_vae.py): the reference calls no fastdiff.ops
+    from fastdiff import ops
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference VAE called fastdiff.ops")
+
+    for op in ops.OPS:
+        monkeypatch.setattr(ops, op, refuse)
+    ours, theirs = make_pair("sd_like")
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert rel_err(ours(x), theirs(x).sample) <= TOL
+    assert all(isinstance(coder.conv_act, torch.nn.SiLU) for coder in (ours.encoder, ours.decoder))  # as diffusers'
+
+
 def test_from_dict_reads_sd15_config():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a published config must read without complaint

@@ -4,12 +4,69 @@ quick_gelu text encoder) or SD2 (linear proj_in, head counts per block, gelu, pa
 
 Every parameter is perturbed away from its initial value so that zero-initialised layers (conv_out,
 proj_out) cannot hide a wrong computation.
+
+`make_tiny_sd` saves a diffusers folder (for the pipeline tests); `tiny_unet`, `tiny_vae` and
+`tiny_text_encoder` build fastdiff's own reference modules in memory (for the engine tests).
 """
 from pathlib import Path
 
 import torch
 
+from fastdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig,
+                             VAEConfig)
+
 ASSETS = Path(__file__).resolve().parent.parent / "fastdiff" / "assets" / "clip"
+
+# Tiny SD1-style (conv proj_in, one head count) and SD2-style (linear proj_in, heads per level, two transformer
+# layers) UNets. Head dims 16 and 8/16: big enough for SDPA's fused kernels, small enough for two CPU cores.
+TINY_UNETS = {
+    "sd1": UNetConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=24,
+                      attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    "sd2": UNetConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=40,
+                      attention_head_dim=(4, 4), use_linear_projection=True, transformer_layers_per_block=2,
+                      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+}
+# Two levels with an attention in the mid block and a 32-wide single head.
+TINY_VAE = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
+
+
+def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative L2 error of a against ref, in float64."""
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def randomise(module: torch.nn.Module, scale: float = 0.05) -> None:
+    """Move every parameter away from its initial value (zero biases would hide a wrong fused bias), from the
+    global generator (the suite's fixture seeds it)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+def tiny_unet(kind: str = "sd1") -> UNet2DConditionModel:
+    """fastdiff's reference UNet in a TINY_UNETS shape, float32, eval, no gradients, random weights."""
+    unet = UNet2DConditionModel(TINY_UNETS[kind]).eval().requires_grad_(False)
+    randomise(unet)
+    return unet
+
+
+def tiny_vae() -> AutoencoderKL:
+    """fastdiff's reference VAE in the TINY_VAE shape, float32, eval, no gradients, random weights."""
+    vae = AutoencoderKL(TINY_VAE).eval().requires_grad_(False)
+    randomise(vae)
+    return vae
+
+
+def tiny_text_encoder(hidden_size: int = 24, vocab_size: int = 1000) -> CLIPTextModel:
+    """fastdiff's reference CLIP text encoder, two layers of two heads, float32, eval, no gradients, random
+    weights; hidden_size is the context width a UNet's cross_attention_dim must match."""
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                            num_hidden_layers=2, num_attention_heads=2)
+    encoder = CLIPTextModel(config).eval().requires_grad_(False)
+    randomise(encoder)
+    return encoder
 
 
 def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.02) -> None:

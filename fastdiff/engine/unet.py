@@ -52,14 +52,24 @@ Sums = Optional[Tensor]  # a GroupNorm's statistics, summed by the kernel that w
 def concat_as_views(modules: list[nn.Module], name: str) -> Tensor:
     """torch.cat of the modules' parameter `name` along dim 0, each parameter's data then made a view of its rows
     of the result: the same Parameter objects (whoever holds them shares the change), the same state-dict keys, no
-    second copy, and `load_state_dict` afterwards still writes into the concatenation. Convert dtype or device
-    before, not after (the views would split from it)."""
-    fused = torch.cat([getattr(m, name) for m in modules])
+    second copy, and `load_state_dict` afterwards still writes into the concatenation. Parameters that already lie
+    one after another in one storage (fused before, by another engine) are not moved: their span is returned.
+    Convert dtype or device before, not after (the views would split from it)."""
+    params = [getattr(m, name) for m in modules]
+    first = params[0]
+    shape = (sum(p.shape[0] for p in params), *first.shape[1:])
+    offsets = [first.storage_offset()]
+    for p in params[:-1]:
+        offsets.append(offsets[-1] + p.numel())
+    if all(p.is_contiguous() and p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+           and p.storage_offset() == offset and p.dtype == first.dtype and p.shape[1:] == first.shape[1:]
+           for p, offset in zip(params, offsets)):
+        return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), shape)
+    fused = torch.cat(params)
     start = 0
-    for m in modules:
-        parameter = getattr(m, name)
-        parameter.data = fused[start:start + parameter.shape[0]]
-        start += parameter.shape[0]
+    for p in params:
+        p.data = fused[start:start + p.shape[0]]
+        start += p.shape[0]
     return fused
 
 
@@ -407,12 +417,19 @@ class FastTransformer2DModel(nn.Module):
         return tile(x, tokens.shape[0]) + tokens.reshape(-1, h, w, c).permute(0, 3, 1, 2), None
 
 
+def _fast_layers(block: Union[DownBlock, UNetMidBlock2DCrossAttn, UpBlock], config: FastConfig
+                 ) -> tuple[nn.ModuleList, Optional[nn.ModuleList]]:
+    """The fused twins of a block's ResNet blocks and of its transformers (None where it has none)."""
+    resnets = nn.ModuleList(FastResnetBlock(r, config) for r in block.resnets)
+    if block.attentions is None:
+        return resnets, None
+    return resnets, nn.ModuleList(FastTransformer2DModel(t, config) for t in block.attentions)
+
+
 class FastDownBlock(nn.Module):
     def __init__(self, block: DownBlock, config: FastConfig):
         super().__init__()
-        self.resnets = nn.ModuleList(FastResnetBlock(r, config) for r in block.resnets)
-        self.attentions = None if block.attentions is None else nn.ModuleList(
-            FastTransformer2DModel(t, config) for t in block.attentions)
+        self.resnets, self.attentions = _fast_layers(block, config)
         self.downsamplers = None if block.downsamplers is None else nn.ModuleList(
             [FastDownsample(block.downsamplers[0], config)])
 
@@ -433,8 +450,7 @@ class FastDownBlock(nn.Module):
 class FastMidBlock(nn.Module):
     def __init__(self, block: UNetMidBlock2DCrossAttn, config: FastConfig):
         super().__init__()
-        self.attentions = nn.ModuleList([FastTransformer2DModel(block.attentions[0], config)])
-        self.resnets = nn.ModuleList(FastResnetBlock(r, config) for r in block.resnets)
+        self.resnets, self.attentions = _fast_layers(block, config)
 
     def forward(self, x: Tensor, sums: Sums, temb: Tensor, context: Tensor) -> Tensor:
         x, sums = self.resnets[0](x, temb, sums)
@@ -447,9 +463,7 @@ class FastUpBlock(nn.Module):
 
     def __init__(self, block: UpBlock, config: FastConfig):
         super().__init__()
-        self.resnets = nn.ModuleList(FastResnetBlock(r, config) for r in block.resnets)
-        self.attentions = None if block.attentions is None else nn.ModuleList(
-            FastTransformer2DModel(t, config) for t in block.attentions)
+        self.resnets, self.attentions = _fast_layers(block, config)
         self.upsamplers = None if block.upsamplers is None else nn.ModuleList(
             [FastUpsample(block.upsamplers[0], config.subpixel_upsample)])
         self.sum_concats = False  # set by FastUNet's chain

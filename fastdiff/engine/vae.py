@@ -19,14 +19,15 @@ from .unet import FastUpsample, conv, copy_sharing_parameters, group_norm, repla
 
 
 class GroupNormSiLU(nn.Module):
-    """An nn.GroupNorm followed by SiLU, one fused pass (`ops.group_norm`)."""
+    """An nn.GroupNorm followed by SiLU, one fused pass (`ops.group_norm`), holding the norm's own parameters
+    under the norm's keys."""
 
     def __init__(self, norm: nn.GroupNorm):
         super().__init__()
-        self.norm = norm
+        self.num_groups, self.eps, self.weight, self.bias = norm.num_groups, norm.eps, norm.weight, norm.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        return group_norm(self.norm, x, "silu")
+        return group_norm(self, x, "silu")
 
 
 class FastVAEResnetBlock(nn.Module):

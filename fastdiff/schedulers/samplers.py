@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from fastdiff import ops
-from fastdiff.kernels.scheduler_step import StepCoeffs, check_step_inputs
+from fastdiff.ops import StepCoeffs, check_step_inputs
 
 from .ddpm import posterior_coeffs
 from .guidance import combine_guidance

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastdiff.kernels.scheduler_step import check_step_inputs
+from fastdiff.ops import check_step_inputs
 
 from .guidance import combine_guidance
 from .samplers import Callback, ModelFn, NoiseFn, _check, _model, x0_coeffs
