@@ -23,7 +23,7 @@ Case kinds (one pytest case each, run in the order of CASES, skipped once FASTDI
               compiled), effective TFLOP/s from
               torch.utils.flop_counter; VAE decode ms
   profile     torch.profiler per-kernel table of one fastdiff UNet step (eager launch of the engine's fused
-              UNet, `FastEngine.fast_unet`: the same kernels the graph replays) and GPU time per kernel
+              UNet, `FastEngine.unet`: the same kernels the graph replays) and GPU time per kernel
               category; on a GPU also the timeline of one graph replay (nodes, memset nodes, busy and idle time)
   cold_start  fresh processes (this file run as a script) to the first image: fastdiff with empty Triton and
               inductor caches, then warm ones; diffusers eager; each with peak GPU memory
@@ -518,7 +518,7 @@ def case_profile(benchmark, arch: str, system: str, batch: int) -> dict:
 
     s = systems_for(arch)
     fast = s.fastdiff.engine if isinstance(s.fastdiff.engine, FastEngine) else None
-    unet = fast.fast_unet if fast is not None else s.fastdiff.unet  # the fused modules, or the models as written
+    unet = fast.unet if fast is not None else s.fastdiff.unet  # the fused modules, or the models as written
     fmt = torch.channels_last if fast is not None and fast.config.channels_last else torch.contiguous_format
     context = s.fastdiff.encode_prompt([PROMPT] * batch, [""] * batch, 1, True).to(s.fastdiff.dtype)
     x = torch.randn(2 * batch, 4, SIZE // 8, SIZE // 8, device=DEVICE, dtype=s.fastdiff.dtype).contiguous(

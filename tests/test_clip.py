@@ -7,32 +7,7 @@ import torch
 import transformers
 
 from fastdiff.models.clip import CLIPTextConfig, CLIPTextModel
-
-# (hidden, layers, heads, intermediate, act): head_dim 8 and 32, an MLP width that is not a multiple of D.
-CONFIGS = [
-    (32, 2, 4, 64, "quick_gelu"),
-    (64, 3, 2, 100, "gelu"),
-]
-
-
-def _theirs(hidden, layers, heads, intermediate, act):
-    config = transformers.CLIPTextConfig(
-        vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=intermediate, hidden_act=act, max_position_embeddings=77,
-        bos_token_id=998, eos_token_id=999, pad_token_id=1, attn_implementation="eager")
-    model = transformers.CLIPTextModel(config).eval()
-    # Fresh LayerNorms are (1, 0) and biases 0: perturb every parameter so each one matters.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
-def _ours(theirs) -> CLIPTextModel:
-    ours = CLIPTextModel(CLIPTextConfig.from_dict(theirs.config.to_dict())).eval()
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    return ours
-
+from tiny_models import CLIP_CONFIGS as CONFIGS, clip_from_transformers as _ours, transformers_clip as _theirs
 
 def _rel_err(ours, theirs, what):
     err = (ours - theirs).norm() / theirs.norm()

@@ -5,15 +5,14 @@ CUDA-graph parts refuse clearly without CUDA; a Pipeline with the fast engine sa
 plain one."""
 import pytest
 import torch
-import transformers
 
 import fastdiff
 from fastdiff import ops
 from fastdiff.engine import CUDAGraphRunner, Engine, FastConfig, FastEngine, FastUNet, make_engine
 from fastdiff.engine.engine import FastCLIPAttention
-from fastdiff.models import CLIPTextConfig, CLIPTextModel
 from fastdiff.models.clip import CLIPAttention
-from tiny_models import make_tiny_sd, rel, tiny_text_encoder, tiny_unet, tiny_vae
+from tiny_models import (CLIP_CONFIGS, clip_from_transformers, make_tiny_sd, rel, tiny_text_encoder, tiny_unet,
+                         tiny_vae, transformers_clip)
 
 NO_GRAPHS = FastConfig(cuda_graphs=False)
 
@@ -130,7 +129,7 @@ def test_reference_models_give_the_same_outputs_after_a_fast_engine_was_built_fr
     engine = FastEngine(unet, vae, text_encoder, NO_GRAPHS)
     after = dict(unet=unet(x, t, ctx), decode=vae.decode(z), encode=vae.encode_distribution(pixels)[0],
                  text=text_encoder(ids))
-    fast = dict(unet=engine.fast_unet(x, t, ctx), decode=engine.decode(z), encode=engine.encode_image(pixels)[0],
+    fast = dict(unet=engine.unet(x, t, ctx), decode=engine.decode(z), encode=engine.encode_image(pixels)[0],
                 text=engine.encode_text(ids))
     for name in before:
         print(f"{name}: reference after vs before rel {rel(after[name], before[name]):.2e}, engine vs before "
@@ -141,48 +140,23 @@ def test_reference_models_give_the_same_outputs_after_a_fast_engine_was_built_fr
     assert _types(unet, vae, text_encoder) == types
     assert [[id(p) for p in m.parameters()] for m in (unet, vae, text_encoder)] == params
     assert not any(isinstance(m, FastCLIPAttention) for m in text_encoder.modules())
-    for fused, reference in ((engine.fast_unet, unet), (engine.fast_vae, vae),
-                             (engine.fast_text_encoder, text_encoder)):
+    for fused, reference in ((engine.unet, unet), (engine.vae, vae),
+                             (engine.text_encoder, text_encoder)):
         assert set(map(id, fused.parameters())) == set(map(id, reference.parameters()))  # shared, not copied
 
 
 # ---- the text encoder's fused attention ----------------------------------------------------------------------
-
-# (hidden, layers, heads, intermediate, act): head_dim 8 and 32, an MLP width that is not a multiple of D.
-CLIP_CONFIGS = [
-    (32, 2, 4, 64, "quick_gelu"),
-    (64, 3, 2, 100, "gelu"),
-]
-
-
-def _transformers_clip(hidden, layers, heads, intermediate, act):
-    config = transformers.CLIPTextConfig(
-        vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=intermediate, hidden_act=act, max_position_embeddings=77,
-        bos_token_id=998, eos_token_id=999, pad_token_id=1, attn_implementation="eager")
-    model = transformers.CLIPTextModel(config).eval()
-    with torch.no_grad():  # fresh LayerNorms are (1, 0) and biases 0: perturb every parameter so each one matters
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
-def _ours(theirs) -> CLIPTextModel:
-    ours = CLIPTextModel(CLIPTextConfig.from_dict(theirs.config.to_dict())).eval()
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    return ours
-
 
 @pytest.mark.parametrize("hidden, layers, heads, intermediate, act", CLIP_CONFIGS)
 def test_fused_text_encoder_matches_transformers_and_keeps_their_keys(hidden, layers, heads, intermediate, act):
     """The FastEngine's text encoder (FastCLIPAttention: one q/k/v matmul) at every clip_skip against
     transformers; its state dict keeps the reference's keys and values, and a load into the reference
     afterwards reaches the fused matmul."""
-    theirs = _transformers_clip(hidden, layers, heads, intermediate, act)
-    ours = _ours(theirs)
+    theirs = transformers_clip(hidden, layers, heads, intermediate, act)
+    ours = clip_from_transformers(theirs)
     keys = list(ours.state_dict())
     engine = FastEngine(tiny_unet("sd1"), tiny_vae(), ours, NO_GRAPHS)
-    fused = engine.fast_text_encoder
+    fused = engine.text_encoder
     attentions = [m for m in fused.modules() if isinstance(m, FastCLIPAttention)]
     assert len(attentions) == layers
     assert not any(isinstance(m, FastCLIPAttention) for m in ours.modules())
@@ -201,7 +175,7 @@ def test_fused_text_encoder_matches_transformers_and_keeps_their_keys(hidden, la
             print(f"fused clip_skip={clip_skip}: rel err {err:.2e}")
             assert err <= 1e-5
         assert torch.equal(engine.encode_text(ids, clip_skip=layers), ours(ids, clip_skip=layers))  # no layer run
-        fresh = _transformers_clip(hidden, layers, heads, intermediate, act)
+        fresh = transformers_clip(hidden, layers, heads, intermediate, act)
         ours.load_state_dict(fresh.state_dict())
         err = rel(engine.encode_text(ids), fresh(ids).last_hidden_state)
         print(f"fused, reloaded: rel err {err:.2e}")
@@ -224,7 +198,7 @@ def test_fast_clip_attention_matches_the_reference_attention():
 def test_text_encoder_attention_is_not_fused_without_fused_projections():
     unet, vae, text_encoder = _models()
     engine = FastEngine(unet, vae, text_encoder, FastConfig(cuda_graphs=False, fuse_projections=False))
-    assert not any(isinstance(m, FastCLIPAttention) for m in engine.fast_text_encoder.modules())
+    assert not any(isinstance(m, FastCLIPAttention) for m in engine.text_encoder.modules())
     ids = torch.randint(0, 1000, (1, 77))
     assert torch.equal(engine.encode_text(ids, clip_skip=1), text_encoder(ids, clip_skip=1))
 
@@ -341,6 +315,6 @@ def test_ops_attention_impl_is_what_the_engines_attentions_take():
     unet, vae, text_encoder = _models("sd2")  # head dim 8 everywhere
     engine = FastEngine(unet, vae, text_encoder, FastConfig(cuda_graphs=False, self_attention="matmul",
                                                             cross_attention="sdpa", vae_attention="sdpa"))
-    attends = {m.attend for m in engine.fast_unet.modules() if hasattr(m, "attend")}
+    attends = {m.attend for m in engine.unet.modules() if hasattr(m, "attend")}
     assert attends == {ops.matmul_attention, ops.sdpa_attention}
-    assert {m.attend for m in engine.fast_vae.modules() if hasattr(m, "attend")} == {ops.sdpa_attention}
+    assert {m.attend for m in engine.vae.modules() if hasattr(m, "attend")} == {ops.sdpa_attention}

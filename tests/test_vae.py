@@ -117,7 +117,7 @@ def test_backward_runs_through_inplace_residuals():
 
 
 def test_reference_runs_in_plain_pytorch_without_the_ops_seam(monkeypatch):
-    # which kernels run the VAE is the engine's business (fastdiff.engine.fast_vae, tested in
+    # which kernels run the VAE is the engine's business (fastdiff.engine.vae, tested in
     # test_engine_vae.py): the reference calls no fastdiff.ops
     from fastdiff import ops
 

@@ -152,3 +152,33 @@ def _write_slow_tokenizer_files(folder: Path, pad_token: str) -> None:
     special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                "pad_token": pad_token}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+
+
+# (hidden, layers, heads, intermediate, act): head_dim 8 and 32, an MLP width that is not a multiple of D.
+CLIP_CONFIGS = [
+    (32, 2, 4, 64, "quick_gelu"),
+    (64, 3, 2, 100, "gelu"),
+]
+
+
+def transformers_clip(hidden, layers, heads, intermediate, act):
+    """A transformers CLIPTextModel with random, perturbed weights (the oracle)."""
+    import transformers
+
+    config = transformers.CLIPTextConfig(
+        vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate, hidden_act=act, max_position_embeddings=77,
+        bos_token_id=998, eos_token_id=999, pad_token_id=1, attn_implementation="eager")
+    model = transformers.CLIPTextModel(config).eval()
+    # Fresh LayerNorms are (1, 0) and biases 0: perturb every parameter so each one matters.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def clip_from_transformers(theirs) -> CLIPTextModel:
+    """fastdiff's CLIPTextModel from the oracle's config, loaded strictly from its weights."""
+    ours = CLIPTextModel(CLIPTextConfig.from_dict(theirs.config.to_dict())).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return ours

@@ -6,7 +6,7 @@
     images = engine.decode(latents)                            # unscaled latents -> (B, 3, H, W) in [-1, 1]
 
 The pipeline holds one engine and never asks which one it is. FastEngine builds its fused modules from the loaded
-ones (`FastUNet`, `fast_vae`, the text encoder's fused attention below), sharing their parameters; captures
+ones (`FastUNet`, `fast_vae`, `fast_text_encoder`), sharing their parameters, and runs those; captures
 the UNet call once per input shape as a CUDA graph and replays it; replays the text encoder from a graph too;
 computes the context's cross-attention K/V projections once per prompt and the time features once per sampling
 schedule; and compiles every Triton kernel a new shape needs at once before its first image (`compile_ahead`).
@@ -37,9 +37,10 @@ TIME_TABLES_KEPT = 16  # timestep tensors whose time features a FastEngine keeps
 
 
 class Engine:
-    """The models as written, in plain PyTorch: the CPU path (and any device with fast=False)."""
+    """The models as written, in plain PyTorch: the CPU path (and any device with fast=False). `unet`, `vae` and
+    `text_encoder` are the modules an engine runs (FastEngine's are its fused ones)."""
 
-    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel):
+    def __init__(self, unet: nn.Module, vae: AutoencoderKL, text_encoder: CLIPTextModel):
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
 
     graphs_captured = 0  # UNet CUDA graphs held
@@ -92,29 +93,34 @@ class FastCLIPAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
 
 
+def fast_text_encoder(text_encoder: CLIPTextModel, config: FastConfig) -> CLIPTextModel:
+    """The fast path's text encoder: a copy of `text_encoder` sharing its parameters, with fused q/k/v attention
+    (config.fuse_projections)."""
+    fast = copy_sharing_parameters(text_encoder)
+    if config.fuse_projections:
+        replace_modules(fast, {CLIPAttention: FastCLIPAttention})
+    return fast
+
+
 class FastEngine(Engine):
     """The CUDA fast path (`FastConfig` says what it does). With cuda_graphs=False it runs its fused modules
     eagerly, on any device (the CPU tests run it so)."""
 
+    unet: FastUNet
+
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                  config: Optional[FastConfig] = None):
-        super().__init__(unet, vae, text_encoder)
         self.config = config = config or FastConfig()
         device = next(unet.parameters()).device
         if config.cuda_graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need the UNet on a CUDA device, it is on {device}; move it there, or "
                              f"pass FastConfig(cuda_graphs=False) to run the fused modules without graphs")
-        self.fast_unet = FastUNet(unet, config)
-        self.fast_vae = fast_vae(vae, config)
-        self.fast_text_encoder = copy_sharing_parameters(text_encoder)
-        if config.fuse_projections:
-            replace_modules(self.fast_text_encoder, {CLIPAttention: FastCLIPAttention})
+        super().__init__(FastUNet(unet, config), fast_vae(vae, config), fast_text_encoder(text_encoder, config))
         self.dtype = next(unet.parameters()).dtype
-        forward = self.fast_unet
+        self._forward = self.unet
         if config.compile is not None:
             ops.preload()  # the first call of an op imports it, which would break the compiled graph there
-            forward = torch.compile(self.fast_unet, mode=config.compile, dynamic=False)
-        self._forward = forward
+            self._forward = torch.compile(self.unet, mode=config.compile, dynamic=False)
         # With fused projections the context's K/V projections are computed once per prompt (`denoiser`), so
         # the graphs read the context buffer they belong to in place (input 2, by reference). Not under
         # torch.compile, which would guard on the projections' lookup.
@@ -126,9 +132,9 @@ class FastEngine(Engine):
         self._holders: dict[tuple, ModelFn] = {}  # the model_fn whose context each buffer holds
         # `_time_features`: the timestep tensors a sampler steps through, each with its rows of time features
         self._time_tables: dict[int, tuple[Tensor, tuple[int, ...], Tensor]] = {}
-        fused_time = (self.fast_unet.fused_time_weight, self.fast_unet.fused_time_bias,
-                      self.fast_unet.fused_conv1_bias)
-        self._time_inputs = [*self.fast_unet.time_embedding.parameters(), *(t for t in fused_time if t is not None)]
+        fused_time = (self.unet.fused_time_weight, self.unet.fused_time_bias,
+                      self.unet.fused_conv1_bias)
+        self._time_inputs = [*self.unet.time_embedding.parameters(), *(t for t in fused_time if t is not None)]
         self._compiled_for: set[tuple] = set()  # shapes whose Triton kernels `compile_ahead` compiled
 
     def _graphed(self, fn: Callable[..., Tensor], by_reference: tuple[int, ...] = ()) -> Callable[..., Tensor]:
@@ -149,7 +155,7 @@ class FastEngine(Engine):
         small kernels cost 4.5 ms of launches per image on an H200 when run eagerly."""
         call = self._text_calls.get(clip_skip)
         if call is None:
-            encoder = self.fast_text_encoder
+            encoder = self.text_encoder
             call = self._text_calls[clip_skip] = self._graphed(lambda t: encoder(t, clip_skip=clip_skip))
         return call(ids).clone()  # a graph's output buffer is rewritten by the next call
 
@@ -175,25 +181,25 @@ class FastEngine(Engine):
         base = t._base
         if not (t.dim() == 0 and base is not None and base.dim() == 1 and base.is_contiguous()
                 and base.dtype == torch.float32 and base.device == t.device):
-            return self.fast_unet.time_features(t.reshape(()).to(torch.float32), 1, t.device, self.dtype)
+            return self.unet.time_features(t.reshape(()).to(torch.float32), 1, t.device, self.dtype)
         version = (base._version, *(p._version for p in self._time_inputs))
         entry = self._time_tables.get(id(base))
         if entry is None or entry[0] is not base or entry[1] != version:
             while len(self._time_tables) >= TIME_TABLES_KEPT:
                 del self._time_tables[next(iter(self._time_tables))]
-            rows = self.fast_unet.time_features(base, base.shape[0], base.device, self.dtype)
+            rows = self.unet.time_features(base, base.shape[0], base.device, self.dtype)
             entry = self._time_tables[id(base)] = (base, version, rows)
         i = t.storage_offset() - base.storage_offset()
         return entry[2][i:i + 1]
 
     def _project(self, buffer: Tensor) -> Tensor:
-        self.fast_unet.project_context(buffer)
+        self.unet.project_context(buffer)
         return buffer
 
     def eager_call(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
         """One call of the fused UNet as `denoiser` makes it, but eager: no graph, no torch.compile; with guidance
         context has 2B rows and x is shared by both halves."""
-        return self.fast_unet(self._input(x), t.reshape(()).to(torch.float32), context.to(self.dtype))
+        return self.unet(self._input(x), t.reshape(()).to(torch.float32), context.to(self.dtype))
 
     def denoiser(self, context: Tensor, cfg: bool) -> ModelFn:
         """As Engine.denoiser. The returned output is a static buffer when CUDA graphs are on: the loop consumes
@@ -205,7 +211,7 @@ class FastEngine(Engine):
         held there (another denoiser of the same shape was made since) writes its own back and projects it again
         before its call."""
         context = context.to(self.dtype)
-        for module in self.fast_unet.subpixel_upsamplers:  # weights loaded since the graphs were captured
+        for module in self.unet.subpixel_upsamplers:  # weights loaded since the graphs were captured
             module.subpixel_weight()
         if not self._projects:
             return lambda x, t: self._unet_calls(x, self._time_features(t), context)
@@ -227,13 +233,7 @@ class FastEngine(Engine):
         held_context()  # project now, not inside the first step
         return model_fn
 
-    # ---- the VAE and the first image of a shape --------------------------------------------------------------
-
-    def encode_image(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
-        return self.fast_vae.encode_distribution(pixels)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        return self.fast_vae.decode(latents)
+    # ---- the first image of a shape ------------------------------------------------------------------------
 
     def compile_ahead(self, key: tuple, x: Tensor, context: Tensor, rest: Callable[[], None]) -> None:
         """Before the first image of a new shape (`key`): compile, all at once, every Triton kernel that sampling

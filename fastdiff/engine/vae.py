@@ -8,7 +8,6 @@ The blocks around them are the reference's own, so the copy keeps its `encode_di
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastdiff import ops
