@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 
 import fastdiff
+from fastdiff import cli
 from fastdiff.pipeline import default_model_path
+from fastdiff.schedulers import SCHEDULERS
 from fastdiff.train.analyse import analyse
 from fastdiff.train.data import IMAGE_SIZE
 
@@ -59,6 +61,19 @@ def test_generate_with_default_model_follows_the_prompt(caption, seed, expected)
     print(f"{caption!r} seed {seed}: read {got}")
     assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
     assert got == expected
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_cli_generate_follows_the_prompt_with_every_scheduler(scheduler, tmp_path):
+    """Every sampler the README lists draws the prompted image with the default model's own scheduler config
+    (DDPM and DDIM among them: the config says not to clip x0 to [-1, 1], which latents are not in)."""
+    for caption, seed, expected in CASES[:3]:
+        out = tmp_path / f"{scheduler}-{seed}.png"
+        assert cli.main(["generate", caption, "--scheduler", scheduler, "--seed", str(seed), "--out", str(out),
+                         "--quiet"]) == 0
+        got = read(Image.open(out))
+        print(f"{scheduler}: {caption!r} seed {seed}: read {got}")
+        assert got == expected
 
 
 def test_cli_generate_without_model_writes_the_prompted_image(tmp_path):

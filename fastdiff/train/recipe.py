@@ -29,6 +29,7 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "steps_offset": 1,
     "algorithm_type": "dpmsolver++",
     "solver_order": 2,
+    "clip_sample": False,  # latents are not in [-1, 1]: DDPM and DDIM must not clip their x0 to it
 }
 
 
