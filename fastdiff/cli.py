@@ -64,8 +64,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit(f"fastdiff: --out must end in one of {', '.join(IMAGE_SUFFIXES)}, got {args.out!r}")
     if not out.parent.resolve().is_dir():
         raise SystemExit(f"fastdiff: --out folder {str(out.parent)!r} does not exist")
+    if not os.access(out.parent.resolve(), os.W_OK):
+        raise SystemExit(f"fastdiff: --out folder {str(out.parent)!r} is not writable")
+    folders = [str(p) for p in output_paths(args.out, args.num_images) if p.is_dir()]
+    if folders:
+        raise SystemExit(f"fastdiff: --out {folders[0]!r} is a folder; give an image file name")
     if (args.height is None) != (args.width is None):
         raise SystemExit("fastdiff: give --height and --width together")
+    if args.device is not None and args.device.type == "cuda":
+        count = torch.cuda.device_count()
+        if (args.device.index or 0) >= count:
+            raise SystemExit(f"fastdiff: --device {args.device}: torch sees {count} CUDA device(s) (torch "
+                             f"{torch.__version__}, CUDA {torch.version.cuda or 'none'}); use --device cpu")
     try:
         pipe = load_cached(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None)
         images = generate(args.prompt, args.steps, model=pipe, negative_prompt=args.negative,
@@ -77,8 +87,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for image, path in zip(images, output_paths(args.out, len(images))):
         # Write next to the target and rename, so an interrupted run never leaves a half-written image.
         tmp = path.with_name(f".{path.name}.partial")
-        image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
-        os.replace(tmp, path)
+        try:
+            image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
+            os.replace(tmp, path)
+        except OSError as e:
+            raise SystemExit(f"fastdiff: cannot write {str(path)!r}: {e.strerror or e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
         print(f"wrote {path} ({image.width}x{image.height})")
     return 0
 
@@ -88,6 +103,26 @@ def cmd_eval_default(options: Sequence[str]) -> int:
     from fastdiff.train.__main__ import main as train_main
 
     return train_main(["eval", *options])
+
+
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds in [0, 2**64)
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**64 - 1, got {text}")
+    return value
+
+
+def _device(text: str) -> torch.device:
+    try:
+        return torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -111,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=None, help="diffusers folder or single .safetensors/.ckpt file "
                                                    "(default: the embedded default model)")
     gen.add_argument("--steps", type=_positive_int, default=25, help="sampling steps (default 25)")
-    gen.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    gen.add_argument("--seed", type=_seed, default=None, help="random seed, 0 to 2**64 - 1 (default: random)")
     gen.add_argument("--scheduler", choices=SCHEDULERS, default="dpmpp_2m", help="sampler (default dpmpp_2m)")
     gen.add_argument("--karras", action="store_true", help="use Karras sigmas")
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -119,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=None, help="image width in pixels (multiple of 8)")
     gen.add_argument("--num-images", type=_positive_int, default=1, help="images to generate (default 1)")
     gen.add_argument("--negative", default=None, help="negative prompt")
-    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    gen.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                      help="weights dtype (default: float16 on CUDA, float32 on CPU)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -136,7 +171,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[:1] == ["eval-default"]:
         return cmd_eval_default(argv[1:])
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("fastdiff: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -316,8 +316,8 @@ def _generator(seed: Seed) -> torch.Generator:
         return seed
     if seed is None:
         return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int or a torch.Generator, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int from 0 to 2**64 - 1 or a torch.Generator, got {seed!r}")
     return torch.Generator().manual_seed(seed)
 
 

@@ -1,11 +1,14 @@
 """The `fastdiff` console script: generate writes real images of the requested size; info runs on CPU."""
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import fastdiff.pipeline
 from fastdiff.cli import main
 from tiny_models import make_tiny_sd
 
@@ -55,6 +58,55 @@ def test_generate_bad_input_fails_before_writing(model, tmp_path, argv, message)
     with pytest.raises(SystemExit) as e:
         main(["generate", "a", "--model", model, "--quiet", *argv])
     assert message in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_refuses_an_out_that_is_a_folder_before_loading(tmp_path):
+    (tmp_path / "x.png").mkdir()
+    with pytest.raises(SystemExit, match="is a folder; give an image file name"):
+        main(["generate", "a", "--out", str(tmp_path / "x.png"), "--model", "/no/such/model"])  # never loaded
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", "9" * 23], f"--seed: must be an integer from 0 to 2**64 - 1, got {'9' * 23}"),
+    (["--seed", "-1"], "--seed: must be an integer from 0 to 2**64 - 1, got -1"),
+    (["--device", "foo"], "--device: must be cpu, cuda or cuda:N, got 'foo'"),
+])
+def test_generate_usage_errors_exit_2_with_one_line_naming_the_value(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "a", "--out", str(tmp_path / "x.png"), *argv])
+    err = capsys.readouterr().err
+    print(err)
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_generate_on_cuda_without_cuda_says_so_before_loading(tmp_path):
+    with pytest.raises(SystemExit, match=r"--device cuda: torch sees 0 CUDA device\(s\)"):
+        main(["generate", "a", "--out", str(tmp_path / "x.png"), "--device", "cuda", "--model", "/no/such/model"])
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastdiff.pipeline, "load_cached", interrupted)
+    assert main(["generate", "a", "--out", str(tmp_path / "x.png")]) == 130
+    assert capsys.readouterr().err == "fastdiff: interrupted\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_names_the_file_and_leaves_nothing(model, tmp_path, monkeypatch):
+    def full_disk(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"half an image")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    out = tmp_path / "x.png"
+    with pytest.raises(SystemExit, match="cannot write .*x.png.*No space left on device"):
+        main(["generate", "a", "--out", str(out), "--model", model, "--steps", "1", "--quiet"])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -112,7 +112,8 @@ def test_generate_caches_loaded_pipelines(tiny, tmp_path, monkeypatch):
     (dict(num_images=0), "num_images must be a positive int, got 0"),
     (dict(output_type="jpeg"), "output_type must be one of"),
     (dict(negative_prompt=["a", "b"]), "negative_prompt has 2 entries, expected 1 or 1"),
-    (dict(seed=-1), "seed must be a non-negative int"),
+    (dict(seed=-1), "seed must be an int from 0 to 2**64 - 1"),
+    (dict(seed=2**64), "seed must be an int from 0 to 2**64 - 1"),
     (dict(latents=torch.zeros(1, 4, 4, 4)), "latents has shape (1, 4, 4, 4), expected (1, 4, 8, 8)"),
     (dict(image=torch.rand(1, 3, 64, 64), strength=0.01), "leaves no step to run"),
 ])
