@@ -121,3 +121,14 @@ def test_from_pretrained_reads_what_transformers_5_saves(tmp_path):
 def test_pad_token_missing_from_vocab_raises():
     with pytest.raises(ValueError, match="pad token '<pad>' is not in the vocabulary"):
         CLIPTokenizer.default(pad_token="<pad>")
+
+
+def test_truncation_warning_names_a_huge_prompt_by_a_short_excerpt(tokenizers):
+    ours, _ = tokenizers
+    prompt = "a red circle " + "word " * 10000
+    with pytest.warns(UserWarning) as record:
+        ours(["", prompt])
+    message = str(record[0].message)
+    print(message)
+    assert len(record) == 1 and len(message) < 300
+    assert message.startswith("prompt 'a red circle word word") and "10003 tokens long" in message

@@ -116,13 +116,13 @@ class CLIPTokenizer:
         """Token ids of one prompt or a batch: LongTensor (B, max_length); warns when a prompt is cut."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         rows = []
-        for i, prompt in enumerate(prompts):
+        for prompt in prompts:
             ids = self.encode(prompt)
             room = self.max_length - 2
             if len(ids) > room:
                 warnings.warn(
-                    f"prompt {i} is {len(ids)} tokens long but CLIP reads at most {room}: dropped the last "
-                    f"{len(ids) - room} tokens ({self.decode(ids[room:])!r})", stacklevel=2)
+                    f"prompt {_excerpt(prompt)} is {len(ids)} tokens long but CLIP reads at most {room}: dropped "
+                    f"the last {len(ids) - room} tokens, from {_excerpt(self.decode(ids[room:]))}", stacklevel=2)
                 ids = ids[:room]
             row = [self.bos_id, *ids, self.eos_id]
             rows.append(row + [self.pad_id] * (self.max_length - len(row)))
@@ -206,3 +206,8 @@ def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, st
     # Merges are ["left", "right"] pairs in recent `tokenizers` versions, "left right" strings in older ones.
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     return model["vocab"], merges
+
+
+def _excerpt(text: str, chars: int = 40) -> str:
+    """text quoted, cut to its first `chars` characters (a warning names a prompt without echoing all of it)."""
+    return repr(text if len(text) <= chars else text[:chars] + "...")
