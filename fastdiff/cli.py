@@ -1,16 +1,19 @@
 """The `fastdiff` console script: `fastdiff generate "PROMPT" --out x.png`, `fastdiff info`,
-`fastdiff eval-default` (prompt adherence of the embedded default model)."""
+`fastdiff eval-default` (prompt adherence of the embedded default model).
+
+Parsing and the checks that need no model import no torch: `--help`, `--version` and argument errors answer at
+once; torch is imported by the command that runs.
+"""
 import argparse
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-from PIL import Image
-
-from fastdiff import __version__, ops
+from fastdiff import __version__
+from fastdiff.schedulers import SCHEDULERS
 
 
 def _package_version(name: str) -> str:
@@ -23,6 +26,10 @@ def _package_version(name: str) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastdiff import ops
+
     cuda = torch.cuda.is_available()
     print(f"fastdiff   {__version__}")
     print(f"python     {platform.python_version()}")
@@ -45,7 +52,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def output_paths(out: str, n: int) -> list[Path]:
@@ -57,8 +64,6 @@ def output_paths(out: str, n: int) -> list[Path]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from fastdiff.pipeline import generate, load_cached
-
     out = Path(args.out)
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise SystemExit(f"fastdiff: --out must end in one of {', '.join(IMAGE_SUFFIXES)}, got {args.out!r}")
@@ -71,13 +76,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit(f"fastdiff: --out {folders[0]!r} is a folder; give an image file name")
     if (args.height is None) != (args.width is None):
         raise SystemExit("fastdiff: give --height and --width together")
-    if args.device is not None and args.device.type == "cuda":
+    import torch  # only now: the checks above answer without it
+    from PIL import Image
+
+    from fastdiff.pipeline import generate, load_cached
+
+    device = None if args.device is None else torch.device(args.device)
+    if device is not None and device.type == "cuda":
         count = torch.cuda.device_count()
-        if (args.device.index or 0) >= count:
+        if (device.index or 0) >= count:
             raise SystemExit(f"fastdiff: --device {args.device}: torch sees {count} CUDA device(s) (torch "
                              f"{torch.__version__}, CUDA {torch.version.cuda or 'none'}); use --device cpu")
     try:
-        pipe = load_cached(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None)
+        pipe = load_cached(args.model, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
         images = generate(args.prompt, args.steps, model=pipe, negative_prompt=args.negative,
                           guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
                           scheduler=args.scheduler, karras=args.karras, num_images=args.num_images,
@@ -118,11 +129,10 @@ def _seed(text: str) -> int:
     return value
 
 
-def _device(text: str) -> torch.device:
-    try:
-        return torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}") from None
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -133,8 +143,6 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastdiff.schedulers import SCHEDULERS
-
     parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=_positive_int, default=1, help="images to generate (default 1)")
     gen.add_argument("--negative", default=None, help="negative prompt")
     gen.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    gen.add_argument("--dtype", choices=DTYPES, default=None,
                      help="weights dtype (default: float16 on CUDA, float32 on CPU)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)

@@ -122,3 +122,21 @@ def test_info_runs_as_console_script():
     for op in ("attention", "group_norm", "scheduler_step"):
         assert op in done.stdout
     assert "torch" in done.stdout
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["generate", "--help"],
+                                  ["generate", "a", "--out", "x.gif"],
+                                  ["generate", "a", "--out", "x.png", "--seed", "-1"]])
+def test_help_version_and_argument_errors_answer_without_importing_torch(argv):
+    code = ("import sys, time\n"
+            "t = time.perf_counter()\n"
+            "from fastdiff.cli import main\n"
+            "try:\n"
+            "    main(sys.argv[1:])\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print(f'{time.perf_counter() - t:.3f}s', 'torch' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    last = done.stderr.strip().splitlines()[-1]
+    print(argv, last)
+    assert last.endswith("False"), done.stderr
