@@ -39,7 +39,8 @@ from fastdiff import ops
 from fastdiff.kernels.subpixel import subpixel_weight
 from fastdiff.models.unet import (Attention, BasicTransformerBlock, DownBlock, FeedForward, ResnetBlock2D,
                                   Transformer2DModel, UNet2DConditionModel, UNetMidBlock2DCrossAttn, UpBlock,
-                                  timestep_embedding, timesteps_of)
+                                  split_heads, timestep_embedding, timesteps_of)
+from fastdiff.models.unet import pointwise as reference_pointwise
 
 from .config import FastConfig
 
@@ -282,11 +283,11 @@ class FastAttention(nn.Module):
         out_bias=False leaves to_out's bias out, for a caller that adds it in its next pass."""
         if self.fused_weight is None:
             context = x if context is None else context
-            q = self.to_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, S, D)
-            k = self.to_k(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, T, D)
-            v = self.to_v(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, T, D)
+            q = split_heads(self.to_q(x), self.heads)  # (B, H, S, D)
+            k = split_heads(self.to_k(context), self.heads)  # (B, H, T, D)
+            v = split_heads(self.to_v(context), self.heads)  # (B, H, T, D)
         elif self.is_cross_attention:
-            q = pointwise(self.to_q, x).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, S, D)
+            q = split_heads(pointwise(self.to_q, x), self.heads)  # (B, H, S, D)
             kv = self._context_kv(context).unflatten(-1, (2, self.heads, -1))  # (B, T, 2, H, D)
             k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) views
         else:
@@ -375,12 +376,11 @@ def _out_bias(attention: FastAttention, folded: bool) -> Optional[Tensor]:
 
 
 def pointwise(layer: Union[nn.Linear, nn.Conv2d], tokens: Tensor, bias: bool = True) -> Tensor:
-    """A Linear or a 1x1 Conv2d applied to tokens (B, S, Cin) -> (B, S, Cout), without its bias if `bias` is
-    False: F.linear with a bias, `ops.matmul` without one."""
-    weight = layer.weight.flatten(1)
+    """The reference's `pointwise` (a Linear or a 1x1 Conv2d on tokens (B, S, Cin) -> (B, S, Cout)), or with
+    bias=False (or no bias) one `ops.matmul` without it."""
     if bias and layer.bias is not None:
-        return F.linear(tokens, weight, layer.bias)
-    return ops.matmul(tokens, weight)
+        return reference_pointwise(layer, tokens)
+    return ops.matmul(tokens, layer.weight.flatten(1))
 
 
 class FastTransformer2DModel(nn.Module):
