@@ -19,12 +19,18 @@ control characters and put spaces around CJK ideographs; that fallback is gone i
 
 Layout of the output: `[<|startoftext|>, word tokens..., <|endoftext|>, pad, pad, ...]`, length 77;
 prompts longer than 75 word tokens keep the first 75 and warn.
+
+A model trained on a closed set of words (fastdiff's default model: the words of its caption grammar) declares
+them in tokenizer_config.json as `"fastdiff_known_words": [...]`; its tokenizer then notes, in one
+`UnknownWordsWarning` per call, the prompt words outside that set. Words here are the letter and digit runs of
+the normalised text (step 2) as CLIP's pattern splits it (step 3); contractions, punctuation and special tokens
+are never noted. transformers ignores the key.
 """
 import json
 import unicodedata
 import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 import regex
 import torch
@@ -35,11 +41,24 @@ END_OF_WORD = "</w>"
 
 # OpenAI CLIP's word pattern. Text is lowercased before it runs, so the contractions need no IGNORECASE.
 _WORD_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
+# The words checked against a closed vocabulary: CLIP's pattern with digit runs kept whole ("20", not "2", "0"),
+# so the letter runs are CLIP's words; matches that start with neither a letter nor a digit are not checked.
+_CHECKED_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]+|[^\s\p{L}\p{N}]+""")
+_CHECKED_WORD = regex.compile(r"[\p{L}]+|[\p{N}]+")
 # `regex`'s \s is Unicode White_Space, as in `tokenizers`; str.split() would also eat \x1c-\x1f.
 _WHITESPACE = regex.compile(r"\s+")
 
 # The OpenAI CLIP vocabulary, shipped for single-file checkpoints, which carry no tokenizer.
 BUNDLED_VOCAB = Path(__file__).resolve().parent.parent / "assets" / "clip"
+# tokenizer_config.json key: the words a model was trained on, when they are a closed set (module docstring).
+KNOWN_WORDS_KEY = "fastdiff_known_words"
+# An unknown-words note names at most this many unknown words and lists at most this many known ones.
+_NAMED_UNKNOWN = 8
+_LISTED_KNOWN = 30
+
+
+class UnknownWordsWarning(UserWarning):
+    """A prompt uses words outside the closed vocabulary its model was trained on."""
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -55,11 +74,14 @@ class CLIPTokenizer:
 
     vocab: token -> id (49408 entries for CLIP); merges: the BPE merges, highest priority first;
     pad_token: fills the ids after <|endoftext|> (SD1: "<|endoftext|>", SD2: "!");
-    max_length: ids per prompt, <|startoftext|> and <|endoftext|> included (the text encoder's 77 positions).
+    max_length: ids per prompt, <|startoftext|> and <|endoftext|> included (the text encoder's 77 positions);
+    known_words: None for an open vocabulary, else every word the model knows (single words of letters or
+    digits, compared after lowercasing; the order is the one a note lists them in): a call warns once, with an
+    `UnknownWordsWarning`, naming the words of its prompts outside this set.
     """
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str = EOS_TOKEN,
-                 max_length: int = 77):
+                 max_length: int = 77, known_words: Optional[Iterable[str]] = None):
         for name, token in (("bos", BOS_TOKEN), ("eos", EOS_TOKEN), ("pad", pad_token)):
             if token not in vocab:
                 raise ValueError(f"{name} token {token!r} is not in the vocabulary ({len(vocab)} entries)")
@@ -80,6 +102,16 @@ class CLIPTokenizer:
         self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
         self._id_to_token = {i: t for t, i in vocab.items()}
         self._bpe_cache: dict[str, list[str]] = {}
+        self.known_words: Optional[tuple[str, ...]] = None
+        if known_words is not None:
+            if isinstance(known_words, str):
+                raise ValueError(f"known_words must be a list of words, got the string {known_words!r}")
+            words = [_normalise(w) if isinstance(w, str) else w for w in known_words]
+            bad = [w for w in words if not isinstance(w, str) or not _CHECKED_WORD.fullmatch(w)]
+            if bad:
+                raise ValueError(f"known_words must be single words of letters or digits, got {bad[:5]}")
+            self.known_words = tuple(dict.fromkeys(words))
+        self._known_set = frozenset(self.known_words or ())
 
     @classmethod
     def from_pretrained(cls, folder: Union[str, Path], pad_token: Optional[str] = None) -> "CLIPTokenizer":
@@ -105,7 +137,11 @@ class CLIPTokenizer:
             pad_token = pad_token["content"] if isinstance(pad_token, dict) else pad_token
         # Folders saved without a length limit store a huge sentinel (int(1e30)): keep CLIP's 77 then.
         max_length = settings.get("model_max_length", 77)
-        return cls(vocab, merges, pad_token=pad_token, max_length=max_length if max_length <= 77 else 77)
+        known_words = settings.get(KNOWN_WORDS_KEY)
+        if known_words is not None and not isinstance(known_words, list):
+            raise ValueError(f"{KNOWN_WORDS_KEY} must be a list of words, got {type(known_words).__name__}")
+        return cls(vocab, merges, pad_token=pad_token, max_length=max_length if max_length <= 77 else 77,
+                   known_words=known_words)
 
     @classmethod
     def default(cls, pad_token: str = EOS_TOKEN) -> "CLIPTokenizer":
@@ -113,8 +149,12 @@ class CLIPTokenizer:
         return cls.from_pretrained(BUNDLED_VOCAB, pad_token=pad_token)
 
     def __call__(self, prompts: Union[str, list[str]]) -> torch.Tensor:
-        """Token ids of one prompt or a batch: LongTensor (B, max_length); warns when a prompt is cut."""
+        """Token ids of one prompt or a batch: LongTensor (B, max_length); warns when a prompt is cut, and
+        (closed vocabularies) once per call when prompts use words the model does not know."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        unknown = self.unknown_words(prompts)
+        if unknown:
+            warnings.warn(self._unknown_words_note(unknown), UnknownWordsWarning, stacklevel=2)
         rows = []
         for prompt in prompts:
             ids = self.encode(prompt)
@@ -135,13 +175,36 @@ class CLIPTokenizer:
             if piece in self._specials:
                 ids.append(self._specials[piece])
                 continue
-            piece = _WHITESPACE.sub(" ", unicodedata.normalize("NFC", piece))
-            # Character by character, like `tokenizers`: str.lower() would turn a word-final "Σ" into "ς".
-            piece = "".join(c.lower() for c in piece)
-            for word in _WORD_PATTERN.findall(piece):
+            for word in _WORD_PATTERN.findall(_normalise(piece)):
                 symbols = "".join(self._byte_encoder[b] for b in word.encode("utf-8"))
                 ids.extend(self.vocab.get(token, self.unk_id) for token in self._bpe(symbols))
         return ids
+
+    def unknown_words(self, prompts: Union[str, list[str]]) -> list[str]:
+        """The words of `prompts` outside `known_words`, normalised (lowercase), each once, in order of first
+        use; [] for an open vocabulary. Contractions, punctuation and special tokens are not words here."""
+        if self.known_words is None:
+            return []
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        unknown: dict[str, None] = {}
+        for prompt in dict.fromkeys(prompts):  # a prompt repeated over a batch is read once
+            for piece in self._special_pattern.split(prompt):
+                if piece in self._specials:
+                    continue
+                for word in _CHECKED_PATTERN.findall(_normalise(piece)):
+                    if _CHECKED_WORD.fullmatch(word) and word not in self._known_set:
+                        unknown[word] = None
+        return list(unknown)
+
+    def _unknown_words_note(self, unknown: list[str]) -> str:
+        """One line: the unknown words (the first _NAMED_UNKNOWN, quoted and cut short) and the known ones."""
+        named = ", ".join(_excerpt(w, 20) for w in unknown[:_NAMED_UNKNOWN])
+        if len(unknown) > _NAMED_UNKNOWN:
+            named += f" and {len(unknown) - _NAMED_UNKNOWN} more"
+        known = self.known_words
+        listed = ", ".join(known[:_LISTED_KNOWN]) + (f" and {len(known) - _LISTED_KNOWN} more"
+                                                     if len(known) > _LISTED_KNOWN else "")
+        return f"this model knows only {len(known)} words; not known: {named} (known: {listed})"
 
     def decode(self, ids: list[int]) -> str:
         """Text of token ids: normalised (lowercase, single spaces), special tokens written out."""
@@ -166,6 +229,13 @@ class CLIPTokenizer:
             word = merge_pair(word, best)
         self._bpe_cache[symbols] = word
         return word
+
+
+def _normalise(text: str) -> str:
+    """Step 2 of the module docstring: NFC, whitespace runs -> one space, lowercase."""
+    text = _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text))
+    # Character by character, like `tokenizers`: str.lower() would turn a word-final "Σ" into "ς".
+    return "".join(c.lower() for c in text)
 
 
 def merge_pair(word: list[str], pair: tuple[str, str]) -> list[str]:

@@ -5,7 +5,8 @@ diffusers' StableDiffusionPipeline) reads:
     unet/          config.json + diffusion_pytorch_model.safetensors   (float16; the EMA weights)
     vae/           config.json + diffusion_pytorch_model.safetensors   (float16; scaling_factor measured)
     text_encoder/  config.json + model.safetensors                     (float16; the EMA weights)
-    tokenizer/     vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json
+    tokenizer/     vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json (which declares the
+                   caption words as the known words, in caption order: fastdiff notes any other prompt word)
     scheduler/     scheduler_config.json                               (SD's scaled_linear betas, DPM++ 2M)
 
 Weights are stored in float16 to halve the shipped size; loaders widen them to the dtype asked for.
@@ -21,8 +22,10 @@ from safetensors.torch import save_file
 
 from fastdiff.models import CLIPTextConfig, UNetConfig
 
+from .data import BACKGROUNDS, CAPTION_WORDS, COLORS, POSITIONS, SHAPES, SIZE_WORDS
 from .loop import checkpoint_path, stage_weights
 from .vae import load_vae_folder, save_vae_folder
+from .vocab import declare_known_words
 
 MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",
@@ -36,6 +39,16 @@ MODEL_INDEX = {
     "feature_extractor": [None, None],
     "requires_safety_checker": False,
 }
+
+
+def caption_words_in_order() -> list[str]:
+    """CAPTION_WORDS in the order a caption uses them: article, sizes, colours, shapes, positions, backgrounds."""
+    order = ["a", *(w.strip() for w in SIZE_WORDS.values() if w), *COLORS, *SHAPES,
+             *(w for phrase in POSITIONS for w in phrase.split()), "on", *BACKGROUNDS, "background"]
+    words = list(dict.fromkeys(order))
+    if sorted(words) != sorted(CAPTION_WORDS):
+        raise AssertionError(f"caption order {words} does not hold exactly CAPTION_WORDS {CAPTION_WORDS}")
+    return words
 
 
 def _half(weights: dict) -> dict:
@@ -67,6 +80,7 @@ def export_model(out: Path, model_dir: Path) -> Path:
     save_file(_half(text_weights), model_dir / "text_encoder" / "model.safetensors")
     save_vae_folder(model_dir / "vae", vae, vae.config, vae_info, dtype=torch.float16)
     shutil.copytree(out / "tokenizer", model_dir / "tokenizer")
+    declare_known_words(model_dir / "tokenizer", caption_words_in_order())
     (model_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(recipe["scheduler"], indent=2))
     training = {"recipe": recipe["name"], "seed": recipe["seed"], "vae_steps": vae_info["steps"],
                 "unet_steps": state["step"], "vae_batch": vae_info["batch"],

@@ -11,6 +11,8 @@ at D = 256, 25 MB in float16) to spell 25 words. This vocabulary keeps CLIP's la
     last two        <|startoftext|>, <|endoftext|> (also the pad token, as in SD1)
 
 Any text still tokenizes (unknown words fall apart into byte symbols); only caption words are single tokens.
+tokenizer_config.json declares the words (`"fastdiff_known_words"`), so that fastdiff's tokenizer notes the
+prompt words the model never saw (transformers ignores the key).
 The merges are learnt by BPE (Sennrich et al. 2016) on the word list itself, each word counted once, most
 frequent pair first, ties broken by the pair's text, until every word is one symbol; encoding a word
 replays its own merges, so it comes out as one token.
@@ -22,7 +24,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-from fastdiff.models.tokenizer import BOS_TOKEN, END_OF_WORD, EOS_TOKEN, bytes_to_unicode, merge_pair
+from fastdiff.models.tokenizer import (BOS_TOKEN, END_OF_WORD, EOS_TOKEN, KNOWN_WORDS_KEY, CLIPTokenizer,
+                                       bytes_to_unicode, merge_pair)
 
 MAX_LENGTH = 77  # token ids per prompt: CLIP's context length, kept so prompts behave as in SD
 
@@ -54,9 +57,11 @@ def build_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
 
 def write_tokenizer(folder: Path, words: Iterable[str]) -> int:
     """Write a diffusers `tokenizer/` folder (vocab.json, merges.txt, special_tokens_map.json,
-    tokenizer_config.json) whose vocabulary spells each of `words` as one token. Returns the vocabulary size."""
+    tokenizer_config.json) whose vocabulary spells each of `words` as one token, and which declares `words`
+    (in their order) as the known words. Returns the vocabulary size."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    words = list(dict.fromkeys(words))
     merges = learn_merges(words)
     vocab = build_vocab(merges)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0), encoding="utf-8")
@@ -65,4 +70,19 @@ def write_tokenizer(folder: Path, words: Iterable[str]) -> int:
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_LENGTH, **special}, indent=2))
+    declare_known_words(folder, words)
     return len(vocab)
+
+
+def declare_known_words(folder: Path, words: Iterable[str]) -> None:
+    """Set tokenizer_config.json's known words of the tokenizer in `folder` to `words` (in their order),
+    keeping its other settings; each word must be one token of the folder's vocabulary."""
+    folder = Path(folder)
+    words = list(dict.fromkeys(words))
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    split = [w for w in words if len(tokenizer.encode(w)) != 1 or w != w.lower()]
+    if split:
+        raise ValueError(f"known words must be lowercase single tokens of {folder}'s vocabulary, got {split[:5]}")
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    path.write_text(json.dumps({**config, KNOWN_WORDS_KEY: words}, indent=2))
