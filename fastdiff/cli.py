@@ -5,14 +5,17 @@ Parsing and the checks that need no model import no torch: `--help`, `--version`
 once; torch is imported by the command that runs.
 """
 import argparse
+import importlib.util
 import os
 import platform
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 from fastdiff import __version__
+from fastdiff.request import SEED_MAX, check_request
 from fastdiff.schedulers import SCHEDULERS
 
 
@@ -40,19 +43,39 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"fastdiff._C {'loaded' if ok else 'unavailable'}: {why}")
     devices = ["cpu"] + (["cuda"] if cuda else [])
     width = max(map(len, ops.OPS)) + 2
-    print("\n" + "op".ljust(width) + "".join(f"{d:<12}" for d in devices) + "setting")
+    print("\n" + "op".ljust(width) + "".join(f"{d:<16}" for d in devices) + "setting")
     for op in ops.OPS:
-        print(op.ljust(width) + "".join(f"{ops.resolve(op, d):<12}" for d in devices) + ops.get_backend(op))
+        print(op.ljust(width) + "".join(f"{_backend_label(ops.resolve(op, d), d):<16}" for d in devices)
+              + ops.get_backend(op))
     print("\nbackends:")
     for device in devices:
         for backend in ops.BACKENDS[1:]:
             ok, why = ops.availability(backend, device)
-            print(f"  {backend:<10} on {device:<5} {'yes' if ok else 'no '}  {why}")
+            print(f"  {_backend_label(backend, device):<16} on {device:<5} {'yes' if ok else 'no '}  {why}")
+    print('\n"cuda" is the name of the fastdiff._C backend in settings: C++ on the CPU, CUDA on the GPU')
     return 0
+
+
+def _backend_label(backend: str, device: str) -> str:
+    """What runs: the "cuda" backend is fastdiff._C, whose CPU half is C++."""
+    if backend != "cuda":
+        return backend
+    return "cuda (_C CUDA)" if device == "cuda" else "cuda (_C C++)"
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 DTYPES = ("bfloat16", "float16", "float32")
+# check_request's argument names as the command line spells them
+FLAGS = {"guidance_scale": "--guidance", "num_images": "--num-images", "negative_prompt": "--negative",
+         "height": "--height", "width": "--width", "steps": "--steps", "seed": "--seed"}
+
+
+class CommandError(Exception):
+    """A one-line answer to the user and the exit code: 2 for bad arguments, 1 for a failure while running."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
 
 
 def output_paths(out: str, n: int) -> list[Path]:
@@ -63,38 +86,63 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def check_generate(args: argparse.Namespace) -> None:
+    """Every check of `generate`'s arguments that needs no model (and no torch)."""
     out = Path(args.out)
     if out.suffix.lower() not in IMAGE_SUFFIXES:
-        raise SystemExit(f"fastdiff: --out must end in one of {', '.join(IMAGE_SUFFIXES)}, got {args.out!r}")
+        raise CommandError(f"--out must end in one of {', '.join(IMAGE_SUFFIXES)}, got {args.out!r}", 2)
     if not out.parent.resolve().is_dir():
-        raise SystemExit(f"fastdiff: --out folder {str(out.parent)!r} does not exist")
+        raise CommandError(f"--out folder {str(out.parent)!r} does not exist", 2)
     if not os.access(out.parent.resolve(), os.W_OK):
-        raise SystemExit(f"fastdiff: --out folder {str(out.parent)!r} is not writable")
+        raise CommandError(f"--out folder {str(out.parent)!r} is not writable", 2)
     folders = [str(p) for p in output_paths(args.out, args.num_images) if p.is_dir()]
     if folders:
-        raise SystemExit(f"fastdiff: --out {folders[0]!r} is a folder; give an image file name")
+        raise CommandError(f"--out {folders[0]!r} is a folder; give an image file name", 2)
     if (args.height is None) != (args.width is None):
-        raise SystemExit("fastdiff: give --height and --width together")
+        raise CommandError("give --height and --width together", 2)
+    if args.model is not None and not os.path.exists(args.model):
+        raise CommandError(f"--model {args.model!r}: no such file or folder", 2)
+    if args.device is not None and args.device.startswith("cuda") and _cpu_only_torch():
+        raise CommandError(f"--device {args.device}: the installed torch ({_package_version('torch')}) is a CPU-only "
+                           f"build; use --device cpu, or install a CUDA build of torch", 2)
+    try:
+        check_request(args.prompt, args.steps, negative_prompt=args.negative, guidance_scale=args.guidance,
+                      height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler,
+                      karras=args.karras, num_images=args.num_images)
+    except ValueError as e:
+        name, _, rest = str(e).partition(" ")
+        raise CommandError(f"{FLAGS.get(name, name)} {rest}", 2) from None
+
+
+def _cpu_only_torch() -> bool:
+    """Whether the installed torch is a CPU-only build (its lib/ has no CUDA or ROCm library), found without
+    importing it. False where unsure: torch itself then answers for the device."""
+    spec = importlib.util.find_spec("torch")
+    lib = Path(next(iter(spec.submodule_search_locations or []), "")) / "lib" if spec else None
+    if lib is None or not (lib / "libtorch_cpu.so").is_file():
+        return False
+    return not any(lib.glob("libtorch_cuda*")) and not any(lib.glob("libtorch_hip*"))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    check_generate(args)
     import torch  # only now: the checks above answer without it
     from PIL import Image
 
     from fastdiff.pipeline import generate, load_cached
 
-    device = None if args.device is None else torch.device(args.device)
-    if device is not None and device.type == "cuda":
-        count = torch.cuda.device_count()
-        if (device.index or 0) >= count:
-            raise SystemExit(f"fastdiff: --device {args.device}: torch sees {count} CUDA device(s) (torch "
-                             f"{torch.__version__}, CUDA {torch.version.cuda or 'none'}); use --device cpu")
     try:
-        pipe = load_cached(args.model, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        pipe = load_cached(args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        pipe.memory_limit = None if args.max_memory is None else int(args.max_memory * 2**30)
         images = generate(args.prompt, args.steps, model=pipe, negative_prompt=args.negative,
                           guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
                           scheduler=args.scheduler, karras=args.karras, num_images=args.num_images,
                           progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as e:  # bad input: say what and why, no traceback
-        raise SystemExit(f"fastdiff: {e}") from None
+    except (ValueError, OSError) as e:  # a model it cannot read, a device it does not have, no room
+        raise CommandError(str(e)) from None
+    except (torch.OutOfMemoryError, MemoryError):
+        raise CommandError("out of memory while sampling: ask for fewer or smaller images, or lower --max-memory "
+                           "so the guard refuses earlier") from None
     for image, path in zip(images, output_paths(args.out, len(images))):
         # Write next to the target and rename, so an interrupted run never leaves a half-written image.
         tmp = path.with_name(f".{path.name}.partial")
@@ -102,7 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
             os.replace(tmp, path)
         except OSError as e:
-            raise SystemExit(f"fastdiff: cannot write {str(path)!r}: {e.strerror or e}") from None
+            raise CommandError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
         finally:
             tmp.unlink(missing_ok=True)
         print(f"wrote {path} ({image.width}x{image.height})")
@@ -113,10 +161,7 @@ def cmd_eval_default(options: Sequence[str]) -> int:
     """`python -m fastdiff.train eval` under the main command: its options pass through unchanged."""
     from fastdiff.train.__main__ import main as train_main
 
-    return train_main(["eval", *options])
-
-
-SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds in [0, 2**64)
+    return train_main(["eval", *options], eval_prog="fastdiff eval-default")
 
 
 def _seed(text: str) -> int:
@@ -136,14 +181,34 @@ def _device(text: str) -> str:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
+def _gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of GiB, got {text}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: `fastdiff generate: argument --seed: ...` and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastdiff", description=__doc__)
+    parser = Parser(prog="fastdiff", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and which backend each op uses").set_defaults(func=cmd_info)
@@ -165,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     gen.add_argument("--dtype", choices=DTYPES, default=None,
                      help="weights dtype (default: float16 on CUDA, float32 on CPU)")
+    gen.add_argument("--max-memory", type=_gib, default=None, metavar="GIB",
+                     help="working memory a run may take, in GiB (default: what the device has free)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
 
@@ -174,13 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"fastdiff: {message}\n"  # a note for the user, not a pointer into fastdiff's source
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    warnings.formatwarning = _one_line_warning
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["eval-default"]:
         return cmd_eval_default(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except CommandError as e:
+        print(f"fastdiff: {e}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print("fastdiff: interrupted", file=sys.stderr)
         return 130

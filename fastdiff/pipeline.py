@@ -8,48 +8,20 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff import schedulers
+from fastdiff import memory, schedulers
 from fastdiff.engine import Engine, FastConfig, make_engine
 from fastdiff.loading import load_components
+from fastdiff.request import Prompt, Request, check_request, check_size
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 SCHEDULES_KEPT = 16  # sampling plans a Pipeline keeps (`Pipeline.schedule`)
-Prompt = Union[str, Sequence[str]]
 Seed = Union[int, torch.Generator, None]
-
-
-@dataclass
-class _Request:
-    """A validated generation request; built before any model work starts."""
-
-    prompts: list[str]
-    negative: list[str]
-    steps: int
-    guidance_scale: float
-    guidance_rescale: float
-    height: int
-    width: int
-    scheduler: str
-    karras: bool
-    num_images: int
-    output_type: str
-    strength: float
-
-    @property
-    def batch(self) -> int:
-        return len(self.prompts) * self.num_images
-
-    @property
-    def cfg(self) -> bool:
-        # diffusers' convention: guidance_scale <= 1 means a single conditional UNet pass.
-        return self.guidance_scale > 1.0
 
 
 class Pipeline:
@@ -60,6 +32,9 @@ class Pipeline:
     default) takes it whenever the models are on a CUDA device; True or a `FastConfig` require it; False runs the
     models as written. The engine is built on the first call (converting the UNet and VAE in place: dtype,
     channels_last, fused projections as views of their parameters).
+
+    A call first estimates its working memory (`fastdiff.memory`) and refuses, saying how many images fit, when it
+    exceeds what the device has free, or `memory_limit` bytes when that is set.
     """
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict, source: str = "",
@@ -77,6 +52,7 @@ class Pipeline:
             raise ValueError(f"fast={fast!r} captures CUDA graphs, which needs the models on a CUDA device, they "
                              f"are on {self.device}; pass fast=None to use the fast path only where it applies")
         self.fast = fast
+        self.memory_limit: Optional[int] = None  # bytes of working memory a call may use (None: what is free)
         self._engine: Optional[Engine] = None
         self._schedules: dict[tuple, schedulers.Schedule] = {}  # recent plans (`schedule`)
 
@@ -89,8 +65,8 @@ class Pipeline:
         fast: see the class docstring. Extra kwargs (`variant="fp16"`, `config=...`) go to
         `fastdiff.loading.load_components`.
         """
-        device = torch.device(device) if device is not None else _default_device()
-        dtype = dtype if dtype is not None else (torch.float16 if device.type == "cuda" else torch.float32)
+        device = _resolve_device(device)
+        dtype = _resolve_dtype(dtype, device)
         c = load_components(path, device=device, dtype=dtype, **kwargs)
         return cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config, source=c.source, fast=fast)
 
@@ -138,9 +114,16 @@ class Pipeline:
         (4, h, w) latents, unscaled by the VAE factor). Returns a list of len(prompts) * num_images outputs,
         each prompt's images together.
         """
+        req = check_request(prompt, steps, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                            height=height, width=width, seed=seed, scheduler=scheduler, karras=karras,
+                            num_images=num_images, output_type=output_type, strength=strength,
+                            guidance_rescale=guidance_rescale, eta=eta, clip_skip=clip_skip)
         init_image = _image_to_tensor(image) if image is not None else None
-        req = self._validate(prompt, steps, negative_prompt, guidance_scale, guidance_rescale, height, width,
-                             scheduler, karras, num_images, output_type, strength, init_image)
+        req = self._validate(req, init_image)
+        rows = req.batch * (2 if req.cfg else 1)
+        need = memory.estimate(self.unet.config, self.vae.config, self.dtype, req.batch, rows, req.height, req.width,
+                               decode=req.output_type != "latent")
+        memory.check(need, req.batch, req.height, req.width, self.device, self.memory_limit)
         sched = self.schedule(req.scheduler, req.steps, karras=req.karras, eta=eta)
         start = schedulers.img2img_start_index(req.steps, req.strength) if init_image is not None else 0
         if start >= req.steps:
@@ -224,7 +207,7 @@ class Pipeline:
         image = self.engine.decode((x / self.vae.config.scaling_factor).to(vae_dtype)).float()
         return (image / 2 + 0.5).clamp(0, 1)
 
-    def _compile_ahead(self, x: Tensor, context: Tensor, req: _Request, sched: schedulers.Schedule,
+    def _compile_ahead(self, x: Tensor, context: Tensor, req: Request, sched: schedulers.Schedule,
                        guidance_scale: Optional[float], start: int) -> None:
         """Before the first image of a new shape: the engine compiles what sampling and decoding it will launch
         (`Engine.compile_ahead`), from a dry run of the loop on a stand-in model and stand-in noise and of the
@@ -242,7 +225,7 @@ class Pipeline:
 
         self.engine.compile_ahead(key, x, context, dry_run)
 
-    def _model_fn(self, context: Tensor, req: _Request) -> Callable[[Tensor, Tensor], Tensor]:
+    def _model_fn(self, context: Tensor, req: Request) -> Callable[[Tensor, Tensor], Tensor]:
         unet_fn = self.engine.denoiser(context, req.cfg)
         if not (req.cfg and req.guidance_rescale > 0.0):
             return unet_fn
@@ -253,59 +236,49 @@ class Pipeline:
 
         return rescaled_fn
 
-    def _validate(self, prompt, steps, negative_prompt, guidance_scale, guidance_rescale, height, width,
-                  scheduler, karras, num_images, output_type, strength, init_image) -> _Request:
-        """Check every argument before any model work starts; errors name the value and what was expected."""
-        prompts = _as_prompt_list(prompt, "prompt")
-        negative = _as_prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
-        if len(negative) == 1 and len(prompts) > 1:
-            negative = negative * len(prompts)
-        if len(negative) != len(prompts):
-            raise ValueError(f"negative_prompt has {len(negative)} entries, expected 1 or {len(prompts)} "
-                             f"(one per prompt)")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
-        if scheduler not in schedulers.SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {list(schedulers.SCHEDULERS)}, got {scheduler!r}")
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be a positive int, got {num_images!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
-        default = self.unet.config.sample_size * self.vae_scale_factor
-        if init_image is not None:
-            default_h, default_w = init_image.shape[-2:]
-        else:
-            default_h = default_w = default
-        height = default_h if height is None else height
-        width = default_w if width is None else width
+    def _validate(self, req: Request, init_image: Optional[Tensor]) -> Request:
+        """`req` with the model's default size filled in, checked against what only the model knows."""
         f = self.vae_scale_factor
-        for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % f:
-                raise ValueError(f"{name} must be a positive multiple of {f}, got {value!r}")
+        default = self.unet.config.sample_size * f
+        default_h, default_w = init_image.shape[-2:] if init_image is not None else (default, default)
+        height = default_h if req.height is None else req.height
+        width = default_w if req.width is None else req.width
+        check_size("height", height, f)
+        check_size("width", width, f)
         if init_image is not None and tuple(init_image.shape[-2:]) != (height, width):
             raise ValueError(f"image is {init_image.shape[-1]}x{init_image.shape[-2]} (WxH), expected "
                              f"{width}x{height}; resize it first")
-        return _Request(prompts, negative, steps, float(guidance_scale), float(guidance_rescale), height, width,
-                        scheduler, karras, num_images, output_type, float(strength))
+        return replace(req, height=height, width=width)
 
 
 # ---- module helpers ------------------------------------------------------------------------------------------
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _as_prompt_list(prompt: Prompt, name: str) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
-    return prompts
+def _resolve_device(device) -> torch.device:
+    """`device` as a torch.device this machine has (None: CUDA when available, else the CPU)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}") from None
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s) (torch "
+                         f"{torch.__version__}, CUDA {torch.version.cuda or 'none'}); use 'cpu'")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a CPU or CUDA device, got {device!r}")
+    return resolved
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """`dtype` checked (None: float16 on CUDA, float32 on the CPU)."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of torch.float16, torch.bfloat16, torch.float32, got {dtype!r}")
+    return dtype
 
 
 def _generator(seed: Seed) -> torch.Generator:
@@ -316,9 +289,7 @@ def _generator(seed: Seed) -> torch.Generator:
         return seed
     if seed is None:
         return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int from 0 to 2**64 - 1 or a torch.Generator, got {seed!r}")
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(seed)  # an int in range: check_request checked it
 
 
 def _randn(shape: tuple, generator: torch.Generator) -> Tensor:
@@ -373,6 +344,7 @@ def _to_output(images: Tensor, output_type: str) -> list:
 # ---- generate(): the one-call entry point -----------------------------------------------------------------
 
 _cache: dict[tuple, Pipeline] = {}
+_MODEL_FREE_KWARGS = ("strength", "guidance_rescale", "eta", "clip_skip")  # what check_request also checks
 
 
 def generate(prompt: Prompt, steps: int = 25, *, model: Union[None, str, os.PathLike, Pipeline] = None,
@@ -386,6 +358,9 @@ def generate(prompt: Prompt, steps: int = 25, *, model: Union[None, str, os.Path
     arguments (latents, image, strength, guidance_rescale, eta, clip_skip, callback, progress) go to
     `Pipeline.__call__`.
     """
+    check_request(prompt, steps, negative_prompt=negative_prompt, guidance_scale=guidance_scale, height=height,
+                  width=width, seed=seed, scheduler=scheduler, karras=karras, num_images=num_images,
+                  output_type=output_type, **{k: v for k, v in kw.items() if k in _MODEL_FREE_KWARGS})
     pipe = model if isinstance(model, Pipeline) else load_cached(model, device, dtype)
     return pipe(prompt, steps, negative_prompt=negative_prompt, guidance_scale=guidance_scale, height=height,
                 width=width, seed=seed, scheduler=scheduler, karras=karras, num_images=num_images,
@@ -395,7 +370,8 @@ def generate(prompt: Prompt, steps: int = 25, *, model: Union[None, str, os.Path
 def load_cached(model: Union[None, str, os.PathLike], device=None, dtype=None) -> Pipeline:
     """The cached Pipeline for `model` (None: the embedded default model)."""
     path = default_model_path() if model is None else os.path.abspath(os.fspath(model))
-    device = torch.device(device) if device is not None else _default_device()
+    device = _resolve_device(device)
+    dtype = _resolve_dtype(dtype, device)
     key = (path, str(device), dtype)
     if key not in _cache:
         _cache[key] = Pipeline.from_pretrained(path, device=device, dtype=dtype)

@@ -128,6 +128,43 @@ def test_bad_arguments_fail_before_any_model_work(tiny, bad, message, monkeypatc
     assert calls == []
 
 
+@pytest.mark.parametrize("bad, message", [
+    (dict(height=65, width=64), "height must be a positive multiple of 8, got 65"),
+    (dict(seed=2**64), "seed must be an int from 0 to 2**64 - 1"),
+    (dict(guidance_scale=-2.0), "guidance_scale must be a finite number >= 0, got -2.0"),
+    (dict(strength=1.5), "strength must be a finite number in [0, 1], got 1.5"),
+    (dict(eta=-1.0), "eta must be a finite number >= 0, got -1.0"),
+    (dict(clip_skip=-1), "clip_skip must be None or an int >= 0"),
+    (dict(karras="yes"), "karras must be True, False or None"),
+    (dict(prompt=["a", 3]), "prompt must be a string or a non-empty list of strings, got ['a', 3]"),
+    (dict(device="tpu:0"), "device must be 'cpu', 'cuda', 'cuda:N' or a torch.device, got 'tpu:0'"),
+    (dict(dtype=torch.int8), "dtype must be one of torch.float16, torch.bfloat16, torch.float32, got torch.int8"),
+])
+def test_generate_checks_arguments_before_loading(tmp_path, bad, message, monkeypatch):
+    from fastdiff import pipeline
+
+    monkeypatch.setattr(pipeline.Pipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(pipeline, "_cache", {})
+    kwargs = dict(prompt="a", steps=2, model=str(tmp_path), progress=False) | bad
+    with pytest.raises(ValueError) as e:
+        fastdiff.generate(kwargs.pop("prompt"), kwargs.pop("steps"), **kwargs)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("limit, num_images, message", [
+    (None, 10**7, "10000000 image(s) of 64x64 need about"),
+    (10**6, 64, "64 image(s) of 64x64 need about"),
+    (1000, 1, "not one fits at this size; ask for fewer or smaller images, or raise the memory limit"),
+])
+def test_the_memory_guard_refuses_before_any_model_work(tiny, limit, num_images, message, monkeypatch):
+    ours, _ = tiny["sd1"]
+    monkeypatch.setattr(ours, "memory_limit", limit)
+    monkeypatch.setattr(ours, "encode_prompt", lambda *a, **k: pytest.fail("started work"))
+    with pytest.raises(ValueError, match="at most|not one") as e:
+        ours("a prompt", 2, num_images=num_images, progress=False)
+    assert message in str(e.value)
+
+
 def test_output_types(tiny):
     ours, _ = tiny["sd1"]
     kw = dict(seed=3, progress=False, scheduler="euler")

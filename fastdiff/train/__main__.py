@@ -110,7 +110,8 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(eval_prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser; eval_prog names `eval` in its usage line when another command runs it (`fastdiff eval-default`)."""
     from fastdiff.schedulers import SCHEDULERS
 
     from .recipe import RECIPES
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", default=None, help="where to write (default: OUT/model)")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("eval", help="prompt adherence over random captions, read by the analyser")
+    p = sub.add_parser("eval", help="prompt adherence over random captions, read by the analyser", prog=eval_prog)
     p.add_argument("--model", default=None, help="model folder (default: the embedded default model)")
     p.add_argument("--n", type=int, default=300, help="captions (default 300)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
@@ -157,12 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None, eval_prog: Optional[str] = None) -> int:
+    args = build_parser(eval_prog).parse_args(argv)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as e:  # a missing stage or model, a mismatched checkpoint: say which
-        raise SystemExit(f"fastdiff.train: {e}") from None
+        raise SystemExit(f"{eval_prog or 'fastdiff.train'}: {e}") from None
 
 
 if __name__ == "__main__":

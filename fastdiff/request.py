@@ -1,0 +1,123 @@
+"""A generation request, checked before any model is loaded or any work starts.
+
+`check_request` takes what `Pipeline.__call__` and `fastdiff.generate` take and answers a bad value with a
+`ValueError` naming it and what was expected. It needs no model and imports no torch, so `generate` checks before
+it loads a checkpoint and the console script before it imports torch. What only the model can answer (its default
+size, its VAE factor, an init image's size) the Pipeline checks on top (`Pipeline._validate`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+from fastdiff.schedulers.config import SCHEDULERS
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds in [0, 2**64)
+SIZE_MULTIPLE = 8  # the VAE's downsampling factor in every Stable Diffusion model
+Prompt = Union[str, Sequence[str]]
+
+
+@dataclass
+class Request:
+    """A checked request. height/width None: the model's default size (or the init image's)."""
+
+    prompts: list[str]
+    negative: list[str]
+    steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    height: Optional[int]
+    width: Optional[int]
+    scheduler: str
+    karras: Optional[bool]
+    num_images: int
+    output_type: str
+    strength: float
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.num_images
+
+    @property
+    def cfg(self) -> bool:
+        # diffusers' convention: guidance_scale <= 1 means a single conditional UNet pass.
+        return self.guidance_scale > 1.0
+
+
+def check_request(prompt: Prompt, steps: int = 25, *, negative_prompt: Optional[Prompt] = None,
+                  guidance_scale: float = 7.5, height: Optional[int] = None, width: Optional[int] = None,
+                  seed: Any = None, scheduler: str = "dpmpp_2m", karras: Optional[bool] = False, num_images: int = 1,
+                  output_type: str = "pil", strength: float = 0.8, guidance_rescale: float = 0.0, eta: float = 0.0,
+                  clip_skip: Optional[int] = None) -> Request:
+    """Every argument that needs no model, checked; the first bad one raises ValueError naming it."""
+    prompts = as_prompt_list(prompt, "prompt")
+    negative = as_prompt_list("" if negative_prompt is None else negative_prompt, "negative_prompt")
+    if len(negative) == 1 and len(prompts) > 1:
+        negative = negative * len(prompts)
+    if len(negative) != len(prompts):
+        raise ValueError(f"negative_prompt has {len(negative)} entries, expected 1 or {len(prompts)} "
+                         f"(one per prompt)")
+    _check_positive_int("steps", steps)
+    _check_number("guidance_scale", guidance_scale, 0.0, math.inf)
+    _check_number("guidance_rescale", guidance_rescale, 0.0, 1.0)
+    _check_number("strength", strength, 0.0, 1.0)
+    _check_number("eta", eta, 0.0, math.inf)
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {list(SCHEDULERS)}, got {scheduler!r}")
+    if karras not in (None, True, False):
+        raise ValueError(f"karras must be True, False or None (the checkpoint's setting), got {karras!r}")
+    _check_positive_int("num_images", num_images)
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None:
+            check_size(name, value, SIZE_MULTIPLE)
+    if clip_skip is not None and (not _is_int(clip_skip) or clip_skip < 0):
+        raise ValueError(f"clip_skip must be None or an int >= 0 (layers to skip), got {clip_skip!r}")
+    check_seed(seed)
+    return Request(prompts, negative, steps, float(guidance_scale), float(guidance_rescale), height, width,
+                   scheduler, karras, num_images, output_type, float(strength))
+
+
+def check_size(name: str, value: Any, multiple: int) -> None:
+    if _is_int(value) and value > 0 and value % multiple == 0:
+        return
+    raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+
+
+def check_seed(seed: Any) -> None:
+    """None (random), an int in [0, 2**64) or a torch.Generator (checked further when it is used)."""
+    if seed is None or type(seed).__name__ == "Generator":
+        return
+    if not _is_int(seed) or not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"seed must be an int from 0 to 2**64 - 1 or a torch.Generator, got {seed!r}")
+
+
+def as_prompt_list(prompt: Prompt, name: str) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{name} must be a string or a non-empty list of strings, got {_short(prompt)}")
+    return prompts
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_number(name: str, value: Any, low: float, high: float) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and low <= value <= high):
+        expected = f"in [{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
+        raise ValueError(f"{name} must be a finite number {expected}, got {value!r}")
+
+
+def _short(value: Any, chars: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= chars else text[:chars] + "..."

@@ -1,0 +1,59 @@
+"""The memory guard's estimate bounds what a call really takes, and its refusal says how many images fit."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastdiff import memory
+
+# Peak resident memory of one call beyond a warmed-up pipeline, in a fresh process (ru_maxrss is a high-water mark).
+PROBE = """
+import json, resource, sys
+import torch
+from fastdiff import memory
+from fastdiff.pipeline import load_cached
+torch.set_num_threads(2)
+images, size, output_type = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+pipe = load_cached(None, "cpu")
+pipe("a red circle", 1, height=64, width=64, seed=0, progress=False)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+pipe("a red circle", 1, height=size, width=size, seed=0, num_images=images, output_type=output_type, progress=False)
+peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+need = memory.estimate(pipe.unet.config, pipe.vae.config, pipe.dtype, images, 2 * images, size, size,
+                       decode=output_type != "latent")
+print(json.dumps({"peak": peak, "estimate": need.device + need.host}))
+"""
+
+
+@pytest.mark.parametrize("images, size, output_type", [(16, 256, "pil"), (64, 128, "latent")])
+def test_the_estimate_bounds_the_measured_peak_of_the_default_model(images, size, output_type):
+    done = subprocess.run([sys.executable, "-c", PROBE, str(images), str(size), output_type], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{images} x {size}^2 {output_type}: peak {got['peak'] / 2**20:.0f} MiB, "
+          f"estimate {got['estimate'] / 2**20:.0f} MiB")
+    assert got["peak"] <= got["estimate"] <= 2 * got["peak"]
+
+
+def test_a_refusal_says_how_many_images_fit():
+    need = memory.Estimate(device=10 * memory.GIB, host=0)
+    with pytest.raises(ValueError) as e:
+        memory.check(need, 10, 512, 768, torch.device("cpu"), limit=3 * memory.GIB + 1)
+    assert str(e.value) == ("10 image(s) of 768x512 need about 10.0 GiB of working memory on cpu, 3.0 GiB allowed: "
+                            "at most 3 fit at this size; ask for fewer or smaller images, or raise the memory limit")
+    memory.check(need, 10, 512, 768, torch.device("cpu"), limit=10 * memory.GIB)  # exactly enough passes
+
+
+def test_the_estimate_grows_with_images_and_pixels():
+    from fastdiff.models import UNetConfig, VAEConfig
+
+    unet, vae = UNetConfig(), VAEConfig(block_out_channels=(128, 256, 512, 512))  # SD1.5
+    one = memory.estimate(unet, vae, torch.float16, 1, 2, 512, 512, decode=True)
+    assert memory.estimate(unet, vae, torch.float16, 4, 8, 512, 512, decode=True).device == 4 * one.device
+    assert memory.estimate(unet, vae, torch.float16, 1, 2, 1024, 1024, decode=True).device == 4 * one.device
+    assert memory.estimate(unet, vae, torch.float32, 1, 2, 512, 512, decode=True).device == 2 * one.device
+    # SD1.5 at 512x512 in fp16: the decoder's 5 x 256 values per pixel (its measured peak is 547 MB reserved)
+    assert one.device == 512 * 512 * 5 * 256 * 2
