@@ -3,7 +3,8 @@ side by side in one process.
 
 GPU (the default list; FASTDIFF_E2E_CASES narrows it): SD1.5 and SD2.1-base architectures with random weights
 (speed does not depend on the weights), float16, 512x512, 25 DPM++ 2M steps, classifier-free guidance 7.5,
-decoded to pixels. Systems:
+decoded to pixels. sd21v, SD2.1-768 (SD2.1-base's UNet and text tower, v-prediction), makes 768x768 images; a
+case may name another size (height x width). Systems:
   fastdiff            Pipeline(fast=None): channels_last, fused q/k/v, self-attention per head dim and batch
                       (FastConfig's "auto"), Triton cross-attention and GroupNorm+SiLU, the UNet call
                       replayed from a CUDA graph
@@ -12,7 +13,8 @@ decoded to pixels. Systems:
   fastdiff_compile    the same with fastdiff's UNet under torch.compile before capture (optional, last)
   diffusers_eager     StableDiffusionPipeline as it comes (SDPA)
   diffusers_compile   diffusers' recipe: fuse_qkv_projections, channels_last UNet and VAE, the UNet under
-                      torch.compile(mode="reduce-overhead", fullgraph=True)
+                      torch.compile(mode="reduce-overhead", fullgraph=True); dynamo is reset before each such
+                      case, so that each compiles for its own static shape, as in a fresh process
 Case kinds (one pytest case each, run in the order of CASES, skipped once FASTDIFF_E2E_DEADLINE_S is near):
   parity      final latents from one initial noise: fastdiff fast fp16 vs fastdiff reference fp32 (the models
               as written, reference ops, TF32 off) against diffusers fp16 vs diffusers fp32; the acceptance
@@ -28,17 +30,28 @@ Case kinds (one pytest case each, run in the order of CASES, skipped once FASTDI
   cold_start  fresh processes (this file run as a script) to the first image: fastdiff with empty Triton and
               inductor caches, then warm ones; diffusers eager; each with peak GPU memory
   memory      fresh processes at a larger batch: fastdiff and diffusers eager peak GPU memory
+  new_shape   warm process: a fresh fastdiff Pipeline over the same models makes its first image at the case's
+              shape, then, for each of NEW_SHAPES, its first image there; that image's seconds minus the shape's
+              steady seconds per call is the new shape overhead (before other cases meet those shapes: the
+              shapes preset runs it first of its added cases)
 Results accumulate in FASTDIFF_E2E_JSON (default $TMPDIR/fastdiff_e2e_results.json) after every case, so a run cut short
 keeps what it measured; `python benchmarks/bench_e2e.py --summary FILE` prints the table.
 
-CPU (or FASTDIFF_E2E_TINY=1): tiny random models, 64x64, 2 steps, one round each, compile with backend
-"eager": checks that the benchmark works, not how fast anything is.
+CPU (or FASTDIFF_E2E_TINY=1): tiny random models, every size an eighth (64x64 for 512x512), 2 steps, one round
+each, compile with backend "eager": checks that the benchmark works, not how fast anything is.
 
     pytest benchmarks/bench_e2e.py --benchmark-only                    # every case (FASTDIFF_E2E_CASES: some)
     python benchmarks/bench_e2e.py --run [CASES]                       # CASES in one pytest process, then the table
+    python benchmarks/bench_e2e.py --run shapes                        # SHAPES_CASES, the table below
 
---run takes FASTDIFF_E2E_CASES's syntax; without CASES it runs the headline, HEADLINE_CASES: SD1.5 512x512 batch 1,
-fastdiff against diffusers + compile, whose ratio the table's "sd15 b1" line ends with.
+FASTDIFF_E2E_CASES: comma-separated arch:kind, arch:kind:system, arch:kind:system:batch (the architecture's own
+size) or arch:kind:system:batch:HxW, e.g. sd15:image:diffusers_compile:4 or sd15:image:fastdiff:1:512x768 (height
+512, width 768). The shorter forms pick from the default list; a whole case it does not hold runs too, after the
+last chosen case of its architecture. --run takes the same syntax, or "shapes"; without CASES it runs the headline,
+HEADLINE_CASES: SD1.5 512x512 batch 1, fastdiff against diffusers + compile, whose ratio the table's
+"sd15 512x512 b1" line ends with. SHAPES_CASES, fastdiff against diffusers + compile per row: SD1.5 at 512x512,
+512x768 (height x width) and 768x768, batch 1; SD2.1-768 at 768x768, batch 1; SD1.5 512x512 at batch 4 and 8;
+and sd15's new_shape.
 """
 from __future__ import annotations
 
@@ -65,7 +78,7 @@ if not ON_GPU:
 TINY = not ON_GPU or os.environ.get("FASTDIFF_E2E_TINY") == "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPE = torch.float16 if ON_GPU else torch.float32
-SIZE, STEPS = (64, 2) if TINY else (512, 25)
+STEPS = 2 if TINY else 25
 GUIDANCE = 7.5
 PROMPT = "a photograph of an astronaut riding a horse"
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -88,18 +101,26 @@ ARCHS = {
         text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
                   hidden_act="gelu", projection_dim=512)),
 }
+# SD2.1-768: SD2.1-base's UNet and text tower on 96x96 latents, predicting v (the scheduler config says so, to
+# diffusers and fastdiff alike)
+ARCHS["sd21v"] = dict(unet=dict(ARCHS["sd21"]["unet"], sample_size=96), text=ARCHS["sd21"]["text"],
+                      scheduler=dict(prediction_type="v_prediction"))
 VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, sample_size=512)
 if TINY:  # head dims of 16 keep the Triton kernels inside their limits on the interpreter
     ARCHS = {name: dict(
-        unet=dict(sample_size=8, cross_attention_dim=32, attention_head_dim=2, block_out_channels=[32, 64],
-                  layers_per_block=1, norm_num_groups=8, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], use_linear_projection=name == "sd21"),
+        unet=dict(sample_size=spec["unet"]["sample_size"] // 8, cross_attention_dim=32, attention_head_dim=2,
+                  block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
+                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+                  use_linear_projection=spec["unet"].get("use_linear_projection", False)),
         text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  hidden_act=spec["text"]["hidden_act"], projection_dim=32)) for name, spec in ARCHS.items()}
+                  hidden_act=spec["text"]["hidden_act"], projection_dim=32),
+        scheduler=spec.get("scheduler", {})) for name, spec in ARCHS.items()}
     VAE = dict(block_out_channels=[16, 32, 32, 32], layers_per_block=1, latent_channels=4, norm_num_groups=8,
                sample_size=64)
 
-# (architecture, kind, system, batch) in priority order: the acceptance's figures first.
+# (architecture, kind, system, batch[, (height, width)]) in priority order: the acceptance's figures first. Without
+# a size a case runs at its architecture's own (default_size).
 GPU_CASES = [
     ("sd15", "parity", "all", 1),
     ("sd15", "image", "fastdiff", 1), ("sd15", "image", "fastdiff_unfused_geglu", 1),
@@ -120,22 +141,77 @@ CPU_CASES = [("sd15", "parity", "all", 1), ("sd15", "image", "fastdiff", 1),
              ("sd15", "image", "diffusers_eager", 1),
              ("sd15", "image", "diffusers_compile", 1), ("sd15", "image", "fastdiff", 2),
              ("sd15", "unet_step", "all", 1), ("sd15", "profile", "fastdiff", 1), ("sd15", "cold_start", "all", 1),
-             ("sd21", "image", "fastdiff", 1)]  # fastdiff_compile: inductor's CPU compile takes a minute here
-# Rough seconds each case needs (compiles dominate), to skip what cannot finish before the deadline.
-COST_S = {"parity": 25, "image": 15, "unet_step": 20, "profile": 10, "cold_start": 120, "memory": 60}
+             ("sd15", "image", "fastdiff", 1, (64, 96)), ("sd15", "image", "diffusers_compile", 1, (64, 96)),
+             ("sd15", "new_shape", "fastdiff", 1), ("sd21", "image", "fastdiff", 1),
+             ("sd21v", "image", "fastdiff", 1)]  # fastdiff_compile: inductor's CPU compile takes a minute here
+# Rough seconds each case needs (compiles dominate) at one 512x512 image per call, to skip what cannot finish
+# before the deadline; WORK_COST_S more per further 512x512 image's worth of pixels per call (batch x height x width).
+COST_S = {"parity": 25, "image": 15, "unet_step": 20, "profile": 10, "cold_start": 120, "memory": 60,
+          "new_shape": 25}
 COMPILE_COST_S = 100
+WORK_COST_S = 3
+SYSTEMS = ("fastdiff", "fastdiff_unfused_geglu", "fastdiff_compile", "diffusers_eager", "diffusers_compile")
+# new_shape's shapes, (batch, height, width), each first met after an image at the case's own shape
+NEW_SHAPES = [(1, 512, 768), (3, 512, 512)]
+_SCALE = 8 if TINY else 1  # TINY makes every size an eighth
+if TINY:
+    NEW_SHAPES = [(b, h // _SCALE, w // _SCALE) for b, h, w in NEW_SHAPES]
 HEADLINE_CASES = "sd15:image:fastdiff:1,sd15:image:diffusers_compile:1"  # `--run`'s default
+# `--run shapes`: fastdiff and diffusers + compile per (arch, batch, height, width), and sd15's new_shape first of
+# the cases the default list does not hold (before any of them meets NEW_SHAPES)
+SHAPES_CASES = ",".join(["sd15:new_shape:fastdiff:1"] + [
+    f"{arch}:image:{system}:{batch}:{h // _SCALE}x{w // _SCALE}"
+    for arch, batch, h, w in [("sd15", 1, 512, 512), ("sd15", 1, 512, 768), ("sd15", 1, 768, 768),
+                              ("sd21v", 1, 768, 768), ("sd15", 4, 512, 512), ("sd15", 8, 512, 512)]
+    for system in ("fastdiff", "diffusers_compile")])
+
+
+def default_size(arch: str) -> tuple[int, int]:
+    """(height, width) of the architecture's own images: 8 pixels per latent of its UNet's sample_size."""
+    side = 8 * ARCHS[arch]["unet"]["sample_size"]
+    return side, side
+
+
+def scheduler_for(arch: str) -> dict:
+    return dict(SCHEDULER, **ARCHS[arch].get("scheduler", {}))
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """ "HxW" -> (H, W)."""
+    height, width = text.lower().split("x")
+    return int(height), int(width)
+
+
+def _case(arch: str, kind: str, system: str, batch: int, size=None) -> tuple:
+    return arch, kind, system, int(batch), tuple(size) if size else default_size(arch)
+
+
+def _case_keys(case) -> set:
+    """The FASTDIFF_E2E_CASES keys that choose `case`."""
+    arch, kind, system, batch, (h, w) = case
+    keys = {f"{arch}:{kind}", f"{arch}:{kind}:{system}", f"{arch}:{kind}:{system}:{batch}:{h}x{w}"}
+    return keys | ({f"{arch}:{kind}:{system}:{batch}"} if (h, w) == default_size(arch) else set())
 
 
 def _cases() -> list[tuple]:
-    cases = GPU_CASES if not TINY else CPU_CASES
-    # e.g. "sd15:image,sd15:parity,sd15:image:diffusers_compile:4": arch:kind, arch:kind:system or
-    # arch:kind:system:batch
+    cases = [_case(*c) for c in (GPU_CASES if not TINY else CPU_CASES)]
+    # e.g. "sd15:image,sd15:parity,sd15:image:diffusers_compile:4,sd15:image:fastdiff:1:512x768" (the module's
+    # docstring); "shapes" is SHAPES_CASES
     wanted = os.environ.get("FASTDIFF_E2E_CASES")
     if not wanted:
         return cases
-    keys = {w.strip() for w in wanted.split(",") if w.strip()}
-    return [c for c in cases if keys & {f"{c[0]}:{c[1]}", f"{c[0]}:{c[1]}:{c[2]}", f"{c[0]}:{c[1]}:{c[2]}:{c[3]}"}]
+    keys = [w.strip() for w in (SHAPES_CASES if wanted == "shapes" else wanted).split(",") if w.strip()]
+    chosen = [c for c in cases if _case_keys(c) & set(keys)]
+    for key in keys:  # a whole case the list does not hold: after the last chosen case of its architecture
+        parts = key.split(":")
+        if len(parts) < 4 or any(key in _case_keys(c) for c in chosen):
+            continue
+        if len(parts) > 5 or parts[0] not in ARCHS or parts[1] not in KINDS or parts[2] not in SYSTEMS + ("all",):
+            raise ValueError(f"FASTDIFF_E2E_CASES: {key!r} is not arch:kind:system:batch[:HxW] with arch in "
+                             f"{list(ARCHS)}, kind in {list(KINDS)}, system in {SYSTEMS + ('all',)}")
+        case = _case(*parts[:4], parse_size(parts[4]) if len(parts) == 5 else None)
+        chosen.insert(max((i + 1 for i, c in enumerate(chosen) if c[0] == case[0]), default=len(chosen)), case)
+    return chosen
 
 
 def _have_diffusers() -> bool:
@@ -181,7 +257,7 @@ def build_diffusers(arch: str):
     tokenizer = CLIPTokenizer(str(CLIP_ASSETS / "vocab.json"), str(CLIP_ASSETS / "merges.txt"),
                               pad_token="<|endoftext|>", model_max_length=77)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DPMSolverMultistepScheduler(**SCHEDULER), safety_checker=None,
+                                   scheduler=DPMSolverMultistepScheduler(**scheduler_for(arch)), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -205,8 +281,8 @@ def build_fastdiff(arch: str, oracle=None, fast=None):
         unet.load_state_dict(oracle.unet.state_dict())
         vae.load_state_dict(oracle.vae.state_dict())
         text_encoder.load_state_dict(oracle.text_encoder.state_dict())
-    return fastdiff.Pipeline(unet, vae, text_encoder, CLIPTokenizer.default(), SCHEDULER, source=f"random {arch}",
-                             fast=fast)
+    return fastdiff.Pipeline(unet, vae, text_encoder, CLIPTokenizer.default(), scheduler_for(arch),
+                             source=f"random {arch}", fast=fast)
 
 
 @contextlib.contextmanager
@@ -219,21 +295,23 @@ def no_tf32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def noise_for(arch: str, batch: int) -> torch.Tensor:
+def noise_for(arch: str, batch: int, size: tuple[int, int]) -> torch.Tensor:
+    """Initial latents for `batch` images of `size` (height, width): the run functions read the size from them."""
     g = torch.Generator().manual_seed(1000 + batch)
-    return torch.randn(batch, 4, SIZE // 8, SIZE // 8, generator=g)
+    return torch.randn(batch, 4, size[0] // 8, size[1] // 8, generator=g)
 
 
 def run_fastdiff(pipe, noise: torch.Tensor, output_type: str = "pt") -> torch.Tensor:
-    out = pipe([PROMPT] * noise.shape[0], STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE, latents=noise,
-               scheduler="dpmpp_2m", output_type=output_type, progress=False)
+    out = pipe([PROMPT] * noise.shape[0], STEPS, guidance_scale=GUIDANCE, height=8 * noise.shape[2],
+               width=8 * noise.shape[3], latents=noise, scheduler="dpmpp_2m", output_type=output_type, progress=False)
     sync()
     return torch.stack(out)
 
 
 def run_diffusers(pipe, noise: torch.Tensor, output_type: str = "pt") -> torch.Tensor:
-    out = pipe([PROMPT] * noise.shape[0], num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE,
-               width=SIZE, latents=noise.to(DEVICE, pipe.unet.dtype), output_type=output_type).images
+    out = pipe([PROMPT] * noise.shape[0], num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+               height=8 * noise.shape[2], width=8 * noise.shape[3], latents=noise.to(DEVICE, pipe.unet.dtype),
+               output_type=output_type).images
     sync()
     return out
 
@@ -259,12 +337,13 @@ class Systems:
         self.fastdiff = build_fastdiff(arch, self.oracle32, fast=False)  # float32 until parity has run
         self.diffusers = None  # float16 eager
         self.compiled = None  # float16 diffusers with the compile recipe, built on first use
+        self.compiled_shape = None  # (batch, (height, width)) of the compiled case last made ready
         self.parity: dict = {}
         self._prepare()
 
     def _prepare(self) -> None:
         """Run the float32 references, then move everything to DTYPE with the fast path on."""
-        noise = noise_for(self.arch, 1)
+        noise = noise_for(self.arch, 1, default_size(self.arch))
         with no_tf32():
             from fastdiff import ops
 
@@ -290,16 +369,20 @@ class Systems:
             theirs_err = self.parity["diffusers_fp16_vs_fp32"]  # 0 on the CPU, where both run float32
             self.parity["ratio"] = self.parity["fastdiff_fast_vs_fastdiff_ref32"] / theirs_err if theirs_err else None
 
-    def compiled_diffusers(self):
-        """diffusers' own fast recipe on a copy of the float16 pipeline (the eager one stays as it comes)."""
+    def compiled_diffusers(self, batch: int, size: tuple[int, int]):
+        """diffusers' own fast recipe on a copy of the float16 pipeline (the eager one stays as it comes), ready to
+        compile for (batch, size) on its next call: dynamo's caches are reset first, as in a fresh process, so that
+        the UNet compiles for that static shape instead of recompiling an earlier case's with dynamic sizes."""
+        torch._dynamo.reset()
+        self.compiled_shape = (batch, size)
         if self.compiled is None:
             from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
             d = self.diffusers  # the text encoder and tokenizer are shared: the recipe leaves them as they are
             pipe = StableDiffusionPipeline(vae=copy.deepcopy(d.vae), text_encoder=d.text_encoder,
                                            tokenizer=d.tokenizer, unet=copy.deepcopy(d.unet),
-                                           scheduler=DPMSolverMultistepScheduler(**SCHEDULER), safety_checker=None,
-                                           feature_extractor=None, requires_safety_checker=False)
+                                           scheduler=DPMSolverMultistepScheduler(**scheduler_for(self.arch)),
+                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
             pipe.set_progress_bar_config(disable=True)
             pipe.fuse_qkv_projections()
             pipe.unet.to(memory_format=torch.channels_last)
@@ -352,7 +435,7 @@ def record(name: str, info: dict) -> None:
     """Keep `info` under `name` and rewrite the JSON file (partial results survive a cut-short run)."""
     if _results["versions"] is None:
         _results["versions"] = versions()
-        _results["settings"] = dict(size=SIZE, steps=STEPS, guidance=GUIDANCE, scheduler="dpmpp_2m",
+        _results["settings"] = dict(steps=STEPS, guidance=GUIDANCE, scheduler="dpmpp_2m",
                                     dtype=str(DTYPE), tiny=TINY, weights="random")
     _results["cases"][name] = info
     JSON_PATH.write_text(json.dumps(_results, indent=1, default=str))
@@ -361,8 +444,15 @@ def record(name: str, info: dict) -> None:
 # ---- the cases -----------------------------------------------------------------------------------------
 
 def _case_id(case) -> str:
-    return f"{case[0]}-{case[1]}-{case[2]}-b{case[3]}"
+    arch, kind, system, batch, (h, w) = case
+    return f"{arch}-{kind}-{system}-b{batch}-{h}x{w}"
 
+
+def _cost_s(case) -> float:
+    """Rough seconds `case` needs (COST_S), building its architecture's models included."""
+    arch, kind, system, batch, (h, w) = case
+    base = COMPILE_COST_S if "compile" in system else COST_S[kind]
+    return base + WORK_COST_S * max(0.0, batch * h * w * _SCALE ** 2 / 512 ** 2 - 1) + (0 if arch in _systems else 30)
 
 
 def time_calls(fn, calls: int = 20) -> float:
@@ -384,8 +474,8 @@ def time_calls(fn, calls: int = 20) -> float:
     return start.elapsed_time(end) / calls
 
 
-def unet_flops(arch: str, batch: int) -> float:
-    """FLOPs of one UNet call on `batch` latents of SIZE, counted on the meta device with the reference ops."""
+def unet_flops(arch: str, batch: int, size: tuple[int, int]) -> float:
+    """FLOPs of one UNet call on `batch` latents of `size` pixels, counted on the meta device with the reference ops."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from fastdiff import ops
@@ -394,23 +484,25 @@ def unet_flops(arch: str, batch: int) -> float:
     cfg = UNetConfig(**ARCHS[arch]["unet"])
     with torch.device("meta"):
         unet = UNet2DConditionModel(cfg)
-        x = torch.empty(batch, 4, SIZE // 8, SIZE // 8)
+        x = torch.empty(batch, 4, size[0] // 8, size[1] // 8)
         context = torch.empty(batch, 77, cfg.cross_attention_dim)
     with ops.use_backend("reference"), FlopCounterMode(display=False) as counter:
         unet(x, torch.tensor(500.0, device="meta"), context)
     return float(counter.get_total_flops())
 
 
-def case_parity(benchmark, arch: str, system: str, batch: int) -> dict:
+def case_parity(benchmark, arch: str, system: str, batch: int, size: tuple[int, int]) -> dict:
+    if size != default_size(arch):
+        pytest.skip(f"parity runs at {arch}'s own size, {default_size(arch)}")
     s = systems_for(arch)
-    noise = noise_for(arch, 1)
+    noise = noise_for(arch, 1, size)
     benchmark.pedantic(lambda: run_fastdiff(s.fastdiff, noise, "latent"), rounds=1, iterations=1)
     return dict(s.parity, budget="fastdiff_fast_vs_fastdiff_ref32 <= 2 x diffusers_fp16_vs_fp32")
 
 
-def case_image(benchmark, arch: str, system: str, batch: int) -> dict:
+def case_image(benchmark, arch: str, system: str, batch: int, size: tuple[int, int]) -> dict:
     s = systems_for(arch)
-    noise = noise_for(arch, batch)
+    noise = noise_for(arch, batch, size)
     if system == "fastdiff":
         pipe, run = s.fastdiff, run_fastdiff
     elif system == "fastdiff_unfused_geglu":
@@ -420,7 +512,7 @@ def case_image(benchmark, arch: str, system: str, batch: int) -> dict:
     elif system == "diffusers_eager":
         pipe, run = s.diffusers, run_diffusers
     else:
-        pipe, run = s.compiled_diffusers(), run_diffusers
+        pipe, run = s.compiled_diffusers(batch, size), run_diffusers
     t0 = time.perf_counter()
     run(pipe, noise)  # captures graphs / compiles for this shape
     first_call_s = time.perf_counter() - t0
@@ -434,14 +526,14 @@ def case_image(benchmark, arch: str, system: str, batch: int) -> dict:
                 ms_all=[t * 1e3 for t in benchmark.stats.stats.data])
 
 
-def case_unet_step(benchmark, arch: str, system: str, batch: int) -> dict:
+def case_unet_step(benchmark, arch: str, system: str, batch: int, size: tuple[int, int]) -> dict:
     from fastdiff.engine import FastConfig, FastEngine
 
     s = systems_for(arch)
     cfg_batch = 2 * batch
-    flops = unet_flops(arch, cfg_batch)
+    flops = unet_flops(arch, cfg_batch, size)
     context = s.fastdiff.encode_prompt([PROMPT] * batch, [""] * batch, 1, True)  # (2B, 77, D)
-    x = torch.randn(batch, 4, SIZE // 8, SIZE // 8, device=DEVICE)
+    x = torch.randn(batch, 4, size[0] // 8, size[1] // 8, device=DEVICE)
     # a view of a 1-D float32 tensor, as a sampler's `model_timesteps[i]`: the fast path then reads the step's
     # time features from a precomputed row, as it does while sampling, instead of computing them per call
     t = torch.tensor([601.0], device=DEVICE)[0]
@@ -467,12 +559,12 @@ def case_unet_step(benchmark, arch: str, system: str, batch: int) -> dict:
         del fn
         gc.collect()  # the engine and its denoiser refer to each other
     if s.diffusers is not None:
-        x2 = torch.randn(cfg_batch, 4, SIZE // 8, SIZE // 8, device=DEVICE, dtype=DTYPE)
+        x2 = torch.randn(cfg_batch, 4, size[0] // 8, size[1] // 8, device=DEVICE, dtype=DTYPE)
         ctx = context.to(DTYPE)
-        for name, unet in (("diffusers_eager", s.diffusers.unet),
-                           ("diffusers_compile", s.compiled.unet if s.compiled is not None else None)):
+        compiled = s.compiled.unet if s.compiled_shape == (batch, size) else None
+        for name, unet in (("diffusers_eager", s.diffusers.unet), ("diffusers_compile", compiled)):
             if unet is None:
-                info[name] = "not compiled in this run (its image case was skipped)"
+                info[name] = "not compiled at this shape (its image case was skipped, or another shape compiled since)"
                 continue
             # the pipeline's exact call (an int64 timestep, these keywords): anything else would fail the
             # compiled module's guards and recompile
@@ -482,7 +574,7 @@ def case_unet_step(benchmark, arch: str, system: str, batch: int) -> dict:
                                              cross_attention_kwargs=None, added_cond_kwargs=None,
                                              return_dict=False)[0])
             info[name] = {"ms": ms, "tflops": flops / ms / 1e9}
-    latents = torch.randn(batch, 4, SIZE // 8, SIZE // 8, device=DEVICE)
+    latents = torch.randn(batch, 4, size[0] // 8, size[1] // 8, device=DEVICE)
     with torch.no_grad():
         info["vae_decode_ms"] = {"fastdiff": time_calls(lambda: s.fastdiff.decode_latents(latents), 5)}
         if s.diffusers is not None:
@@ -510,7 +602,7 @@ def kernel_category(name: str) -> str:
     return "elementwise_other"
 
 
-def case_profile(benchmark, arch: str, system: str, batch: int) -> dict:
+def case_profile(benchmark, arch: str, system: str, batch: int, size: tuple[int, int]) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -521,7 +613,7 @@ def case_profile(benchmark, arch: str, system: str, batch: int) -> dict:
     unet = fast.unet if fast is not None else s.fastdiff.unet  # the fused modules, or the models as written
     fmt = torch.channels_last if fast is not None and fast.config.channels_last else torch.contiguous_format
     context = s.fastdiff.encode_prompt([PROMPT] * batch, [""] * batch, 1, True).to(s.fastdiff.dtype)
-    x = torch.randn(2 * batch, 4, SIZE // 8, SIZE // 8, device=DEVICE, dtype=s.fastdiff.dtype).contiguous(
+    x = torch.randn(2 * batch, 4, size[0] // 8, size[1] // 8, device=DEVICE, dtype=s.fastdiff.dtype).contiguous(
         memory_format=fmt)
     t = torch.tensor(601.0, device=DEVICE)
 
@@ -545,7 +637,8 @@ def case_profile(benchmark, arch: str, system: str, batch: int) -> dict:
         entry[0] += 1
         entry[1] += e.device_time / 1e3
     total = sum(by_category.values())
-    replay = replay_profile(s.fastdiff, batch) if fast is not None and fast.config.cuda_graphs and ON_GPU else None
+    graphed = fast is not None and fast.config.cuda_graphs and ON_GPU
+    replay = replay_profile(s.fastdiff, batch, size) if graphed else None
     return {"table": table, "kernels": len(kernels), "gpu_ms_total": total,
             "gpu_ms_by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
             "gpu_ms_by_kernel": dict(sorted(by_name.items(), key=lambda kv: -kv[1][1])[:60]),
@@ -554,7 +647,7 @@ def case_profile(benchmark, arch: str, system: str, batch: int) -> dict:
                     f"{2 * batch}; GPU time summed over kernels; replay: one call of the fast path's denoiser"}
 
 
-def replay_profile(pipe, batch: int) -> dict:
+def replay_profile(pipe, batch: int, size: tuple[int, int]) -> dict:
     """The GPU timeline of one call of the fast path's captured UNet (the guided denoiser at `batch`): its nodes,
     the memset nodes among them (cuBLASLt's and cuDNN's workspace clears), the time the GPU is busy and idle
     between nodes, and how much of that idle time sits next to a memset (a memset node costs a few µs of idle
@@ -564,7 +657,7 @@ def replay_profile(pipe, batch: int) -> dict:
 
     context = pipe.encode_prompt([PROMPT] * batch, [""] * batch, 1, True)
     fn = pipe.engine.denoiser(context, True)
-    x = torch.randn(batch, 4, SIZE // 8, SIZE // 8, device=DEVICE)
+    x = torch.randn(batch, 4, size[0] // 8, size[1] // 8, device=DEVICE)
     # a view of a 1-D float32 tensor, as a sampler's `model_timesteps[i]`: the fast path then reads the step's
     # time features from a precomputed row, as it does while sampling, instead of computing them per call
     t = torch.tensor([601.0], device=DEVICE)[0]
@@ -585,12 +678,12 @@ def replay_profile(pipe, batch: int) -> dict:
             "idle_next_to_memsets_ms": sum(g for i, g in enumerate(gaps) if memset[i] or memset[i + 1])}
 
 
-def run_child(system: str, arch: str, batch: int, env: dict, timeout: float = 400) -> dict:
-    """Run this file as a fresh process that builds `system` and makes two images; its JSON report, plus the
-    wall time the parent saw."""
+def run_child(system: str, arch: str, batch: int, size: tuple[int, int], env: dict, timeout: float = 400) -> dict:
+    """Run this file as a fresh process that builds `system` and makes two images of `size`; its JSON report, plus
+    the wall time the parent saw."""
     env = dict(env, FASTDIFF_E2E_SPAWNED_AT=repr(time.time()), PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--child", system, arch, str(batch)], env=env,
+    done = subprocess.run([sys.executable, __file__, "--child", system, arch, str(batch), "%dx%d" % size], env=env,
                           capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
@@ -599,58 +692,88 @@ def run_child(system: str, arch: str, batch: int, env: dict, timeout: float = 40
     return dict(json.loads(lines[-1]), wall_s=wall)
 
 
-def case_cold_start(benchmark, arch: str, system: str, batch: int) -> dict:
+def case_cold_start(benchmark, arch: str, system: str, batch: int, size: tuple[int, int]) -> dict:
     caches = Path(tempfile.mkdtemp(prefix="fastdiff_caches_"))
     env = dict(os.environ, TRITON_CACHE_DIR=str(caches / "triton"), TORCHINDUCTOR_CACHE_DIR=str(caches / "inductor"))
     info = {}
-    benchmark.pedantic(lambda: info.__setitem__("fastdiff_cold_cache", run_child("fastdiff", arch, batch, env)),
-                       rounds=1, iterations=1)
-    info["fastdiff_warm_cache"] = run_child("fastdiff", arch, batch, env)
+    benchmark.pedantic(lambda: info.__setitem__("fastdiff_cold_cache", run_child("fastdiff", arch, batch, size,
+                                                                                 env)), rounds=1, iterations=1)
+    info["fastdiff_warm_cache"] = run_child("fastdiff", arch, batch, size, env)
     if _have_diffusers():
-        info["diffusers_eager"] = run_child("diffusers_eager", arch, batch, env)
+        info["diffusers_eager"] = run_child("diffusers_eager", arch, batch, size, env)
     info["note"] = ("seconds from spawning a fresh Python process to the first image (random weights built on the "
                     "device instead of read from disk); cold = empty TRITON_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR")
     return info
 
 
-def case_memory(benchmark, arch: str, system: str, batch: int) -> dict:
+def case_memory(benchmark, arch: str, system: str, batch: int, size: tuple[int, int]) -> dict:
     info = {}
     env = dict(os.environ)
-    benchmark.pedantic(lambda: info.__setitem__("fastdiff", run_child("fastdiff", arch, batch, env)),
+    benchmark.pedantic(lambda: info.__setitem__("fastdiff", run_child("fastdiff", arch, batch, size, env)),
                        rounds=1, iterations=1)
     if _have_diffusers():
-        info["diffusers_eager"] = run_child("diffusers_eager", arch, batch, env)
+        info["diffusers_eager"] = run_child("diffusers_eager", arch, batch, size, env)
+    return info
+
+
+def case_new_shape(benchmark, arch: str, system: str, batch: int, size: tuple[int, int]) -> dict:
+    """A fresh fast-path Pipeline over the warm process's models (its own engine: no graph captured yet) makes a
+    first image at (batch, size), then for each of NEW_SHAPES a first image and steady ones at that shape."""
+    import fastdiff
+
+    f = systems_for(arch).fastdiff
+    pipe = fastdiff.Pipeline(f.unet, f.vae, f.text_encoder, f.tokenizer, f.scheduler_config, source=f.source,
+                             fast=default_fast())
+
+    def seconds(noise) -> float:
+        t0 = time.perf_counter()
+        run_fastdiff(pipe, noise)
+        return time.perf_counter() - t0
+
+    info = {}
+    warm = noise_for(arch, batch, size)
+    benchmark.pedantic(lambda: info.__setitem__("first_s", seconds(warm)), rounds=1, iterations=1)
+    info["shapes"] = {}
+    for b, h, w in NEW_SHAPES:
+        noise = noise_for(arch, b, (h, w))
+        first = seconds(noise)
+        steady = statistics.median([seconds(noise) for _ in range(1 if TINY else 3)])
+        info["shapes"][f"b{b}-{h}x{w}"] = dict(first_s=first, steady_s=steady, overhead_s=first - steady)
+    pipe = None
+    gc.collect()  # the engine and its denoisers refer to each other
+    info["note"] = (f"first_s: the fresh Pipeline's first image at b{batch} {size[0]}x{size[1]}; per new shape "
+                    f"(batch-height x width) its first call's seconds, the median of later calls, and their difference")
     return info
 
 
 KINDS = {"parity": case_parity, "image": case_image, "unet_step": case_unet_step, "profile": case_profile,
-         "cold_start": case_cold_start, "memory": case_memory}
+         "cold_start": case_cold_start, "memory": case_memory, "new_shape": case_new_shape}
 
 
 @pytest.mark.parametrize("case", _cases(), ids=_case_id)
 def test_end_to_end(benchmark, case):
-    arch, kind, system, batch = case
+    arch, kind, system, batch, size = case
     name = _case_id(case)
     if system.startswith("diffusers") and not _have_diffusers():
         pytest.skip("diffusers is not installed")
-    cost = (COMPILE_COST_S if "compile" in system else COST_S[kind]) + (0 if arch in _systems else 30)
+    cost = round(_cost_s(case))
     left = DEADLINE_S - (time.monotonic() - STARTED)
     if cost > left:
         record(name, {"skipped": f"~{cost} s needed, {left:.0f} s left before FASTDIFF_E2E_DEADLINE_S"})
         pytest.skip(f"{name}: about {cost} s needed, {left:.0f} s left before the deadline")
     benchmark.group = f"e2e {arch} {kind}"
     t0 = time.monotonic()
-    info = KINDS[kind](benchmark, arch, system, batch)
+    info = KINDS[kind](benchmark, arch, system, batch, size)
     info["case_s"] = time.monotonic() - t0
-    benchmark.extra_info.update(arch=arch, kind=kind, system=system, batch=batch,
+    benchmark.extra_info.update(arch=arch, kind=kind, system=system, batch=batch, height=size[0], width=size[1],
                                 **{k: v for k, v in info.items() if k != "table"})
     record(name, info)
 
 
 # ---- script modes: a fresh-process child, and the summary table --------------------------------------------
 
-def child_main(system: str, arch: str, batch: int) -> None:
-    """Build `system` from nothing, make two images, print one JSON line of timings and peak memory."""
+def child_main(system: str, arch: str, batch: int, size: tuple[int, int]) -> None:
+    """Build `system` from nothing, make two images of `size`, print one JSON line of timings and peak memory."""
     spawned = float(os.environ.get("FASTDIFF_E2E_SPAWNED_AT", time.time()))
     import fastdiff  # noqa: F401  (import time belongs to the cold start)
 
@@ -667,15 +790,15 @@ def child_main(system: str, arch: str, batch: int) -> None:
     built = time.time() - spawned
     if ON_GPU:
         torch.cuda.reset_peak_memory_stats()
-    noise = noise_for(arch, batch)
+    noise = noise_for(arch, batch, size)
     run(pipe, noise)
     first = time.time() - spawned
     t0 = time.perf_counter()
     run(pipe, noise)
     second_ms = (time.perf_counter() - t0) * 1e3
     mb = 2 ** 20
-    report = dict(system=system, arch=arch, batch=batch, import_s=imported, built_s=built, first_image_s=first,
-                  second_image_ms=second_ms,
+    report = dict(system=system, arch=arch, batch=batch, height=size[0], width=size[1], import_s=imported,
+                  built_s=built, first_image_s=first, second_image_ms=second_ms,
                   max_allocated_mb=torch.cuda.max_memory_allocated() / mb if ON_GPU else None,
                   max_reserved_mb=torch.cuda.max_memory_reserved() / mb if ON_GPU else None)
     print(json.dumps(report))
@@ -700,38 +823,60 @@ def _fmt(v, spec=".1f") -> str:
     return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else "-"
 
 
+def _key_fields(key: str, settings: dict) -> tuple:
+    """A results key -> (arch, kind, system, batch, "HxW"); keys of files from before sizes were named have none,
+    and the settings' one size."""
+    arch, kind, system, batch, *size = key.split("-")
+    return arch, kind, system, int(batch[1:]), size[0] if size else f"{settings.get('size')}x{settings.get('size')}"
+
+
 def summary(path: Path) -> str:
     """The human table of a results file: what RESULTS.md needs, one line per figure."""
     data = json.loads(path.read_text())
     cases, v, st = data["cases"], data["versions"] or {}, data["settings"] or {}
+    fields = {k: _key_fields(k, st) for k in cases}
+    by_fields = {f: cases[k] for k, f in fields.items()}
     lines = [f"{v.get('gpu')}, torch {v.get('torch')} (CUDA {v.get('cuda')}), triton {v.get('triton')}, "
-             f"diffusers {v.get('diffusers')}; {st.get('size')}x{st.get('size')}, {st.get('steps')} steps DPM++ 2M, "
-             f"CFG {st.get('guidance')}, {st.get('dtype')}, random weights"]
+             f"diffusers {v.get('diffusers')}; {st.get('steps')} steps DPM++ 2M, CFG {st.get('guidance')}, "
+             f"{st.get('dtype')}, random weights; sizes height x width"]
+    ratios = []
     for arch in ARCHS:
-        for batch in sorted({int(k.rsplit('-b', 1)[1]) for k in cases if k.startswith(f"{arch}-image-")}):
-            row = {sys_: cases.get(f"{arch}-image-{sys_}-b{batch}", {}) for sys_ in
-                   ("fastdiff", "fastdiff_unfused_geglu", "fastdiff_compile", "diffusers_eager",
-                    "diffusers_compile")}
+        of = {kind: [k for k, f in fields.items() if f[:2] == (arch, kind)] for kind in KINDS}
+        rows = {(fields[k][3], fields[k][4]) for k in of["image"]}
+        for batch, size in sorted(rows, key=lambda r: (r[0], math.prod(parse_size(r[1])), r[1])):
+            row = {sys_: by_fields.get((arch, "image", sys_, batch, size), {}) for sys_ in SYSTEMS}
             ours, base = row["fastdiff"].get("ms"), row["diffusers_compile"].get("ms")
             speed = f"{base / ours:.3f}x vs diffusers+compile" if ours and base else "no ratio"
-            lines.append(f"{arch} b{batch} ms/image: " + ", ".join(
+            if ours and base:
+                ratios.append(f"  {arch} {size} b{batch}: {ours:.1f} vs {base:.1f} ms = {base / ours:.3f}x")
+            lines.append(f"{arch} {size} b{batch} ms/image: " + ", ".join(
                 f"{k} {_fmt(r.get('ms'))} ({_fmt(r.get('images_per_s'), '.2f')} img/s, "
                 f"first {_fmt(r.get('first_call_s'))} s)"
                 if "ms" in r else f"{k} {r.get('skipped', 'not run')}" for k, r in row.items()) + f"; {speed}")
-        p = cases.get(f"{arch}-parity-all-b1")
-        if p and "fastdiff_fast_vs_fastdiff_ref32" in p:
-            lines.append(f"{arch} parity: fastdiff fast vs ref32 {p['fastdiff_fast_vs_fastdiff_ref32']:.2e}, diffusers "
-                         f"fp16 vs fp32 {_fmt(p.get('diffusers_fp16_vs_fp32'), '.2e')}, ratio "
-                         f"{_fmt(p.get('ratio'), '.2f')} (budget 2), fastdiff ref32 vs diffusers fp32 "
-                         f"{_fmt(p.get('fastdiff_ref32_vs_diffusers_fp32'), '.2e')}")
-        u = cases.get(f"{arch}-unet_step-all-b1")
-        if u and "flops" in u:
-            parts = [f"{k} {r['ms']:.2f} ms = {r['tflops']:.3g} TFLOP/s" for k, r in u.items()
-                     if isinstance(r, dict) and "tflops" in r]
-            lines.append(f"{arch} UNet step (CFG batch {u['cfg_batch']}, {u['flops'] / 1e9:.4g} GFLOP): "
-                         + "; ".join(parts))
-            lines.append(f"{arch} VAE decode ms: {u.get('vae_decode_ms')}")
-        for key in [k for k in cases if k.startswith(f"{arch}-profile-fastdiff-")]:
+        for key in of["parity"]:
+            p = cases[key]
+            if "fastdiff_fast_vs_fastdiff_ref32" in p:
+                lines.append(f"{arch} {fields[key][4]} parity: fastdiff fast vs ref32 "
+                             f"{p['fastdiff_fast_vs_fastdiff_ref32']:.2e}, diffusers fp16 vs fp32 "
+                             f"{_fmt(p.get('diffusers_fp16_vs_fp32'), '.2e')}, ratio {_fmt(p.get('ratio'), '.2f')} "
+                             f"(budget 2), fastdiff ref32 vs diffusers fp32 "
+                             f"{_fmt(p.get('fastdiff_ref32_vs_diffusers_fp32'), '.2e')}")
+        for key in of["unet_step"]:
+            u = cases[key]
+            if "flops" in u:
+                parts = [f"{k} {r['ms']:.2f} ms = {r['tflops']:.3g} TFLOP/s" for k, r in u.items()
+                         if isinstance(r, dict) and "tflops" in r]
+                lines.append(f"{arch} {fields[key][4]} UNet step (CFG batch {u['cfg_batch']}, "
+                             f"{u['flops'] / 1e9:.4g} GFLOP): " + "; ".join(parts))
+                lines.append(f"{arch} {fields[key][4]} VAE decode ms: {u.get('vae_decode_ms')}")
+        for key in of["new_shape"]:
+            r = cases[key]
+            if "shapes" in r:
+                lines.append(f"{key}: a fresh Pipeline's first image {_fmt(r['first_s'], '.2f')} s; new shape overhead "
+                             "(first - steady s): " + ", ".join(
+                                 f"{shape} {_fmt(x['overhead_s'], '.2f')} ({_fmt(x['first_s'], '.2f')} - "
+                                 f"{_fmt(x['steady_s'], '.2f')})" for shape, x in r["shapes"].items()))
+        for key in of["profile"]:
             pr = cases[key]
             if "gpu_ms_by_category" in pr:
                 lines.append(f"{key}, GPU ms per category of one UNet step ({pr['kernels']} kernels, "
@@ -743,7 +888,7 @@ def summary(path: Path) -> str:
                              f"{r['span_ms']:.3f} ms = busy {r['busy_ms']:.3f} + idle {r['idle_ms']:.3f} "
                              f"(next to memsets {r['idle_next_to_memsets_ms']:.3f})")
         for kind in ("cold_start", "memory"):
-            for key in [k for k in cases if k.startswith(f"{arch}-{kind}-")]:
+            for key in of[kind]:
                 for who, r in cases[key].items():
                     if isinstance(r, dict):
                         lines.append(f"{key} {who}: " + (r["error"][-300:] if "error" in r else
@@ -751,6 +896,8 @@ def summary(path: Path) -> str:
                                      f"second {_fmt(r.get('second_image_ms'))} ms, peak allocated "
                                      f"{_fmt(r.get('max_allocated_mb'), '.0f')} MB, reserved "
                                      f"{_fmt(r.get('max_reserved_mb'), '.0f')} MB"))
+    if ratios:
+        lines += ["fastdiff vs diffusers+compile, ms per call of batch images:"] + ratios
     skipped = [k for k, r in cases.items() if "skipped" in r]
     if skipped:
         lines.append("skipped (deadline): " + ", ".join(skipped))
@@ -759,17 +906,17 @@ def summary(path: Path) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", nargs=3, metavar=("SYSTEM", "ARCH", "BATCH"))
+    parser.add_argument("--child", nargs=4, metavar=("SYSTEM", "ARCH", "BATCH", "HxW"))
     parser.add_argument("--summary", type=Path, metavar="RESULTS_JSON")
     parser.add_argument("--run", nargs="?", const=HEADLINE_CASES, metavar="CASES",
-                        help=f"run CASES (FASTDIFF_E2E_CASES's syntax; default {HEADLINE_CASES}) in one pytest "
-                             f"process, then print the table")
+                        help=f"run CASES (FASTDIFF_E2E_CASES's syntax, or shapes: SHAPES_CASES; default "
+                             f"{HEADLINE_CASES}) in one pytest process, then print the table")
     args = parser.parse_args()
     if args.child:
-        child_main(args.child[0], args.child[1], int(args.child[2]))
+        child_main(args.child[0], args.child[1], int(args.child[2]), parse_size(args.child[3]))
     elif args.summary:
         print(summary(args.summary))
     elif args.run:
         sys.exit(run_cases(args.run))
     else:
-        parser.error("pass --run [CASES], --child SYSTEM ARCH BATCH or --summary FILE")
+        parser.error("pass --run [CASES], --child SYSTEM ARCH BATCH HxW or --summary FILE")
