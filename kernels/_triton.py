@@ -10,13 +10,21 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
+# triton is optional: CUDA builds of torch on Linux bring it, CPU-only installs have none. Without it every
+# kernel module still imports (its Triton kernels are defined under `if triton is not None:`), the `<op>_ref`
+# twins and fastdiff.ops' reference backend work, and a Triton kernel's call raises NO_TRITON.
 try:
     import triton
     import triton.testing
     from triton import knobs
     from triton.runtime import driver
-except ImportError:  # CPU-only installs without triton keep the `<op>_ref` twins
+except ImportError as e:
     triton = knobs = driver = None
+    NO_TRITON = (f"the Triton kernels need triton, which does not import here ({e}): install it with "
+                 "`pip install triton` (Linux x86_64), or use the `<op>_ref` functions or fastdiff.ops, which run "
+                 "on plain PyTorch")
+else:
+    NO_TRITON = ""
 
 # TRITON_INTERPRET is read when a kernel is defined: set it before importing fastdiff to run on the CPU.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -25,7 +33,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def check_triton_device(t: Tensor) -> None:
     """Triton kernels run on CUDA tensors, or on CPU tensors only under the interpreter."""
     if triton is None:
-        raise RuntimeError("the Triton kernels need the triton package, which does not import here")
+        raise RuntimeError(NO_TRITON)
     if t.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"Triton kernels need CUDA tensors, got a tensor on {t.device} "
                          "(set TRITON_INTERPRET=1 before importing fastdiff to run them on the CPU interpreter)")
