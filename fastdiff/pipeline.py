@@ -7,9 +7,10 @@
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import replace
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -120,10 +121,7 @@ class Pipeline:
                             guidance_rescale=guidance_rescale, eta=eta, clip_skip=clip_skip)
         init_image = _image_to_tensor(image) if image is not None else None
         req = self._validate(req, init_image)
-        rows = req.batch * (2 if req.cfg else 1)
-        need = memory.estimate(self.unet.config, self.vae.config, self.dtype, req.batch, rows, req.height, req.width,
-                               decode=req.output_type != "latent")
-        memory.check(need, req.batch, req.height, req.width, self.device, self.memory_limit)
+        self._check_memory(req)
         sched = self.schedule(req.scheduler, req.steps, karras=req.karras, eta=eta)
         start = schedulers.img2img_start_index(req.steps, req.strength) if init_image is not None else 0
         if start >= req.steps:
@@ -236,6 +234,13 @@ class Pipeline:
 
         return rescaled_fn
 
+    def _check_memory(self, req: Request) -> None:
+        """The memory guard (`fastdiff.memory`): refuse, saying how many images fit, before allocating anything."""
+        rows = req.batch * (2 if req.cfg else 1)  # the UNet's batch
+        need = memory.estimate(self.unet.config, self.vae.config, self.dtype, req.batch, rows, req.height, req.width,
+                               decode=req.output_type != "latent")
+        memory.check(need, req.batch, req.height, req.width, self.device, self.memory_limit)
+
     def _validate(self, req: Request, init_image: Optional[Tensor]) -> Request:
         """`req` with the model's default size filled in, checked against what only the model knows."""
         f = self.vae_scale_factor
@@ -345,6 +350,7 @@ def _to_output(images: Tensor, output_type: str) -> list:
 
 _cache: dict[tuple, Pipeline] = {}
 _MODEL_FREE_KWARGS = ("strength", "guidance_rescale", "eta", "clip_skip")  # what check_request also checks
+_CALL_KWARGS = set(inspect.signature(Pipeline.__call__).parameters) - {"self", "prompt", "steps"}
 
 
 def generate(prompt: Prompt, steps: int = 25, *, model: Union[None, str, os.PathLike, Pipeline] = None,
@@ -358,6 +364,12 @@ def generate(prompt: Prompt, steps: int = 25, *, model: Union[None, str, os.Path
     arguments (latents, image, strength, guidance_rescale, eta, clip_skip, callback, progress) go to
     `Pipeline.__call__`.
     """
+    unknown = sorted(set(kw) - _CALL_KWARGS)
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword argument(s) {', '.join(unknown)}; it takes "
+                        f"Pipeline.__call__'s: {', '.join(sorted(_CALL_KWARGS))}")
+    if kw.get("image") is not None:
+        _image_to_tensor(kw["image"])  # a wrong kind of image answers before the model loads
     check_request(prompt, steps, negative_prompt=negative_prompt, guidance_scale=guidance_scale, height=height,
                   width=width, seed=seed, scheduler=scheduler, karras=karras, num_images=num_images,
                   output_type=output_type, **{k: v for k, v in kw.items() if k in _MODEL_FREE_KWARGS})

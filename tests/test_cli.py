@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import fastdiff.cli
+import fastdiff.schedulers
 import fastdiff.pipeline
 from fastdiff.cli import main
 from tiny_models import make_tiny_sd
@@ -133,12 +134,12 @@ def test_an_unwritable_out_folder_is_refused_before_loading(tmp_path, capsys, mo
     assert capsys.readouterr().err == f"fastdiff: --out folder {str(tmp_path)!r} is not writable\n"
 
 
-def test_ctrl_c_exits_130_with_one_line(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_during_sampling_exits_130_with_one_line(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fastdiff.pipeline, "load_cached", interrupted)
-    assert main(["generate", "a", "--out", str(tmp_path / "x.png")]) == 130
+    monkeypatch.setattr(fastdiff.schedulers, "sample", interrupted)
+    assert main(["generate", "a", "--out", str(tmp_path / "x.png"), "--quiet"]) == 130
     assert capsys.readouterr().err == "fastdiff: interrupted\n"
     assert list(tmp_path.iterdir()) == []
 

@@ -139,6 +139,8 @@ def test_bad_arguments_fail_before_any_model_work(tiny, bad, message, monkeypatc
     (dict(prompt=["a", 3]), "prompt must be a string or a non-empty list of strings, got ['a', 3]"),
     (dict(device="tpu:0"), "device must be 'cpu', 'cuda', 'cuda:N' or a torch.device, got 'tpu:0'"),
     (dict(dtype=torch.int8), "dtype must be one of torch.float16, torch.bfloat16, torch.float32, got torch.int8"),
+    (dict(image="photo.png"), "image must be a PIL image, a list of them, or a tensor (B, 3, H, W), got str"),
+    (dict(stepz=3), "generate() got unexpected keyword argument(s) stepz; it takes Pipeline.__call__'s:"),
 ])
 def test_generate_checks_arguments_before_loading(tmp_path, bad, message, monkeypatch):
     from fastdiff import pipeline
@@ -146,7 +148,7 @@ def test_generate_checks_arguments_before_loading(tmp_path, bad, message, monkey
     monkeypatch.setattr(pipeline.Pipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
     monkeypatch.setattr(pipeline, "_cache", {})
     kwargs = dict(prompt="a", steps=2, model=str(tmp_path), progress=False) | bad
-    with pytest.raises(ValueError) as e:
+    with pytest.raises((ValueError, TypeError)) as e:
         fastdiff.generate(kwargs.pop("prompt"), kwargs.pop("steps"), **kwargs)
     assert message in str(e.value)
 
