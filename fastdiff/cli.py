@@ -6,6 +6,7 @@ once; torch is imported by the command that runs.
 """
 import argparse
 import importlib.util
+import math
 import os
 import platform
 import re
@@ -86,6 +87,36 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
 
 
+# A1111's extra-network tag for LoRAs in a prompt: <lora:NAME> or <lora:NAME:WEIGHT>
+LORA_TAG = re.compile(r"<lora:([^:<>]*)(?::([^<>]*))?>")
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+
+
+def prompt_loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
+    """The LoRAs the prompt's <lora:NAME:WEIGHT> tags name, found by file name under --lora-dir (its subfolders
+    too, as A1111 looks); the tags are taken out of args.prompt."""
+    tags = LORA_TAG.findall(args.prompt)
+    if not tags:
+        return []
+    if args.lora_dir is None:
+        raise CommandError(f"the prompt names <lora:{tags[0][0]}...>; give --lora-dir, the folder to find it in", 2)
+    folder = Path(args.lora_dir)
+    if not folder.is_dir():
+        raise CommandError(f"--lora-dir {args.lora_dir!r}: no such folder", 2)
+    loras = []
+    for name, weight in tags:
+        found = sorted(p for p in folder.rglob("*") if p.stem == name and p.suffix in LORA_SUFFIXES and p.is_file())
+        if len(found) != 1:
+            what = "no file" if not found else f"{len(found)} files ({', '.join(p.name for p in found)})"
+            raise CommandError(f"<lora:{name}>: {what} named {name}{{{','.join(LORA_SUFFIXES)}}} in {str(folder)!r}", 2)
+        try:
+            loras.append((found[0], _lora_weight(weight or "1")))
+        except argparse.ArgumentTypeError as e:
+            raise CommandError(f"<lora:{name}:{weight}>: weight {e}", 2) from None
+    args.prompt = LORA_TAG.sub("", args.prompt)
+    return loras
+
+
 def check_generate(args: argparse.Namespace) -> None:
     """Every check of `generate`'s arguments that needs no model (and no torch)."""
     out = Path(args.out)
@@ -102,6 +133,13 @@ def check_generate(args: argparse.Namespace) -> None:
         raise CommandError("give --height and --width together", 2)
     if args.model is not None and not os.path.exists(args.model):
         raise CommandError(f"--model {args.model!r}: no such file or folder", 2)
+    for flag, path in [("--lora", path) for path, _ in args.lora] + [("--embedding", p) for p in args.embedding]:
+        if not path.is_file():
+            raise CommandError(f"{flag} {str(path)!r}: no such file", 2)
+    args.lora += prompt_loras(args)
+    repeated = [str(path) for i, (path, _) in enumerate(args.lora) if path in [p for p, _ in args.lora[:i]]]
+    if repeated:
+        raise CommandError(f"LoRA {repeated[0]!r} is given twice; give it once, with the weight you want", 2)
     if args.device is not None and args.device.startswith("cuda") and _cpu_only_torch():
         raise CommandError(f"--device {args.device}: the installed torch ({_package_version('torch')}) is a CPU-only "
                            f"build; use --device cpu, or install a CUDA build of torch", 2)
@@ -134,6 +172,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         pipe = load_cached(args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
         pipe.memory_limit = None if args.max_memory is None else int(args.max_memory * 2**30)
+        for path in args.embedding:
+            pipe.load_textual_inversion(path)
+        for path, weight in args.lora:
+            pipe.load_lora(path, weight, name=str(path))
         images = generate(args.prompt, args.steps, model=pipe, negative_prompt=args.negative,
                           guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
                           scheduler=args.scheduler, karras=args.karras, num_images=args.num_images,
@@ -190,6 +232,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _lora_weight(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}")
+    return value
+
+
+def _lora(text: str) -> tuple[Path, float]:
+    """--lora PATH or PATH:WEIGHT (a path may hold colons of its own: only a numeric tail is a weight)."""
+    path, sep, weight = text.rpartition(":")
+    if sep:
+        try:
+            return Path(path), _lora_weight(weight)
+        except argparse.ArgumentTypeError:
+            pass
+    return Path(text), 1.0
+
+
 def _gib(text: str) -> float:
     try:
         value = float(text)
@@ -232,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weights dtype (default: float16 on CUDA, float32 on CPU)")
     gen.add_argument("--max-memory", type=_gib, default=None, metavar="GIB",
                      help="working memory a run may take, in GiB (default: what the device has free)")
+    gen.add_argument("--lora", type=_lora, action="append", default=[], metavar="PATH[:WEIGHT]",
+                     help="merge a LoRA (kohya/A1111 or diffusers format) at WEIGHT (default 1); repeatable")
+    gen.add_argument("--lora-dir", default=None, metavar="DIR",
+                     help="where <lora:NAME:WEIGHT> tags in the prompt find NAME.safetensors (subfolders too)")
+    gen.add_argument("--embedding", type=Path, action="append", default=[], metavar="PATH",
+                     help="load a textual-inversion embedding; its token is the file's name (A1111) or the one "
+                          "it stores (diffusers); repeatable")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
@@ -19,6 +20,10 @@ from torch import Tensor
 from fastdiff import memory, schedulers
 from fastdiff.engine import Engine, FastConfig, make_engine
 from fastdiff.loading import load_components
+from fastdiff.loading.embeddings import read_embedding
+from fastdiff.loading.lora import read_lora
+from fastdiff.lora import LoraMerger
+from fastdiff.prompts import tokenize_prompt, weigh
 from fastdiff.request import Prompt, Request, check_request, check_size
 
 SCHEDULES_KEPT = 16  # sampling plans a Pipeline keeps (`Pipeline.schedule`)
@@ -56,6 +61,7 @@ class Pipeline:
         self.memory_limit: Optional[int] = None  # bytes of working memory a call may use (None: what is free)
         self._engine: Optional[Engine] = None
         self._schedules: dict[tuple, schedulers.Schedule] = {}  # recent plans (`schedule`)
+        self._loras = LoraMerger({"unet": self.unet, "text_encoder": self.text_encoder})
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], device=None, dtype=None,
@@ -92,6 +98,54 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline(source={self.source!r}, device={self.device}, dtype={self.dtype})"
+
+    # ---- adapters: LoRAs and textual-inversion embeddings ------------------------------------------------
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The loaded LoRAs' names and weights, in load order."""
+        return dict(self._loras.weights)
+
+    def load_lora(self, path: Union[str, os.PathLike], weight: float = 1.0, name: Optional[str] = None) -> str:
+        """Merge the LoRA file at `path` (kohya/A1111 or diffusers/PEFT format; `fastdiff.loading.lora`) into the
+        UNet's and text encoder's weights at `weight`, in place: no graph is captured again. Returns its name (the
+        file's stem unless `name` is given), which `set_lora_weights` takes. A file that does not fit this model
+        is refused, naming it, before any weight changes."""
+        layers = read_lora(path, self._loras.models)
+        name = Path(path).stem if name is None else name
+        self._loras.add(name, layers, weight)
+        self._weights_changed()
+        return name
+
+    def set_lora_weights(self, weights: dict[str, float]) -> None:
+        """Reweight loaded LoRAs by name (0 turns one off); switching between LoRAs is this call."""
+        self._loras.set_weights(weights)
+        self._weights_changed()
+
+    def unload_loras(self) -> None:
+        """Remove every LoRA: the weights return to the loaded ones bit for bit."""
+        self._loras.clear()
+        self._weights_changed()
+
+    def load_textual_inversion(self, path: Union[str, os.PathLike], token: Optional[str] = None) -> str:
+        """Load a textual-inversion embedding (`fastdiff.loading.embeddings`: diffusers' learned_embeds, A1111's
+        .pt or .safetensors) and return the token that stands for it in prompts (`token`, else the diffusers
+        file's token or the A1111 file's name). Its vectors become new rows of the text encoder's token table."""
+        token, vectors = read_embedding(path, token)
+        table = self.text_encoder.text_model.embeddings.token_embedding
+        if vectors.shape[1] != table.embedding_dim:
+            raise ValueError(f"{path}: its vectors are {vectors.shape[1]} wide, this model's text encoder takes "
+                             f"{table.embedding_dim} (an embedding made for another model)")
+        first = table.weight.shape[0]
+        self.tokenizer.add_token(token, list(range(first, first + vectors.shape[0])))
+        with torch.no_grad():  # the same Parameter object, which every engine's text encoder shares
+            table.weight.data = torch.cat([table.weight.data, vectors.to(table.weight)])
+        table.num_embeddings = table.weight.shape[0]
+        return token
+
+    def _weights_changed(self) -> None:
+        if self._engine is not None:
+            self._engine.weights_changed()
 
     # ---- the public call ---------------------------------------------------------------------------------
 
@@ -182,10 +236,23 @@ class Pipeline:
 
     def encode_prompt(self, prompts: list[str], negative: list[str], num_images: int, cfg: bool,
                       clip_skip: Optional[int] = None) -> Tensor:
-        """Text -> context (B', 77, D): B' = 2 * len(prompts) * num_images with guidance ([uncond; cond])."""
+        """Text -> context (B', 77 * chunks, D): B' = 2 * len(prompts) * num_images with guidance ([uncond; cond]).
+
+        Prompts are read as AUTOMATIC1111 reads them (`fastdiff.prompts`): `(word:1.3)` emphasis, and any length, in
+        chunks of 75 tokens, each encoded on its own and concatenated along the sequence; texts with fewer chunks
+        are padded with chunks of the empty prompt (A1111's "pad prompt/negative prompt to be same length"). A
+        plain prompt of up to 75 tokens is one chunk, exactly the tokenizer's ids."""
         texts = (negative + prompts) if cfg else prompts
-        ids = self.tokenizer(texts).to(self.device)
-        context = self.engine.encode_text(ids, clip_skip)  # (len(texts), 77, D)
+        self.tokenizer.note_unknown_words(texts)
+        chunked = [tokenize_prompt(self.tokenizer, text) for text in texts]
+        chunks = max(len(ids) for ids, _ in chunked)
+        empty_ids, empty_weights = tokenize_prompt(self.tokenizer, "")
+        ids = [row for rows, _ in chunked for row in rows + empty_ids * (chunks - len(rows))]
+        weights = [row for _, rows in chunked for row in rows + empty_weights * (chunks - len(rows))]
+        hidden = self.engine.encode_text(torch.tensor(ids).to(self.device), clip_skip)  # (len(texts) * chunks, 77, D)
+        if any(w != 1.0 for row in weights for w in row):
+            hidden = weigh(hidden, torch.tensor(weights, dtype=hidden.dtype).to(self.device))
+        context = hidden.reshape(len(texts), -1, hidden.shape[-1])
         return context.repeat_interleave(num_images, dim=0)
 
     def encode_image(self, image: Tensor, batch: int, generator: torch.Generator) -> Tensor:

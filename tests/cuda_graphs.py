@@ -1,5 +1,10 @@
 """CUDA-graph helpers for the GPU tests: `capture`, for the tests that check an op replays correctly, and
-`fast_engine`, for the tests of the fast path's graph-replayed model calls."""
+`fast_engine`, for the tests of the fast path's graph-replayed model calls; counters of compiled Triton kernels
+and captured graphs."""
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
 import torch
 
 
@@ -43,3 +48,49 @@ def fast_engine(unet=None, *, vae=None, text_encoder=None, config=None):
                                                         num_hidden_layers=1, num_attention_heads=2))
             text_encoder = text_encoder.to(weight.dtype).eval()
     return FastEngine(unet, vae.requires_grad_(False), text_encoder.requires_grad_(False), config)
+
+
+# The kernel modules whose compiles the first-image test counts (the ones a tiny SD1 image launches).
+KERNEL_MODULES = ["attention", "geglu", "group_norm", "layer_norm", "linear", "residual_add", "scheduler_step"]
+
+
+def all_kernel_modules() -> list[str]:
+    """Every kernel module of fastdiff.kernels (the op files, not the shared `_triton`)."""
+    import fastdiff.kernels
+
+    return sorted(p.stem for folder in fastdiff.kernels.__path__ for p in Path(folder).glob("[!_]*.py"))
+
+
+def kernel_jits(modules: list[str] = KERNEL_MODULES) -> list:
+    """The @triton.jit functions under the kernels of `modules` (the module globals named *_kernel)."""
+    import importlib
+
+    from fastdiff.kernels import _triton
+
+    kernels = [value for name in modules
+               for key, value in vars(importlib.import_module(f"fastdiff.kernels.{name}")).items()
+               if key.endswith("_kernel")]
+    return [_triton.jit_function(kernel) for kernel in kernels]
+
+
+def compiled_kernel_variants(modules: list[str] = KERNEL_MODULES) -> int:
+    """Triton kernel variants compiled in this process for the kernels of `modules`."""
+    device = torch.cuda.current_device()
+    return sum(len(jit.device_caches[device][0]) for jit in kernel_jits(modules) if device in jit.device_caches)
+
+
+@contextlib.contextmanager
+def counting_graph_captures() -> Iterator[list[int]]:
+    """A list holding the number of CUDA graphs captured (anywhere) while the block runs."""
+    counts = [0]
+    real = torch.cuda.CUDAGraph.capture_begin
+
+    def capture_begin(self, *args, **kwargs):
+        counts[0] += 1
+        return real(self, *args, **kwargs)
+
+    torch.cuda.CUDAGraph.capture_begin = capture_begin
+    try:
+        yield counts
+    finally:
+        torch.cuda.CUDAGraph.capture_begin = real

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastdiff
-from cuda_graphs import fast_engine
+from cuda_graphs import KERNEL_MODULES, compiled_kernel_variants, fast_engine, kernel_jits
 from fastdiff.engine import CUDAGraphRunner, FastConfig
 from fastdiff.models import UNet2DConditionModel, UNetConfig
 
@@ -155,27 +155,6 @@ def test_bfloat16_fast_path(tiny_folder):
     assert rel(got, expected) <= 5e-2
 
 
-KERNEL_MODULES = ["attention", "geglu", "group_norm", "layer_norm", "linear", "residual_add", "scheduler_step"]
-
-
-def _kernel_jits() -> list:
-    """The @triton.jit functions under fastdiff's kernels (the module globals named *_kernel)."""
-    import importlib
-
-    from fastdiff.kernels import _triton
-
-    kernels = [value for name in KERNEL_MODULES
-               for key, value in vars(importlib.import_module(f"fastdiff.kernels.{name}")).items()
-               if key.endswith("_kernel")]
-    return [_triton.jit_function(kernel) for kernel in kernels]
-
-
-def _compiled_variants() -> int:
-    """Triton kernel variants compiled in this process for fastdiff's kernels."""
-    device = torch.cuda.current_device()
-    return sum(len(jit.device_caches[device][0]) for jit in _kernel_jits() if device in jit.device_caches)
-
-
 def _forget_compiled_kernels(monkeypatch) -> None:
     """Until the test ends, fastdiff's kernels start over as in a fresh process: no compiled variant in memory
     (Triton's disk cache stays) and no recorded launch, whatever other tests in this process compiled."""
@@ -184,7 +163,7 @@ def _forget_compiled_kernels(monkeypatch) -> None:
     from fastdiff.kernels import _triton
 
     device = torch.cuda.current_device()
-    for jit in _kernel_jits():
+    for jit in kernel_jits():
         monkeypatch.delitem(jit.device_caches, device, raising=False)
     for name in KERNEL_MODULES:
         for value in vars(importlib.import_module(f"fastdiff.kernels.{name}")).values():
@@ -206,16 +185,16 @@ def test_first_image_compiles_its_kernels_ahead_all_at_once(tiny_folder, schedul
     def counting():
         with real():
             yield
-        counts.append(_compiled_variants())
+        counts.append(compiled_kernel_variants())
 
     monkeypatch.setattr(engine_module, "compiling_ahead", counting)
     _forget_compiled_kernels(monkeypatch)  # what other tests in this process compiled must not count
     pipe = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda")
-    before = _compiled_variants()
+    before = compiled_kernel_variants()
     # 72x56 pixels: 9x7 latents
     kw = dict(steps=3, seed=5, height=72, width=56, output_type="np", progress=False, scheduler=scheduler)
     images = pipe(["a red circle", "a blue square"], **kw)
-    after = _compiled_variants()
+    after = compiled_kernel_variants()
     again = pipe(["a red circle", "a blue square"], **kw)  # the same shape: no second compile-ahead pass
     print(f"{scheduler}: kernel variants {before} before, {counts} after compiling ahead, {after} after the image")
     assert len(counts) == 1 and counts[0] > before

@@ -71,6 +71,10 @@ class Engine:
     def compile_ahead(self, key: tuple, x: Tensor, context: Tensor, rest: Callable[[], None]) -> None:
         """Before the first image of a new shape (`key`): compile what it will launch. Nothing to compile here."""
 
+    def weights_changed(self) -> None:
+        """The models' weights were written in place (LoRAs merged or removed): drop what was derived from them.
+        Nothing is derived here."""
+
 
 class FastCLIPAttention(nn.Module):
     """The text encoder's CLIPAttention with q, k and v in one matmul (`fused_weight`, `fused_bias`, of which the
@@ -151,13 +155,14 @@ class FastEngine(Engine):
     # ---- the text encoder ------------------------------------------------------------------------------------
 
     def encode_text(self, ids: Tensor, clip_skip: Optional[int] = None) -> Tensor:
-        """The fused text encoder; with CUDA graphs replayed from one graph per (ids shape, clip_skip): its ~170
-        small kernels cost 4.5 ms of launches per image on an H200 when run eagerly."""
+        """The fused text encoder; with CUDA graphs its transformer is replayed from one graph per (ids shape,
+        clip_skip): its ~170 small kernels cost 4.5 ms of launches per image on an H200 when run eagerly. The
+        embedding lookup runs before the graph, so the token table may grow (textual inversion) under it."""
         call = self._text_calls.get(clip_skip)
         if call is None:
             encoder = self.text_encoder
-            call = self._text_calls[clip_skip] = self._graphed(lambda t: encoder(t, clip_skip=clip_skip))
-        return call(ids).clone()  # a graph's output buffer is rewritten by the next call
+            call = self._text_calls[clip_skip] = self._graphed(lambda x: encoder.encode(x, clip_skip))
+        return call(self.text_encoder.embed(ids)).clone()  # a graph's output buffer is rewritten by the next call
 
     # ---- the UNet --------------------------------------------------------------------------------------------
 
@@ -191,6 +196,13 @@ class FastEngine(Engine):
             entry = self._time_tables[id(base)] = (base, version, rows)
         i = t.storage_offset() - base.storage_offset()
         return entry[2][i:i + 1]
+
+    def weights_changed(self) -> None:
+        """Drop the time features computed from the old weights (`_time_features`) and the contexts' K/V
+        projections (`denoiser`); both are computed again, into the buffers the graphs read, before the next
+        step. The graphs themselves read the weights in place and stay valid."""
+        self._time_tables.clear()
+        self._holders.clear()
 
     def _project(self, buffer: Tensor) -> Tensor:
         self.unet.project_context(buffer)

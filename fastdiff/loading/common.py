@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -47,6 +47,21 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
 
+def torch_load(path: Path) -> Any:
+    """What a pickled weight file (`.bin`, `.ckpt`, `.pt`, `.pth`) holds, on the CPU, read by
+    `torch.load(weights_only=True)`, which refuses pickled code."""
+    try:
+        try:
+            # Memory-mapped: a "full-ema" .ckpt is 7 GB, half of it EMA copies that are never read.
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # torch's pre-1.6 file format cannot be mapped (or the file is damaged)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... depending on the damage
+        raise CheckpointError(f"{path} could not be read by torch.load(weights_only=True) (truncated, corrupt, "
+                              f"or it pickles more than tensors; convert it to .safetensors): {e}") from e
+    return obj
+
+
 def read_state_dict(path: Path) -> StateDict:
     """All tensors of one weight file on the CPU, as stored.
 
@@ -61,15 +76,7 @@ def read_state_dict(path: Path) -> StateDict:
             return load_file(path, device="cpu")
         except SafetensorError as e:
             raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-    try:
-        try:
-            # Memory-mapped: a "full-ema" .ckpt is 7 GB, half of it EMA copies that are never read.
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # torch's pre-1.6 file format cannot be mapped (or the file is damaged)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... depending on the damage
-        raise CheckpointError(f"{path} could not be read by torch.load(weights_only=True) (truncated, corrupt, "
-                              f"or it pickles more than tensors; convert it to .safetensors): {e}") from e
+    obj = torch_load(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

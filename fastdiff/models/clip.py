@@ -175,14 +175,21 @@ class CLIPTextModel(nn.Module):
         clip_skip=k stops k layers before the last and applies final_layer_norm to that output
         (diffusers' rule: hidden_states[-(k + 1)], then final_layer_norm); None or 0 runs every layer.
         """
+        return self.encode(self.embed(input_ids), clip_skip)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """The embedding layer: token ids (B, T) -> token + position embeddings (B, T, hidden_size)."""
         if input_ids.dim() != 2 or input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"input_ids must be (batch, tokens) with at most {self.config.max_position_embeddings} "
                              f"tokens, got shape {tuple(input_ids.shape)}")
+        return self.text_model.embeddings(input_ids)
+
+    def encode(self, x: Tensor, clip_skip: Optional[int] = None) -> Tensor:
+        """The transformer after the embedding layer: `embed`'s output (B, T, D) -> final hidden states (B, T, D)."""
         layers = self.text_model.encoder.layers
         skip = clip_skip or 0
         if not 0 <= skip <= len(layers):
             raise ValueError(f"clip_skip must be in [0, {len(layers)}] (the number of layers), got {clip_skip}")
-        x = self.text_model.embeddings(input_ids)  # (B, T, D)
         for layer in layers[: len(layers) - skip]:
             x = layer(x)
         return self.text_model.final_layer_norm(x)

@@ -2,9 +2,10 @@
 
 Matches transformers 5's `CLIPTokenizer` (the only one it has, backed by `tokenizers`; diffusers uses it)
 token for token. Text -> ids:
-1. The special tokens <|startoftext|>, <|endoftext|> and the pad token, written literally in a prompt,
-   are split out case-sensitively and map straight to their ids. SD2's pad token is "!", so a "!" in an
-   SD2 prompt becomes id 0, not the BPE token "!</w>" (256): transformers does the same.
+1. The special tokens <|startoftext|>, <|endoftext|> and the pad token, and the tokens of textual-inversion
+   embeddings (`add_token`), written literally in a prompt, are split out case-sensitively and map straight to
+   their ids. SD2's pad token is "!", so a "!" in an SD2 prompt becomes id 0, not the BPE token "!</w>"
+   (256): transformers does the same.
 2. The rest is normalised: Unicode NFC, each whitespace run -> one space, lowercased character by
    character (so a word-final "Σ" becomes "σ", not Python's context-sensitive "ς").
 3. It is split into words with OpenAI CLIP's pattern: contractions, letter runs, single digits,
@@ -94,10 +95,10 @@ class CLIPTokenizer:
         self.bos_id, self.eos_id, self.pad_id = vocab[BOS_TOKEN], vocab[EOS_TOKEN], vocab[pad_token]
         # transformers maps pieces missing from the vocabulary to its unk token, <|endoftext|>.
         self.unk_id = self.eos_id
-        self._specials = {BOS_TOKEN: self.bos_id, EOS_TOKEN: self.eos_id, pad_token: self.pad_id}
-        # Longest first, so that one special token that contains another wins.
-        self._special_pattern = regex.compile(
-            "(" + "|".join(regex.escape(t) for t in sorted(self._specials, key=len, reverse=True)) + ")")
+        # Text split out before normalisation, each piece straight to its ids: the special tokens, and the tokens
+        # of textual-inversion embeddings (`add_token`).
+        self._specials = {BOS_TOKEN: [self.bos_id], EOS_TOKEN: [self.eos_id], pad_token: [self.pad_id]}
+        self._special_pattern = _alternatives(self._specials)
         self._byte_encoder = bytes_to_unicode()
         self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
         self._id_to_token = {i: t for t, i in vocab.items()}
@@ -148,13 +149,25 @@ class CLIPTokenizer:
         """The bundled OpenAI CLIP vocabulary (fastdiff/assets/clip). SD1 pads with "<|endoftext|>", SD2 with "!"."""
         return cls.from_pretrained(BUNDLED_VOCAB, pad_token=pad_token)
 
+    def add_token(self, token: str, ids: list[int]) -> None:
+        """Textual inversion: `token`, written in a prompt, stands for `ids` (rows added to the text encoder's
+        token table). Like the special tokens it is split out before normalisation, so it matches as written."""
+        if not token or any(c.isspace() for c in token):
+            raise ValueError(f"an embedding's token must be a non-empty word without spaces, got {token!r}")
+        if token in self._specials:
+            raise ValueError(f"token {token!r} is already taken; load the embedding under another token")
+        if not ids:
+            raise ValueError(f"token {token!r} needs at least one id")
+        self._specials[token] = list(ids)
+        self._special_pattern = _alternatives(self._specials)
+        spelled = "".join(self._byte_encoder[b] for b in token.encode("utf-8")) + END_OF_WORD
+        self._id_to_token.update({i: spelled if n == 0 else "" for n, i in enumerate(ids)})  # `decode` names it once
+
     def __call__(self, prompts: Union[str, list[str]]) -> torch.Tensor:
         """Token ids of one prompt or a batch: LongTensor (B, max_length); warns when a prompt is cut, and
         (closed vocabularies) once per call when prompts use words the model does not know."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        unknown = self.unknown_words(prompts)
-        if unknown:
-            warnings.warn(self._unknown_words_note(unknown), UnknownWordsWarning, stacklevel=2)
+        self.note_unknown_words(prompts)
         rows = []
         for prompt in prompts:
             ids = self.encode(prompt)
@@ -173,7 +186,7 @@ class CLIPTokenizer:
         ids = []
         for piece in self._special_pattern.split(text):
             if piece in self._specials:
-                ids.append(self._specials[piece])
+                ids.extend(self._specials[piece])
                 continue
             for word in _WORD_PATTERN.findall(_normalise(piece)):
                 symbols = "".join(self._byte_encoder[b] for b in word.encode("utf-8"))
@@ -195,6 +208,12 @@ class CLIPTokenizer:
                     if _CHECKED_WORD.fullmatch(word) and word not in self._known_set:
                         unknown[word] = None
         return list(unknown)
+
+    def note_unknown_words(self, prompts: list[str]) -> None:
+        """(Closed vocabularies) one `UnknownWordsWarning` naming the words of `prompts` the model does not know."""
+        unknown = self.unknown_words(prompts)
+        if unknown:
+            warnings.warn(self._unknown_words_note(unknown), UnknownWordsWarning, stacklevel=3)
 
     def _unknown_words_note(self, unknown: list[str]) -> str:
         """One line: the unknown words (the first _NAMED_UNKNOWN, quoted and cut short) and the known ones."""
@@ -265,6 +284,11 @@ def _parse_merges(text: str) -> list[tuple[str, str]]:
             raise ValueError(f"merges.txt line {n + 2} should be two symbols separated by a space, got {line!r}")
         merges.append((pair[0], pair[1]))
     return merges
+
+
+def _alternatives(tokens) -> regex.Pattern:
+    """A pattern that splits text around any of `tokens`, longest first (one that contains another wins)."""
+    return regex.compile("(" + "|".join(regex.escape(t) for t in sorted(tokens, key=len, reverse=True)) + ")")
 
 
 def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
