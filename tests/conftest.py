@@ -20,3 +20,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _fixed_seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_folder(tmp_path_factory):
+    """A tiny random SD1 model saved as a diffusers folder (`tiny_models.make_tiny_sd`), shared by the tests that
+    only load it."""
+    pytest.importorskip("diffusers")
+    from tiny_models import make_tiny_sd
+
+    folder = tmp_path_factory.mktemp("tiny_sd1")
+    make_tiny_sd(folder, "sd1")
+    return folder

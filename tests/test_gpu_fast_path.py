@@ -93,19 +93,9 @@ def test_graphs_read_the_projected_context_in_place(sd15_fp32):
     assert fast._projector.captured == 1  # the second prompt's projections on, replayed in place
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    pytest.importorskip("diffusers")
-    from tiny_models import make_tiny_sd
-
-    folder = tmp_path_factory.mktemp("sd1")
-    make_tiny_sd(folder, "sd1")
-    return folder
-
-
 @pytest.mark.parametrize("scheduler", ["dpmpp_2m", "euler_a"])
-def test_sampling_loop_has_no_host_sync(tiny_folder, scheduler, monkeypatch):
-    pipe = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda")  # fast=None: on by default on CUDA
+def test_sampling_loop_has_no_host_sync(tiny_sd1_folder, scheduler, monkeypatch):
+    pipe = fastdiff.Pipeline.from_pretrained(tiny_sd1_folder, device="cuda")  # fast=None: on by default on CUDA
     kw = dict(steps=6, scheduler=scheduler, seed=5, output_type="latent", progress=False)
     first = torch.stack(pipe(["a red circle", "a blue square"], **kw))  # captures, autotunes: may sync
     sample = fastdiff.schedulers.sample
@@ -119,7 +109,7 @@ def test_sampling_loop_has_no_host_sync(tiny_folder, scheduler, monkeypatch):
 
     monkeypatch.setattr(fastdiff.schedulers, "sample", strict_sample)
     second = torch.stack(pipe(["a red circle", "a blue square"], **kw))
-    plain = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda", fast=False)
+    plain = fastdiff.Pipeline.from_pretrained(tiny_sd1_folder, device="cuda", fast=False)
     monkeypatch.setattr(fastdiff.schedulers, "sample", sample)
     unfused = torch.stack(plain(["a red circle", "a blue square"], **kw))
     print(f"{scheduler}: replay vs first {rel(second, first):.2e}, fast vs plain fp16 {rel(second, unfused):.2e}")
@@ -128,9 +118,9 @@ def test_sampling_loop_has_no_host_sync(tiny_folder, scheduler, monkeypatch):
     assert rel(second, unfused) <= 1e-2
 
 
-def test_text_encoder_replays_one_graph_per_clip_skip(tiny_folder):
-    pipe = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda")
-    plain = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda", fast=False)
+def test_text_encoder_replays_one_graph_per_clip_skip(tiny_sd1_folder):
+    pipe = fastdiff.Pipeline.from_pretrained(tiny_sd1_folder, device="cuda")
+    plain = fastdiff.Pipeline.from_pretrained(tiny_sd1_folder, device="cuda", fast=False)
     got = {}
     for clip_skip in (None, 1, None):
         got[clip_skip] = pipe.encode_prompt(["a red circle"], [""], 1, True, clip_skip)
@@ -145,9 +135,9 @@ def test_text_encoder_replays_one_graph_per_clip_skip(tiny_folder):
     assert torch.equal(got[None], first)
 
 
-def test_bfloat16_fast_path(tiny_folder):
-    ref = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda", dtype=torch.float32, fast=False)
-    pipe = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda", fast=FastConfig(dtype=torch.bfloat16))
+def test_bfloat16_fast_path(tiny_sd1_folder):
+    ref = fastdiff.Pipeline.from_pretrained(tiny_sd1_folder, device="cuda", dtype=torch.float32, fast=False)
+    pipe = fastdiff.Pipeline.from_pretrained(tiny_sd1_folder, device="cuda", fast=FastConfig(dtype=torch.bfloat16))
     kw = dict(steps=6, seed=5, output_type="latent", progress=False)
     expected, got = torch.stack(ref("a red circle", **kw)), torch.stack(pipe("a red circle", **kw))
     print(f"bf16 fast path vs fp32 plain: rel {rel(got, expected):.2e}")
@@ -173,7 +163,7 @@ def _forget_compiled_kernels(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("scheduler", ["dpmpp_2m", "euler_a"])
-def test_first_image_compiles_its_kernels_ahead_all_at_once(tiny_folder, scheduler, monkeypatch):
+def test_first_image_compiles_its_kernels_ahead_all_at_once(tiny_sd1_folder, scheduler, monkeypatch):
     """Every Triton kernel the first image of a new shape compiles, it compiles inside compiling_ahead(); the
     image itself then compiles nothing more."""
     import fastdiff.engine.engine as engine_module  # where FastEngine.compile_ahead finds compiling_ahead
@@ -189,7 +179,7 @@ def test_first_image_compiles_its_kernels_ahead_all_at_once(tiny_folder, schedul
 
     monkeypatch.setattr(engine_module, "compiling_ahead", counting)
     _forget_compiled_kernels(monkeypatch)  # what other tests in this process compiled must not count
-    pipe = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda")
+    pipe = fastdiff.Pipeline.from_pretrained(tiny_sd1_folder, device="cuda")
     before = compiled_kernel_variants()
     # 72x56 pixels: 9x7 latents
     kw = dict(steps=3, seed=5, height=72, width=56, output_type="np", progress=False, scheduler=scheduler)

@@ -89,8 +89,9 @@ def test_switching_loras_captures_nothing_and_costs_no_image_time(tmp_path):
           f"max {max(switch_ms):.1f} ms; unload {unload_ms:.1f} ms\n"
           f"  image: base {statistics.median(base_ms):.1f} ms (spread {100 * spread:.1f}%), right after a switch "
           f"{statistics.median(lora_ms):.1f} ms ({100 * slower:+.1f}%)\n"
-          f"  graphs captured {captures[0]}, kernels compiled {new_compiles}; image rel. change: A {rel(image_a, base_image):.3f}, "
-          f"B {rel(image_b, base_image):.3f}; A again vs A {rel(image_a_again, image_a):.1e}")
+          f"  graphs captured {captures[0]}, kernels compiled {new_compiles}; image rel. change: "
+          f"A {rel(image_a, base_image):.3f}, B {rel(image_b, base_image):.3f}; A again vs A "
+          f"{rel(image_a_again, image_a):.1e}")
     assert captures[0] == 0 and new_compiles == 0
     assert max(switch_ms) <= 30.0
     assert abs(slower) <= max(0.02, 3 * spread)
@@ -100,22 +101,12 @@ def test_switching_loras_captures_nothing_and_costs_no_image_time(tmp_path):
     assert rel(after_unload, base_image) <= 1e-3
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    pytest.importorskip("diffusers")
-    from tiny_models import make_tiny_sd
-
-    folder = tmp_path_factory.mktemp("sd1")
-    make_tiny_sd(folder, "sd1")
-    return folder
-
-
 @torch.no_grad()
-def test_merged_fast_path_matches_the_eager_models_with_the_same_lora(tiny_folder, tmp_path):
+def test_merged_fast_path_matches_the_eager_models_with_the_same_lora(tiny_sd1_folder, tmp_path):
     kw = dict(steps=6, seed=5, output_type="latent", progress=False)
     got, want = [], []
     for fast, out in ((None, got), (False, want)):
-        pipe = fastdiff.Pipeline.from_pretrained(tiny_folder, device="cuda", fast=fast)
+        pipe = fastdiff.Pipeline.from_pretrained(tiny_sd1_folder, device="cuda", fast=fast)
         path = tmp_path / "lora.safetensors"
         save_file(random_kohya_lora(pipe, 4, 3), path)
         out.append(torch.stack(pipe("a red circle", **kw)))
