@@ -251,7 +251,7 @@ class Pipeline:
         weights = [row for _, rows in chunked for row in rows + empty_weights * (chunks - len(rows))]
         hidden = self.engine.encode_text(torch.tensor(ids).to(self.device), clip_skip)  # (len(texts) * chunks, 77, D)
         if any(w != 1.0 for row in weights for w in row):
-            hidden = weigh(hidden, torch.tensor(weights, dtype=hidden.dtype).to(self.device))
+            hidden = weigh(hidden, torch.tensor(weights).to(self.device))
         context = hidden.reshape(len(texts), -1, hidden.shape[-1])
         return context.repeat_interleave(num_images, dim=0)
 
