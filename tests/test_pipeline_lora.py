@@ -19,13 +19,16 @@ STEPS = 4
 PROMPT = "a red circle on the left"
 
 
+def model_with_loras(folder, kind: str):
+    """(a tiny model's folder, its LoRA files)."""
+    make_tiny_sd(folder / "model", kind)
+    source = make_tiny_sd(folder / "source", kind)  # the same weights, to train (here: draw) the adapter on
+    return folder / "model", save_lora_files(source, folder)
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """(the tiny SD1 model's folder, its LoRA files)."""
-    folder = tmp_path_factory.mktemp("sd1")
-    make_tiny_sd(folder / "model", "sd1")
-    source = make_tiny_sd(folder / "source", "sd1")  # the same weights, to train (here: draw) the adapter on
-    return folder / "model", save_lora_files(source, folder)
+    return model_with_loras(tmp_path_factory.mktemp("sd1"), "sd1")
 
 
 def latents() -> torch.Tensor:
@@ -42,12 +45,13 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-@pytest.mark.parametrize("weight", [1.0, 0.7])
-@pytest.mark.parametrize("file_format", ["diffusers", "kohya"])
-def test_lora_images_match_diffusers_and_unloading_restores_the_base(model, file_format, weight):
+@pytest.mark.parametrize("kind, file_format, weight", [("sd1", "diffusers", 1.0), ("sd1", "diffusers", 0.7),
+                                                       ("sd1", "kohya", 1.0), ("sd1", "kohya", 0.7),
+                                                       ("sd2", "diffusers", 0.7)])
+def test_lora_images_match_diffusers_and_unloading_restores_the_base(model, tmp_path, kind, file_format, weight):
     from diffusers import StableDiffusionPipeline
 
-    folder, files = model
+    folder, files = model if kind == "sd1" else model_with_loras(tmp_path, kind)
     oracle = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     oracle.set_progress_bar_config(disable=True)
     oracle.load_lora_weights(files[file_format], adapter_name="style")
@@ -60,7 +64,7 @@ def test_lora_images_match_diffusers_and_unloading_restores_the_base(model, file
     assert pipe.load_lora(files[file_format], weight) == files[file_format].stem
     got = ours(pipe)
     pipe.unload_loras()
-    print(f"{file_format} at {weight}: PSNR {psnr(got, want):.1f} dB against diffusers, {psnr(got, base):.1f} dB "
+    print(f"{kind} {file_format} at {weight}: PSNR {psnr(got, want):.1f} dB against diffusers, {psnr(got, base):.1f} dB "
           f"against the base image")
     assert psnr(got, want) >= 40
     assert psnr(got, base) < 40, "the LoRA changes the image"
