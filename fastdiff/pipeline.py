@@ -11,7 +11,7 @@ import inspect
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,7 +27,8 @@ from fastdiff.prompts import tokenize_prompt, weigh
 from fastdiff.request import Prompt, Request, check_request, check_size
 
 SCHEDULES_KEPT = 16  # sampling plans a Pipeline keeps (`Pipeline.schedule`)
-Seed = Union[int, torch.Generator, None]
+Seed = Union[int, torch.Generator, None, Sequence[Union[int, torch.Generator]]]
+Generators = Union[torch.Generator, list[torch.Generator]]  # one for the batch, or one per image
 
 
 class Pipeline:
@@ -160,7 +161,9 @@ class Pipeline:
         """Sample images for `prompt` (a string or a list of strings).
 
         guidance_scale: classifier-free guidance; <= 1 runs the conditional UNet alone. seed: an int or a
-        torch.Generator; noise is always drawn on the CPU, so a seed gives the same image on CPU and GPU.
+        torch.Generator, or a list of them, one per image, each image's noise then drawn from its own (an image
+        is then the same whatever else is in the batch); noise is always drawn on the CPU, so a seed gives the
+        same image on CPU and GPU.
         karras: Karras sigmas (None follows the checkpoint's scheduler config). latents: (B, 4, h, w) initial
         noise, scaled by the sampler's initial sigma as in diffusers. image (+ strength): img2img from a PIL
         image (or a list of them) or a float tensor (B, 3, H, W) in [0, 1]. callback(i, x, x0) after every
@@ -185,7 +188,7 @@ class Pipeline:
                         req.height // self.vae_scale_factor, req.width // self.vae_scale_factor)
         if latents is not None and tuple(latents.shape) != latent_shape:
             raise ValueError(f"latents has shape {tuple(latents.shape)}, expected {latent_shape}")
-        generator = _generator(seed)
+        generator = _generators(seed)
 
         context = self.encode_prompt(req.prompts, req.negative, req.num_images, req.cfg, clip_skip)
         # Latents stay float32 whatever the model dtype: the solver's arithmetic is cheap and precision-hungry.
@@ -255,13 +258,15 @@ class Pipeline:
         context = hidden.reshape(len(texts), -1, hidden.shape[-1])
         return context.repeat_interleave(num_images, dim=0)
 
-    def encode_image(self, image: Tensor, batch: int, generator: torch.Generator) -> Tensor:
+    def encode_image(self, image: Tensor, batch: int, generator: Generators) -> Tensor:
         """(N, 3, H, W) in [0, 1] -> scaled latents (batch, 4, h, w), a sample of the VAE posterior as in
         diffusers' img2img; N must be 1 or `batch`."""
         if image.shape[0] not in (1, batch):
             raise ValueError(f"image batch must be 1 or {batch} (prompts x num_images), got {image.shape[0]}")
         vae_dtype = next(self.vae.parameters()).dtype
         mean, logvar = self.engine.encode_image((image * 2 - 1).to(self.device, vae_dtype))
+        if isinstance(generator, list):  # one sample per image, each from its own generator
+            mean, logvar = mean.expand(batch, *mean.shape[1:]), logvar.expand(batch, *logvar.shape[1:])
         eps = _randn(tuple(mean.shape), generator).to(self.device)
         z = (mean.float() + torch.exp(0.5 * logvar.float()) * eps) * self.vae.config.scaling_factor
         return z.expand(batch, *z.shape[1:]) if z.shape[0] == 1 else z
@@ -353,7 +358,14 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def _generator(seed: Seed) -> torch.Generator:
+def _generators(seed: Seed) -> Generators:
+    """The generator(s) a seed (checked by check_request) stands for: one, or a list of one per image."""
+    if isinstance(seed, (list, tuple)):
+        return [_generator(one) for one in seed]
+    return _generator(seed)
+
+
+def _generator(seed: Union[int, torch.Generator, None]) -> torch.Generator:
     if isinstance(seed, torch.Generator):
         if seed.device.type != "cpu":
             raise ValueError(f"seed generator must be a CPU torch.Generator (noise is drawn on the CPU so "
@@ -364,7 +376,10 @@ def _generator(seed: Seed) -> torch.Generator:
     return torch.Generator().manual_seed(seed)  # an int in range: check_request checked it
 
 
-def _randn(shape: tuple, generator: torch.Generator) -> Tensor:
+def _randn(shape: tuple, generator: Generators) -> Tensor:
+    """Standard normal float32 noise of `shape`: from one generator, or row i from generator i."""
+    if isinstance(generator, list):
+        return torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generator])
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 

@@ -76,7 +76,7 @@ def check_request(prompt: Prompt, steps: int = 25, *, negative_prompt: Optional[
             check_size(name, value, SIZE_MULTIPLE)
     if clip_skip is not None and (not _is_int(clip_skip) or clip_skip < 0):
         raise ValueError(f"clip_skip must be None or an int >= 0 (layers to skip), got {clip_skip!r}")
-    check_seed(seed)
+    check_seed(seed, len(prompts) * num_images)
     return Request(prompts, negative, steps, float(guidance_scale), float(guidance_rescale), height, width,
                    scheduler, karras, num_images, output_type, float(strength))
 
@@ -87,12 +87,24 @@ def check_size(name: str, value: Any, multiple: int) -> None:
     raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
 
 
-def check_seed(seed: Any) -> None:
-    """None (random), an int in [0, 2**64) or a torch.Generator (checked further when it is used)."""
-    if seed is None or type(seed).__name__ == "Generator":
+def check_seed(seed: Any, images: int) -> None:
+    """None (random), an int in [0, 2**64) or a torch.Generator (checked further when it is used), or a list of one
+    such int or Generator per image, each image then drawn from its own."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != images:
+            raise ValueError(f"seed has {len(seed)} entries, expected one per image ({images}) or a single seed")
+        for one in seed:
+            _check_one_seed(one, "an entry of seed")
+        return
+    if seed is not None:
+        _check_one_seed(seed, "seed")
+
+
+def _check_one_seed(seed: Any, what: str) -> None:
+    if type(seed).__name__ == "Generator":
         return
     if not _is_int(seed) or not 0 <= seed <= SEED_MAX:
-        raise ValueError(f"seed must be an int from 0 to 2**64 - 1 or a torch.Generator, got {seed!r}")
+        raise ValueError(f"{what} must be an int from 0 to 2**64 - 1 or a torch.Generator, got {seed!r}")
 
 
 def as_prompt_list(prompt: Prompt, name: str) -> list[str]:

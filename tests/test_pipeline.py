@@ -88,6 +88,25 @@ def test_img2img_matches_diffusers(tiny, scheduler):
     assert score >= 40.0
 
 
+@pytest.mark.parametrize("img2img", [False, True], ids=["txt2img", "img2img"])
+def test_one_seed_per_image_matches_diffusers_list_of_generators_and_ignores_the_batch(tiny, img2img):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    ours, oracle = tiny["sd1"]
+    oracle = StableDiffusionImg2ImgPipeline(**oracle.components) if img2img else oracle
+    oracle.scheduler = diffusers_scheduler("euler_a", False, ours.scheduler_config)  # draws noise every step
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    extra = dict(image=image, strength=0.6) if img2img else {}
+    expected = oracle([PROMPT, "a blue square"], num_inference_steps=STEPS, output_type="np",
+                      generator=[torch.Generator().manual_seed(s) for s in (7, 8)], **extra).images
+    kw = dict(scheduler="euler_a", output_type="np", progress=False, **extra)
+    got = ours([PROMPT, "a blue square"], STEPS, seed=[7, 8], **kw)
+    alone = ours("a blue square", STEPS, seed=[8], **kw)
+    print(f"per-image seeds {'img2img' if img2img else 'txt2img'}: PSNR {[psnr(g, e) for g, e in zip(got, expected)]}")
+    assert min(psnr(g, e) for g, e in zip(got, expected)) >= 40.0
+    assert psnr(alone[0], got[1]) >= 60.0, "an image's seed gives it whatever else is in the batch"
+
+
 def test_generate_caches_loaded_pipelines(tiny, tmp_path, monkeypatch):
     from fastdiff import pipeline
 
@@ -114,6 +133,8 @@ def test_generate_caches_loaded_pipelines(tiny, tmp_path, monkeypatch):
     (dict(negative_prompt=["a", "b"]), "negative_prompt has 2 entries, expected 1 or 1"),
     (dict(seed=-1), "seed must be an int from 0 to 2**64 - 1"),
     (dict(seed=2**64), "seed must be an int from 0 to 2**64 - 1"),
+    (dict(seed=[1, 2]), "seed has 2 entries, expected one per image (1) or a single seed"),
+    (dict(seed=[-1]), "an entry of seed must be an int from 0 to 2**64 - 1"),
     (dict(latents=torch.zeros(1, 4, 4, 4)), "latents has shape (1, 4, 4, 4), expected (1, 4, 8, 8)"),
     (dict(image=torch.rand(1, 3, 64, 64), strength=0.01), "leaves no step to run"),
 ])
