@@ -30,7 +30,7 @@ def sd15_pipeline() -> fastdiff.Pipeline:
     """SD1.5's architecture with random weights, float16 on the GPU, on the default fast path."""
     torch.manual_seed(0)
     with torch.device("cuda"):
-        unet = UNet2DConditionModel(UNetConfig(cross_attention_dim=768, attention_head_dim=8))
+        unet = UNet2DConditionModel(UNetConfig(sample_size=64, cross_attention_dim=768, attention_head_dim=8))
         vae = AutoencoderKL(VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2))
         text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                                     num_attention_heads=12, hidden_act="quick_gelu"))
