@@ -1,0 +1,1 @@
+"""fastdiff serve: the AUTOMATIC1111 HTTP API over a fastdiff Pipeline."""
