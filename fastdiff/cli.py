@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from fastdiff import __version__
-from fastdiff.request import SEED_MAX, check_request
+from fastdiff.request import SEED_MAX, check_request, lora_tags
 from fastdiff.schedulers import SCHEDULERS
 
 
@@ -87,15 +87,23 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
 
 
-# A1111's extra-network tag for LoRAs in a prompt: <lora:NAME> or <lora:NAME:WEIGHT>
-LORA_TAG = re.compile(r"<lora:([^:<>]*)(?::([^<>]*))?>")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 
 
+def find_lora(folder: Path, name: str) -> Optional[Path]:
+    """The one file named NAME + a LoRA suffix under `folder` (its subfolders too, as A1111 looks); None if there is
+    none. Several: CommandError."""
+    found = sorted(p for p in folder.rglob("*") if p.stem == name and p.suffix in LORA_SUFFIXES and p.is_file())
+    if len(found) > 1:
+        raise CommandError(f"<lora:{name}>: {len(found)} files named so in {str(folder)!r}: "
+                           f"{', '.join(str(p.relative_to(folder)) for p in found)}", 2)
+    return found[0] if found else None
+
+
 def prompt_loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
-    """The LoRAs the prompt's <lora:NAME:WEIGHT> tags name, found by file name under --lora-dir (its subfolders
-    too, as A1111 looks); the tags are taken out of args.prompt."""
-    tags = LORA_TAG.findall(args.prompt)
+    """The LoRAs the prompt's <lora:NAME:WEIGHT> tags name, found by file name under --lora-dir; the tags are taken
+    out of args.prompt."""
+    args.prompt, tags = lora_tags(args.prompt)
     if not tags:
         return []
     if args.lora_dir is None:
@@ -105,15 +113,13 @@ def prompt_loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
         raise CommandError(f"--lora-dir {args.lora_dir!r}: no such folder", 2)
     loras = []
     for name, weight in tags:
-        found = sorted(p for p in folder.rglob("*") if p.stem == name and p.suffix in LORA_SUFFIXES and p.is_file())
-        if len(found) != 1:
-            what = "no file" if not found else f"{len(found)} files ({', '.join(p.name for p in found)})"
-            raise CommandError(f"<lora:{name}>: {what} named {name}{{{','.join(LORA_SUFFIXES)}}} in {str(folder)!r}", 2)
+        path = find_lora(folder, name)
+        if path is None:
+            raise CommandError(f"<lora:{name}>: no file named {name}{{{','.join(LORA_SUFFIXES)}}} in {str(folder)!r}", 2)
         try:
-            loras.append((found[0], _lora_weight(weight or "1")))
+            loras.append((path, _lora_weight(weight or "1")))
         except argparse.ArgumentTypeError as e:
             raise CommandError(f"<lora:{name}:{weight}>: weight {e}", 2) from None
-    args.prompt = LORA_TAG.sub("", args.prompt)
     return loras
 
 

@@ -19,7 +19,8 @@ Ported from stable-diffusion-webui (modules/prompt_parser.py, modules/sd_hijack_
   rescaled to its original mean (webui's "Original" emphasis).
 
 Not here: prompt editing "[a:b:0.5]" and alternation "[a|b]" (a scheduler's business: they must be resolved to
-plain text before parsing, or their brackets read as emphasis), composable "AND", textual-inversion embeddings.
+plain text before parsing, or their brackets read as emphasis), composable "AND"; textual-inversion embeddings
+(the tokenizer's) and LoRA tags (`fastdiff.request.lora_tags`).
 """
 import re
 

@@ -8,12 +8,15 @@ size, its VAE factor, an init image's size) the Pipeline checks on top (`Pipelin
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 from fastdiff.schedulers.config import SCHEDULERS
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# A1111's extra-network tag for a LoRA in a prompt: <lora:NAME> or <lora:NAME:WEIGHT>
+LORA_TAG = re.compile(r"<lora:([^:<>]*)(?::([^<>]*))?>")
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds in [0, 2**64)
 SIZE_MULTIPLE = 8  # the VAE's downsampling factor in every Stable Diffusion model
 Prompt = Union[str, Sequence[str]]
@@ -105,6 +108,12 @@ def _check_one_seed(seed: Any, what: str) -> None:
         return
     if not _is_int(seed) or not 0 <= seed <= SEED_MAX:
         raise ValueError(f"{what} must be an int from 0 to 2**64 - 1 or a torch.Generator, got {seed!r}")
+
+
+def lora_tags(prompt: str) -> tuple[str, list[tuple[str, str]]]:
+    """A1111's `<lora:NAME:WEIGHT>` tags taken out of a prompt: (the prompt without them, [(NAME, WEIGHT text), ...]);
+    WEIGHT is "" where the tag gives none (weight 1). Finding NAME and reading WEIGHT is the caller's."""
+    return LORA_TAG.sub("", prompt), LORA_TAG.findall(prompt)
 
 
 def as_prompt_list(prompt: Prompt, name: str) -> list[str]:
