@@ -1,5 +1,5 @@
-"""The `fastdiff` console script: `fastdiff generate "PROMPT" --out x.png`, `fastdiff info`,
-`fastdiff eval-default` (prompt adherence of the embedded default model).
+"""The `fastdiff` console script: `fastdiff generate "PROMPT" --out x.png`, `fastdiff info`, `fastdiff serve` (the
+AUTOMATIC1111 HTTP API), `fastdiff eval-default` (prompt adherence of the embedded default model).
 
 Parsing and the checks that need no model import no torch: `--help`, `--version` and argument errors answer at
 once; torch is imported by the command that runs.
@@ -205,6 +205,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_serve(args: argparse.Namespace) -> None:
+    """Every check of `serve`'s arguments that needs no model (and no torch)."""
+    for flag, path, kind in (("--model", args.model, "file or folder"), ("--models-dir", args.models_dir, "folder"),
+                             ("--lora-dir", args.lora_dir, "folder")):
+        if path is not None and not (os.path.isdir(path) if kind == "folder" else os.path.exists(path)):
+            raise CommandError(f"{flag} {path!r}: no such {kind}", 2)
+    if args.api_auth is not None and ":" not in args.api_auth:
+        raise CommandError("--api-auth must be USER:PASSWORD", 2)
+    if args.device is not None and args.device.startswith("cuda") and _cpu_only_torch():
+        raise CommandError(f"--device {args.device}: the installed torch ({_package_version('torch')}) is a CPU-only "
+                           f"build; use --device cpu, or install a CUDA build of torch", 2)
+    for module in ("fastapi", "uvicorn"):
+        if importlib.util.find_spec(module) is None:
+            raise CommandError(f"fastdiff serve needs {module}: pip install 'fastdiff[serve]'", 2)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    check_serve(args)
+    import torch
+    import uvicorn
+
+    from fastdiff.serve.a1111 import Limits
+    from fastdiff.serve.app import create_app
+    from fastdiff.serve.service import Catalog, Service
+
+    limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
+                    max_images=args.max_images)
+    try:
+        service = Service(Catalog.discover(args.model, args.models_dir, args.lora_dir), limits=limits,
+                          device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                          max_queue=args.max_queue, max_batch=args.max_batch, queue_timeout_s=args.queue_timeout)
+        service.preload()
+    except (ValueError, OSError) as e:
+        raise CommandError(str(e)) from None
+    auth = tuple(args.api_auth.split(":", 1)) if args.api_auth else None
+    print(f"fastdiff serve: the AUTOMATIC1111 API on http://{args.host}:{args.port}/sdapi/v1/ "
+          f"(model {service.current_model!r}, {len(service.catalog.models)} model(s), "
+          f"{len(service.catalog.loras)} LoRA(s))", file=sys.stderr)
+    try:
+        uvicorn.run(create_app(service, api_key=args.api_key, api_auth=auth), host=args.host, port=args.port,
+                    log_level="warning")
+    finally:
+        service.close()
+    return 0
+
+
 def cmd_eval_default(options: Sequence[str]) -> int:
     """`python -m fastdiff.train eval` under the main command: its options pass through unchanged."""
     from fastdiff.train.__main__ import main as train_main
@@ -259,14 +305,21 @@ def _lora(text: str) -> tuple[Path, float]:
     return Path(text), 1.0
 
 
-def _gib(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of GiB, got {text}")
-    return value
+def _positive_number(unit: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = 0.0
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a positive number of {unit}, got {text}")
+        return value
+
+    return parse
+
+
+_gib = _positive_number("GiB")
+_seconds = _positive_number("seconds")
 
 
 class Parser(argparse.ArgumentParser):
@@ -310,6 +363,34 @@ def build_parser() -> argparse.ArgumentParser:
                           "it stores (diffusers); repeatable")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="the AUTOMATIC1111 HTTP API (/sdapi/v1/txt2img, ...), batching concurrent "
+                                         "requests")
+    serve.add_argument("--model", default=None, help="the model served first (default: the embedded default model)")
+    serve.add_argument("--models-dir", default=None, metavar="DIR",
+                       help="more models to switch to (sd_model_checkpoint): diffusers folders and .safetensors/.ckpt "
+                            "files in DIR")
+    serve.add_argument("--lora-dir", default=None, metavar="DIR", help="the LoRAs <lora:NAME:WEIGHT> can name")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=_positive_int, default=7860, help="port (default 7860, as A1111)")
+    access = serve.add_mutually_exclusive_group()
+    access.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every request")
+    access.add_argument("--api-auth", default=None, metavar="USER:PASSWORD",
+                        help="require these HTTP Basic credentials on every request (A1111's --api-auth)")
+    serve.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    serve.add_argument("--dtype", choices=DTYPES, default=None,
+                       help="weights dtype (default: float16 on CUDA, float32 on CPU)")
+    serve.add_argument("--max-batch", type=_positive_int, default=8,
+                       help="images of compatible requests run in one batch (default 8)")
+    serve.add_argument("--max-queue", type=_positive_int, default=64,
+                       help="requests waiting before new ones get 503 (default 64)")
+    serve.add_argument("--queue-timeout", type=_seconds, default=600.0, metavar="SECONDS",
+                       help="a request not started within this answers 503 (default 600)")
+    serve.add_argument("--max-size", type=_positive_int, default=2048, help="largest width or height (default 2048)")
+    serve.add_argument("--max-steps", type=_positive_int, default=150, help="most steps per request (default 150)")
+    serve.add_argument("--max-images", type=_positive_int, default=16,
+                       help="most images per request, batch_size x n_iter (default 16)")
+    serve.set_defaults(func=cmd_serve)
 
     # Listed for --help only: main() hands everything after `eval-default` to `python -m fastdiff.train eval`.
     sub.add_parser("eval-default", help="prompt adherence of the default model over 300 random captions, read "
