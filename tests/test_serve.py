@@ -2,11 +2,8 @@
 (unmodified, from PyPI): txt2img and img2img, models, samplers, options, progress and interrupt, LoRA tags, a
 bounded load test with batching, a full queue, limits, and keys."""
 import base64
-import contextlib
 import io
 import math
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,32 +14,15 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import fastdiff
-from fastdiff.serve.app import create_app
+from fastdiff.serve.app import create_app, serve_in_thread
 from fastdiff.serve.service import Catalog, Service
 from lora_files import random_kohya_lora
 
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 webuiapi = pytest.importorskip("webuiapi")
 
 CAPTION = "a red circle on the left on a white background"
 SMALL = dict(width=64, height=64, steps=2, sampler_name="Euler a", cfg_scale=7.5)
-
-
-@contextlib.contextmanager
-def serving(app):
-    """The app on a free port of 127.0.0.1, in a thread, for the block: yields the port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +40,7 @@ def server(loras, tiny_sd1_folder, tmp_path_factory):
     (models / "tiny").symlink_to(tiny_sd1_folder, target_is_directory=True)
     service = Service(Catalog.discover(models_dir=str(models), lora_dir=str(loras)), device="cpu", max_batch=8)
     service.preload()
-    with serving(create_app(service)) as port:
+    with serve_in_thread(create_app(service)) as port:
         yield webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=2), service, port
     service.close()
 
@@ -175,7 +155,7 @@ def test_48_requests_8_at_a_time_all_answered_right_and_batched(server):
 
 def test_a_full_queue_answers_503_with_retry_after():
     service = Service(Catalog.discover(), device="cpu", max_queue=1, max_batch=1)
-    with serving(create_app(service)) as port:
+    with serve_in_thread(create_app(service)) as port:
         url = f"http://127.0.0.1:{port}/sdapi/v1/txt2img"
         with ThreadPoolExecutor(4) as pool:
             long = pool.submit(requests.post, url, json=dict(prompt=CAPTION, width=64, height=64, steps=150))

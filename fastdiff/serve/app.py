@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
-from typing import Any, Optional
+import socket
+import threading
+import time
+from typing import Any, Iterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -121,6 +125,26 @@ def create_app(service: Service, api_key: Optional[str] = None, api_auth: Option
         return JSONResponse(None)
 
     return app
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
+    """Run `app` with uvicorn in a background thread for the block (a free port when port is 0); yields the port."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.01)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join()
+        sock.close()
 
 
 def _authorised(request: Request, api_key: Optional[str], api_auth: Optional[tuple[str, str]]) -> bool:
