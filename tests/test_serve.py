@@ -2,6 +2,7 @@
 (unmodified, from PyPI): txt2img and img2img, models, samplers, options, progress and interrupt, LoRA tags, a
 bounded load test with batching, a full queue, limits, and keys."""
 import base64
+import contextlib
 import io
 import math
 import time
@@ -190,3 +191,20 @@ def test_serve_binds_this_machine_only_by_default():
     from fastdiff.cli import build_parser
 
     assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/no/such/model"], "--model '/no/such/model': no such file or folder"),
+    (["--lora-dir", "/no/such/dir"], "--lora-dir '/no/such/dir': no such folder"),
+    (["--api-auth", "nocolon"], "--api-auth must be USER:PASSWORD"),
+    (["--port", "0"], "--port: must be a positive integer, got 0"),
+    (["--api-key", "a", "--api-auth", "u:p"], "not allowed with argument"),
+])
+def test_serve_arguments_are_checked_in_one_line_before_loading(argv, message, capsys, monkeypatch):
+    from fastdiff.cli import main
+
+    monkeypatch.setattr(Service, "preload", lambda self: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit) if argv[0] in ("--port", "--api-key") else contextlib.nullcontext():
+        assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
