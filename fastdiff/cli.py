@@ -219,27 +219,76 @@ def check_serve(args: argparse.Namespace) -> None:
     for module in ("fastapi", "uvicorn"):
         if importlib.util.find_spec(module) is None:
             raise CommandError(f"fastdiff serve needs {module}: pip install 'fastdiff[serve]'", 2)
+    if args.ray:
+        _check_serve_ray(args)
+    elif args.replicas is not None or args.gpus_per_replica is not None:
+        raise CommandError("--replicas and --gpus-per-replica need --ray", 2)
+
+
+def _check_serve_ray(args: argparse.Namespace) -> None:
+    try:
+        importlib.import_module("ray.serve")
+    except ImportError:
+        raise CommandError("fastdiff serve --ray needs ray[serve]: pip install 'ray[serve]'", 2) from None
+    gpus = _gpus_per_replica(args)
+    if gpus > 1 and not gpus.is_integer():
+        raise CommandError(f"--gpus-per-replica {gpus:g}: above 1, a replica takes whole GPUs", 2)
+    if args.device is not None and args.device.startswith("cuda:"):
+        raise CommandError(f"--device {args.device} with --ray: each replica sees only the GPUs Ray gives it; "
+                           f"use --device cuda", 2)
+    if args.device == "cpu" and gpus > 0:
+        raise CommandError("--gpus-per-replica with --device cpu: a CPU engine takes no GPU", 2)
+    if args.device == "cuda" and gpus == 0:
+        raise CommandError("--device cuda with --gpus-per-replica 0: a replica without a GPU sees none", 2)
+
+
+def _gpus_per_replica(args: argparse.Namespace) -> float:
+    """--gpus-per-replica, by default 1 (0 with --device cpu)."""
+    if args.gpus_per_replica is not None:
+        return args.gpus_per_replica
+    return 0.0 if args.device == "cpu" else 1.0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     check_serve(args)
     import torch
-    import uvicorn
 
     from fastdiff.serve.a1111 import Limits
-    from fastdiff.serve.app import create_app
-    from fastdiff.serve.service import Catalog, Service
+    from fastdiff.serve.service import Catalog
 
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
                     max_images=args.max_images)
+    options = dict(limits=limits, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                   max_queue=args.max_queue, max_batch=args.max_batch, queue_timeout_s=args.queue_timeout)
+    auth = tuple(args.api_auth.split(":", 1)) if args.api_auth else None
     try:
-        service = Service(Catalog.discover(args.model, args.models_dir, args.lora_dir), limits=limits,
-                          device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                          max_queue=args.max_queue, max_batch=args.max_batch, queue_timeout_s=args.queue_timeout)
+        catalog = Catalog.discover(args.model, args.models_dir, args.lora_dir)
+    except (ValueError, OSError) as e:
+        raise CommandError(str(e)) from None
+    if args.ray:
+        from fastdiff.serve import ray_serve
+
+        replicas, gpus = args.replicas or 1, _gpus_per_replica(args)
+        try:
+            ray_serve.deploy(catalog, replicas=replicas, gpus_per_replica=gpus, host=args.host, port=args.port,
+                             api_key=args.api_key, api_auth=auth, **options)
+        except (ValueError, RuntimeError) as e:  # too few CPUs or GPUs; replicas that failed to start
+            raise CommandError(str(e)) from None
+        print(f"fastdiff serve: the AUTOMATIC1111 API on http://{args.host}:{args.port}/sdapi/v1/ ({replicas} Ray "
+              f"Serve replica(s), {gpus:g} GPU(s) each; model {catalog.default!r}, {len(catalog.models)} model(s), "
+              f"{len(catalog.loras)} LoRA(s))", file=sys.stderr)
+        ray_serve.serve_forever()
+        return 0
+    import uvicorn
+
+    from fastdiff.serve.app import create_app
+    from fastdiff.serve.service import Service
+
+    try:
+        service = Service(catalog, **options)
         service.preload()
     except (ValueError, OSError) as e:
         raise CommandError(str(e)) from None
-    auth = tuple(args.api_auth.split(":", 1)) if args.api_auth else None
     print(f"fastdiff serve: the AUTOMATIC1111 API on http://{args.host}:{args.port}/sdapi/v1/ "
           f"(model {service.current_model!r}, {len(service.catalog.models)} model(s), "
           f"{len(service.catalog.loras)} LoRA(s))", file=sys.stderr)
@@ -318,6 +367,16 @@ def _positive_number(unit: str):
     return parse
 
 
+def _gpus(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of GPUs >= 0, got {text}")
+    return value
+
+
 _gib = _positive_number("GiB")
 _seconds = _positive_number("seconds")
 
@@ -390,6 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-steps", type=_positive_int, default=150, help="most steps per request (default 150)")
     serve.add_argument("--max-images", type=_positive_int, default=16,
                        help="most images per request, batch_size x n_iter (default 16)")
+    serve.add_argument("--ray", action="store_true",
+                       help="run on Ray Serve (the cluster ray.init() finds, else a local one): --replicas engines "
+                            "behind one address, each with its own queue and batches")
+    serve.add_argument("--replicas", type=_positive_int, default=None, help="engines with --ray (default 1)")
+    serve.add_argument("--gpus-per-replica", type=_gpus, default=None, metavar="GPUS",
+                       help="GPUs each replica reserves with --ray; a fraction shares a GPU (default 1, 0 with "
+                            "--device cpu)")
     serve.set_defaults(func=cmd_serve)
 
     # Listed for --help only: main() hands everything after `eval-default` to `python -m fastdiff.train eval`.
