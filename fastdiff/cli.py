@@ -115,7 +115,8 @@ def prompt_loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
     for name, weight in tags:
         path = find_lora(folder, name)
         if path is None:
-            raise CommandError(f"<lora:{name}>: no file named {name}{{{','.join(LORA_SUFFIXES)}}} in {str(folder)!r}", 2)
+            raise CommandError(f"<lora:{name}>: no file named {name}{{{','.join(LORA_SUFFIXES)}}} in "
+                               f"{str(folder)!r}", 2)
         try:
             loras.append((path, _lora_weight(weight or "1")))
         except argparse.ArgumentTypeError as e:
@@ -436,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     access.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every request")
     access.add_argument("--api-auth", default=None, metavar="USER:PASSWORD",
                         help="require these HTTP Basic credentials on every request (A1111's --api-auth)")
-    serve.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    serve.add_argument("--device", type=_device, default=None,
+                       help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     serve.add_argument("--dtype", choices=DTYPES, default=None,
                        help="weights dtype (default: float16 on CUDA, float32 on CPU)")
     serve.add_argument("--max-batch", type=_positive_int, default=8,
