@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from fastdiff import __version__
-from fastdiff.request import SEED_MAX, check_request, lora_tags
+from fastdiff.request import LORA_SUFFIXES, SEED_MAX, check_request, lora_files, lora_tags
 from fastdiff.schedulers import SCHEDULERS
 
 
@@ -87,19 +87,6 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
 
 
-LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
-
-
-def find_lora(folder: Path, name: str) -> Optional[Path]:
-    """The one file named NAME + a LoRA suffix under `folder` (its subfolders too, as A1111 looks); None if there is
-    none. Several: CommandError."""
-    found = sorted(p for p in folder.rglob("*") if p.stem == name and p.suffix in LORA_SUFFIXES and p.is_file())
-    if len(found) > 1:
-        raise CommandError(f"<lora:{name}>: {len(found)} files named so in {str(folder)!r}: "
-                           f"{', '.join(str(p.relative_to(folder)) for p in found)}", 2)
-    return found[0] if found else None
-
-
 def prompt_loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
     """The LoRAs the prompt's <lora:NAME:WEIGHT> tags name, found by file name under --lora-dir; the tags are taken
     out of args.prompt."""
@@ -111,9 +98,13 @@ def prompt_loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
     folder = Path(args.lora_dir)
     if not folder.is_dir():
         raise CommandError(f"--lora-dir {args.lora_dir!r}: no such folder", 2)
+    try:
+        files = lora_files(folder)
+    except ValueError as e:
+        raise CommandError(str(e), 2) from None
     loras = []
     for name, weight in tags:
-        path = find_lora(folder, name)
+        path = files.get(name)
         if path is None:
             raise CommandError(f"<lora:{name}>: no file named {name}{{{','.join(LORA_SUFFIXES)}}} in "
                                f"{str(folder)!r}", 2)

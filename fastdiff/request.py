@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from fastdiff.schedulers.config import SCHEDULERS
@@ -17,6 +19,7 @@ from fastdiff.schedulers.config import SCHEDULERS
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # A1111's extra-network tag for a LoRA in a prompt: <lora:NAME> or <lora:NAME:WEIGHT>
 LORA_TAG = re.compile(r"<lora:([^:<>]*)(?::([^<>]*))?>")
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")  # the LoRA files a tag's NAME finds
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds in [0, 2**64)
 SIZE_MULTIPLE = 8  # the VAE's downsampling factor in every Stable Diffusion model
 Prompt = Union[str, Sequence[str]]
@@ -108,6 +111,19 @@ def _check_one_seed(seed: Any, what: str) -> None:
         return
     if not _is_int(seed) or not 0 <= seed <= SEED_MAX:
         raise ValueError(f"{what} must be an int from 0 to 2**64 - 1 or a torch.Generator, got {seed!r}")
+
+
+def lora_files(folder: Union[str, PathLike]) -> dict[str, Path]:
+    """The LoRA files under `folder` (its subfolders too, as A1111 looks) by the name a `<lora:NAME>` tag gives: the
+    file's stem. ValueError when two files have one name."""
+    found: dict[str, Path] = {}
+    for path in sorted(Path(folder).rglob("*")):
+        if path.suffix in LORA_SUFFIXES and path.is_file():
+            if path.stem in found:
+                raise ValueError(f"<lora:{path.stem}> would name two files in {str(folder)!r}: "
+                                 f"{found[path.stem]} and {path}; rename one")
+            found[path.stem] = path
+    return found
 
 
 def lora_tags(prompt: str) -> tuple[str, list[tuple[str, str]]]:

@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from fastdiff.request import lora_tags
+from fastdiff.request import lora_files, lora_tags
 from fastdiff.schedulers import img2img_start_index
 
 from . import a1111
 from .batcher import Batcher, Interrupted, Progress
 
 DEFAULT_MODEL = "default"  # the catalog's name of the embedded default model
-LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -49,12 +48,7 @@ class Catalog:
             for path in sorted(Path(models_dir).iterdir()):
                 if (path / "model_index.json").is_file() or path.suffix in CHECKPOINT_SUFFIXES:
                     models.setdefault(path.stem, path)
-        loras: dict[str, Path] = {}
-        if lora_dir is not None:
-            for path in sorted(Path(lora_dir).rglob("*")):
-                if path.suffix in LORA_SUFFIXES and path.is_file():
-                    loras.setdefault(path.stem, path)
-        return cls(models, loras, next(iter(models)))
+        return cls(models, lora_files(lora_dir) if lora_dir is not None else {}, next(iter(models)))
 
 
 @dataclass(frozen=True)
