@@ -533,7 +533,7 @@ def png_with_infotext(image: Image.Image, infotext: str) -> bytes:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", infotext)
     with io.BytesIO() as out:
-        image.save(out, format="PNG", pnginfo=info)
+        image.save(out, format="PNG", pnginfo=info, compress_level=1)  # fast: the response waits for it
         return out.getvalue()
 
 
