@@ -257,6 +257,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         catalog = Catalog.discover(args.model, args.models_dir, args.lora_dir)
     except (ValueError, OSError) as e:
         raise CommandError(str(e)) from None
+    banner = (f"fastdiff serve: the AUTOMATIC1111 API on http://{args.host}:{args.port}/sdapi/v1/ (model "
+              f"{catalog.default!r}, {len(catalog.models)} model(s), {len(catalog.loras)} LoRA(s)")
     if args.ray:
         from fastdiff.serve import ray_serve
 
@@ -266,9 +268,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              api_key=args.api_key, api_auth=auth, **options)
         except (ValueError, RuntimeError) as e:  # too few CPUs or GPUs; replicas that failed to start
             raise CommandError(str(e)) from None
-        print(f"fastdiff serve: the AUTOMATIC1111 API on http://{args.host}:{args.port}/sdapi/v1/ ({replicas} Ray "
-              f"Serve replica(s), {gpus:g} GPU(s) each; model {catalog.default!r}, {len(catalog.models)} model(s), "
-              f"{len(catalog.loras)} LoRA(s))", file=sys.stderr)
+        print(f"{banner}; {replicas} Ray Serve replica(s), {gpus:g} GPU(s) each)", file=sys.stderr)
         ray_serve.serve_forever()
         return 0
     import uvicorn
@@ -281,9 +281,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         service.preload()
     except (ValueError, OSError) as e:
         raise CommandError(str(e)) from None
-    print(f"fastdiff serve: the AUTOMATIC1111 API on http://{args.host}:{args.port}/sdapi/v1/ "
-          f"(model {service.current_model!r}, {len(service.catalog.models)} model(s), "
-          f"{len(service.catalog.loras)} LoRA(s))", file=sys.stderr)
+    print(banner + ")", file=sys.stderr)
     try:
         uvicorn.run(create_app(service, api_key=args.api_key, api_auth=auth), host=args.host, port=args.port,
                     log_level="warning")
