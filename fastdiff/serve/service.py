@@ -12,7 +12,6 @@ path from a request reaches the filesystem.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -52,6 +51,13 @@ class Catalog:
 
 
 @dataclass(frozen=True)
+class _Load:
+    """A batcher job that loads a model (`Service.preload`)."""
+
+    model: str
+
+
+@dataclass(frozen=True)
 class Job:
     """One request as the batcher carries it."""
 
@@ -70,7 +76,6 @@ class Service:
         self.current_model = catalog.default  # what a request without override_settings runs on
         self._pipe = None
         self._pipe_model: Optional[str] = None
-        self._lock = threading.Lock()  # the loaded Pipeline: the batcher's worker, and preload
         self.batcher = Batcher(self._run, max_queue=max_queue, max_batch=max_batch, queue_timeout_s=queue_timeout_s)
 
     # ---- requests ------------------------------------------------------------------------------------------------
@@ -110,9 +115,10 @@ class Service:
         self.current_model = name
 
     def preload(self) -> None:
-        """Load the current model now, not at the first request."""
-        with self._lock:
-            self._pipeline(self.current_model)
+        """Load the current model now, not at the first request. Like every use of the model it runs on the
+        batcher's worker thread: torch then computes on one thread only (on the CPU, another thread that has run
+        torch's parallel ops keeps OpenMP workers of its own, and the worker's ops ran at half speed beside them)."""
+        self.batcher.submit(("load", self.current_model), 1, _Load(self.current_model)).result()
 
     def close(self) -> None:
         self.batcher.close()
@@ -122,26 +128,28 @@ class Service:
     def _run(self, jobs: list[Job], progress: Progress) -> list[list]:
         """One Pipeline call for jobs that share a batch key: their images in one batch, a seed per image. An
         interrupt stops it at the next step and returns the images decoded from where sampling got to, as A1111."""
-        with self._lock:
-            pipe = self._pipeline(jobs[0].model)
-            self._apply_loras(pipe, dict(jobs[0].loras))
-            kwargs = jobs[0].generation.pipeline_kwargs()
-            for job in jobs[1:]:
-                for name, value in job.generation.pipeline_kwargs().items():
-                    if isinstance(value, list):
-                        kwargs[name] = kwargs[name] + value
-            generation = jobs[0].generation
-            start = img2img_start_index(generation.steps, generation.strength) if generation.is_img2img else 0
-            reached = {"step": 0, "x": None}  # sampling's progress: steps done, the latents after the last one
+        if isinstance(jobs[0], _Load):
+            self._pipeline(jobs[0].model)
+            return [None] * len(jobs)
+        pipe = self._pipeline(jobs[0].model)
+        self._apply_loras(pipe, dict(jobs[0].loras))
+        kwargs = jobs[0].generation.pipeline_kwargs()
+        for job in jobs[1:]:
+            for name, value in job.generation.pipeline_kwargs().items():
+                if isinstance(value, list):
+                    kwargs[name] = kwargs[name] + value
+        generation = jobs[0].generation
+        start = img2img_start_index(generation.steps, generation.strength) if generation.is_img2img else 0
+        reached = {"step": 0, "x": None}  # sampling's progress: steps done, the latents after the last one
 
-            def on_step(i: int, x, x0) -> None:
-                reached["step"], reached["x"] = reached["step"] + 1, x
-                progress.update(reached["step"], generation.steps - start)
+        def on_step(i: int, x, x0) -> None:
+            reached["step"], reached["x"] = reached["step"] + 1, x
+            progress.update(reached["step"], generation.steps - start)
 
-            try:
-                images = pipe(**kwargs, callback=on_step, progress=False)
-            except Interrupted:
-                images = _to_pil(pipe.decode_latents(reached["x"]))
+        try:
+            images = pipe(**kwargs, callback=on_step, progress=False)
+        except Interrupted:
+            images = _to_pil(pipe.decode_latents(reached["x"]))
         sizes = [len(job.generation.seeds) for job in jobs]
         return [images[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(jobs))]
 
