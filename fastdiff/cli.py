@@ -6,7 +6,6 @@ once; torch is imported by the command that runs.
 """
 import argparse
 import importlib.util
-import math
 import os
 import platform
 import re
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from fastdiff import __version__
-from fastdiff.request import LORA_SUFFIXES, SEED_MAX, check_request, lora_files, lora_tags
+from fastdiff.request import LORA_SUFFIXES, SEED_MAX, check_request, lora_files, lora_tags, lora_weight
 from fastdiff.schedulers import SCHEDULERS
 
 
@@ -109,7 +108,7 @@ def prompt_loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
             raise CommandError(f"<lora:{name}>: no file named {name}{{{','.join(LORA_SUFFIXES)}}} in "
                                f"{str(folder)!r}", 2)
         try:
-            loras.append((path, _lora_weight(weight or "1")))
+            loras.append((path, _lora_weight(weight)))
         except argparse.ArgumentTypeError as e:
             raise CommandError(f"<lora:{name}:{weight}>: weight {e}", 2) from None
     return loras
@@ -138,9 +137,7 @@ def check_generate(args: argparse.Namespace) -> None:
     repeated = [str(path) for i, (path, _) in enumerate(args.lora) if path in [p for p, _ in args.lora[:i]]]
     if repeated:
         raise CommandError(f"LoRA {repeated[0]!r} is given twice; give it once, with the weight you want", 2)
-    if args.device is not None and args.device.startswith("cuda") and _cpu_only_torch():
-        raise CommandError(f"--device {args.device}: the installed torch ({_package_version('torch')}) is a CPU-only "
-                           f"build; use --device cpu, or install a CUDA build of torch", 2)
+    _check_device(args.device)
     try:
         check_request(args.prompt, args.steps, negative_prompt=args.negative, guidance_scale=args.guidance,
                       height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler,
@@ -148,6 +145,12 @@ def check_generate(args: argparse.Namespace) -> None:
     except ValueError as e:
         name, _, rest = str(e).partition(" ")
         raise CommandError(f"{FLAGS.get(name, name)} {rest}", 2) from None
+
+
+def _check_device(device: Optional[str]) -> None:
+    if device is not None and device.startswith("cuda") and _cpu_only_torch():
+        raise CommandError(f"--device {device}: the installed torch ({_package_version('torch')}) is a CPU-only "
+                           f"build; use --device cpu, or install a CUDA build of torch", 2)
 
 
 def _cpu_only_torch() -> bool:
@@ -205,9 +208,7 @@ def check_serve(args: argparse.Namespace) -> None:
             raise CommandError(f"{flag} {path!r}: no such {kind}", 2)
     if args.api_auth is not None and ":" not in args.api_auth:
         raise CommandError("--api-auth must be USER:PASSWORD", 2)
-    if args.device is not None and args.device.startswith("cuda") and _cpu_only_torch():
-        raise CommandError(f"--device {args.device}: the installed torch ({_package_version('torch')}) is a CPU-only "
-                           f"build; use --device cpu, or install a CUDA build of torch", 2)
+    _check_device(args.device)
     for module in ("fastapi", "uvicorn"):
         if importlib.util.find_spec(module) is None:
             raise CommandError(f"fastdiff serve needs {module}: pip install 'fastdiff[serve]'", 2)
@@ -325,18 +326,15 @@ def _positive_int(text: str) -> int:
 
 def _lora_weight(text: str) -> float:
     try:
-        value = float(text)
+        return lora_weight(text)
     except ValueError:
-        value = float("nan")
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
 
 
 def _lora(text: str) -> tuple[Path, float]:
     """--lora PATH or PATH:WEIGHT (a path may hold colons of its own: only a numeric tail is a weight)."""
     path, sep, weight = text.rpartition(":")
-    if sep:
+    if sep and weight:
         try:
             return Path(path), _lora_weight(weight)
         except argparse.ArgumentTypeError:

@@ -218,7 +218,7 @@ class Pipeline:
             bar.close()
         if req.output_type == "latent":
             return list(x.unbind(0))
-        return _to_output(self.decode_latents(x), req.output_type)
+        return to_output(self.decode_latents(x), req.output_type)
 
     # ---- the stages ----------------------------------------------------------------------------------------
 
@@ -416,7 +416,7 @@ def _image_to_tensor(image: Any) -> Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
-def _to_output(images: Tensor, output_type: str) -> list:
+def to_output(images: Tensor, output_type: str) -> list:
     """(B, 3, H, W) float in [0, 1] -> a list in the requested type."""
     if output_type == "pt":  # on the pipeline's device, as diffusers' "pt" (`.cpu()` is the caller's choice)
         return list(images.unbind(0))

@@ -126,6 +126,14 @@ def lora_files(folder: Union[str, PathLike]) -> dict[str, Path]:
     return found
 
 
+def lora_weight(text: str) -> float:
+    """A LoRA tag's (or --lora's) WEIGHT text as a number: "" is 1; ValueError unless it is a finite number."""
+    value = float(text or "1")
+    if not math.isfinite(value):
+        raise ValueError(f"a LoRA weight must be a finite number, got {text!r}")
+    return value
+
+
 def lora_tags(prompt: str) -> tuple[str, list[tuple[str, str]]]:
     """A1111's `<lora:NAME:WEIGHT>` tags taken out of a prompt: (the prompt without them, [(NAME, WEIGHT text), ...]);
     WEIGHT is "" where the tag gives none (weight 1). Finding NAME and reading WEIGHT is the caller's."""

@@ -11,12 +11,12 @@ path from a request reaches the filesystem.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from fastdiff.request import lora_files, lora_tags
+from fastdiff.pipeline import to_output
+from fastdiff.request import lora_files, lora_tags, lora_weight
 from fastdiff.schedulers import img2img_start_index
 
 from . import a1111
@@ -100,11 +100,9 @@ class Service:
             known = ", ".join(self.catalog.loras) or "none (the server has no LoRA folder)"
             raise a1111.RequestError("prompt", f"<lora:{name}> names no LoRA of the server; its LoRAs: {known}")
         try:
-            value = float(weight or "1")
+            value = lora_weight(weight)
         except ValueError:
-            value = math.nan
-        if not math.isfinite(value):
-            raise a1111.RequestError("prompt", f"<lora:{name}:{weight}>: the weight must be a number")
+            raise a1111.RequestError("prompt", f"<lora:{name}:{weight}>: the weight must be a number") from None
         return name, value
 
     def set_model(self, name: str) -> None:
@@ -149,7 +147,7 @@ class Service:
         try:
             images = pipe(**kwargs, callback=on_step, progress=False)
         except Interrupted:
-            images = _to_pil(pipe.decode_latents(reached["x"]))
+            images = to_output(pipe.decode_latents(reached["x"]), "pil")
         sizes = [len(job.generation.seeds) for job in jobs]
         return [images[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(jobs))]
 
@@ -175,12 +173,3 @@ class Service:
         wanted = {name: weights.get(name, 0.0) for name in pipe.loras}
         if wanted != pipe.loras:
             pipe.set_lora_weights(wanted)
-
-
-def _to_pil(images) -> list:
-    """(B, 3, H, W) float in [0, 1] -> PIL images."""
-    import numpy as np
-    from PIL import Image
-
-    arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in arrays]
