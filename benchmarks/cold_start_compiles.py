@@ -15,7 +15,7 @@ counts 20 on the engine's fused modules):
    Triton path on a GPU would (channels_last maps where summing pays), so that the norm records the variant
    the GPU launches.
 2. It replays each call through the kernel's own launch function with the kernels replaced by recorders.
-   That gives each compiled variant: the constexprs, the autotuner's candidate configs after pruning, and
+   That gives each compiled variant: the constexprs (the attention config its caller names, or the default), and
    the integer arguments Triton specialises on (== 1, divisible by 16).
 3. It compiles every distinct variant for sm_90 with a fresh cache and prints the count and the seconds per
    kernel.
@@ -125,9 +125,8 @@ def argument_type(value, specialize: bool = True) -> tuple:
 class Recorder:
     """Stands in for a kernel: `kernel[grid](*args, **meta)` records the variants that call would compile."""
 
-    def __init__(self, kernel, variants: set, prune=None, configs=None):
+    def __init__(self, kernel, variants: set):
         self.fn, self.variants, self.heuristics = jit_function(kernel), variants, heuristics_of(kernel)
-        self.prune, self.configs = prune, configs
         self.unspecialized = {p.name for p in self.fn.params if p.do_not_specialize}
 
     def __getitem__(self, grid):
@@ -136,31 +135,25 @@ class Recorder:
             named = dict(zip(names, args), **meta)
             types = tuple((n, argument_type(a, n not in self.unspecialized)) for n, a in zip(names, args))
             options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
-            configs = self.prune(self.configs, named) if self.prune else [None]
-            for config in configs:
-                constants = dict(meta)
-                if config is not None:
-                    constants.update(config.kwargs)
-                    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-                for name, rule in self.heuristics.items():
-                    constants[name] = rule({**named, **constants})
-                self.variants.add((self.fn.__name__, types, tuple(sorted(constants.items())),
-                                   tuple(sorted(options.items()))))
+            constants = dict(meta)
+            for name, rule in self.heuristics.items():
+                constants[name] = rule({**named, **constants})
+            self.variants.add((self.fn.__name__, types, tuple(sorted(constants.items())),
+                               tuple(sorted(options.items()))))
         return launch
 
 
 def kernel_variants(calls: dict[str, list]) -> set:
     """Replay the recorded calls through the launch functions with recorder kernels."""
     variants: set = set()
-    attention = Recorder(attention_module._attention_kernel, variants, prune=attention_module._prune_configs,
-                         configs=attention_module._CONFIGS)
+    attention = Recorder(attention_module._attention_kernel, variants)
     group_norm = group_norm_module._Kernels(*(Recorder(getattr(group_norm_module, name), variants)
                                               for name in GROUP_NORM_KERNELS))
     saved_sm_count, triton_module._sm_count = triton_module._sm_count, lambda device: SM_COUNT
     try:
         for q, k, scale in calls["attention"]:
             if ops._triton_attention_fits(q):
-                attention_module._attention_run(attention, q, k, k, scale)
+                attention_module._attention_run(attention, q, k, k, scale, None)
         for args in calls["group_norm"]:
             group_norm_module._group_norm_run(group_norm, *args)
     finally:

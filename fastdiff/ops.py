@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastdiff import tuning
+
 # scheduler_step's coefficients and its input checks, which the samplers build and run before the op
 from fastdiff.kernels.scheduler_step import StepCoeffs, check_step_inputs  # noqa: F401
 
@@ -242,12 +244,23 @@ def _triton_linear_prefers(x: Tensor, weight: Tensor, residual: Optional[Tensor]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
-    """softmax(q k^T * scale) v. q: (B, H, Sq, D); k, v: (B, H, Skv, D) -> (B, H, Sq, D)."""
+    """softmax(q k^T * scale) v. q: (B, H, Sq, D); k, v: (B, H, Skv, D) -> (B, H, Sq, D). The Triton kernel
+    launches with the config the device's tuning table gives the call (`fastdiff.tuning`), else its default."""
     backend = resolve("attention", q.device.type)
     if backend == "triton" and _chosen["attention"] == "auto" and not _triton_attention_fits(q):
         backend = "reference"
+    choice = _tuned(q, k) if backend == "triton" else None
+    if choice is not None:
+        return _load("attention", backend)(q, k, v, scale, config=choice[1])
     return _load("attention", backend)(q, k, v, scale)
 
+
+def _tuned(q: Tensor, k: Tensor) -> Optional[tuple[str, tuple[int, int, int, int]]]:
+    """The tuning table's (impl, config) for attention over q and k; None without a table, and while
+    torch.compile traces (inductor tunes the kernels it compiles itself)."""
+    if torch.compiler.is_compiling():
+        return None
+    return tuning.attention_choice(q, k)
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
@@ -299,40 +312,40 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = N
     return out.view(B, H, Sq, Dv)
 
 
-# "auto" at head dim 40: fastdiff's kernel from this many (batch * heads) on, SDPA below. On an H200 the SD1.5
-# UNet step with fastdiff's kernel at the 64x64 level was 1.3% faster at CFG batch 16 (8 x 8 heads = 128) and
-# 0.8% slower at CFG batch 2 (16) than with SDPA there.
+# The built-in rules of "auto", where no tuning table covers a call (`fastdiff.tuning`). At head dim 40:
+# fastdiff's kernel from this many (batch * heads) on, SDPA below. On an H200 the SD1.5 UNet step with fastdiff's
+# kernel at the 64x64 level was 1.3% faster at CFG batch 16 (8 x 8 heads = 128) and 0.8% slower at CFG batch 2 (16)
+# than with SDPA there.
 AUTO_MIN_BATCH_HEADS = 64
-
-
-def _spare_column_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
-    """"auto" self-attention at a head dim with a spare padding column (40): fastdiff's kernel, which sums p
-    on the tensor cores there, from AUTO_MIN_BATCH_HEADS batch * heads on; SDPA for fewer."""
-    if q.shape[0] * q.shape[1] >= AUTO_MIN_BATCH_HEADS:
-        return attention(q, k, v, scale)
-    return sdpa_attention(q, k, v, scale)
-
-
-# "auto" above this head dim: fastdiff's kernel. At SD1.5's head dim 160 (the 16x16 and 8x8 levels, 256 and 64
-# tokens) it took 7.4 us against SDPA's 10.5 (cuDNN's kernel) at 2x8x256x160 on an H200, and the UNet step 5.869
-# against 5.887 ms at CFG batch 2 (no change at 8 and 16). At head dim 80 SDPA is faster (18.3 vs 19.7 us).
+# Above this head dim: fastdiff's kernel. At SD1.5's head dim 160 (the 16x16 and 8x8 levels, 256 and 64 tokens) it
+# took 7.4 us against SDPA's 10.5 (cuDNN's kernel) at 2x8x256x160 on an H200, and the UNet step 5.869 against
+# 5.887 ms at CFG batch 2 (no change at 8 and 16). At head dim 80 SDPA is faster (18.3 vs 19.7 us).
 AUTO_TRITON_ABOVE_HEAD_DIM = 128
+
+
+def _auto_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+    """"auto" self-attention within the Triton kernel's head dims: the implementation the device's tuning table
+    measured faster for the call's shape, else the built-in rules above."""
+    choice = _tuned(q, k)
+    if choice is not None:
+        use_kernel = choice[0] == "fastdiff"
+    elif _module("fastdiff.kernels.attention").has_spare_column(q.shape[-1]):
+        use_kernel = q.shape[0] * q.shape[1] >= AUTO_MIN_BATCH_HEADS
+    else:
+        use_kernel = q.shape[-1] > AUTO_TRITON_ABOVE_HEAD_DIM
+    return attention(q, k, v, scale) if use_kernel else sdpa_attention(q, k, v, scale)
 
 
 def attention_impl(preference: str, head_dim: int) -> Callable[..., Tensor]:
     """The attention function (`attention`'s signature) for one attention module of head size `head_dim`:
     "fastdiff" is `attention` (the Triton kernel where the backend picks it), "sdpa" torch's SDPA, "matmul"
-    `matmul_attention`, and "auto" what measured faster on an H200: at head dim 40, where fastdiff's streaming
-    kernel sums p in a spare padding column, the choice by batch above; fastdiff's kernel above
-    AUTO_TRITON_ABOVE_HEAD_DIM; `matmul_attention` past the kernel's widest head; SDPA elsewhere."""
+    `matmul_attention`, and "auto" `matmul_attention` past the kernel's widest head, else per call what the
+    device's tuning table measured faster (`_auto_attention`)."""
     if preference == "auto":
-        kernel = _module("fastdiff.kernels.attention")
-        if head_dim > kernel.MAX_HEAD_DIM:
+        if head_dim > _module("fastdiff.kernels.attention").MAX_HEAD_DIM:
             preference = "matmul"
-        elif kernel.has_spare_column(head_dim):
-            return _spare_column_attention
         else:
-            preference = "fastdiff" if head_dim > AUTO_TRITON_ABOVE_HEAD_DIM else "sdpa"
+            return _auto_attention
     impls = {"fastdiff": attention, "sdpa": sdpa_attention, "matmul": matmul_attention}
     if preference not in impls:
         raise ValueError(f"attention preference must be one of {['auto', *impls]}, got {preference!r}")

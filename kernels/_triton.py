@@ -1,6 +1,5 @@
 """What every Triton kernel module shares: the optional import, interpreter mode, the device check."""
 import functools
-import inspect
 import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,7 +14,6 @@ from torch import Tensor
 # twins and fastdiff.ops' reference backend work, and a Triton kernel's call raises NO_TRITON.
 try:
     import triton
-    import triton.testing
     from triton import knobs
     from triton.runtime import driver
 except ImportError as e:
@@ -63,24 +61,6 @@ def jit_function(kernel):
     while not isinstance(kernel, triton.runtime.jit.JITFunction):
         kernel = kernel.fn
     return kernel
-
-
-def autotune_options() -> dict:
-    """Keyword arguments every kernel's @triton.autotune takes beyond its configs: the short timings below,
-    and the winners kept in Triton's cache directory (`cache_results`, where this Triton has it), so a fresh
-    process with a warm kernel cache reads them instead of timing every candidate again."""
-    options: dict[str, Any] = {"do_bench": autotune_bench}
-    if "cache_results" in inspect.signature(triton.autotune).parameters:
-        options["cache_results"] = True
-    return options
-
-
-def autotune_bench(kernel_call, quantiles):
-    """How the autotuners time one candidate config: 5 ms of warm-up and 20 ms of repeats (Triton's default
-    is 25 + 100 ms). The first call of every new shape times each candidate, so on a fresh process these
-    timings add up to seconds of the first image; at SD's microsecond kernels 20 ms is still thousands of
-    runs."""
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
 def cdiv(a: int, b: int) -> int:

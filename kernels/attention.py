@@ -18,8 +18,9 @@ Layouts: q (B, H, Sq, D), k and v (B, H, Skv, D) -> out (B, H, Sq, D).
 Scores, softmax and the output accumulate in float32 in both. Cross-attention at D = 160 streams 64-key
 blocks instead (a 256-wide padded tile does not fit shared memory).
 """
+import functools
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -64,57 +65,53 @@ def head_dim_split(head_dim: int) -> tuple[int, int]:
     return d1, d2
 
 
+class AttentionConfig(NamedTuple):
+    """One launch configuration of the kernel."""
+
+    block_m: int  # query rows per program (per tile, on the on-chip path)
+    block_n: int  # keys per block
+    warps: int
+    stages: int  # software-pipeline stages of the key loop
+
+
+# Candidates per path, (BLOCK_M, BLOCK_N, warps, stages). The streaming path's (self-attention) are timed per
+# shape by benchmarks/tune.py, whose pick the tuning table gives `fastdiff.ops`. The on-chip path (the 77-token
+# cross-attention) has one per key block width (BLOCK_N = next_power_of_2(Skv) >= 16), 64 x 4 warps; past D_PAD
+# 128 short keys stream in 64 x 64 x 4 warps (32-row tiles where 64 rows of accumulators would spill: D 256). float32 runs exact fp32 dots on CUDA cores: small tiles, no spills.
+_STREAM_GRID = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (256, 64, 8, 3), (32, 64, 4, 2)]
+_SHORT_KEYS_STREAM = [(64, 64, 4, 3), (32, 64, 4, 2)]  # the second for D 256, whose 64 rows would spill
+_ONCHIP = (64, 4, 2)  # (BLOCK_M, warps, stages) of the on-chip path
+_FP32 = (32, 32, 4, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def candidate_configs(dtype: torch.dtype, seq_kv: int, head_dim: int) -> tuple[AttentionConfig, ...]:
+    """The configs that suit a call, the default first: on-chip for short keys, small tiles for float32, no more
+    than 80 float32 accumulators per thread (past that the kernel spills registers)."""
+    d1, d2 = head_dim_split(head_dim)
+    d_pad = _triton.next_power_of_2(head_dim)
+    width = d1 + d2  # the streaming path's accumulator columns
+    if dtype == torch.float32:
+        grid = [_FP32]
+    elif seq_kv <= MAX_ONCHIP_KEYS and d_pad <= 128:  # all keys in one block, padded head dim on chip
+        m, w, s = _ONCHIP
+        grid, width = [(m, max(16, _triton.next_power_of_2(seq_kv)), w, s)], d_pad
+    elif seq_kv <= MAX_ONCHIP_KEYS:  # D_PAD 256 does not fit shared memory on chip
+        grid = _SHORT_KEYS_STREAM
+    elif width > 128:  # three stages of 128-key blocks overflow shared memory past 128 columns
+        grid = [c for c in _STREAM_GRID if c[1] <= 64]
+    else:
+        grid = _STREAM_GRID
+    return tuple(AttentionConfig(*c) for c in grid if c[0] * width <= 80 * 32 * c[2])
+
+
+def default_config(dtype: torch.dtype, seq_kv: int, head_dim: int) -> AttentionConfig:
+    """The config a call runs with when its caller names none."""
+    return candidate_configs(dtype, seq_kv, head_dim)[0]
+
+
 if triton is not None:
 
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages). Long keys are autotuned among _STREAM_GRID. Short keys (the
-    # 77-token cross-attention) take one config, so the first image compiles and times no candidates: the
-    # on-chip path one per key block width (BLOCK_N = next_power_of_2(Skv) >= 16), 64 x 4 warps, the
-    # autotuner's pick on an H200 at SD1.5's D 40 and 80 (4096 and 1024 queries); past D_PAD 128, 64 x 64
-    # x 4 warps streaming, its pick at D 160 (256 and 64 queries). float32 runs exact fp32 dots on CUDA
-    # cores: small tiles, no spills.
-    _STREAM_GRID = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (256, 64, 8, 3)]
-    _SHORT_KEYS_STREAM = (64, 64, 4, 3)
-    _ONCHIP_GRID = [(64, n, 4, 2) for n in (16, 32, 64, MAX_ONCHIP_KEYS)]
-    _FP32_GRID = [(32, 32, 4, 2)]
-    # Every config names its path (SINGLE_PASS) and the prune filter only picks among them, never edits one:
-    # torch.compile applies the heuristics below to every config before it prunes (Triton prunes first), so
-    # a config changed by the filter would lose its heuristic values.
-    _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "SINGLE_PASS": single}, num_warps=w, num_stages=s)
-                for grid, paths in ((_STREAM_GRID, (False,)), (_ONCHIP_GRID, (True,)), (_FP32_GRID, (False, True)))
-                for m, n, w, s in grid for single in paths]
-
-    def _wanted_configs(dtype: torch.dtype, skv: int, width: int, d_pad: int) -> set[tuple]:
-        """(BLOCK_M, BLOCK_N, SINGLE_PASS, num_warps, num_stages) of the configs that suit a call: on-chip
-        for short keys, small tiles for fp32, no more than 80 float32 accumulators per thread (past that
-        the kernel spills registers). width: D1 + D2, the streaming path's accumulator columns."""
-        onchip = skv <= MAX_ONCHIP_KEYS and d_pad <= 128  # all keys in one block, padded head dim on chip
-        if dtype == torch.float32:
-            grid = [(m, n, skv <= n and d_pad <= 128, w, s) for m, n, w, s in _FP32_GRID]
-        elif onchip:
-            block_n = max(16, _triton.next_power_of_2(skv))
-            grid, width = [(m, n, True, w, s) for m, n, w, s in _ONCHIP_GRID if n == block_n], d_pad
-        elif skv <= MAX_ONCHIP_KEYS:  # D_PAD 256 does not fit shared memory on chip
-            m, n, w, s = _SHORT_KEYS_STREAM
-            grid = [(m, n, False, w, s)]
-        elif width > 128:  # three stages of 128-key blocks overflow shared memory past 128 columns
-            grid = [(m, n, False, w, s) for m, n, w, s in _STREAM_GRID if n <= 64]
-        else:
-            grid = [(m, n, False, w, s) for m, n, w, s in _STREAM_GRID]
-        return {c for c in grid if c[0] * width <= 80 * 32 * c[3]}
-
-    def _prune_configs(configs, named_args, **kwargs):
-        """Keep the configs that suit this call's shapes (see _wanted_configs)."""
-        args = {**named_args, **kwargs}
-        wanted = _wanted_configs(args["Q"].dtype, args["Skv"], args["D1"] + args["D2"], args["D_PAD"])
-        pruned = [c for c in configs
-                  if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["SINGLE_PASS"], c.num_warps,
-                      c.num_stages) in wanted]
-        return pruned[:1] if _triton.INTERPRET else pruned  # the interpreter cannot time configs
-
-    @triton.autotune(configs=_CONFIGS, key=["Sq", "Skv", "HEAD_DIM"],
-                     prune_configs_by={"early_config_prune": _prune_configs},
-                     **_triton.autotune_options())
-    @triton.heuristics({"EVEN_N": lambda a: a["Skv"] % a["BLOCK_N"] == 0})  # no key mask needed
     @triton.jit
     def _attention_kernel(
         Q,  # pointer to q, shape (B, H, Sq, D), any strides
@@ -318,56 +315,62 @@ def empty_output(q: Tensor) -> Tensor:
     return torch.empty_like(q)
 
 
-def _attention_run(kernel, q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
-    """Launch `kernel`: the autotuned kernel's Launcher, or the kernel wrapped by wrap_triton while torch.compile
-    traces."""
+def _attention_run(kernel, q: Tensor, k: Tensor, v: Tensor, scale: Optional[float],
+                   config: Optional[AttentionConfig]) -> Tensor:
+    """Launch `kernel` (the Launcher, or the kernel wrapped by wrap_triton while torch.compile traces) with
+    `config`, or the default config for the call."""
     batch, heads, seq_q, head_dim = q.shape
     seq_kv = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    block_m, block_n, warps, stages = config or default_config(q.dtype, seq_kv, head_dim)
+    d_pad = _triton.next_power_of_2(head_dim)
+    single_pass = seq_kv <= block_n and d_pad <= 128  # all keys in one block, the padded head dim on chip
     out = empty_output(q)
     d1, d2 = head_dim_split(head_dim)
-
-    def grid(meta):
-        tiles = _triton.cdiv(seq_q, meta["BLOCK_M"])
-        if meta["SINGLE_PASS"]:  # a few programs per SM, each looping over query tiles
-            tiles = min(tiles, _triton.cdiv(ONCHIP_PROGRAMS_PER_SM * _triton.sm_count(q.device), batch * heads))
-        return (tiles, batch * heads)
-
-    kernel[grid](
+    tiles = _triton.cdiv(seq_q, block_m)
+    if single_pass:  # a few programs per SM, each looping over query tiles
+        tiles = min(tiles, _triton.cdiv(ONCHIP_PROGRAMS_PER_SM * _triton.sm_count(q.device), batch * heads))
+    kernel[(tiles, batch * heads)](
         q, k, v, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, seq_q, seq_kv,
         scale * 1.4426950408889634,  # log2(e)
-        HEAD_DIM=head_dim, D1=d1, D2=d2, D_PAD=_triton.next_power_of_2(head_dim),
+        HEAD_DIM=head_dim, D1=d1, D2=d2, D_PAD=d_pad,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        STRIDE_ALIGN=_stride_align(q, k, v, out), SPARE_COLUMN=has_spare_column(head_dim),
+        STRIDE_ALIGN=_stride_align(q, k, v, out), BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=seq_kv % block_n == 0,
+        SINGLE_PASS=single_pass, SPARE_COLUMN=has_spare_column(head_dim), num_warps=warps, num_stages=stages,
     )
     return out
 
 
-def _attention_launch(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
-    return _attention_run(_attention_launcher, q, k, v, scale)
+def _attention_launch(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], config: Optional[list[int]]) -> Tensor:
+    return _attention_run(_attention_launcher, q, k, v, scale, config)
 
 
-def _attention_traced(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> Tensor:
-    return _attention_run(wrap_triton(_attention_kernel), q, k, v, scale)
+def _attention_traced(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], config: Optional[list[int]]) -> Tensor:
+    return _attention_run(wrap_triton(_attention_kernel), q, k, v, scale, config)
 
 
 # The op torch.compile puts in its graphs (see _triton.CompileOp); eager calls launch directly.
 _attention_op = _triton.CompileOp("fastdiff::triton_attention", _attention_launch, _attention_traced,
-                                  fake=lambda q, k, v, scale: empty_output(q))
+                                  fake=lambda q, k, v, scale, config: empty_output(q))
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
+              config: Optional[AttentionConfig] = None) -> Tensor:
     """softmax(q k^T * scale) v with the Triton kernel; scale defaults to 1/sqrt(D).
 
     q: (B, H, Sq, D); k, v: (B, H, Skv, D); any strides (e.g. transposed views of (B, S, H, D) buffers).
     float16, bfloat16 or float32, 16 <= D <= 256, any Sq, Skv >= 1. Returns (B, H, Sq, D) in q's dtype, in a
     (B, Sq, H, D) layout when q views such a buffer, else in q's layout when q is dense (`empty_output`).
-    Runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1.
+    Runs on CUDA tensors, or on the CPU under TRITON_INTERPRET=1. `config`: one of
+    `candidate_configs(q.dtype, Skv, D)` (fastdiff's tuning tables pick it per GPU and shape), else the default.
     """
     check_attention_inputs(q, k, v, scale)
     if q.numel() == 0:
         return empty_output(q)
+    if config is not None and config not in candidate_configs(q.dtype, k.shape[2], q.shape[3]):
+        raise ValueError(f"config {config} does not suit dtype {q.dtype}, Skv {k.shape[2]}, head dim {q.shape[3]}; "
+                         f"expected one of {candidate_configs(q.dtype, k.shape[2], q.shape[3])}")
     op = _attention_op if torch.compiler.is_compiling() else _attention_launch
-    return op(q, k, v, scale)
+    return op(q, k, v, scale, None if config is None else list(config))

@@ -351,8 +351,8 @@ def test_fast_attention_picks_the_implementation_for_its_head_dim():
     picked = {(m.is_cross_attention, m.to_q.out_features // m.heads): m.attend
               for m in unet.modules() if isinstance(m, FastAttention)}
     print({key: fn.__name__ for key, fn in picked.items()})
-    assert picked == {(False, 40): ops._spare_column_attention, (False, 80): ops.sdpa_attention,
-                      (False, 160): ops.attention, (True, 40): ops.attention, (True, 80): ops.attention,
+    assert picked == {(False, 40): ops._auto_attention, (False, 80): ops._auto_attention,
+                      (False, 160): ops._auto_attention, (True, 40): ops.attention, (True, 80): ops.attention,
                       (True, 160): ops.attention}
 
 

@@ -58,6 +58,26 @@ def test_attention_matches_reference_on_odd_shapes(seq_q, seq_kv, head_dim, dtyp
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("seq_kv, head_dim", [(150, 40), (150, 160), (5, 256), (150, 256)])
+def test_attention_matches_reference_with_every_candidate_config(seq_kv, head_dim):
+    """Every config the tuning tables may name for a call computes the same attention (float16: the streaming
+    paths' candidates; D 256 has only the 32-row tiles that do not spill)."""
+    q, k, v = _inputs(1, 1, 37, seq_kv, head_dim, torch.float16)
+    ref = attention_ref(q.double(), k.double(), v.double())
+    configs = attention_module.candidate_configs(torch.float16, seq_kv, head_dim)
+    assert configs and configs[0] == attention_module.default_config(torch.float16, seq_kv, head_dim)
+    for config in configs:
+        out = attention(q, k, v, config=config)
+        _report(f"{config} {seq_kv} keys D{head_dim}", out, ref)
+        torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_attention_refuses_a_config_that_does_not_suit_the_call():
+    q, k, v = _inputs(1, 1, 8, 150, 40, torch.float16)
+    with pytest.raises(ValueError, match=r"config .* does not suit dtype torch.float16, Skv 150, head dim 40"):
+        attention(q, k, v, config=attention_module.AttentionConfig(64, 16, 4, 2))
+
+
 @pytest.mark.parametrize("dtype, atol, rtol", CPU_TOLERANCES[:2])
 @pytest.mark.parametrize("head_dim", [40, 80])  # 40: p summed by v's spare padding column; 80: no spare column
 def test_attention_streaming_rescales_when_later_keys_score_far_higher(head_dim, dtype, atol, rtol):
@@ -161,7 +181,7 @@ def test_attention_error_on_gpu_at_most_twice_torch_error(seq_q, seq_kv, head_di
 @pytest.mark.gpu
 def test_attention_writes_every_output_element_on_gpu():
     q, k, v = _inputs(1, 3, 1000, 77, 80, torch.float16, "cuda")
-    for _ in range(2):  # the first call autotunes; the second runs the chosen config once
+    for _ in range(2):  # the first call compiles; the second runs the compiled kernel once
         out = attention(q, k, v)
     ref = attention_ref(q, k, v)
     _report("ragged Sq", out, ref)
@@ -172,7 +192,7 @@ def test_attention_writes_every_output_element_on_gpu():
 @pytest.mark.gpu
 def test_attention_survives_cuda_graph_capture():
     q, k, v = _inputs(2, 8, 256, 77, 40, torch.float16, "cuda")
-    expected = attention(q, k, v)  # compiles and autotunes outside the capture
+    expected = attention(q, k, v)  # compiles outside the capture
     graph, out = capture(lambda: attention(q, k, v), warm=False)
     q.copy_(torch.randn_like(q))
     graph.replay()

@@ -316,7 +316,7 @@ def test_new_signature_is_recorded_not_reused():
     q, k, v = _qkv(seq_q=200)
     attention(q, k, v)
     entries = len(launcher._launches)
-    q2, k2, v2 = _qkv(seq_q=201)  # another grid and autotune key
+    q2, k2, v2 = _qkv(seq_q=201)  # another grid and Sq
     out = attention(q2, k2, v2)
     assert len(launcher._launches) == entries + 1
     err = (out.float() - attention_ref(q2, k2, v2).float()).abs().max().item()

@@ -14,8 +14,8 @@ import torch
 
 from fastdiff.kernels import _triton
 
-# For each attention shape, the configs torch.compile's tracing keeps (it applies the heuristics to every
-# config, then prunes) must be the ones Triton itself runs (it prunes, then applies the heuristics).
+# For each attention shape, the traced launch must carry the config its caller names (every candidate), or the
+# default one.
 _TRACE_CONFIGS = """
 import torch
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
@@ -30,11 +30,6 @@ assert get_triton_kernels_for_op("fastdiff::triton_attention"), "attention is no
 assert len(get_triton_kernels_for_op("fastdiff::triton_group_norm")) == 4, "group_norm is not a triton_op"
 
 
-def signature(config):
-    kw = config.kwargs
-    return kw["BLOCK_M"], kw["BLOCK_N"], kw["SINGLE_PASS"], kw["EVEN_N"], config.num_warps, config.num_stages
-
-
 def kernel_calls(graph):
     return [n for n in graph.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
 
@@ -44,17 +39,18 @@ for sq, skv, d, dtype in [(4096, 4096, 40, torch.float16), (4096, 77, 40, torch.
                           (64, 30, 40, torch.float32), (1024, 77, 80, torch.float32)]:
     q = torch.empty(2, sq, 8, d, dtype=dtype).transpose(1, 2)  # (B, H, S, D) views of (B, S, H, D), as diffusers
     kv = torch.empty(2, skv, 8, d, dtype=dtype).transpose(1, 2)
-    (call,) = kernel_calls(make_fx(lambda q, k, v: attention._attention_traced(q, k, v, None),
-                                   tracing_mode="fake")(q, kv, kv))
-    traced = sorted(signature(c) for c in kernel_side_table.get_kernel(call.kwargs["kernel_idx"]).configs)
-    d1, d2 = attention.head_dim_split(d)
-    named = dict(Q=q, Skv=skv, D1=d1, D2=d2, D_PAD=1 << (d - 1).bit_length())
-    pruned = attention._prune_configs(attention._CONFIGS, named)
-    for config in pruned:
-        config.kwargs["EVEN_N"] = skv % config.kwargs["BLOCK_N"] == 0
-    expected = sorted(signature(c) for c in pruned)
-    print(sq, skv, d, dtype, "configs", traced)
-    assert traced and traced == expected, (traced, expected)
+    for config in [None, *attention.candidate_configs(dtype, skv, d)]:
+        named = None if config is None else list(config)
+        (call,) = kernel_calls(make_fx(lambda q, k, v: attention._attention_traced(q, k, v, None, named),
+                                       tracing_mode="fake")(q, kv, kv))
+        # the constexprs are the call's arguments; torch keeps warps and stages as the kernel's one config
+        args = call.kwargs["kwargs"]
+        (options,) = kernel_side_table.get_kernel(call.kwargs["kernel_idx"]).configs
+        got = (args["BLOCK_M"], args["BLOCK_N"], options.num_warps, options.num_stages)
+        expected = config or attention.default_config(dtype, skv, d)
+        print(sq, skv, d, dtype, "named", config, "traced", got)
+        assert got == tuple(expected), (got, expected)
+        assert args["EVEN_N"] == (skv % expected.block_n == 0)
 
 w = torch.empty(320, dtype=torch.float16)
 for single_launch_max, launches in ((1 << 30, 1), (0, 2)):  # the single-launch path, then the split one
@@ -74,7 +70,7 @@ print("traced")
 """
 
 
-def test_triton_ops_trace_with_the_configs_triton_itself_would_run():
+def test_triton_ops_trace_with_the_config_their_caller_names():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _TRACE_CONFIGS], capture_output=True, text=True, env=env,

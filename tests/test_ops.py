@@ -101,21 +101,35 @@ def test_attention_impl_names_each_preference_and_rejects_others():
         ops.attention_impl("flash", 64)
 
 
-def test_auto_attention_by_head_dim_spare_column_at_40_sdpa_at_80_triton_at_160():
-    # SD1.5's head dims at heads 8: 40 (Triton sums p in a spare column), 80, 160 (above
-    # AUTO_TRITON_ABOVE_HEAD_DIM)
-    picked = {d: ops.attention_impl("auto", d) for d in (40, 80, 160)}
+def test_auto_attention_is_matmul_past_the_kernels_widest_head_and_per_call_below():
+    picked = {d: ops.attention_impl("auto", d) for d in (40, 80, 160, 512)}
     print({d: fn.__name__ for d, fn in picked.items()})
-    assert picked == {40: ops._spare_column_attention, 80: ops.sdpa_attention, 160: ops.attention}
-    assert ops.attention_impl("auto", ops.AUTO_TRITON_ABOVE_HEAD_DIM) is ops.sdpa_attention
+    assert picked == {40: ops._auto_attention, 80: ops._auto_attention, 160: ops._auto_attention,
+                      512: ops.matmul_attention}
 
 
-def test_spare_column_attention_is_batch_dependent(monkeypatch):
+def _auto_picks(monkeypatch, shapes, choice=None) -> list[str]:
+    """What `ops._auto_attention` runs for q of each shape, with the tuning table's choice `choice` (None: no
+    table)."""
     calls = []
     monkeypatch.setattr(ops, "sdpa_attention", lambda *a: calls.append("sdpa"))
     monkeypatch.setattr(ops, "attention", lambda *a: calls.append("fastdiff"))
-    q = torch.empty(4, 8, 10, 40)  # batch * heads = 32
-    for minimum in (33, 32):
-        monkeypatch.setattr(ops, "AUTO_MIN_BATCH_HEADS", minimum)
-        ops._spare_column_attention(q, q, q)
-    assert calls == ["sdpa", "fastdiff"]
+    monkeypatch.setattr(ops, "_tuned", lambda q, k: choice)
+    for shape in shapes:
+        q = torch.empty(shape)
+        ops._auto_attention(q, q, q)
+    return calls
+
+
+def test_auto_attention_without_a_table_spare_column_by_batch_sdpa_at_80_triton_at_160(monkeypatch):
+    # SD1.5's head dims at heads 8: 40 (Triton sums p in a spare column, from AUTO_MIN_BATCH_HEADS), 80, 160
+    # (above AUTO_TRITON_ABOVE_HEAD_DIM)
+    monkeypatch.setattr(ops, "AUTO_MIN_BATCH_HEADS", 32)
+    shapes = [(3, 8, 10, 40), (4, 8, 10, 40), (4, 8, 10, 80), (2, 8, 10, 160), (2, 8, 10, ops.AUTO_TRITON_ABOVE_HEAD_DIM)]
+    assert _auto_picks(monkeypatch, shapes) == ["sdpa", "fastdiff", "sdpa", "fastdiff", "sdpa"]
+
+
+def test_auto_attention_follows_the_tuning_table(monkeypatch):
+    shapes = [(2, 8, 10, 80), (2, 8, 10, 160)]
+    assert _auto_picks(monkeypatch, shapes, ("fastdiff", (128, 64, 4, 3))) == ["fastdiff", "fastdiff"]
+    assert _auto_picks(monkeypatch, shapes, ("sdpa", (128, 64, 4, 3))) == ["sdpa", "sdpa"]

@@ -1,0 +1,124 @@
+"""Write this GPU's tuning table: the measured choices `fastdiff.tuning` gives the fast path.
+
+    python benchmarks/tune.py [--out fastdiff/assets/tuning] [--quick]
+
+On one CUDA GPU: for every attention call the Stable Diffusion UNets make at the sizes users run (SD1.x, SD2.x
+and SDXL's self- and cross-attention per level, 512x512 to 1024x1024, CFG batch 2, 8 and 16, float16, in the
+fused projections' layouts the engine gives them), times torch's SDPA and each of the Triton kernel's candidate
+configs (`fastdiff.kernels.attention.candidate_configs`) and records the faster implementation and the fastest
+config. The rows replace this GPU model's table in `sm_<major><minor>.json` (other models' tables are kept), with
+the GPU, versions, date and this command. Timing: CUDA-graph replay of back-to-back calls over input sets
+rotated past the L2 cache (benchmarks/timing.py), median of the replays. --quick: CFG batch 2 only.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import input_sets  # noqa: E402
+from timing import graph_ms  # noqa: E402
+
+from fastdiff import tuning  # noqa: E402
+
+attention_module = importlib.import_module("fastdiff.kernels.attention")  # the package exports the function
+
+DTYPE = torch.float16
+CONTEXT_TOKENS = 77
+# (family, heads per attention level, channels per attention level, levels with attention (0 = full latent
+# size), sizes (height, width) in pixels)
+FAMILIES = [
+    ("sd1", (8, 8, 8, 8), (320, 640, 1280, 1280), (0, 1, 2, 3), [(512, 512), (512, 768), (768, 768), (1024, 1024)]),
+    ("sd2", (5, 10, 20, 20), (320, 640, 1280, 1280), (0, 1, 2, 3), [(512, 512), (512, 768), (768, 768), (1024, 1024)]),
+    ("sdxl", (5, 10, 20), (320, 640, 1280), (1, 2), [(768, 768), (1024, 1024), (832, 1216)]),
+]
+CFG_BATCHES = (2, 8, 16)
+
+
+def attention_calls(cfg_batches) -> list[tuple[int, int, int, int, int]]:
+    """(head_dim, heads, batch, seq_q, seq_kv) of every attention call, self (seq_kv = seq_q) and cross
+    (seq_kv = 77), one per (head_dim, batch * heads, seq_q, seq_kv), least work first."""
+    calls = {}
+    for _, heads, channels, levels, sizes in FAMILIES:
+        for (height, width), level, batch in ((s, lv, b) for s in sizes for lv in levels for b in cfg_batches):
+            tokens = (height // 8 >> level) * (width // 8 >> level)
+            h, d = heads[level], channels[level] // heads[level]
+            for seq_kv in (tokens, CONTEXT_TOKENS):
+                calls.setdefault((d, batch * h, tokens, seq_kv), (d, h, batch, tokens, seq_kv))
+    return sorted(calls.values(), key=lambda c: c[0] * c[1] * c[2] * c[3] * c[4])
+
+
+def make_inputs(head_dim: int, heads: int, batch: int, seq_q: int, seq_kv: int) -> tuple:
+    """q, k, v as the engine's fused projections give them: self-attention views of one (B, S, 3, H, D) buffer,
+    cross-attention q from (B, S, H * D) and k, v views of a (B, 77, 2, H, D) buffer."""
+    if seq_q == seq_kv:
+        qkv = torch.randn(batch, seq_q, 3, heads, head_dim, device="cuda", dtype=DTYPE)
+        return tuple(qkv.permute(2, 0, 3, 1, 4).unbind(0))
+    q = torch.randn(batch, seq_q, heads, head_dim, device="cuda", dtype=DTYPE).transpose(1, 2)
+    kv = torch.randn(batch, seq_kv, 2, heads, head_dim, device="cuda", dtype=DTYPE)
+    k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def time_us(fn, sets: list[tuple]) -> float:
+    calls = [(lambda s=sets[i % len(sets)]: fn(*s)) for i in range(max(4, len(sets)))]
+    return graph_ms(calls, replays=7)[0] * 1e3
+
+
+def measure(call: tuple[int, int, int, int, int]) -> dict:
+    head_dim, heads, batch, seq_q, seq_kv = call
+    nbytes = 2 * batch * heads * (2 * seq_q + 2 * seq_kv) * head_dim
+    sets = [make_inputs(*call) for _ in range(input_sets(nbytes))]
+    us = {"sdpa": time_us(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), sets)}
+    for config in attention_module.candidate_configs(DTYPE, seq_kv, head_dim):
+        us[",".join(map(str, config))] = time_us(
+            lambda q, k, v, c=config: attention_module.attention(q, k, v, config=c), sets)
+    best = min((k for k in us if k != "sdpa"), key=us.get)
+    return {"head_dim": head_dim, "seq_q": seq_q, "seq_kv": seq_kv, "batch_heads": batch * heads,
+            "dtype": str(DTYPE).removeprefix("torch."), "impl": "fastdiff" if us[best] < us["sdpa"] else "sdpa",
+            "config": [int(x) for x in best.split(",")], "us": {k: round(v, 2) for k, v in us.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=tuning.TABLES)
+    parser.add_argument("--quick", action="store_true", help="CFG batch 2 only")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/tune.py measures a GPU and torch sees none")
+    import triton
+
+    name = torch.cuda.get_device_name()
+    rows = []
+    for call in attention_calls((2,) if args.quick else CFG_BATCHES):
+        row = measure(call)
+        rows.append(row)
+        sdpa, best = row["us"]["sdpa"], min(v for k, v in row["us"].items() if k != "sdpa")
+        print(f"D{row['head_dim']:<4} BH {row['batch_heads']:<4} {row['seq_q']:>6} x {row['seq_kv']:<6} sdpa {sdpa:9.1f} us  fastdiff "
+              f"{best:9.1f} us {tuple(row['config'])}  -> {row['impl']} ({sdpa / best:.2f}x)", flush=True)
+    path = args.out / tuning.table_path(torch.cuda.get_device_capability()).name
+    devices = json.loads(path.read_text())["devices"] if path.exists() else {}
+    devices[name] = {
+        "measured": {"gpu": name, "torch": torch.__version__, "triton": triton.__version__,
+                     "date": datetime.date.today().isoformat(),
+                     "command": "python benchmarks/tune.py" + (" --quick" if args.quick else "")},
+        "attention": rows,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"devices": devices}, indent=1) + "\n")
+    wins = sum(r["impl"] == "fastdiff" for r in rows)
+    print(f"{path}: {name}, {len(rows)} attention rows, fastdiff's kernel faster at {wins}; median row "
+          f"{statistics.median(r['us']['sdpa'] for r in rows):.1f} us for SDPA")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""fastdiff.tuning: the per-GPU tables of measured choices, how a call finds its row, and the committed tables."""
+import json
+
+import pytest
+import torch
+
+from fastdiff import tuning
+from fastdiff.kernels.attention import MAX_ONCHIP_KEYS, AttentionConfig, candidate_configs
+
+
+def _row(head_dim=40, seq_q=4096, seq_kv=4096, batch_heads=16, impl="sdpa", config=(128, 64, 4, 3), dtype="float16"):
+    return {"head_dim": head_dim, "seq_q": seq_q, "seq_kv": seq_kv, "batch_heads": batch_heads, "dtype": dtype,
+            "impl": impl, "config": list(config), "us": {}}
+
+
+def _write(tmp_path, devices) -> "tuning.Path":
+    path = tmp_path / "sm_90.json"
+    path.write_text(json.dumps({"devices": devices}))
+    tuning.read_tables.cache_clear()
+    return path
+
+
+def test_nearest_row_is_the_closest_in_log_sequence_and_batch_of_the_same_head_dim_dtype_and_key_path():
+    rows = [_row(seq_q=4096, seq_kv=4096, batch_heads=16, impl="sdpa"),
+            _row(seq_q=9216, seq_kv=9216, batch_heads=16, impl="fastdiff"),
+            _row(seq_q=4096, seq_kv=4096, batch_heads=128, impl="fastdiff"),
+            _row(seq_q=4096, seq_kv=77, batch_heads=16, impl="fastdiff", config=(64, 128, 4, 2)),
+            _row(head_dim=80, seq_q=6144, seq_kv=6144),
+            _row(seq_q=6144, seq_kv=6144, dtype="bfloat16")]
+
+    def nearest(**call):
+        return tuning.nearest_attention_row(rows, **{"head_dim": 40, "dtype": "float16", "batch_heads": 16,
+                                                     "onchip_keys": MAX_ONCHIP_KEYS, **call})
+
+    assert nearest(seq_q=5000, seq_kv=5000) is rows[0]
+    assert nearest(seq_q=8192, seq_kv=8192) is rows[1]
+    assert nearest(seq_q=4096, seq_kv=4096, batch_heads=64) is rows[2]
+    assert nearest(seq_q=6144, seq_kv=77) is rows[3]  # the short-key path only
+    assert nearest(seq_q=6144, seq_kv=6144, dtype="float32") is None
+    assert tuning.nearest_attention_row(rows, 64, 4096, 4096, 16, "float16", MAX_ONCHIP_KEYS) is None
+
+
+def test_a_gpu_takes_its_own_table_else_its_architectures_first(tmp_path, monkeypatch):
+    path = _write(tmp_path, {"NVIDIA H200": {"attention": [_row(impl="fastdiff")]},
+                             "NVIDIA H100 80GB HBM3": {"attention": [_row(impl="sdpa")]}})
+    monkeypatch.setattr(tuning, "TABLES", tmp_path)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    for name, impl in [("NVIDIA H100 80GB HBM3", "sdpa"), ("NVIDIA H200", "fastdiff"), ("NVIDIA H20", "fastdiff")]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None, name=name: name)
+        tuning.device_table.cache_clear()
+        assert tuning.device_table(0)["attention"][0]["impl"] == impl
+    assert path.name == tuning.table_path((9, 0)).name
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
+    tuning.device_table.cache_clear()
+    assert tuning.device_table(0) is None  # no sm_80 file: the built-in rules
+    tuning.device_table.cache_clear()
+
+
+def test_a_row_whose_config_does_not_suit_the_call_gives_the_calls_default_config(tmp_path, monkeypatch):
+    _write(tmp_path, {"GPU": {"attention": [_row(seq_q=256, seq_kv=256, head_dim=160, config=(128, 128, 8, 3),
+                                                impl="fastdiff")]}})
+    monkeypatch.setattr(tuning, "TABLES", tmp_path)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "GPU")
+    tuning.device_table.cache_clear()
+    tuning._attention_choice.cache_clear()
+    impl, config = tuning._attention_choice(0, torch.float16, 160, 256, 256, 16)
+    tuning.device_table.cache_clear()
+    tuning._attention_choice.cache_clear()
+    assert impl == "fastdiff"
+    assert config == candidate_configs(torch.float16, 256, 160)[0]  # 128-key blocks overflow at 160 columns
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json", "is not a tuning table file"),
+    (json.dumps({"devices": {"GPU": {"attention": [{"head_dim": 40}]}}}), "attention row 0 is malformed"),
+    (json.dumps({"devices": {"GPU": {"attention": [_row(impl="flash")]}}}), "impl 'flash'"),
+])
+def test_a_malformed_table_is_one_error_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "sm_90.json"
+    path.write_text(content)
+    tuning.read_tables.cache_clear()
+    with pytest.raises(tuning.TuningError, match=message) as info:
+        tuning.read_tables(path)
+    assert str(path) in str(info.value)
+    tuning.read_tables.cache_clear()
+
+
+def test_no_table_on_the_cpu():
+    q = torch.empty(2, 8, 64, 40)
+    assert tuning.attention_choice(q, q) is None
+
+
+def test_every_committed_row_names_a_candidate_config_of_its_call():
+    files = sorted(tuning.TABLES.glob("sm_*.json"))
+    for path in files:
+        tables = tuning.read_tables(path)
+        assert tables, f"{path} holds no table"
+        for name, table in tables.items():
+            assert table["measured"]["gpu"] == name and table["attention"]
+            for row in table["attention"]:
+                dtype = getattr(torch, row["dtype"])
+                assert AttentionConfig(*row["config"]) in candidate_configs(dtype, row["seq_kv"], row["head_dim"]), row
+    print(f"{len(files)} table files: {[p.name for p in files]}")
