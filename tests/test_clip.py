@@ -124,7 +124,7 @@ def test_config_from_dict_reads_a_real_sd2_config_and_round_trips():
 @pytest.mark.parametrize("change, message", [
     ({"hidden_act": "gelu_new"}, "hidden_act must be one of"),
     ({"model_type": "clip"}, r"model_type='clip' is not supported by fastdiff \(expected 'clip_text_model'\)"),
-    ({"architectures": ["CLIPTextModelWithProjection"]}, r"architectures=\['CLIPTextModelWithProjection'\]"),
+    ({"architectures": ["CLIPVisionModelWithProjection"]}, r"architectures=\['CLIPVisionModelWithProjection'\]"),
     ({"pruned_heads": {"0": [1]}}, "pruned_heads="),
     ({"hidden_size": 100}, "multiple of num_attention_heads"),
 ])

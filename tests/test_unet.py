@@ -179,7 +179,7 @@ def test_full_size_configs_have_diffusers_keys_and_shapes(published):
 
 UNSUPPORTED = [
     ("class_embed_type", "timestep"),
-    ("addition_embed_type", "text_time"),
+    ("addition_embed_type", "text"),
     ("dual_cross_attention", True),
     ("num_attention_heads", 8),
     ("time_cond_proj_dim", 256),

@@ -15,7 +15,8 @@ differs. What it does differently, and why:
                       passes) also sum it for that norm, which then only normalizes (`ops.residual_add_sums`,
                       `ops.channel_cat_sums`); the sums travel from producer to consumer as return values.
   time features       every ResNet block's time projection (and conv1 bias) in one matmul, computed once per
-                      timestep (`FastUNet.time_features`) and read by each block as its columns.
+                      timestep (`FastUNet.time_features`) and read by each block as its columns. SDXL's added
+                      conditioning joins the time embedding there, embedded once per prompt (`FastUNet.add_embed`).
   attention           fused q/k/v (self) and k/v (cross) projections; the context's K/V computed once per
                       prompt (`project_context`); the implementation picked per head dim by `ops.attention_impl`.
   transformer biases  to_out's and proj_in's biases added in the LayerNorm passes after them, the MLP output
@@ -23,7 +24,8 @@ differs. What it does differently, and why:
                       gate, and proj_out's residual, in a Triton matmul's epilogue (`linear_epilogues`).
   upsampling          nearest 2x + conv3x3 as a 2x2 conv of the small image and a shuffle (`FastUpsample`).
   shared sample       with guidance the B latents meet the 2B [uncond; cond] contexts: the layers before the
-                      first cross-attention run on B rows, not 2B (`FastUNet.forward`).
+                      first cross-attention run on B rows, not 2B (`FastUNet.forward`); not with SDXL's added
+                      conditioning, which differs per context row and reaches every ResNet block.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from fastdiff import ops
 from fastdiff.kernels.subpixel import subpixel_weight
 from fastdiff.models.unet import (Attention, BasicTransformerBlock, DownBlock, FeedForward, ResnetBlock2D,
                                   Transformer2DModel, UNet2DConditionModel, UNetMidBlock2DCrossAttn, UpBlock,
-                                  split_heads, timestep_embedding, timesteps_of)
+                                  added_embedding, split_heads, timestep_embedding, timesteps_of)
 from fastdiff.models.unet import pointwise as reference_pointwise
 
 from .config import FastConfig
@@ -486,8 +488,9 @@ class FastUpBlock(nn.Module):
 
 
 class FastUNet(nn.Module):
-    """A UNet2DConditionModel on the fast path: forward(sample, timestep, context) computes what the reference
-    does, on fused kernels, with two more ways in (`temb`, `out_dtype`) and a shared sample (see forward).
+    """A UNet2DConditionModel on the fast path: forward(sample, timestep, context) (SDXL's: also text_embeds,
+    time_ids) computes what the reference does, on fused kernels, with two more ways in (`temb`, `out_dtype`) and
+    a shared sample (see forward).
 
     Building it converts the reference UNet in place (dtype, channels_last, fused projections as views of its
     parameters); the reference stays a working module over the same weights."""
@@ -501,6 +504,7 @@ class FastUNet(nn.Module):
             unet.to(memory_format=torch.channels_last)  # 4-D weights only: the convolutions
         self.config = unet.config
         self.conv_in, self.time_embedding = unet.conv_in, unet.time_embedding
+        self.add_embedding = unet.add_embedding  # SDXL's added conditioning (`add_embed`); None for SD1/SD2
         self.down_blocks = nn.ModuleList(FastDownBlock(b, config) for b in unet.down_blocks)
         self.mid_block = FastMidBlock(unet.mid_block, config)
         self.up_blocks = nn.ModuleList(FastUpBlock(b, config) for b in unet.up_blocks)
@@ -577,46 +581,79 @@ class FastUNet(nn.Module):
         for module in self.cross_attentions:
             module.projected.clear()
 
+    def add_embed(self, text_embeds: Optional[Tensor], time_ids: Optional[Tensor]) -> Optional[Tensor]:
+        """SDXL's added conditioning (`fastdiff.models.unet.added_embedding`): text_embeds (R, P), time_ids (R, N)
+        -> (R, 4 * C0), for `time_features`; None for a UNet without an add embedding, which takes neither. Constant
+        over a sampling loop, like the context: computed once per prompt."""
+        return added_embedding(self.add_embedding, self.config, text_embeds, time_ids)
+
     def time_features(self, timestep: Union[int, float, Tensor], batch: int, device: torch.device,
-                      dtype: torch.dtype) -> Tensor:
+                      dtype: torch.dtype, add_embeds: Optional[Tensor] = None) -> Tensor:
         """What the ResNet blocks take from the timestep (`temb`): SiLU of the time embedding, (B or 1, 4 * C0),
         or with fused time projections every block's norm2 offset, (B or 1, sum of the blocks' Cout). It depends
-        on the timestep alone, so a caller that knows the timesteps ahead may compute it for all of them at once
-        and pass rows to `forward`."""
+        on the timestep alone (and SDXL's conditioning, below), so a caller that knows the timesteps ahead may
+        compute it for all of them at once and pass rows to `forward`.
+
+        add_embeds: `add_embed`'s output (R, 4 * C0), required for a UNet with an add embedding (SDXL) and refused
+        for one without; it joins the time embedding before the SiLU, so the features then depend on the
+        conditioning too, one row per conditioning row: (R, width), the timesteps (1 or R of them) broadcast."""
+        if (add_embeds is None) != (self.add_embedding is None):
+            raise ValueError("this UNet's time features need add_embeds, its `add_embed(text_embeds, time_ids)`"
+                             if add_embeds is None else "add_embeds given, but this UNet has no add embedding")
         t = timesteps_of(timestep, batch, device)  # (B,), or (1,) when shared
         t_emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                    self.config.freq_shift).to(dtype)  # (B or 1, C0)
-        temb = F.silu(self.time_embedding(t_emb))  # every ResNet block starts with it: once here
+        emb = self.time_embedding(t_emb)  # (B or 1, 4 * C0)
+        if add_embeds is not None:
+            if add_embeds.dim() != 2 or emb.shape[0] not in (1, add_embeds.shape[0]):
+                raise ValueError(f"add_embeds must be (R, {emb.shape[1]}) for 1 timestep or R of them, got shape "
+                                 f"{tuple(add_embeds.shape)} for {emb.shape[0]} timesteps")
+            emb = emb + add_embeds  # (R, 4 * C0)
+        temb = F.silu(emb)  # every ResNet block starts with it: once here
         if self.fused_time_weight is not None:
             temb = F.linear(temb, self.fused_time_weight, self.fused_time_bias) + self.fused_conv1_bias
         return temb
 
     def forward(self, sample: Tensor, timestep: Union[int, float, Tensor, None], context: Tensor,
-                temb: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-        """sample: (B, in_channels, h, w); timestep: as the reference takes it; context: (B, T, D) -> (B,
-        out_channels, h, w). temb: `time_features` of the timestep, computed ahead, (B or 1, width); the timestep
-        is then not read (None allowed). out_dtype: the output in that dtype and contiguous, conv_out's bias added
-        in the same pass (one kernel where a cast and a copy would follow).
+                temb: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None,
+                text_embeds: Optional[Tensor] = None, time_ids: Optional[Tensor] = None) -> Tensor:
+        """sample: (B, in_channels, h, w); timestep: as the reference takes it; context: (B, T, D); text_embeds
+        (B, P) and time_ids (B, N): SDXL's added conditioning, as the reference takes it -> (B, out_channels, h, w).
+        temb: `time_features` of the timestep (and of the added conditioning), computed ahead, (B or 1, width); the
+        timestep, text_embeds and time_ids are then not read (None allowed). out_dtype: the output in that dtype
+        and contiguous, conv_out's bias added in the same pass (one kernel where a cast and a copy would follow).
 
         Shared sample: context may hold r * B rows when the timestep is shared. The result is then
         forward(cat([sample] * r), timestep, context), (r * B, out_channels, h, w), as classifier-free guidance
         asks with r = 2 ([uncond; cond] contexts, one latent). Everything before the first cross-attention
         depends on the sample alone, so it runs once per sample instead of r times, and the rows part there
-        (at SD1.5's 64x64 level: conv_in, a ResNet block, a self-attention and their norms)."""
-        batch = sample.shape[0]
-        if context.shape[0] % batch:
-            raise ValueError(f"context has {context.shape[0]} rows, expected a multiple of sample's batch {batch} "
+        (at SD1.5's 64x64 level: conv_in, a ResNet block, a self-attention and their norms). With an add embedding
+        text_embeds and time_ids have r * B rows, one per context row, as temb may: the time features then differ
+        per row, and so does every ResNet block's output, so the sample is tiled at the start instead."""
+        batch, rows = sample.shape[0], context.shape[0]
+        if rows % batch:
+            raise ValueError(f"context has {rows} rows, expected a multiple of sample's batch {batch} "
                              f"(sample {tuple(sample.shape)}, context {tuple(context.shape)})")
-        shared = context.shape[0] != batch
+        shared = rows != batch
         if temb is None:
             t = timesteps_of(timestep, batch, sample.device)  # (B,), or (1,) when shared
             if shared and t.shape[0] != 1:
-                raise ValueError(f"a sample shared by several contexts ({batch} samples, {context.shape[0]} "
+                raise ValueError(f"a sample shared by several contexts ({batch} samples, {rows} "
                                  f"contexts) needs one timestep for the batch, got shape {tuple(timestep.shape)}")
-            temb = self.time_features(t, batch, sample.device, sample.dtype)
-        elif temb.dim() != 2 or temb.shape[0] not in (1, batch) or (shared and temb.shape[0] != 1):
-            raise ValueError(f"temb must be (1, width){'' if shared else f' or ({batch}, width)'} for "
-                             f"{batch} samples and {context.shape[0]} contexts, got shape {tuple(temb.shape)}")
+            added = self.add_embed(text_embeds, time_ids)
+            if added is not None and added.shape[0] != rows:
+                raise ValueError(f"text_embeds and time_ids have {added.shape[0]} rows, expected one per context "
+                                 f"row ({rows})")
+            temb = self.time_features(t, batch, sample.device, sample.dtype, added)
+        else:
+            # one row for the batch, or one per context row (per sample, unless the sample is shared, which only
+            # an add embedding's per-row conditioning un-shares)
+            allowed = sorted({1, rows}) if self.add_embedding is not None or not shared else [1]
+            if temb.dim() != 2 or temb.shape[0] not in allowed:
+                raise ValueError(f"temb must be {' or '.join(f'({n}, width)' for n in allowed)} for {batch} samples "
+                                 f"and {rows} contexts, got shape {tuple(temb.shape)}")
+        if shared and temb.shape[0] != 1:  # per-row conditioning: no layer's input is the same for every row
+            sample = tile(sample, rows)
 
         x, sums = biased_conv(self.conv_in, sample, self.conv_in_bias_pass, self.conv_in_sum_groups)  # (B, C0, h, w)
         skips = [x]

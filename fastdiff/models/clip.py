@@ -5,9 +5,15 @@ CLIP ViT-L/14's (D 768, 12 layers, quick_gelu), SD2 OpenCLIP ViT-H/14's minus it
 23 layers, gelu). Parameter names are transformers' `CLIPTextModel` keys
 (`text_model.encoder.layers.N.self_attn.q_proj.weight`, ...), so checkpoints load unchanged.
 
+SDXL reads two encoders differently (`encode_penultimate`): the context is the PENULTIMATE layer's output, before
+final_layer_norm, of CLIP ViT-L/14 (768) and of OpenCLIP ViT-bigG/14 (1280, 32 layers, gelu) side by side (2048
+wide), and the UNet also takes bigG's pooled output: the final hidden state at the end-of-text token through
+`text_projection`, a Linear without bias (transformers' `CLIPTextModelWithProjection`, whose keys this module
+then has: `text_projection.weight`).
+
 Attention is PyTorch's `scaled_dot_product_attention(is_causal=True)`.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -17,18 +23,18 @@ from torch import Tensor, nn
 from ._config import read_settings
 
 _ACTIVATIONS = ("quick_gelu", "gelu")
+WITH_PROJECTION = ["CLIPTextModelWithProjection"]  # the `architectures` of a config whose model has text_projection
 # Settings of a transformers text_encoder/config.json that fastdiff does not implement, with the values that
-# leave it a plain CLIPTextModel.
+# leave it a CLIPTextModel (with or without the projection).
 _FIXED_SETTINGS: dict[str, tuple] = {
     "model_type": ("clip_text_model",),
-    "architectures": (["CLIPTextModel"], None),
+    "architectures": (["CLIPTextModel"], WITH_PROJECTION, None),
     "pruned_heads": ({},),
 }
-# Keys that do not change the forward pass: token ids (used by transformers' pooled output and the
-# tokenizer), training-only dropout and initialisation, the projection of CLIPTextModelWithProjection, and
-# bookkeeping.
+# Keys that do not change the outputs: token ids the tokenizer uses, training-only dropout and initialisation,
+# and bookkeeping. (projection_dim joins them where `architectures` says the model has no projection.)
 _IGNORED_KEYS = frozenset({
-    "bos_token_id", "eos_token_id", "pad_token_id", "projection_dim", "attention_dropout", "dropout",
+    "bos_token_id", "pad_token_id", "attention_dropout", "dropout",
     "initializer_range", "initializer_factor", "torch_dtype", "dtype", "transformers_version",
     # PretrainedConfig's generic settings (output switches, generation defaults), which transformers 4.x
     # wrote into every config.json and 5.x partly still does.
@@ -57,6 +63,13 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77  # learned positions = the tokenizer's max_length
     hidden_act: str = "quick_gelu"  # MLP activation: "quick_gelu" (OpenAI CLIP, SD1) or "gelu" (OpenCLIP, SD2)
     layer_norm_eps: float = 1e-5  # epsilon of every LayerNorm
+    projection_dim: Optional[int] = None  # width of text_projection, which projects the pooled output: set for
+    #   transformers' CLIPTextModelWithProjection (SDXL's OpenCLIP bigG: 1280), None for a CLIPTextModel (whose
+    #   config.json still names a projection_dim, of a projection its checkpoint lacks)
+    eos_token_id: int = field(default=2, compare=False)  # the end-of-text token, where `pool` reads: 2 (what
+    #   every published SD text encoder config says, written before transformers fixed the id) means the position
+    #   of the highest id, any other value the first position of that id. Not compared: it does not shape the
+    #   network, and a single-file checkpoint, which has no token ids, loads the network of its folder twin
 
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
@@ -64,21 +77,32 @@ class CLIPTextConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size must be a multiple of num_attention_heads ({self.num_attention_heads}), "
                              f"got {self.hidden_size}")
+        if self.projection_dim is not None and not (isinstance(self.projection_dim, int) and self.projection_dim >= 1):
+            raise ValueError(f"projection_dim must be a positive int or None, got {self.projection_dim!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CLIPTextConfig":
-        """Read a transformers text_encoder/config.json dict. Every field above must be present (transformers
-        writes them all); every `_FIXED_SETTINGS` key must keep a neutral value (ValueError otherwise); keys
-        in `_IGNORED_KEYS` or starting with "_" are skipped, any other key is ignored with a warning."""
-        settings = read_settings(d, cls.__dataclass_fields__, _FIXED_SETTINGS, "text encoder", _IGNORED_KEYS)
-        missing = [k for k in cls.__dataclass_fields__ if k not in settings]
+        """Read a transformers text_encoder/config.json dict. The shape fields must be present (transformers
+        writes them all), projection_dim too where `architectures` is ["CLIPTextModelWithProjection"] (it is not
+        read otherwise); eos_token_id is 2 where absent. Every `_FIXED_SETTINGS` key must keep a neutral value
+        (ValueError otherwise); keys in `_IGNORED_KEYS` or starting with "_" are skipped, any other key is ignored
+        with a warning."""
+        architectures = d.get("architectures")
+        projected = architectures is not None and list(architectures) == WITH_PROJECTION
+        required = [k for k in cls.__dataclass_fields__ if k not in ("projection_dim", "eos_token_id")]
+        required += ["projection_dim"] if projected else []
+        ignored = _IGNORED_KEYS if projected else _IGNORED_KEYS | {"projection_dim"}
+        settings = read_settings(d, {*required, "eos_token_id"}, _FIXED_SETTINGS, "text encoder", ignored)
+        missing = [k for k in required if settings.get(k) is None]
         if missing:
             raise ValueError(f"text encoder config lacks {missing}")
         return cls(**settings)
 
     def to_dict(self) -> dict[str, Any]:
-        """The transformers-style config.json dict (transformers' CLIPTextConfig(**d) accepts it)."""
-        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+        """The transformers-style config.json dict (transformers' CLIPTextConfig(**d) accepts it; projection_dim is
+        None for a model without the projection)."""
+        architectures = WITH_PROJECTION if self.projection_dim is not None else ["CLIPTextModel"]
+        return {"architectures": architectures, "model_type": "clip_text_model",
                 **{k: getattr(self, k) for k in self.__dataclass_fields__}}
 
 
@@ -154,7 +178,8 @@ class CLIPTextTransformer(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    """The CLIP text encoder with transformers' `CLIPTextModel` state-dict keys.
+    """The CLIP text encoder with transformers' `CLIPTextModel` state-dict keys; with config.projection_dim, its
+    `CLIPTextModelWithProjection`'s (the same plus `text_projection.weight`).
 
     `load_state_dict` accepts all three layouts transformers has written: keys under `text_model.`
     (transformers 4, every SD checkpoint), the same plus `text_model.embeddings.position_ids`
@@ -167,6 +192,8 @@ class CLIPTextModel(nn.Module):
         super().__init__()
         self.config = config
         self.text_model = CLIPTextTransformer(config)
+        self.text_projection = None if config.projection_dim is None else nn.Linear(
+            config.hidden_size, config.projection_dim, bias=False)  # of the pooled output (`pool`)
         self.register_load_state_dict_pre_hook(_accept_transformers_layouts)
 
     def forward(self, input_ids: Tensor, clip_skip: Optional[int] = None) -> Tensor:
@@ -193,6 +220,44 @@ class CLIPTextModel(nn.Module):
         for layer in layers[: len(layers) - skip]:
             x = layer(x)
         return self.text_model.final_layer_norm(x)
+
+    def encode_penultimate(self, x: Tensor, input_ids: Optional[Tensor] = None, clip_skip: Optional[int] = None
+                           ) -> tuple[Tensor, Optional[Tensor]]:
+        """SDXL's reading of the transformer, in one pass: `embed`'s output (B, T, D) -> (the penultimate layer's
+        output, WITHOUT final_layer_norm (diffusers' hidden_states[-2]), (B, T, D); with input_ids (B, T) the pooled
+        output of the final hidden states (`pool`), else None, and the last layer does not run).
+
+        clip_skip=k takes hidden_states[-(k + 2)] instead (diffusers' SDXL rule); the pooled output always comes
+        from every layer.
+        """
+        layers = self.text_model.encoder.layers
+        skip = clip_skip or 0
+        if not 0 <= skip < len(layers):
+            raise ValueError(f"clip_skip must be in [0, {len(layers) - 1}] (the layers before the last one), "
+                             f"got {clip_skip}")
+        stop = len(layers) - 1 - skip
+        for layer in layers[:stop]:
+            x = layer(x)
+        if input_ids is None:
+            return x, None
+        hidden = x
+        for layer in layers[stop:]:
+            x = layer(x)
+        return hidden, self.pool(self.text_model.final_layer_norm(x), input_ids)
+
+    def pool(self, hidden: Tensor, input_ids: Tensor) -> Tensor:
+        """transformers' pooled output: the final hidden states (B, T, D), after final_layer_norm, at each row's
+        end-of-text token, through text_projection where the model has one -> (B, projection_dim), the `text_embeds`
+        of CLIPTextModelWithProjection; else (B, D), CLIPTextModel's `pooler_output`. input_ids: (B, T).
+
+        The position follows transformers: with config.eos_token_id 2 (configs written before transformers fixed
+        the id) that of the highest id in the row, which is the end-of-text token 49407 unless tokens were added
+        after it; otherwise the first position holding eos_token_id (the padding may repeat it)."""
+        eos = self.config.eos_token_id
+        ids = input_ids.to(hidden.device)
+        positions = ids.argmax(dim=-1) if eos == 2 else (ids == eos).int().argmax(dim=-1)  # (B,): argmax takes the first
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]  # (B, D)
+        return pooled if self.text_projection is None else self.text_projection(pooled)
 
 
 def _accept_transformers_layouts(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:

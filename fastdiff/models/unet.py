@@ -1,7 +1,8 @@
-"""The Stable Diffusion 1.x / 2.x denoiser (diffusers' UNet2DConditionModel), lean enough to read top to bottom.
+"""The Stable Diffusion 1.x / 2.x / XL denoiser (diffusers' UNet2DConditionModel), lean enough to read top to bottom.
 
     sample (B, 4, h, w), timestep, context (B, T, cross_attention_dim)
       timestep -> sinusoidal embedding (B, C0) -> time_embedding MLP -> temb (B, 4 * C0)
+      (SDXL)      + add_embedding MLP of [pooled text embedding, sinusoidal embedding of each time id]
       conv_in                                                  (B, C0, h, w)
       down_blocks: per level, [ResnetBlock2D (+ Transformer2DModel)] x layers_per_block, then a stride-2
                    conv except at the last level; every output is kept as a skip
@@ -17,6 +18,13 @@ SD1 and SD2 differ only in settings: SD2 has `use_linear_projection` (proj_in/ou
 convs), 1024-wide OpenCLIP context instead of CLIP's 768, and 64-wide heads at every level. Beware of
 diffusers' naming: `attention_head_dim` is the number of HEADS (SD1: 8 at every level; SD2: [5, 10, 20, 20]),
 the head size is channels // heads. diffusers keeps the name for old configs and so does this file.
+
+SDXL is settings too: three levels (320, 640, 1280) with no attention at the top one, 1, 2 and 10 transformer
+layers per level (the mid block takes the last level's), 64-wide heads, a 2048-wide context (two text encoders'
+hidden states side by side), and `addition_embed_type="text_time"`: the pooled text embedding and the size and
+crop conditioning (`text_embeds`, `time_ids`) are embedded and added to the time embedding. The refiner has four
+levels (384, 768, 1536, 1536), attention at the middle two, 4 transformer layers, and an aesthetic score among
+its five time ids.
 
 Parameter names and state-dict keys are diffusers' exactly, so `load_state_dict(diffusers_unet.state_dict())`
 works unchanged. This file says what the network computes, in plain PyTorch.
@@ -34,9 +42,10 @@ from ._config import read_settings
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+ADDITION_EMBED_TYPES = (None, "text_time")
 
 # diffusers UNet2DConditionModel settings that fastdiff does not implement: each must keep a value that leaves
-# the SD1/SD2 computation unchanged (diffusers' default, the one that switches the feature off).
+# the SD1/SD2/SDXL computation unchanged (diffusers' default, the one that switches the feature off).
 _FIXED_SETTINGS: dict[str, tuple] = {
     "act_fn": ("silu", "swish"),  # diffusers' get_activation maps both to SiLU
     "mid_block_type": ("UNetMidBlock2DCrossAttn",),
@@ -53,10 +62,7 @@ _FIXED_SETTINGS: dict[str, tuple] = {
     "class_embed_type": (None,),
     "num_class_embeds": (None,),
     "class_embeddings_concat": (False,),
-    "projection_class_embeddings_input_dim": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
-    "addition_embed_type_num_heads": (64,),
+    "addition_embed_type_num_heads": (64,),  # the heads of addition_embed_type "text" (not supported)
     "resnet_time_scale_shift": ("default",),
     "resnet_skip_time_act": (False,),
     "resnet_out_scale_factor": (1.0,),
@@ -106,6 +112,11 @@ class UNetConfig:
     upcast_attention: bool = False  # compute attention scores and softmax in float32 (SD2.1 needs it in fp16).
     #   Always honoured: attention accumulates q k^T and the softmax in float32 whatever this says
     #   (diffusers' default SDPA processor ignores the flag altogether)
+    addition_embed_type: Optional[str] = None  # "text_time" (SDXL): an embedding of the pooled text embedding and
+    #   the time ids, added to the time embedding (`add_embedding`); None: no such input (SD1, SD2)
+    addition_time_embed_dim: Optional[int] = None  # width of each time id's sinusoidal embedding (SDXL: 256)
+    projection_class_embeddings_input_dim: Optional[int] = None  # add_embedding's input width: pooled text width +
+    #   number of time ids * addition_time_embed_dim (SDXL: 1280 + 6 * 256 = 2816; its refiner 1280 + 5 * 256)
 
     def __post_init__(self):
         for name in ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
@@ -138,9 +149,25 @@ class UNetConfig:
             raise ValueError(f"norm_num_groups must divide every block_out_channels entry, "
                              f"got norm_num_groups={self.norm_num_groups} and channels {bad}")
         for level, (channels, heads) in enumerate(zip(self.block_out_channels, self.heads)):
-            if channels % heads:
+            if channels % heads and self.has_attention(level):
                 raise ValueError(f"attention_head_dim (the head count) must divide the level's channels, "
                                  f"got {heads} heads for {channels} channels at level {level}")
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ValueError(f"addition_embed_type must be one of {ADDITION_EMBED_TYPES}, "
+                             f"got {self.addition_embed_type!r}")
+        if self.addition_embed_type == "text_time":
+            for name in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                value = getattr(self, name)
+                if not (isinstance(value, int) and value >= 1):
+                    raise ValueError(f"{name} must be a positive int with addition_embed_type 'text_time', "
+                                     f"got {value!r}")
+
+    def has_attention(self, level: int) -> bool:
+        """Whether any transformer works at `level`: its down or up block is a CrossAttn one, or it is the last
+        level, where the mid block's is."""
+        levels = len(self.block_out_channels)
+        return (self.down_block_types[level] == "CrossAttnDownBlock2D"
+                or self.up_block_types[levels - 1 - level] == "CrossAttnUpBlock2D" or level == levels - 1)
 
     @property
     def heads(self) -> tuple[int, ...]:
@@ -204,6 +231,41 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
+
+
+def added_embedding(add_embedding: Optional[TimestepEmbedding], config: UNetConfig, text_embeds: Optional[Tensor],
+                    time_ids: Optional[Tensor]) -> Optional[Tensor]:
+    """SDXL's added conditioning (diffusers' addition_embed_type "text_time"), which the UNet adds to its time
+    embedding: every time id gets a sinusoidal embedding of addition_time_embed_dim, as a timestep does (diffusers'
+    `add_time_proj`), and `add_embedding` (an MLP like the time embedding's) reads [text_embeds, those embeddings].
+
+    text_embeds: (B, P) the pooled, projected text embedding (SDXL: OpenCLIP bigG's, P = 1280); time_ids: (B, N),
+    any real dtype, SDXL's (original height, width, crop top, left, target height, width), its refiner's with an
+    aesthetic score in place of the target size; P + N * addition_time_embed_dim must be add_embedding's input
+    width -> (B, 4 * C0) in add_embedding's dtype. None for a UNet without an add embedding (add_embedding None),
+    which must be given neither input. ValueError naming the input that is missing, unexpected or misshapen.
+    """
+    given = [name for name, t in (("text_embeds", text_embeds), ("time_ids", time_ids)) if t is not None]
+    if add_embedding is None:
+        if given:
+            raise ValueError(f"{' and '.join(given)} given, but this UNet has no add embedding "
+                             f"(addition_embed_type {config.addition_embed_type!r})")
+        return None
+    dim, width = config.addition_time_embed_dim, add_embedding.linear_1.in_features
+    if len(given) < 2:
+        missing = " and ".join(n for n in ("text_embeds", "time_ids") if n not in given)
+        raise ValueError(f"{missing} missing: a UNet with addition_embed_type 'text_time' takes text_embeds (B, P) "
+                         f"and time_ids (B, N) with P + N * {dim} = {width}")
+    for name, t, layout in (("text_embeds", text_embeds, "(B, P)"), ("time_ids", time_ids, "(B, N)")):
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
+    if time_ids.shape[0] != text_embeds.shape[0] or text_embeds.shape[1] + time_ids.shape[1] * dim != width:
+        raise ValueError(f"text_embeds {tuple(text_embeds.shape)} and time_ids {tuple(time_ids.shape)} must be (B, P) "
+                         f"and (B, N) with P + N * {dim} = {width} (projection_class_embeddings_input_dim)")
+    time_embeds = timestep_embedding(time_ids.flatten(), dim, config.flip_sin_to_cos, config.freq_shift)
+    dtype = add_embedding.linear_1.weight.dtype
+    x = torch.cat([text_embeds.to(dtype), time_embeds.reshape(time_ids.shape[0], -1).to(dtype)], dim=1)  # (B, width)
+    return add_embedding(x)
 
 
 class ResnetBlock2D(nn.Module):
@@ -436,7 +498,8 @@ class UpBlock(nn.Module):
 
 
 class UNet2DConditionModel(nn.Module):
-    """The SD1/SD2 denoiser: forward(sample, timestep, context) -> noise (or v) prediction, same shape as sample."""
+    """The SD1/SD2/SDXL denoiser: forward(sample, timestep, context) -> noise (or v) prediction, same shape as
+    sample; SDXL's also takes text_embeds and time_ids."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -449,6 +512,8 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], config.time_embed_dim)
+        self.add_embedding = None if config.addition_embed_type is None else TimestepEmbedding(
+            config.projection_class_embeddings_input_dim, config.time_embed_dim)  # `added_embedding`
 
         self.down_blocks = nn.ModuleList(
             DownBlock(channels[max(i - 1, 0)], channels[i], layers[i],
@@ -469,21 +534,35 @@ class UNet2DConditionModel(nn.Module):
 
     def time_embed(self, timestep: Union[int, float, Tensor], batch: int, device: torch.device,
                    dtype: torch.dtype) -> Tensor:
-        """The time embedding every ResNet block receives, (B or 1, 4 * C0): the time-embedding MLP of the
-        timestep's sinusoidal embedding. timestep: as `forward` takes it, for a batch of `batch` samples."""
+        """The time embedding every ResNet block receives (with `add_embed` added, for SDXL), (B or 1, 4 * C0): the
+        time-embedding MLP of the timestep's sinusoidal embedding. timestep: as `forward` takes it, for a batch of
+        `batch` samples."""
         t = timesteps_of(timestep, batch, device)  # (B,), or (1,) when shared
         t_emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                    self.config.freq_shift)
         return self.time_embedding(t_emb.to(dtype))
 
-    def forward(self, sample: Tensor, timestep: Union[int, float, Tensor], context: Tensor) -> Tensor:
+    def add_embed(self, text_embeds: Optional[Tensor], time_ids: Optional[Tensor]) -> Optional[Tensor]:
+        """SDXL's added conditioning, which `forward` adds to the time embedding: text_embeds (B, P), time_ids
+        (B, N) -> (B, 4 * C0); None for a UNet without an add embedding (see `added_embedding`)."""
+        return added_embedding(self.add_embedding, self.config, text_embeds, time_ids)
+
+    def forward(self, sample: Tensor, timestep: Union[int, float, Tensor], context: Tensor,
+                text_embeds: Optional[Tensor] = None, time_ids: Optional[Tensor] = None) -> Tensor:
         """sample: (B, in_channels, h, w), any h, w; timestep: a number or 0-d tensor for the whole batch, or a
         (B,) tensor (fractional values allowed); context: (B, T, cross_attention_dim) text-encoder hidden states
-        -> (B, out_channels, h, w)."""
+        -> (B, out_channels, h, w). text_embeds (B, P) and time_ids (B, N): SDXL's added conditioning (diffusers'
+        `added_cond_kwargs`), required with addition_embed_type "text_time" and refused without it."""
         if context.shape[0] != sample.shape[0]:
             raise ValueError(f"context has {context.shape[0]} rows, expected sample's batch {sample.shape[0]} "
                              f"(sample {tuple(sample.shape)}, context {tuple(context.shape)})")
         temb = self.time_embed(timestep, sample.shape[0], sample.device, sample.dtype)
+        added = self.add_embed(text_embeds, time_ids)
+        if added is not None:
+            if added.shape[0] != sample.shape[0]:
+                raise ValueError(f"text_embeds and time_ids have {added.shape[0]} rows, expected sample's batch "
+                                 f"{sample.shape[0]}")
+            temb = temb + added  # (B, 4 * C0)
         x = self.conv_in(sample)  # (B, C0, h, w)
         skips = [x]
         for block in self.down_blocks:
