@@ -136,10 +136,14 @@ class Components:
 
     unet: nn.Module  # fastdiff.models.unet.UNet2DConditionModel, eval mode, no gradients
     vae: nn.Module  # fastdiff.models.vae.AutoencoderKL
-    text_encoder: nn.Module  # fastdiff.models.clip.CLIPTextModel
-    tokenizer: CLIPTokenizer
+    text_encoder: Optional[nn.Module]  # fastdiff.models.clip.CLIPTextModel; None for the SDXL refiner
+    tokenizer: Optional[CLIPTokenizer]  # None exactly when text_encoder is
     scheduler_config: dict  # diffusers scheduler_config.json dict (betas, prediction_type, ...)
     source: str  # what was loaded, for logs and repr: format, path, weight files or inferred settings
+    text_encoder_2: Optional[nn.Module] = None  # SDXL's OpenCLIP ViT-bigG, a CLIPTextModel with text_projection
+    tokenizer_2: Optional[CLIPTokenizer] = None  # its tokenizer (pads with "!", id 0, unlike CLIP's)
+    options: dict = field(default_factory=dict)  # model_index.json's pipeline settings: SDXL's
+    #   force_zeros_for_empty_prompt (base: true) and requires_aesthetics_score (refiner: true)
 
 
 # The parts a `config=` override can set, and where a diffusers folder keeps their configs.
