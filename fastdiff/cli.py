@@ -1,5 +1,6 @@
-"""The `fastdiff` console script: `fastdiff generate "PROMPT" --out x.png`, `fastdiff info`, `fastdiff serve` (the
-AUTOMATIC1111 HTTP API), `fastdiff eval-default` (prompt adherence of the embedded default model).
+"""The `fastdiff` console script: `fastdiff generate "PROMPT" --out x.png` (`--model SDXL --refiner REFINER` hands the
+last fifth of the denoising to SDXL's refiner), `fastdiff info` (`--model PATH`: how it would run), `fastdiff serve`
+(the AUTOMATIC1111 HTTP API), `fastdiff eval-default` (prompt adherence of the embedded default model).
 
 Parsing and the checks that need no model import no torch: `--help`, `--version` and argument errors answer at
 once; torch is imported by the command that runs.
@@ -53,7 +54,35 @@ def cmd_info(args: argparse.Namespace) -> int:
             ok, why = ops.availability(backend, device)
             print(f"  {_backend_label(backend, device):<16} on {device:<5} {'yes' if ok else 'no '}  {why}")
     print('\n"cuda" is the name of the fastdiff._C backend in settings: C++ on the CPU, CUDA on the GPU')
+    if args.model is not None:
+        _model_info(args)
     return 0
+
+
+def _model_info(args: argparse.Namespace) -> None:
+    """How the model at --model runs with --device and --dtype: loaded as `generate` loads it."""
+    import torch
+
+    from fastdiff.pipeline import load_cached
+
+    _check_device(args.device)
+    if not os.path.exists(args.model):
+        raise CommandError(f"--model {args.model!r}: no such file or folder", 2)
+    try:
+        pipe = load_cached(args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    except (ValueError, OSError) as e:
+        raise CommandError(str(e)) from None
+    kind = "SDXL refiner" if pipe.refiner else "SDXL" if pipe.sdxl else "SD1/SD2"
+    print(f"\nmodel      {pipe.source}")
+    print(f"family     {kind}")
+    print(f"unet       {_dtype_name(pipe.dtype)} on {pipe.device}")
+    upcast = pipe.vae_dtype != pipe.dtype
+    print(f"vae        decodes in {_dtype_name(pipe.vae_dtype)}"
+          + (f" (force_upcast: SDXL's VAE overflows {_dtype_name(pipe.dtype)})" if upcast else ""))
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _backend_label(backend: str, device: str) -> str:
@@ -64,6 +93,7 @@ def _backend_label(backend: str, device: str) -> str:
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+DENOISING_END = 0.8  # where --refiner takes over by default: the last fifth of the denoising, as SDXL's authors do
 DTYPES = ("bfloat16", "float16", "float32")
 # check_request's argument names as the command line spells them
 FLAGS = {"guidance_scale": "--guidance", "num_images": "--num-images", "negative_prompt": "--negative",
@@ -128,8 +158,11 @@ def check_generate(args: argparse.Namespace) -> None:
         raise CommandError(f"--out {folders[0]!r} is a folder; give an image file name", 2)
     if (args.height is None) != (args.width is None):
         raise CommandError("give --height and --width together", 2)
-    if args.model is not None and not os.path.exists(args.model):
-        raise CommandError(f"--model {args.model!r}: no such file or folder", 2)
+    for flag, path in (("--model", args.model), ("--refiner", args.refiner)):
+        if path is not None and not os.path.exists(path):
+            raise CommandError(f"{flag} {path!r}: no such file or folder", 2)
+    if args.denoising_end is not None and args.refiner is None:
+        raise CommandError("--denoising-end is where the base hands off to --refiner; give --refiner", 2)
     for flag, path in [("--lora", path) for path, _ in args.lora] + [("--embedding", p) for p in args.embedding]:
         if not path.is_file():
             raise CommandError(f"{flag} {str(path)!r}: no such file", 2)
@@ -170,17 +203,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from fastdiff.pipeline import generate, load_cached
 
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
-        pipe = load_cached(args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        pipe = load_cached(args.model, device=args.device, dtype=dtype)
         pipe.memory_limit = None if args.max_memory is None else int(args.max_memory * 2**30)
         for path in args.embedding:
             pipe.load_textual_inversion(path)
         for path, weight in args.lora:
             pipe.load_lora(path, weight, name=str(path))
-        images = generate(args.prompt, args.steps, model=pipe, negative_prompt=args.negative,
-                          guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
-                          scheduler=args.scheduler, karras=args.karras, num_images=args.num_images,
-                          progress=not args.quiet)
+        common = dict(negative_prompt=args.negative, guidance_scale=args.guidance, seed=args.seed,
+                      scheduler=args.scheduler, karras=args.karras, num_images=args.num_images,
+                      progress=not args.quiet)
+        if args.refiner is None:
+            images = generate(args.prompt, args.steps, model=pipe, height=args.height, width=args.width, **common)
+        else:
+            images = _base_then_refiner(args, pipe, load_cached(args.refiner, device=args.device, dtype=dtype),
+                                        common)
     except (ValueError, OSError) as e:  # a model it cannot read, a device it does not have, no room
         raise CommandError(str(e)) from None
     except (torch.OutOfMemoryError, MemoryError):
@@ -198,6 +236,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
             tmp.unlink(missing_ok=True)
         print(f"wrote {path} ({image.width}x{image.height})")
     return 0
+
+
+def _base_then_refiner(args: argparse.Namespace, base, refiner, common: dict) -> list:
+    """SDXL's ensemble of experts: the base denoises down to --denoising-end (default 0.8) and hands its latents
+    to the refiner, which finishes from there with the same prompt, steps, sampler and seed."""
+    import torch
+
+    from fastdiff.pipeline import generate
+    from fastdiff.schedulers import denoising_start_index
+
+    for flag, path, pipe in (("--model", args.model, base), ("--refiner", args.refiner, refiner)):
+        if not pipe.sdxl:
+            raise CommandError(f"--refiner hands off between SDXL models; {flag} {path!r} is an SD1/SD2 model")
+    fraction = DENOISING_END if args.denoising_end is None else args.denoising_end
+    start = denoising_start_index(refiner.schedule(args.scheduler, args.steps, karras=args.karras), fraction)
+    if start >= args.steps:  # found before the base runs
+        raise CommandError(f"--steps {args.steps} with --denoising-end {fraction} leaves the refiner no step: "
+                           f"{args.scheduler}'s timesteps stop above the cut; raise --steps or lower --denoising-end")
+    latents = generate(args.prompt, args.steps, model=base, height=args.height, width=args.width,
+                       denoising_end=fraction, output_type="latent", **common)
+    return generate(args.prompt, args.steps, model=refiner, image=torch.stack(latents), denoising_start=fraction,
+                    **common)
 
 
 def check_serve(args: argparse.Namespace) -> None:
@@ -365,6 +425,16 @@ def _gpus(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number strictly between 0 and 1, got {text}")
+    return value
+
+
 _gib = _positive_number("GiB")
 _seconds = _positive_number("seconds")
 
@@ -380,13 +450,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fastdiff", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, device, and which backend each op uses").set_defaults(func=cmd_info)
+    info = sub.add_parser("info", help="versions, device, and which backend each op uses; with --model, how that "
+                                       "model runs (its family, dtypes, the VAE's decoding precision)")
+    info.add_argument("--model", default=None, help="a diffusers folder or single file to describe (loads it)")
+    info.add_argument("--device", type=_device, default=None, help="as generate's (default: cuda if available)")
+    info.add_argument("--dtype", choices=DTYPES, default=None, help="as generate's (default: float16 on CUDA)")
+    info.set_defaults(func=cmd_info)
 
     gen = sub.add_parser("generate", help="sample images for a prompt and write them to --out")
     gen.add_argument("prompt", help="the text prompt")
     gen.add_argument("--out", required=True, help="output image path (.png/.jpg/.webp); -N suffixes for several")
     gen.add_argument("--model", default=None, help="diffusers folder or single .safetensors/.ckpt file "
                                                    "(default: the embedded default model)")
+    gen.add_argument("--refiner", default=None, metavar="PATH",
+                     help="an SDXL refiner (diffusers folder) that finishes what the SDXL --model starts")
+    gen.add_argument("--denoising-end", type=_fraction, default=None, metavar="FRACTION",
+                     help=f"with --refiner: the fraction of the denoising the base does (default {DENOISING_END})")
     gen.add_argument("--steps", type=_positive_int, default=25, help="sampling steps (default 25)")
     gen.add_argument("--seed", type=_seed, default=None, help="random seed, 0 to 2**64 - 1 (default: random)")
     gen.add_argument("--scheduler", choices=SCHEDULERS, default="dpmpp_2m", help="sampler (default dpmpp_2m)")

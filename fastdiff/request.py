@@ -23,6 +23,7 @@ LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")  # the LoRA files a tag
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds in [0, 2**64)
 SIZE_MULTIPLE = 8  # the VAE's downsampling factor in every Stable Diffusion model
 Prompt = Union[str, Sequence[str]]
+Size = tuple[int, int]  # two pixel counts: (height, width), or a crop's (top, left)
 
 
 @dataclass
@@ -87,6 +88,87 @@ def check_request(prompt: Prompt, steps: int = 25, *, negative_prompt: Optional[
                    scheduler, karras, num_images, output_type, float(strength))
 
 
+@dataclass
+class SDXLRequest:
+    """SDXL's arguments, checked (`check_sdxl_request`). None: not given (the Pipeline fills in SDXL's defaults)."""
+
+    prompts_2: list[str]  # the second text encoder's texts, one per prompt (default: the prompts)
+    negative_2: list[str]  # its negative texts (default: the negative prompts)
+    original_size: Optional[Size] = None  # size conditioning (default: the image's size)
+    crops_coords_top_left: Optional[Size] = None  # crop conditioning (top, left) (default: (0, 0))
+    target_size: Optional[Size] = None  # base only (default: the image's size)
+    negative_original_size: Optional[Size] = None  # the negative rows' (default: original_size)
+    negative_crops_coords_top_left: Optional[Size] = None  # (default: crops_coords_top_left)
+    negative_target_size: Optional[Size] = None  # (default: target_size)
+    aesthetic_score: Optional[float] = None  # refiner only (default: 6.0)
+    negative_aesthetic_score: Optional[float] = None  # refiner only (default: 2.5)
+    denoising_start: Optional[float] = None  # fraction of the denoising done before this call (refiner hand-off)
+    denoising_end: Optional[float] = None  # fraction after which this call stops (base hand-off)
+
+
+# `check_sdxl_request`'s arguments: what Pipeline.__call__ and generate() take for SDXL alone
+SDXL_ARGUMENTS = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
+                  "negative_original_size", "negative_crops_coords_top_left", "negative_target_size",
+                  "aesthetic_score", "negative_aesthetic_score", "denoising_start", "denoising_end")
+
+
+def check_sdxl_request(prompts: list[str], negative: list[str], prompt_2: Optional[Prompt] = None,
+                       negative_prompt_2: Optional[Prompt] = None, original_size: Any = None,
+                       crops_coords_top_left: Any = None, target_size: Any = None, negative_original_size: Any = None,
+                       negative_crops_coords_top_left: Any = None, negative_target_size: Any = None,
+                       aesthetic_score: Any = None, negative_aesthetic_score: Any = None, denoising_start: Any = None,
+                       denoising_end: Any = None) -> SDXLRequest:
+    """SDXL's arguments that need no model, checked against `check_request`'s prompts and negative prompts; the
+    first bad one raises ValueError naming it. Whether the model takes them (an SDXL base or refiner) is the
+    Pipeline's question."""
+    prompts_2 = prompts if prompt_2 is None else _per_prompt(prompt_2, "prompt_2", len(prompts))
+    negative_2 = negative if negative_prompt_2 is None else _per_prompt(negative_prompt_2, "negative_prompt_2",
+                                                                        len(prompts))
+    for name, value in (("original_size", original_size), ("target_size", target_size),
+                        ("negative_original_size", negative_original_size),
+                        ("negative_target_size", negative_target_size)):
+        _check_pair(name, value, "(height, width), two positive ints", 1)
+    for name, value in (("crops_coords_top_left", crops_coords_top_left),
+                        ("negative_crops_coords_top_left", negative_crops_coords_top_left)):
+        _check_pair(name, value, "(top, left), two ints >= 0", 0)
+    for name, value in (("aesthetic_score", aesthetic_score), ("negative_aesthetic_score", negative_aesthetic_score)):
+        if value is not None and not (_is_number(value) and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if value is not None and not (_is_number(value) and 0.0 < value < 1.0):
+            raise ValueError(f"{name} must be a fraction of the denoising strictly between 0 and 1, got {value!r}")
+    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+        raise ValueError(f"denoising_start must be below denoising_end, got {denoising_start!r} and "
+                         f"{denoising_end!r}")
+
+    def pair(value: Any) -> Optional[Size]:
+        return None if value is None else (int(value[0]), int(value[1]))
+
+    def fraction(value: Any) -> Optional[float]:
+        return None if value is None else float(value)
+
+    return SDXLRequest(prompts_2, negative_2, pair(original_size), pair(crops_coords_top_left), pair(target_size),
+                       pair(negative_original_size), pair(negative_crops_coords_top_left), pair(negative_target_size),
+                       fraction(aesthetic_score), fraction(negative_aesthetic_score), fraction(denoising_start),
+                       fraction(denoising_end))
+
+
+def _per_prompt(value: Prompt, name: str, n: int) -> list[str]:
+    texts = as_prompt_list(value, name)
+    if len(texts) == 1:
+        return texts * n
+    if len(texts) != n:
+        raise ValueError(f"{name} has {len(texts)} entries, expected 1 or {n} (one per prompt)")
+    return texts
+
+
+def _check_pair(name: str, value: Any, expected: str, low: int) -> None:
+    if value is None:
+        return
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) and v >= low for v in value)):
+        raise ValueError(f"{name} must be {expected}, got {_short(value)}")
+
+
 def check_size(name: str, value: Any, multiple: int) -> None:
     if _is_int(value) and value > 0 and value % multiple == 0:
         return
@@ -149,6 +231,10 @@ def as_prompt_list(prompt: Prompt, name: str) -> list[str]:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_positive_int(name: str, value: Any) -> None:

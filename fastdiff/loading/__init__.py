@@ -1,6 +1,8 @@
-"""Loading real Stable Diffusion 1.x / 2.x checkpoints unchanged, from local files only.
+"""Loading real Stable Diffusion 1.x / 2.x / XL checkpoints unchanged, from local files only.
 
     components = load_components("path/to/stable-diffusion-v1-5")            # diffusers folder
+    components = load_components("path/to/sdxl-base-1.0", variant="fp16")   # SDXL: *.fp16.* weights, and
+                                                                             # text_encoder_2, tokenizer_2, options
     components = load_components("v1-5-pruned-emaonly.safetensors")         # single file (CompVis/LDM)
     components = load_components("v2-1_768-ema-pruned.safetensors",
                                  config={"scheduler": {"prediction_type": "v_prediction"},

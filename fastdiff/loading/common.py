@@ -151,6 +151,7 @@ CONFIG_FILES = {
     "unet": "unet/config.json",
     "vae": "vae/config.json",
     "text_encoder": "text_encoder/config.json",
+    "text_encoder_2": "text_encoder_2/config.json",  # SDXL's second text encoder
     "scheduler": "scheduler/scheduler_config.json",
 }
 

@@ -5,10 +5,17 @@ and returns the FULL list of `KeyPair(ldm, diffusers, op)`: every tensor of that
 layouts. The loader then checks that the checkpoint holds exactly the `ldm` keys (no more, no fewer) and
 that every converted tensor has the model's shape; nothing is matched by pattern.
 
-    unet_key_map(config)          model.diffusion_model.*              (SD1 and SD2 UNets)
-    vae_key_map(config)           first_stage_model.*                  (the KL autoencoder)
-    openai_clip_key_map(config)   cond_stage_model.transformer.*       (SD1: transformers' CLIP layout)
-    open_clip_key_map(config)     cond_stage_model.model.*             (SD2: OpenCLIP ViT-H/14 text tower)
+    unet_key_map(config)          model.diffusion_model.*                (SD1, SD2 and SDXL UNets)
+    vae_key_map(config)           first_stage_model.*                    (the KL autoencoder)
+    openai_clip_key_map(config)   cond_stage_model.transformer.*         (SD1: transformers' CLIP layout)
+                                  conditioner.embedders.0.transformer.*  (SDXL base: CLIP ViT-L/14, the same)
+    open_clip_key_map(config)     cond_stage_model.model.*               (SD2: OpenCLIP ViT-H/14 text tower)
+                                  conditioner.embedders.1.model.*        (SDXL base: OpenCLIP ViT-bigG/14)
+                                  conditioner.embedders.0.model.*        (SDXL refiner: ViT-bigG/14 alone)
+
+SDXL files come from Stability's generative-models code ("SGM"), which kept LDM's UNet (adding `label_emb`, the
+embedding of the pooled text and the size conditioning, and a transformer depth per level) and wraps the same
+two text encoders under `conditioner.embedders.N.`: the LDM maps serve it, with those additions.
 
 Keys are given without the component prefix; `UNET_PREFIX`, ... hold those.
 """
@@ -24,11 +31,15 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 OPENAI_CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_BIGG_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_BIGG_PREFIX = "conditioner.embedders.0.model."
 
 # How an LDM tensor becomes the diffusers tensor.
 COPY = "copy"
 CONV1X1 = "conv1x1"  # LDM 1x1 conv weight (O, I, 1, 1) -> diffusers linear weight (O, I)
 Q, K, V = "q", "k", "v"  # one third, along dim 0, of OpenCLIP's fused attention in_proj (q, k, v stacked)
+TRANSPOSE = "transpose"  # OpenCLIP's text_projection (D, P), applied as x @ P -> nn.Linear weight (P, D)
 
 
 class KeyPair(NamedTuple):
@@ -36,7 +47,7 @@ class KeyPair(NamedTuple):
 
     ldm: str  # key in the single-file checkpoint, without the component prefix
     diffusers: str  # key in the diffusers / transformers (= fastdiff) state dict
-    op: str = COPY  # COPY, CONV1X1, or Q / K / V
+    op: str = COPY  # COPY, CONV1X1, TRANSPOSE, or Q / K / V
 
 
 def _params(ldm: str, diffusers: str, names: tuple[str, ...] = ("weight", "bias"), op: str = COPY) -> list[KeyPair]:
@@ -90,6 +101,8 @@ def unet_key_map(config: Mapping) -> list[KeyPair]:
     `input_blocks.n.0.op`; `output_blocks` has `layers_per_block + 1` entries per level, lowest resolution
     first, the last one also holding the upsampler at `.1.conv` (no attention) or `.2.conv` (after the
     transformer). `layers_per_block` and `transformer_layers_per_block` may be one int or one per level.
+    With addition_embed_type "text_time" (SDXL) SGM's `label_emb.0` (Linear, SiLU, Linear) is diffusers'
+    `add_embedding`.
     """
     channels = list(config["block_out_channels"])
     levels = len(channels)
@@ -98,8 +111,10 @@ def unet_key_map(config: Mapping) -> list[KeyPair]:
     down_attn = ["CrossAttn" in t for t in config["down_block_types"]]
     up_attn = ["CrossAttn" in t for t in config["up_block_types"]]
 
-    pairs = (_params("time_embed.0", "time_embedding.linear_1") + _params("time_embed.2", "time_embedding.linear_2")
-             + _params("input_blocks.0.0", "conv_in"))
+    pairs = _params("time_embed.0", "time_embedding.linear_1") + _params("time_embed.2", "time_embedding.linear_2")
+    if config.get("addition_embed_type") == "text_time":
+        pairs += _params("label_emb.0.0", "add_embedding.linear_1") + _params("label_emb.0.2", "add_embedding.linear_2")
+    pairs += _params("input_blocks.0.0", "conv_in")
 
     n = 1
     out_ch = channels[0]
@@ -234,12 +249,15 @@ def openai_clip_key_map(config: Mapping, text_model_level: bool = True) -> list[
 
 
 def open_clip_key_map(config: Mapping) -> list[KeyPair]:
-    """SD2's text encoder: OpenCLIP's text tower (`resblocks.N`, fused q/k/v `in_proj`).
+    """SD2's and SDXL's OpenCLIP text tower (`resblocks.N`, fused q/k/v `in_proj`).
 
     Only the first `config["num_hidden_layers"]` resblocks are mapped. SD2 conditions on the penultimate
     layer followed by `ln_final`, which is exactly a transformers CLIPTextModel with one layer fewer
     (diffusers' stable-diffusion-2 text_encoder has 23 of the checkpoint's 24 layers); the last resblock,
-    `text_projection` and `logit_scale` are never used (`open_clip_unused`).
+    `text_projection` and `logit_scale` are never used (`open_clip_unused`). SDXL's ViT-bigG is a
+    CLIPTextModelWithProjection (config["projection_dim"] set): every resblock (the penultimate one gives the
+    context, the last one the pooled output) and `text_projection`, which OpenCLIP stores as the (D, P) matrix
+    it right-multiplies by, the transpose of nn.Linear's weight.
     """
     pairs = [KeyPair("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
              KeyPair("positional_embedding", "text_model.embeddings.position_embedding.weight")]
@@ -251,17 +269,21 @@ def open_clip_key_map(config: Mapping) -> list[KeyPair]:
         pairs += (_params(f"{ldm}.attn.out_proj", f"{dif}.self_attn.out_proj")
                   + _params(f"{ldm}.ln_1", f"{dif}.layer_norm1") + _params(f"{ldm}.mlp.c_fc", f"{dif}.mlp.fc1")
                   + _params(f"{ldm}.mlp.c_proj", f"{dif}.mlp.fc2") + _params(f"{ldm}.ln_2", f"{dif}.layer_norm2"))
-    return pairs + _params("ln_final", "text_model.final_layer_norm")
+    pairs += _params("ln_final", "text_model.final_layer_norm")
+    if config.get("projection_dim") is not None:
+        pairs.append(KeyPair("text_projection", "text_projection.weight", TRANSPOSE))
+    return pairs
 
 
-def open_clip_unused(num_resblocks: int, used_layers: int) -> list[str]:
-    """OpenCLIP keys SD2 never reads: the resblocks past the `used_layers` it runs (SD2 stops at the
-    penultimate one), the projection into the joint image-text space and the contrastive temperature."""
+def open_clip_unused(num_resblocks: int, used_layers: int, projection: bool = False) -> list[str]:
+    """OpenCLIP keys a model never reads: the resblocks past the `used_layers` it runs (SD2 stops at the
+    penultimate one, SDXL runs them all), the projection into the joint image-text space unless `projection`
+    (SDXL pools through it, SD2 does not) and the contrastive temperature."""
     block_keys = ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
                   "ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias",
                   "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
     return ([f"transformer.resblocks.{i}.{k}" for i in range(used_layers, num_resblocks) for k in block_keys]
-            + ["text_projection", "logit_scale"])
+            + ([] if projection else ["text_projection"]) + ["logit_scale"])
 
 
 # --- Applying a map ---------------------------------------------------------------------------------------
@@ -278,12 +300,15 @@ def to_diffusers(ldm: Mapping[str, Tensor], pairs: list[KeyPair]) -> dict[str, T
             t = t.chunk(3, dim=0)[_THIRDS[p.op]].clone()  # own storage: a view would pin the fused tensor
         elif p.op == CONV1X1 and t.ndim == 4 and t.shape[2:] == (1, 1):  # re-saved files may hold (O, I) already
             t = t[:, :, 0, 0]
+        elif p.op == TRANSPOSE:
+            t = t.T.contiguous()
         out[p.diffusers] = t
     return out
 
 
 def to_ldm(diffusers: Mapping[str, Tensor], pairs: list[KeyPair]) -> dict[str, Tensor]:
-    """The inverse of `to_diffusers`: write a diffusers state dict in the LDM layout (q, k, v re-fused)."""
+    """The inverse of `to_diffusers`: write a diffusers state dict in the LDM layout (q, k, v re-fused,
+    projections transposed back)."""
     out = {}
     fused: dict[str, dict[int, Tensor]] = {}
     for p in pairs:
@@ -292,6 +317,8 @@ def to_ldm(diffusers: Mapping[str, Tensor], pairs: list[KeyPair]) -> dict[str, T
             fused.setdefault(p.ldm, {})[_THIRDS[p.op]] = t
         elif p.op == CONV1X1:
             out[p.ldm] = t[:, :, None, None]
+        elif p.op == TRANSPOSE:
+            out[p.ldm] = t.T.contiguous()
         else:
             out[p.ldm] = t
     for key, parts in fused.items():

@@ -5,7 +5,9 @@
     x = sample(model_fn, x, sched, guidance_scale=7.5, noise_fn=noise_fn)
 
 img2img: `start = img2img_start_index(steps, strength)`, `x = add_noise(x0, noise, sched, start)`, then
-`sample(..., start_index=start)`. Files:
+`sample(..., start_index=start)`. SDXL's base -> refiner hand-off: the base runs
+`sample(..., end_index=denoising_end_index(sched, 0.8))`, the refiner continues from its latents with
+`start_index=denoising_start_index(sched, 0.8)`. Files:
 
     config.py    SchedulerConfig: a checkpoint's scheduler_config.json resolved per sampler, as diffusers does
     schedule.py  training table alpha_bar_t, timestep spacing, Karras sigmas, `Schedule`, `add_noise`

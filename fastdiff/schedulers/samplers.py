@@ -2,7 +2,7 @@
 
 Every sampler has the same signature,
 
-    sample_x(model_fn, x, sched, guidance_scale=None, noise_fn=None, callback=None, start_index=0) -> x
+    sample_x(model_fn, x, sched, guidance_scale=None, noise_fn=None, callback=None, start_index=0, end_index=None) -> x
 
     model_fn(x_in, t) -> model_output   x_in: (B, ...) the model input, t: 0-dim float32 tensor on the
                                         schedule's device; model_output: x's dtype and device, (B, ...), or
@@ -14,6 +14,10 @@ Every sampler has the same signature,
                                         where diffusers' scheduler draws, so a shared generator gives the
                                         same images
     callback(i, x, x0)                  after step i with the new sample and that step's x0 estimate
+    start_index, end_index              the steps run are [start_index, end_index) of the plan (end_index None: to
+                                        its end); a range that stops early leaves x at the noise level step
+                                        end_index starts from, every step computed as in the whole plan (SDXL's
+                                        base -> refiner hand-off, `denoising_end_index`)
 
 Each step is one linear form `StepCoeffs` (see fastdiff/kernels/scheduler_step.py) whose coefficients are
 computed here on the host from the float64 schedule, and one `ops.scheduler_step` call that also does the
@@ -73,11 +77,16 @@ def eps_coeffs(prediction_type: str, sigma: float) -> tuple[float, float]:
 
 # ---- shared plumbing -------------------------------------------------------------------------------------
 
-def _check(sched: Schedule, name: str, start_index: int) -> None:
+def _check(sched: Schedule, name: str, start_index: int, end_index: Optional[int] = None) -> int:
+    """The checked range's end: the steps run are [start_index, end)."""
     if sched.name != name:
         raise ValueError(f"schedule was made for {sched.name!r}, not {name!r}: use make_schedule({name!r}, ...)")
     if not 0 <= start_index <= sched.steps:
         raise ValueError(f"start_index must be in [0, {sched.steps}], got {start_index}")
+    end = sched.steps if end_index is None else end_index
+    if not start_index <= end <= sched.steps:
+        raise ValueError(f"end_index must be in [start_index={start_index}, {sched.steps}], got {end_index}")
+    return end
 
 
 def _model(model_fn: ModelFn, x: Tensor, sched: Schedule, i: int) -> Tensor:
@@ -121,15 +130,15 @@ def _step(x: Tensor, model_output: Tensor, c: StepCoeffs, guidance_scale: Option
 
 def sample_ddpm(model_fn: ModelFn, x: Tensor, sched: Schedule, guidance_scale: Optional[float] = None,
                 noise_fn: Optional[NoiseFn] = None, callback: Optional[Callback] = None,
-                start_index: int = 0) -> Tensor:
+                start_index: int = 0, end_index: Optional[int] = None) -> Tensor:
     """Ancestral sampling from the DDPM posterior at the predicted x0 (Ho et al. 2020, Algorithm 2).
 
     Across strided timesteps t -> s the posterior q(x_s | x_t, x0) of `ddpm.posterior_coeffs` is used,
     variance "fixed_small" (the posterior's) or "fixed_large" (beta); noise is added while t > 0.
     """
-    _check(sched, "ddpm", start_index)
+    end = _check(sched, "ddpm", start_index, end_index)
     cfg, abar, ts = sched.config, sched.alphas_cumprod, sched.timesteps
-    for i in range(start_index, sched.steps):
+    for i in range(start_index, end):
         out = _model(model_fn, x, sched, i)
         abar_t = abar[int(ts[i])]
         abar_s = abar[int(ts[i + 1])] if i + 1 < sched.steps else 1.0
@@ -156,16 +165,16 @@ def _ddim_abar_prev(sched: Schedule, i: int) -> float:
 
 def sample_ddim(model_fn: ModelFn, x: Tensor, sched: Schedule, guidance_scale: Optional[float] = None,
                 noise_fn: Optional[NoiseFn] = None, callback: Optional[Callback] = None,
-                start_index: int = 0) -> Tensor:
+                start_index: int = 0, end_index: Optional[int] = None) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12): x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - std^2) eps + std z,
 
     std = eta sqrt((1 - abar_s) / (1 - abar_t) (1 - abar_t / abar_s)) (eq. 16); eta = sched.eta. With
     clip_sample, x0 is clamped but eps stays the unclamped model's (diffusers' default).
     """
-    _check(sched, "ddim", start_index)
+    end = _check(sched, "ddim", start_index, end_index)
     cfg, eta = sched.config, sched.eta
     clip = _clip(sched)
-    for i in range(start_index, sched.steps):
+    for i in range(start_index, end):
         out = _model(model_fn, x, sched, i)
         sigma = sched.sigmas[i]
         abar_t, abar_s = sched.alphas_cumprod[int(sched.timesteps[i])], _ddim_abar_prev(sched, i)
@@ -195,16 +204,16 @@ def sample_ddim(model_fn: ModelFn, x: Tensor, sched: Schedule, guidance_scale: O
 
 def sample_lcm(model_fn: ModelFn, x: Tensor, sched: Schedule, guidance_scale: Optional[float] = None,
                noise_fn: Optional[NoiseFn] = None, callback: Optional[Callback] = None,
-               start_index: int = 0) -> Tensor:
+               start_index: int = 0, end_index: Optional[int] = None) -> Tensor:
     """Latent Consistency Model multistep sampling (Luo et al. 2023, Algorithm 1).
 
     Consistency function f(x, t) = c_skip(t) x + c_out(t) x0 with the boundary condition of Song et al. 2023
     (sigma_data = 0.5, t scaled by timestep_scaling); every step but the last re-noises f to the next
     timestep with fresh noise; the last returns f. Guidance-embedded LCMs take guidance_scale=None.
     """
-    _check(sched, "lcm", start_index)
+    end = _check(sched, "lcm", start_index, end_index)
     cfg, abar, ts = sched.config, sched.alphas_cumprod, sched.timesteps
-    for i in range(start_index, sched.steps):
+    for i in range(start_index, end):
         out = _model(model_fn, x, sched, i)
         scaled_t = ts[i] * cfg.timestep_scaling
         c_skip = 0.25 / (scaled_t ** 2 + 0.25)
@@ -228,14 +237,14 @@ def sample_lcm(model_fn: ModelFn, x: Tensor, sched: Schedule, guidance_scale: Op
 
 def sample_euler(model_fn: ModelFn, x: Tensor, sched: Schedule, guidance_scale: Optional[float] = None,
                  noise_fn: Optional[NoiseFn] = None, callback: Optional[Callback] = None,
-                 start_index: int = 0) -> Tensor:
+                 start_index: int = 0, end_index: Optional[int] = None) -> Tensor:
     """Euler's method on the probability-flow ODE dx/dsigma = (x - x0) / sigma.
 
     Karras et al. 2022 (EDM), Algorithm 2 with S_churn = 0; k-diffusion's sample_euler.
     """
-    _check(sched, "euler", start_index)
+    end = _check(sched, "euler", start_index, end_index)
     s, pt = sched.sigmas, sched.config.prediction_type
-    for i in range(start_index, sched.steps):
+    for i in range(start_index, end):
         out = _model(model_fn, x, sched, i)
         r = s[i + 1] / s[i]  # x + (s[i+1] - s[i]) (x - x0) / s[i]
         x, x0 = _step(x, out, StepCoeffs(*x0_coeffs(pt, s[i], "ve"), a_x=r, a_0=1 - r), guidance_scale)
@@ -246,14 +255,14 @@ def sample_euler(model_fn: ModelFn, x: Tensor, sched: Schedule, guidance_scale: 
 
 def sample_euler_ancestral(model_fn: ModelFn, x: Tensor, sched: Schedule, guidance_scale: Optional[float] = None,
                            noise_fn: Optional[NoiseFn] = None, callback: Optional[Callback] = None,
-                           start_index: int = 0) -> Tensor:
+                           start_index: int = 0, end_index: Optional[int] = None) -> Tensor:
     """Ancestral Euler: an Euler step down to sigma_down, then fresh noise of std sigma_up, with
     sigma_up^2 = s'^2 (s^2 - s'^2) / s^2 and sigma_down^2 = s'^2 - sigma_up^2 (k-diffusion's
     sample_euler_ancestral with eta = 1; the split follows the DDPM posterior variance).
     """
-    _check(sched, "euler_a", start_index)
+    end = _check(sched, "euler_a", start_index, end_index)
     s, pt = sched.sigmas, sched.config.prediction_type
-    for i in range(start_index, sched.steps):
+    for i in range(start_index, end):
         out = _model(model_fn, x, sched, i)
         sigma_up = math.sqrt(s[i + 1] ** 2 * (s[i] ** 2 - s[i + 1] ** 2) / s[i] ** 2)
         r = math.sqrt(s[i + 1] ** 2 - sigma_up ** 2) / s[i]
@@ -267,7 +276,7 @@ def sample_euler_ancestral(model_fn: ModelFn, x: Tensor, sched: Schedule, guidan
 
 def sample_heun(model_fn: ModelFn, x: Tensor, sched: Schedule, guidance_scale: Optional[float] = None,
                 noise_fn: Optional[NoiseFn] = None, callback: Optional[Callback] = None,
-                start_index: int = 0) -> Tensor:
+                start_index: int = 0, end_index: Optional[int] = None) -> Tensor:
     """Heun's second-order method (Karras et al. 2022, Algorithm 1, S_churn = 0): an Euler step to x_e, a
     second model call at sigma', and the trapezoid x' = x + dt (d + d') / 2. The step to sigma = 0 is plain
     Euler. Two model calls per step except the last.
@@ -275,9 +284,9 @@ def sample_heun(model_fn: ModelFn, x: Tensor, sched: Schedule, guidance_scale: O
     Since x_e = x + dt d, the trapezoid is x' = (x + x_e) / 2 + dt / (2 sigma') (x_e - x0'): one more fused
     step, on x_e, with the pre-step x in the kernel's prev_x0 slot.
     """
-    _check(sched, "heun", start_index)
+    end = _check(sched, "heun", start_index, end_index)
     s, pt, clip = sched.sigmas, sched.config.prediction_type, _clip(sched)
-    for i in range(start_index, sched.steps):
+    for i in range(start_index, end):
         out = _model(model_fn, x, sched, i)
         r = s[i + 1] / s[i]
         x_e, x0 = _step(x, out, StepCoeffs(*x0_coeffs(pt, s[i], "ve"), a_x=r, a_0=1 - r), guidance_scale,
@@ -328,11 +337,11 @@ def _dpm_coeffs(sched: Schedule, i: int, has_prev: bool, sde: bool) -> StepCoeff
 
 def sample_dpmpp_2m(model_fn: ModelFn, x: Tensor, sched: Schedule, guidance_scale: Optional[float] = None,
                     noise_fn: Optional[NoiseFn] = None, callback: Optional[Callback] = None,
-                    start_index: int = 0) -> Tensor:
+                    start_index: int = 0, end_index: Optional[int] = None) -> Tensor:
     """DPM-Solver++(2M), multistep second order in data prediction (Lu et al. 2022, Algorithm 2); see `_dpm_coeffs`."""
-    _check(sched, "dpmpp_2m", start_index)
+    end = _check(sched, "dpmpp_2m", start_index, end_index)
     prev_x0 = None
-    for i in range(start_index, sched.steps):
+    for i in range(start_index, end):
         out = _model(model_fn, x, sched, i)
         c = _dpm_coeffs(sched, i, prev_x0 is not None, sde=False)
         x, prev_x0 = _step(x, out, c, guidance_scale, prev_x0=prev_x0 if c.a_p else None)
@@ -343,11 +352,11 @@ def sample_dpmpp_2m(model_fn: ModelFn, x: Tensor, sched: Schedule, guidance_scal
 
 def sample_dpmpp_2m_sde(model_fn: ModelFn, x: Tensor, sched: Schedule, guidance_scale: Optional[float] = None,
                         noise_fn: Optional[NoiseFn] = None, callback: Optional[Callback] = None,
-                        start_index: int = 0) -> Tensor:
+                        start_index: int = 0, end_index: Optional[int] = None) -> Tensor:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, sec. 5; diffusers' algorithm_type="sde-dpmsolver++"), noise every step."""
-    _check(sched, "dpmpp_2m_sde", start_index)
+    end = _check(sched, "dpmpp_2m_sde", start_index, end_index)
     prev_x0 = None
-    for i in range(start_index, sched.steps):
+    for i in range(start_index, end):
         out = _model(model_fn, x, sched, i)
         c = _dpm_coeffs(sched, i, prev_x0 is not None, sde=True)
         noise = _noise(noise_fn, x, "dpmpp_2m_sde")

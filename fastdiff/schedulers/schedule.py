@@ -219,3 +219,26 @@ def img2img_start_index(steps: int, strength: float) -> int:
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     return max(steps - min(int(steps * strength), steps), 0)
+
+
+def _cutoff(sched: Schedule, fraction: float) -> int:
+    """The training timestep a denoising fraction stands for, as diffusers rounds it: fraction 0.8 of 1000 -> 200."""
+    if not (isinstance(fraction, float) and 0.0 < fraction < 1.0):
+        raise ValueError(f"a denoising fraction must be a float in (0, 1), got {fraction!r}")
+    T = sched.config.num_train_timesteps
+    return int(round(T - fraction * T))
+
+
+def denoising_end_index(sched: Schedule, fraction: float) -> int:
+    """The step at which to stop after `fraction` of the denoising (SDXL's base `denoising_end`): the steps whose
+    timestep is at or above the cutoff run (diffusers' StableDiffusionXLPipeline). Counted in whole steps."""
+    cutoff = _cutoff(sched, fraction)
+    return sum(t >= cutoff for t in sched.timesteps)
+
+
+def denoising_start_index(sched: Schedule, fraction: float) -> int:
+    """The step at which to start with `fraction` of the denoising done (SDXL's refiner `denoising_start`): the
+    steps whose timestep is below the cutoff run (diffusers' StableDiffusionXLImg2ImgPipeline.get_timesteps).
+    With the same schedule and fraction it is `denoising_end_index`: the refiner takes over where the base stopped."""
+    cutoff = _cutoff(sched, fraction)
+    return sched.steps - sum(t < cutoff for t in sched.timesteps)

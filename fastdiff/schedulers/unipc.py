@@ -62,9 +62,9 @@ def _correct(sched: Schedule, i: int, x_prev: Tensor, m: list[Tensor], m_now: Te
 
 def sample_unipc(model_fn: ModelFn, x: Tensor, sched: Schedule, guidance_scale: Optional[float] = None,
                  noise_fn: Optional[NoiseFn] = None, callback: Optional[Callback] = None,
-                 start_index: int = 0) -> Tensor:
+                 start_index: int = 0, end_index: Optional[int] = None) -> Tensor:
     """UniPC-bh2, order 2 (module docstring). Same signature as the other samplers; deterministic."""
-    _check(sched, "unipc", start_index)
+    end = _check(sched, "unipc", start_index, end_index)
     cfg, n = sched.config, sched.steps
     dtype = x.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -72,7 +72,7 @@ def sample_unipc(model_fn: ModelFn, x: Tensor, sched: Schedule, guidance_scale: 
     m: list[Tensor] = []  # x0 estimates of the last two steps, newest last
     x_prev: Optional[Tensor] = None  # corrected sample of the previous step
     prev_order = 0
-    for i in range(start_index, n):
+    for i in range(start_index, end):
         x_in = x.to(dtype)
         out = _model(model_fn, x_in, sched, i)
         check_step_inputs(x_in, out, guidance_scale, None, None)
