@@ -6,8 +6,8 @@ On one CUDA GPU: for every attention call the Stable Diffusion UNets make at the
 and SDXL's self- and cross-attention per level, 512x512 to 1024x1024, CFG batch 2, 8 and 16, float16, in the
 fused projections' layouts the engine gives them), times torch's SDPA and each of the Triton kernel's candidate
 configs (`fastdiff.kernels.attention.candidate_configs`), then records one config per head dim and key path
-(`choose`) and, per call, the faster implementation with it. The rows replace this GPU model's table in `sm_<major><minor>.json` (other models' tables are kept), with
-the GPU, versions, date and this command. Timing: CUDA-graph replay of back-to-back calls over input sets
+(`choose`) and, per call, the faster implementation with it. The rows replace this GPU model's table in
+`sm_<major><minor>.json` (other models' tables are kept), with the GPU, versions, date and this command. Timing: CUDA-graph replay of back-to-back calls over input sets
 rotated past the L2 cache (benchmarks/timing.py), median of the replays. --quick: CFG batch 2 only.
 """
 from __future__ import annotations

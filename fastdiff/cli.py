@@ -463,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=None, help="diffusers folder or single .safetensors/.ckpt file "
                                                    "(default: the embedded default model)")
     gen.add_argument("--refiner", default=None, metavar="PATH",
-                     help="an SDXL refiner (diffusers folder) that finishes what the SDXL --model starts")
+                     help="an SDXL refiner (diffusers folder or single file) that finishes what the SDXL --model "
+                          "starts")
     gen.add_argument("--denoising-end", type=_fraction, default=None, metavar="FRACTION",
                      help=f"with --refiner: the fraction of the denoising the base does (default {DENOISING_END})")
     gen.add_argument("--steps", type=_positive_int, default=25, help="sampling steps (default 25)")

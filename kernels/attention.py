@@ -77,7 +77,8 @@ class AttentionConfig(NamedTuple):
 # Candidates per path, (BLOCK_M, BLOCK_N, warps, stages). The streaming path's (self-attention) are timed per
 # shape by benchmarks/tune.py, whose pick the tuning table gives `fastdiff.ops`. The on-chip path (the 77-token
 # cross-attention) has one per key block width (BLOCK_N = next_power_of_2(Skv) >= 16), 64 x 4 warps; past D_PAD
-# 128 short keys stream in 64 x 64 x 4 warps (32-row tiles where 64 rows of accumulators would spill: D 256). float32 runs exact fp32 dots on CUDA cores: small tiles, no spills.
+# 128 short keys stream in 64 x 64 x 4 warps (32-row tiles where 64 rows of accumulators would spill: D 256).
+# float32 runs exact fp32 dots on CUDA cores: small tiles, no spills.
 _STREAM_GRID = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (256, 64, 8, 3), (32, 64, 4, 2)]
 _SHORT_KEYS_STREAM = [(64, 64, 4, 3), (32, 64, 4, 2)]  # the second for D 256, whose 64 rows would spill
 _ONCHIP = (64, 4, 2)  # (BLOCK_M, warps, stages) of the on-chip path

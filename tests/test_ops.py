@@ -125,7 +125,8 @@ def test_auto_attention_without_a_table_spare_column_by_batch_sdpa_at_80_triton_
     # SD1.5's head dims at heads 8: 40 (Triton sums p in a spare column, from AUTO_MIN_BATCH_HEADS), 80, 160
     # (above AUTO_TRITON_ABOVE_HEAD_DIM)
     monkeypatch.setattr(ops, "AUTO_MIN_BATCH_HEADS", 32)
-    shapes = [(3, 8, 10, 40), (4, 8, 10, 40), (4, 8, 10, 80), (2, 8, 10, 160), (2, 8, 10, ops.AUTO_TRITON_ABOVE_HEAD_DIM)]
+    shapes = [(3, 8, 10, 40), (4, 8, 10, 40), (4, 8, 10, 80), (2, 8, 10, 160),
+              (2, 8, 10, ops.AUTO_TRITON_ABOVE_HEAD_DIM)]
     assert _auto_picks(monkeypatch, shapes) == ["sdpa", "fastdiff", "sdpa", "fastdiff", "sdpa"]
 
 

@@ -255,7 +255,8 @@ class CLIPTextModel(nn.Module):
         after it; otherwise the first position holding eos_token_id (the padding may repeat it)."""
         eos = self.config.eos_token_id
         ids = input_ids.to(hidden.device)
-        positions = ids.argmax(dim=-1) if eos == 2 else (ids == eos).int().argmax(dim=-1)  # (B,): argmax takes the first
+        # (B,) positions; argmax returns the first of equal maxima
+        positions = ids.argmax(dim=-1) if eos == 2 else (ids == eos).int().argmax(dim=-1)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]  # (B, D)
         return pooled if self.text_projection is None else self.text_projection(pooled)
 
