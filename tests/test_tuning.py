@@ -93,6 +93,8 @@ def test_no_table_on_the_cpu():
 
 def test_every_committed_row_names_a_candidate_config_of_its_call():
     files = sorted(tuning.TABLES.glob("sm_*.json"))
+    if not files:
+        pytest.skip(f"no tuning table in {tuning.TABLES}")
     for path in files:
         tables = tuning.read_tables(path)
         assert tables, f"{path} holds no table"
