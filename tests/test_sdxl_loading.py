@@ -28,6 +28,7 @@ from fastdiff.models.clip import CLIPTextConfig
 from fastdiff.models.unet import UNetConfig
 from fastdiff.models.vae import VAEConfig
 from fastdiff.schedulers.config import SchedulerConfig
+from tiny_models import randomise
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -92,14 +93,6 @@ class Tiny:
     inputs: dict
 
 
-def _perturbed(module: torch.nn.Module) -> torch.nn.Module:
-    # Away from the initial values, so zero-initialised layers and unit norms cannot hide a swapped tensor.
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return module.eval()
-
-
 @cache
 def tiny(kind: str) -> Tiny:
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -107,10 +100,13 @@ def tiny(kind: str) -> Tiny:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(3 if kind == "base" else 4)
-    unet = _perturbed(UNet2DConditionModel(**UNET_CONFIGS[kind]))
-    vae = _perturbed(AutoencoderKL(**VAE_CONFIG))
-    text_encoder = _perturbed(CLIPTextModel(HFCLIPTextConfig(**CLIP_L))) if kind == "base" else None
-    text_encoder_2 = _perturbed(CLIPTextModelWithProjection(HFCLIPTextConfig(**BIGG)))
+    unet = UNet2DConditionModel(**UNET_CONFIGS[kind]).eval()
+    vae = AutoencoderKL(**VAE_CONFIG).eval()
+    text_encoder = CLIPTextModel(HFCLIPTextConfig(**CLIP_L)).eval() if kind == "base" else None
+    text_encoder_2 = CLIPTextModelWithProjection(HFCLIPTextConfig(**BIGG)).eval()
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        if module is not None:  # away from the initial values: zero-initialised layers could hide a swapped tensor
+            randomise(module, scale=0.02)
     return Tiny(kind, unet, vae, text_encoder, text_encoder_2, make_inputs(kind, unet, text_encoder_2))
 
 
