@@ -8,18 +8,20 @@ import torch
 
 from fastdiff import memory
 
-# Resident memory one call adds to a warmed-up pipeline, in a fresh process: sampled every millisecond from
-# /proc/self/statm while the call runs, from a baseline taken after glibc handed its free memory back to the system
-# (malloc_trim), so that memory freed by loading and reused by the call does not hide what the call needs.
+# Resident memory one call adds to a warmed-up pipeline, in a fresh process: the kernel's high-water mark of the
+# resident set (VmHWM, reset by writing 5 to /proc/self/clear_refs just before the call, so no short peak is missed
+# the way sampling would miss it on a busy machine), over a baseline taken after glibc handed its free memory back
+# to the system (malloc_trim), so that memory freed by loading and reused by the call does not hide what it needs.
 PROBE = """
-import ctypes, gc, json, os, sys, threading, time
+import ctypes, gc, json, sys
 import torch
 from fastdiff import memory
 from fastdiff.pipeline import load_cached
 
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def status_bytes(field):
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # kB
 
 torch.set_num_threads(2)
 images, size, output_type = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -27,21 +29,14 @@ pipe = load_cached(None, "cpu")
 pipe("a red circle", 1, height=64, width=64, seed=0, progress=False)
 gc.collect()
 ctypes.CDLL("libc.so.6").malloc_trim(0)
-before, peak, done = rss(), [0], threading.Event()
-
-def watch():
-    while not done.is_set():
-        peak[0] = max(peak[0], rss())
-        time.sleep(0.001)
-
-watcher = threading.Thread(target=watch)
-watcher.start()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := the current resident set
+before = status_bytes("VmRSS")
 pipe("a red circle", 1, height=size, width=size, seed=0, num_images=images, output_type=output_type, progress=False)
-done.set()
-watcher.join()
+peak = status_bytes("VmHWM")
 need = memory.estimate(pipe.unet.config, pipe.vae.config, pipe.dtype, images, 2 * images, size, size,
                        decode=output_type != "latent")
-print(json.dumps({"peak": peak[0] - before, "estimate": need.device + need.host}))
+print(json.dumps({"peak": peak - before, "estimate": need.device + need.host}))
 """
 
 
