@@ -37,18 +37,18 @@ class DiffusersSystems(Systems):
         self.compiled_shape = None
 
 
-def measure(name: str, pipe, noise: torch.Tensor, reference: torch.Tensor | None) -> dict:
+def measure(name: str, pipe, arch: str, noise: torch.Tensor, reference: torch.Tensor | None) -> dict:
     """One image (which also compiles / captures what its first call needs), then the timed calls: ms per image,
     peak MiB allocated above the resident memory during one call, relative difference to `reference`."""
-    image = run_diffusers(pipe, noise)
+    image = run_diffusers(pipe, arch, noise)
     peak_mib = None
     if ON_GPU:
         sync()
         resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        image = run_diffusers(pipe, noise)
+        image = run_diffusers(pipe, arch, noise)
         peak_mib = (torch.cuda.max_memory_allocated() - resident) / 2 ** 20
-    ms = time_calls(lambda: run_diffusers(pipe, noise), calls=5)
+    ms = time_calls(lambda: run_diffusers(pipe, arch, noise), calls=5)
     diff = None if reference is None else rel(image, reference)
     print(f"{name:22s} {ms:10.1f} ms/image   peak over resident "
           f"{'n/a' if peak_mib is None else f'{peak_mib:8.1f} MiB'}   rel. diff to eager "
@@ -68,9 +68,10 @@ def main() -> None:
           f"{torch.cuda.get_device_name() if ON_GPU else 'CPU (tiny models)'}", flush=True)
 
     systems = DiffusersSystems(args.arch)
-    eager = measure("diffusers_eager", systems.diffusers, noise, None)
-    compiled = measure("diffusers_compile", systems.compiled_diffusers(args.batch, size), noise, eager["image"])
-    accelerated = measure("diffusers_accelerate", accelerate(systems.diffusers), noise, eager["image"])
+    eager = measure("diffusers_eager", systems.diffusers, args.arch, noise, None)
+    compiled = measure("diffusers_compile", systems.compiled_diffusers(args.batch, size), args.arch, noise,
+                       eager["image"])
+    accelerated = measure("diffusers_accelerate", accelerate(systems.diffusers), args.arch, noise, eager["image"])
     print(f"diffusers_compile / diffusers_accelerate: {compiled['ms'] / accelerated['ms']:.2f}x", flush=True)
     if ON_GPU:
         print(f"peak memory over resident vs eager: compile {compiled['peak_mib'] / eager['peak_mib']:.2f}x, "

@@ -3,15 +3,19 @@ side by side in one process.
 
 GPU (the default list; FASTDIFF_E2E_CASES narrows it): SD1.5 and SD2.1-base architectures with random weights
 (speed does not depend on the weights), float16, 512x512, 25 DPM++ 2M steps, classifier-free guidance 7.5,
-decoded to pixels. sd21v, SD2.1-768 (SD2.1-base's UNet and text tower, v-prediction), makes 768x768 images; a
-case may name another size (height x width). Systems:
+decoded to pixels. sd21v, SD2.1-768 (SD2.1-base's UNet and text tower, v-prediction), makes 768x768 images. sdxl,
+SDXL base (its UNet, CLIP ViT-L and OpenCLIP bigG text encoders, the SD VAE with SDXL's scaling), makes 1024x1024
+images with 25 DPM++ 2M steps on leading timesteps, guidance 7.5, the VAE decoding in float32 (force_upcast) in
+both systems as diffusers' SDXL pipeline runs it; sdxl_turbo, the same architecture as SDXL-Turbo runs it, makes
+512x512 images with 4 Euler ancestral steps on trailing timesteps, without guidance. A case may name another size
+(height x width). Systems:
   fastdiff            Pipeline(fast=None): channels_last, fused q/k/v, self-attention per head dim and batch
                       (FastConfig's "auto"), Triton cross-attention and GroupNorm+SiLU, the UNet call
                       replayed from a CUDA graph
   fastdiff_unfused_geglu  the same with FastConfig(fuse_geglu=False): GEGLU's gelu and mul as two eager
                       kernels (what the fused kernel, on by default, saves)
   fastdiff_compile    the same with fastdiff's UNet under torch.compile before capture (optional, last)
-  diffusers_eager     StableDiffusionPipeline as it comes (SDPA)
+  diffusers_eager     StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) as it comes (SDPA)
   diffusers_compile   diffusers' recipe: fuse_qkv_projections, channels_last UNet and VAE, the UNet under
                       torch.compile(mode="reduce-overhead", fullgraph=True); dynamo is reset before each such
                       case, so that each compiles for its own static shape, as in a fresh process
@@ -22,8 +26,8 @@ Case kinds (one pytest case each, run in the order of CASES, skipped once FASTDI
   image       ms per whole image (prompt to pixels, CUDA synchronised), images/s, first-call seconds
   unet_step   ms per UNet call at the CFG batch (fastdiff as configured by default, with SDPA self-attention
               everywhere, with Triton self-attention everywhere, with GEGLU unfused; diffusers eager and
-              compiled), effective TFLOP/s from
-              torch.utils.flop_counter; VAE decode ms
+              compiled), effective TFLOP/s from torch.utils.flop_counter (SDXL's call with its added
+              conditioning); VAE decode ms
   profile     torch.profiler per-kernel table of one fastdiff UNet step (eager launch of the engine's fused
               UNet, `FastEngine.unet`: the same kernels the graph replays) and GPU time per kernel
               category; on a GPU also the timeline of one graph replay (nodes, memset nodes, busy and idle time)
@@ -37,21 +41,30 @@ Case kinds (one pytest case each, run in the order of CASES, skipped once FASTDI
 Results accumulate in FASTDIFF_E2E_JSON (default $TMPDIR/fastdiff_e2e_results.json) after every case, so a run cut short
 keeps what it measured; `python benchmarks/bench_e2e.py --summary FILE` prints the table.
 
-CPU (or FASTDIFF_E2E_TINY=1): tiny random models, every size an eighth (64x64 for 512x512), 2 steps, one round
-each, compile with backend "eager": checks that the benchmark works, not how fast anything is.
+CPU (or FASTDIFF_E2E_TINY=1): tiny random models, every size an eighth (64x64 for 512x512), at most 2 steps, one
+round each, compile with backend "eager": checks that the benchmark works, not how fast anything is.
 
     pytest benchmarks/bench_e2e.py --benchmark-only                    # every case (FASTDIFF_E2E_CASES: some)
     python benchmarks/bench_e2e.py --run [CASES]                       # CASES in one pytest process, then the table
     python benchmarks/bench_e2e.py --run shapes                        # SHAPES_CASES, the table below
+    python benchmarks/bench_e2e.py --run sdxl                          # SDXL_CASES: SDXL's figures
 
 FASTDIFF_E2E_CASES: comma-separated arch:kind, arch:kind:system, arch:kind:system:batch (the architecture's own
 size) or arch:kind:system:batch:HxW, e.g. sd15:image:diffusers_compile:4 or sd15:image:fastdiff:1:512x768 (height
 512, width 768). The shorter forms pick from the default list; a whole case it does not hold runs too, after the
-last chosen case of its architecture. --run takes the same syntax, or "shapes"; without CASES it runs the headline,
-HEADLINE_CASES: SD1.5 512x512 batch 1, fastdiff against diffusers + compile, whose ratio the table's
-"sd15 512x512 b1" line ends with. SHAPES_CASES, fastdiff against diffusers + compile per row: SD1.5 at 512x512,
-512x768 (height x width) and 768x768, batch 1; SD2.1-768 at 768x768, batch 1; SD1.5 512x512 at batch 4 and 8;
-and sd15's new_shape.
+last chosen case of its architecture. --run takes the same syntax, or a preset name; without CASES it runs the
+headline, HEADLINE_CASES: SD1.5 512x512 batch 1, fastdiff against diffusers + compile, whose ratio the table's
+"sd15 512x512 b1" line ends with. Presets (PRESETS), fastdiff against diffusers + compile per row:
+  shapes  SD1.5 at 512x512, 512x768 (height x width) and 768x768, batch 1; SD2.1-768 at 768x768, batch 1; SD1.5
+          512x512 at batch 4 and 8; and sd15's new_shape.
+  sdxl    SDXL's acceptance figures in priority order: 1024x1024 batch 1, the UNet step, parity, batch 4, memory
+          (batch 4), cold start, then SDXL-Turbo at 512x512 batch 1. Where a command must end within a time
+          limit, FASTDIFF_E2E_DEADLINE_S a little under it makes the run skip (and record as skipped) the cases
+          that would overrun; those run by name in a later command, with its own FASTDIFF_E2E_JSON (--run starts
+          its results file afresh):
+
+    FASTDIFF_E2E_DEADLINE_S=540 FASTDIFF_E2E_JSON=sdxl.json python benchmarks/bench_e2e.py --run sdxl
+    FASTDIFF_E2E_JSON=sdxl_rest.json python benchmarks/bench_e2e.py --run sdxl:memory:all:4,sdxl:cold_start:all:1
 """
 from __future__ import annotations
 
@@ -78,18 +91,25 @@ if not ON_GPU:
 TINY = not ON_GPU or os.environ.get("FASTDIFF_E2E_TINY") == "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPE = torch.float16 if ON_GPU else torch.float32
-STEPS = 2 if TINY else 25
+STEPS = 2 if TINY else 25  # the most steps an image takes (TINY: 2)
 GUIDANCE = 7.5
+SEED = 0  # every image's generator: an ancestral sampler (sdxl_turbo's) draws the same noise in every system
 PROMPT = "a photograph of an astronaut riding a horse"
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  steps_offset=1, prediction_type="epsilon")
+SAMPLING = dict(sampler="dpmpp_2m", steps=STEPS, guidance=GUIDANCE)  # sampler: fastdiff's name for it
 CLIP_ASSETS = Path(__file__).resolve().parent.parent / "fastdiff" / "assets" / "clip"
 STARTED = time.monotonic()
 DEADLINE_S = float(os.environ.get("FASTDIFF_E2E_DEADLINE_S", "inf"))  # seconds after import to stop starting cases
 JSON_PATH = Path(os.environ.get("FASTDIFF_E2E_JSON", Path(tempfile.gettempdir()) / "fastdiff_e2e_results.json"))
-FLOPS_NOTE = "UNet FLOPs counted by torch.utils.flop_counter on the reference ops (SD1.5, CFG batch 2: 1606 GFLOP)"
+FLOPS_NOTE = ("UNet FLOPs counted by torch.utils.flop_counter on the reference ops (CFG batch 2: SD1.5 at 512x512 "
+              "1606 GFLOP, SDXL at 1024x1024 13522 GFLOP)")
 
-# diffusers / transformers constructor settings per architecture (fastdiff reads the same names).
+# diffusers / transformers constructor settings per architecture (fastdiff reads the same names): unet; text, the
+# text encoder (its projection_dim is the transformers config's, of a projection CLIPTextModel lacks); and where an
+# architecture has them: text_2, SDXL's second text encoder (CLIPTextModelWithProjection); vae, settings over VAE's;
+# scheduler, over SCHEDULER; sampling, over SAMPLING; size, the side of its own images in pixels (else 8 per latent
+# of the UNet's sample_size); cost, a rough factor on the seconds its cases take against SD1.5's (COST_S).
 ARCHS = {
     "sd15": dict(
         unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
@@ -105,17 +125,60 @@ ARCHS = {
 # diffusers and fastdiff alike)
 ARCHS["sd21v"] = dict(unet=dict(ARCHS["sd21"]["unet"], sample_size=96), text=ARCHS["sd21"]["text"],
                       scheduler=dict(prediction_type="v_prediction"))
+# SDXL base (stabilityai/stable-diffusion-xl-base-1.0's configs): no attention at the top level, transformer
+# depth per level, 64-wide heads; the context is CLIP ViT-L's and OpenCLIP bigG's penultimate states side by
+# side (768 + 1280), the added conditioning bigG's pooled projection and six size and crop ids (1280 + 6 * 256);
+# the SD VAE with SDXL's scaling, decoding in float32 (force_upcast)
+ARCHS["sdxl"] = dict(
+    unet=dict(sample_size=128, block_out_channels=[320, 640, 1280],
+              down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+              up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+              transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20], use_linear_projection=True,
+              cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+              projection_class_embeddings_input_dim=2816),
+    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              hidden_act="quick_gelu", projection_dim=768),
+    text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                hidden_act="gelu", projection_dim=1280),
+    vae=dict(scaling_factor=0.13025, force_upcast=True),
+    scheduler=dict(timestep_spacing="leading"),
+    cost=3)
+# SDXL-Turbo: SDXL's architecture distilled for few unguided steps. diffusers' SDXL Turbo docs: guidance_scale=0.0,
+# timestep_spacing="trailing", 1 to 4 steps, trained at 512x512; stabilityai/sdxl-turbo's scheduler_config.json is
+# an EulerAncestralDiscreteScheduler's with SDXL's betas and "trailing" spacing
+ARCHS["sdxl_turbo"] = dict(ARCHS["sdxl"], scheduler=dict(timestep_spacing="trailing"),
+                           sampling=dict(sampler="euler_a", steps=4, guidance=0.0), size=512)
 VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, sample_size=512)
-if TINY:  # head dims of 16 keep the Triton kernels inside their limits on the interpreter
-    ARCHS = {name: dict(
-        unet=dict(sample_size=spec["unet"]["sample_size"] // 8, cross_attention_dim=32, attention_head_dim=2,
-                  block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
-                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-                  use_linear_projection=spec["unet"].get("use_linear_projection", False)),
-        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  hidden_act=spec["text"]["hidden_act"], projection_dim=32),
-        scheduler=spec.get("scheduler", {})) for name, spec in ARCHS.items()}
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+
+
+def _tiny(spec: dict) -> dict:
+    """`spec` at the CPU's size, sizes an eighth: 32-wide text encoders; a UNet of 32 and 64 channels with heads of
+    16 (which keeps the Triton kernels inside their limits on the interpreter), SDXL's of three levels with its block
+    types, transformer depth per level and added conditioning (the second encoder's projection and six ids of 8)."""
+    unet = spec["unet"]
+    tiny = dict(spec, text=dict(TINY_TEXT, hidden_act=spec["text"]["hidden_act"]),
+                unet=dict(sample_size=unet["sample_size"] // 8, layers_per_block=1, norm_num_groups=8,
+                          use_linear_projection=unet.get("use_linear_projection", False)))
+    if "text_2" in spec:
+        tiny["text_2"] = dict(TINY_TEXT, hidden_act=spec["text_2"]["hidden_act"])
+        tiny["unet"].update(block_out_channels=[32, 32, 64], attention_head_dim=[2, 2, 4],
+                            transformer_layers_per_block=[1, 1, 2], cross_attention_dim=2 * TINY_TEXT["hidden_size"],
+                            down_block_types=unet["down_block_types"], up_block_types=unet["up_block_types"],
+                            addition_embed_type="text_time", addition_time_embed_dim=8,
+                            projection_class_embeddings_input_dim=TINY_TEXT["projection_dim"] + 6 * 8)
+    else:
+        tiny["unet"].update(block_out_channels=[32, 64], attention_head_dim=2,
+                            cross_attention_dim=TINY_TEXT["hidden_size"],
+                            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
+    if "size" in spec:
+        tiny["size"] = spec["size"] // 8
+    return tiny
+
+
+if TINY:
+    ARCHS = {name: _tiny(spec) for name, spec in ARCHS.items()}
     VAE = dict(block_out_channels=[16, 32, 32, 32], layers_per_block=1, latent_channels=4, norm_num_groups=8,
                sample_size=64)
 
@@ -134,8 +197,16 @@ GPU_CASES = [
     ("sd21", "parity", "all", 1),
     ("sd21", "image", "fastdiff", 1), ("sd21", "image", "diffusers_compile", 1),
     ("sd21", "image", "diffusers_eager", 1),
+    # SDXL in the `sdxl` preset's order (the UNet step right after the compiled image, whose compile it times)
+    ("sdxl", "image", "fastdiff", 1), ("sdxl", "image", "diffusers_compile", 1), ("sdxl", "unet_step", "all", 1),
+    ("sdxl", "parity", "all", 1), ("sdxl", "image", "diffusers_eager", 1),
+    ("sdxl", "image", "fastdiff", 4), ("sdxl", "image", "diffusers_compile", 4),
+    ("sdxl", "image", "diffusers_eager", 4), ("sdxl", "memory", "all", 4), ("sdxl", "cold_start", "all", 1),
+    ("sdxl_turbo", "image", "fastdiff", 1), ("sdxl_turbo", "image", "diffusers_compile", 1),
+    ("sdxl_turbo", "image", "diffusers_eager", 1),
     ("sd15", "image", "fastdiff_compile", 1),
 ]
+# without fastdiff_compile: inductor's CPU compile takes a minute here
 CPU_CASES = [("sd15", "parity", "all", 1), ("sd15", "image", "fastdiff", 1),
              ("sd15", "image", "fastdiff_unfused_geglu", 1),
              ("sd15", "image", "diffusers_eager", 1),
@@ -143,7 +214,11 @@ CPU_CASES = [("sd15", "parity", "all", 1), ("sd15", "image", "fastdiff", 1),
              ("sd15", "unet_step", "all", 1), ("sd15", "profile", "fastdiff", 1), ("sd15", "cold_start", "all", 1),
              ("sd15", "image", "fastdiff", 1, (64, 96)), ("sd15", "image", "diffusers_compile", 1, (64, 96)),
              ("sd15", "new_shape", "fastdiff", 1), ("sd21", "image", "fastdiff", 1),
-             ("sd21v", "image", "fastdiff", 1)]  # fastdiff_compile: inductor's CPU compile takes a minute here
+             ("sd21v", "image", "fastdiff", 1),
+             ("sdxl", "image", "fastdiff", 1), ("sdxl", "image", "diffusers_compile", 1),
+             ("sdxl", "unet_step", "all", 1), ("sdxl", "parity", "all", 1), ("sdxl", "image", "diffusers_eager", 1),
+             ("sdxl", "memory", "all", 2),
+             ("sdxl_turbo", "image", "fastdiff", 1), ("sdxl_turbo", "image", "diffusers_eager", 1)]
 # Rough seconds each case needs (compiles dominate) at one 512x512 image per call, to skip what cannot finish
 # before the deadline; WORK_COST_S more per further 512x512 image's worth of pixels per call (batch x height x width).
 COST_S = {"parity": 25, "image": 15, "unet_step": 20, "profile": 10, "cold_start": 120, "memory": 60,
@@ -164,16 +239,37 @@ SHAPES_CASES = ",".join(["sd15:new_shape:fastdiff:1"] + [
     for arch, batch, h, w in [("sd15", 1, 512, 512), ("sd15", 1, 512, 768), ("sd15", 1, 768, 768),
                               ("sd21v", 1, 768, 768), ("sd15", 4, 512, 512), ("sd15", 8, 512, 512)]
     for system in ("fastdiff", "diffusers_compile")])
+# `--run sdxl`: SDXL's acceptance figures, most important first (they run in GPU_CASES' order, which is this one)
+SDXL_CASES = ("sdxl:image:fastdiff:1,sdxl:image:diffusers_compile:1,sdxl:unet_step:all:1,sdxl:parity:all:1,"
+              "sdxl:image:fastdiff:4,sdxl:image:diffusers_compile:4,sdxl:memory:all:4,sdxl:cold_start:all:1,"
+              "sdxl_turbo:image:fastdiff:1,sdxl_turbo:image:diffusers_compile:1")
+PRESETS = {"shapes": SHAPES_CASES, "sdxl": SDXL_CASES}  # names FASTDIFF_E2E_CASES and --run take for case lists
 
 
 def default_size(arch: str) -> tuple[int, int]:
-    """(height, width) of the architecture's own images: 8 pixels per latent of its UNet's sample_size."""
-    side = 8 * ARCHS[arch]["unet"]["sample_size"]
+    """(height, width) of the architecture's own images: its `size`, else 8 pixels per latent of its UNet's
+    sample_size."""
+    side = ARCHS[arch].get("size", 8 * ARCHS[arch]["unet"]["sample_size"])
     return side, side
+
+
+def is_sdxl(arch: str) -> bool:
+    """Whether `arch` is SDXL's (two text encoders, the UNet's added conditioning)."""
+    return "text_2" in ARCHS[arch]
 
 
 def scheduler_for(arch: str) -> dict:
     return dict(SCHEDULER, **ARCHS[arch].get("scheduler", {}))
+
+
+def sampling_for(arch: str) -> dict:
+    """{sampler, steps, guidance} of the architecture's images; at most STEPS steps."""
+    sampling = dict(SAMPLING, **ARCHS[arch].get("sampling", {}))
+    return dict(sampling, steps=min(sampling["steps"], STEPS))
+
+
+def vae_for(arch: str) -> dict:
+    return dict(VAE, **ARCHS[arch].get("vae", {}))
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -196,11 +292,11 @@ def _case_keys(case) -> set:
 def _cases() -> list[tuple]:
     cases = [_case(*c) for c in (GPU_CASES if not TINY else CPU_CASES)]
     # e.g. "sd15:image,sd15:parity,sd15:image:diffusers_compile:4,sd15:image:fastdiff:1:512x768" (the module's
-    # docstring); "shapes" is SHAPES_CASES
+    # docstring), or a PRESETS name
     wanted = os.environ.get("FASTDIFF_E2E_CASES")
     if not wanted:
         return cases
-    keys = [w.strip() for w in (SHAPES_CASES if wanted == "shapes" else wanted).split(",") if w.strip()]
+    keys = [w.strip() for w in PRESETS.get(wanted, wanted).split(",") if w.strip()]
     chosen = [c for c in cases if _case_keys(c) & set(keys)]
     for key in keys:  # a whole case the list does not hold: after the last chosen case of its architecture
         parts = key.split(":")
@@ -242,47 +338,92 @@ def sync() -> None:
 # ---- building the models ---------------------------------------------------------------------------------
 
 def build_diffusers(arch: str):
-    """A random-weight float32 StableDiffusionPipeline on DEVICE with DPM++ 2M (diffusers' defaults)."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    """A random-weight float32 diffusers pipeline of `arch` on DEVICE (`diffusers_pipeline`)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    spec = ARCHS[arch]
+    spec, vae = ARCHS[arch], vae_for(arch)
+    ids = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
     torch.manual_seed(0)
     with torch.device(DEVICE):
-        unet = UNet2DConditionModel(**spec["unet"])
-        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * len(VAE["block_out_channels"]),
-                            up_block_types=("UpDecoderBlock2D",) * len(VAE["block_out_channels"]), **VAE)
-        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
-                                                    eos_token_id=49407, pad_token_id=1, **spec["text"]))
-    tokenizer = CLIPTokenizer(str(CLIP_ASSETS / "vocab.json"), str(CLIP_ASSETS / "merges.txt"),
-                              pad_token="<|endoftext|>", model_max_length=77)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DPMSolverMultistepScheduler(**scheduler_for(arch)), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+        parts = dict(unet=UNet2DConditionModel(**spec["unet"]),
+                     vae=AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * len(vae["block_out_channels"]),
+                                       up_block_types=("UpDecoderBlock2D",) * len(vae["block_out_channels"]), **vae),
+                     text_encoder=CLIPTextModel(CLIPTextConfig(**ids, **spec["text"])))
+        if is_sdxl(arch):
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**ids, **spec["text_2"]))
+    vocab, merges = str(CLIP_ASSETS / "vocab.json"), str(CLIP_ASSETS / "merges.txt")
+    parts["tokenizer"] = CLIPTokenizer(vocab, merges, pad_token="<|endoftext|>", model_max_length=77)
+    if is_sdxl(arch):  # OpenCLIP's tokenizer pads with "!"
+        parts["tokenizer_2"] = CLIPTokenizer(vocab, merges, pad_token="!", model_max_length=77)
+    return diffusers_pipeline(arch, parts)
+
+
+def diffusers_pipeline(arch: str, parts: dict):
+    """diffusers' pipeline of `arch` over `parts` (its models and tokenizers): StableDiffusionXLPipeline for SDXL
+    (force_zeros_for_empty_prompt, as SDXL's model_index.json leaves it), else StableDiffusionPipeline; a fresh
+    scheduler of the architecture's sampler (`sampling_for`: DPM++ 2M is DPMSolverMultistepScheduler's defaults); no
+    safety checker or watermark, which fastdiff does not run either; no progress bar."""
+    import diffusers
+
+    from fastdiff.schedulers.config import DIFFUSERS_CLASSES
+
+    scheduler = getattr(diffusers, DIFFUSERS_CLASSES[sampling_for(arch)["sampler"]])(**scheduler_for(arch))
+    if is_sdxl(arch):
+        pipe = diffusers.StableDiffusionXLPipeline(**parts, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+                                                   add_watermarker=False)
+    else:
+        pipe = diffusers.StableDiffusionPipeline(**parts, scheduler=scheduler, safety_checker=None,
+                                                 feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def build_fastdiff(arch: str, oracle=None, fast=None):
-    """A float32 fastdiff Pipeline on DEVICE: the oracle's weights when given, else its own random init."""
+    """A float32 fastdiff Pipeline of `arch` on DEVICE: the oracle's weights when given, else its own random init."""
     import fastdiff
     from fastdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, CLIPTokenizer,
                                  UNet2DConditionModel, UNetConfig, VAEConfig)
 
     spec = ARCHS[arch]
-    vae_cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in VAE.items()})
+    vae_cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vae_for(arch).items()})
     text_cfg = CLIPTextConfig(**{k: v for k, v in spec["text"].items() if k != "projection_dim"})
     torch.manual_seed(0)
     with torch.device(DEVICE):
-        unet = UNet2DConditionModel(UNetConfig(**spec["unet"]))
-        vae = AutoencoderKL(vae_cfg)
-        text_encoder = CLIPTextModel(text_cfg)
+        models = dict(unet=UNet2DConditionModel(UNetConfig(**spec["unet"])), vae=AutoencoderKL(vae_cfg),
+                      text_encoder=CLIPTextModel(text_cfg))
+        if is_sdxl(arch):
+            models["text_encoder_2"] = CLIPTextModel(CLIPTextConfig(**spec["text_2"]))
     if oracle is not None:
-        unet.load_state_dict(oracle.unet.state_dict())
-        vae.load_state_dict(oracle.vae.state_dict())
-        text_encoder.load_state_dict(oracle.text_encoder.state_dict())
-    return fastdiff.Pipeline(unet, vae, text_encoder, CLIPTokenizer.default(), scheduler_for(arch),
-                             source=f"random {arch}", fast=fast)
+        for name, model in models.items():
+            model.load_state_dict(getattr(oracle, name).state_dict())
+    sdxl = dict(tokenizer_2=CLIPTokenizer.default(pad_token="!"),
+                options=dict(force_zeros_for_empty_prompt=True)) if is_sdxl(arch) else {}
+    return fastdiff.Pipeline(tokenizer=CLIPTokenizer.default(), scheduler_config=scheduler_for(arch),
+                             source=f"random {arch}", fast=fast, **models, **sdxl)
+
+
+def pipeline_like(pipe, fast, unet=None):
+    """A fastdiff Pipeline over `pipe`'s models, tokenizers and settings (`unet` in place of its UNet when given),
+    with an engine of its own, made for `fast` on its first call."""
+    import fastdiff
+
+    return fastdiff.Pipeline(pipe.unet if unet is None else unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
+                             pipe.scheduler_config, source=pipe.source, fast=fast, text_encoder_2=pipe.text_encoder_2,
+                             tokenizer_2=pipe.tokenizer_2, options=pipe.options)
+
+
+def in_dtype(pipe, dtype: torch.dtype, fast):
+    """`pipe`'s models moved to `dtype` in place, the VAE to the dtype the pipeline decodes in (float32 for SDXL's
+    with force_upcast when `dtype` is float16, as diffusers' SDXL pipeline decodes), in a new Pipeline
+    (`pipeline_like`)."""
+    from fastdiff.pipeline import vae_dtype_for
+
+    for model in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+        if model is not None:
+            model.to(dtype)
+    pipe.vae.to(vae_dtype_for(pipe.vae.config, dtype, pipe.sdxl))
+    return pipeline_like(pipe, fast)
 
 
 @contextlib.contextmanager
@@ -301,17 +442,22 @@ def noise_for(arch: str, batch: int, size: tuple[int, int]) -> torch.Tensor:
     return torch.randn(batch, 4, size[0] // 8, size[1] // 8, generator=g)
 
 
-def run_fastdiff(pipe, noise: torch.Tensor, output_type: str = "pt") -> torch.Tensor:
-    out = pipe([PROMPT] * noise.shape[0], STEPS, guidance_scale=GUIDANCE, height=8 * noise.shape[2],
-               width=8 * noise.shape[3], latents=noise, scheduler="dpmpp_2m", output_type=output_type, progress=False)
+def run_fastdiff(pipe, arch: str, noise: torch.Tensor, output_type: str = "pt") -> torch.Tensor:
+    """`noise.shape[0]` images of PROMPT from `noise`, sampled as `arch`'s are (`sampling_for`), stacked."""
+    sampling = sampling_for(arch)
+    out = pipe([PROMPT] * noise.shape[0], sampling["steps"], guidance_scale=sampling["guidance"],
+               height=8 * noise.shape[2], width=8 * noise.shape[3], latents=noise, scheduler=sampling["sampler"],
+               seed=SEED, output_type=output_type, progress=False)
     sync()
     return torch.stack(out)
 
 
-def run_diffusers(pipe, noise: torch.Tensor, output_type: str = "pt") -> torch.Tensor:
-    out = pipe([PROMPT] * noise.shape[0], num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+def run_diffusers(pipe, arch: str, noise: torch.Tensor, output_type: str = "pt") -> torch.Tensor:
+    """As `run_fastdiff`, with diffusers' pipeline (whose scheduler is the architecture's sampler)."""
+    sampling = sampling_for(arch)
+    out = pipe([PROMPT] * noise.shape[0], num_inference_steps=sampling["steps"], guidance_scale=sampling["guidance"],
                height=8 * noise.shape[2], width=8 * noise.shape[3], latents=noise.to(DEVICE, pipe.unet.dtype),
-               output_type=output_type).images
+               generator=torch.Generator().manual_seed(SEED), output_type=output_type).images
     sync()
     return out
 
@@ -348,22 +494,17 @@ class Systems:
             from fastdiff import ops
 
             with ops.use_backend("reference"):
-                ref32 = run_fastdiff(self.fastdiff, noise, "latent")
-            oracle32 = run_diffusers(self.oracle32, noise, "latent") if self.oracle32 is not None else None
-        for part in (self.fastdiff.unet, self.fastdiff.vae, self.fastdiff.text_encoder):
-            part.to(DTYPE)
-        import fastdiff
-
-        f = self.fastdiff
-        self.fastdiff = fastdiff.Pipeline(f.unet, f.vae, f.text_encoder, f.tokenizer, f.scheduler_config,
-                                          source=f.source, fast=default_fast())
-        ours = run_fastdiff(self.fastdiff, noise, "latent")
+                ref32 = run_fastdiff(self.fastdiff, self.arch, noise, "latent")
+            oracle32 = (run_diffusers(self.oracle32, self.arch, noise, "latent") if self.oracle32 is not None
+                        else None)
+        self.fastdiff = in_dtype(self.fastdiff, DTYPE, default_fast())
+        ours = run_fastdiff(self.fastdiff, self.arch, noise, "latent")
         self.parity = {"fastdiff_fast_vs_fastdiff_ref32": rel(ours, ref32),
                        "finite": bool(torch.isfinite(ours).all())}
         if oracle32 is not None:
-            self.diffusers = self.oracle32.to(DTYPE)
+            self.diffusers = self.oracle32.to(DTYPE)  # an SDXL VAE too: diffusers' pipeline upcasts it to decode
             self.oracle32 = None
-            theirs = run_diffusers(self.diffusers, noise, "latent")
+            theirs = run_diffusers(self.diffusers, self.arch, noise, "latent")
             self.parity.update(diffusers_fp16_vs_fp32=rel(theirs, oracle32),
                                fastdiff_ref32_vs_diffusers_fp32=rel(ref32, oracle32))
             theirs_err = self.parity["diffusers_fp16_vs_fp32"]  # 0 on the CPU, where both run float32
@@ -376,14 +517,10 @@ class Systems:
         torch._dynamo.reset()
         self.compiled_shape = (batch, size)
         if self.compiled is None:
-            from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-            d = self.diffusers  # the text encoder and tokenizer are shared: the recipe leaves them as they are
-            pipe = StableDiffusionPipeline(vae=copy.deepcopy(d.vae), text_encoder=d.text_encoder,
-                                           tokenizer=d.tokenizer, unet=copy.deepcopy(d.unet),
-                                           scheduler=DPMSolverMultistepScheduler(**scheduler_for(self.arch)),
-                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-            pipe.set_progress_bar_config(disable=True)
+            d = self.diffusers  # the text encoders and tokenizers are shared: the recipe leaves them as they are
+            texts = ("text_encoder", "tokenizer") + (("text_encoder_2", "tokenizer_2") if is_sdxl(self.arch) else ())
+            pipe = diffusers_pipeline(self.arch, dict({name: getattr(d, name) for name in texts},
+                                                      unet=copy.deepcopy(d.unet), vae=copy.deepcopy(d.vae)))
             pipe.fuse_qkv_projections()
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
@@ -394,23 +531,18 @@ class Systems:
 
     def fastdiff_unfused_geglu(self):
         """fastdiff's fast path with GEGLU's gelu and mul unfused, on a copy of the float16 UNet."""
-        import fastdiff
         from fastdiff.engine import FastConfig
 
-        f = self.fastdiff
-        return fastdiff.Pipeline(copy.deepcopy(f.unet), f.vae, f.text_encoder, f.tokenizer, f.scheduler_config,
-                                 source=f.source, fast=FastConfig(fuse_geglu=False, cuda_graphs=ON_GPU))
+        return pipeline_like(self.fastdiff, FastConfig(fuse_geglu=False, cuda_graphs=ON_GPU),
+                             unet=copy.deepcopy(self.fastdiff.unet))
 
     def fastdiff_compiled(self):
-        """fastdiff's fast path with its UNet under torch.compile, on a copy of the float16 models."""
-        import fastdiff
+        """fastdiff's fast path with its UNet under torch.compile, on a copy of the float16 UNet."""
         from fastdiff.engine import FastConfig
 
-        f = self.fastdiff
         # "default": max-autotune's GEMM search would take minutes of the run's budget
         config = FastConfig(compile="default", cuda_graphs=ON_GPU)
-        return fastdiff.Pipeline(copy.deepcopy(f.unet), f.vae, f.text_encoder, f.tokenizer, f.scheduler_config,
-                                 source=f.source, fast=config)
+        return pipeline_like(self.fastdiff, config, unet=copy.deepcopy(self.fastdiff.unet))
 
 
 _systems: dict[str, Systems] = {}
@@ -435,8 +567,9 @@ def record(name: str, info: dict) -> None:
     """Keep `info` under `name` and rewrite the JSON file (partial results survive a cut-short run)."""
     if _results["versions"] is None:
         _results["versions"] = versions()
-        _results["settings"] = dict(steps=STEPS, guidance=GUIDANCE, scheduler="dpmpp_2m",
-                                    dtype=str(DTYPE), tiny=TINY, weights="random")
+        _results["settings"] = dict(steps=STEPS, guidance=GUIDANCE, scheduler=SAMPLING["sampler"],
+                                    dtype=str(DTYPE), tiny=TINY, weights="random",
+                                    sampling={arch: sampling_for(arch) for arch in ARCHS})
     _results["cases"][name] = info
     JSON_PATH.write_text(json.dumps(_results, indent=1, default=str))
 
@@ -449,10 +582,12 @@ def _case_id(case) -> str:
 
 
 def _cost_s(case) -> float:
-    """Rough seconds `case` needs (COST_S), building its architecture's models included."""
+    """Rough seconds `case` needs (COST_S, times its architecture's cost), building its architecture's models
+    included."""
     arch, kind, system, batch, (h, w) = case
     base = COMPILE_COST_S if "compile" in system else COST_S[kind]
-    return base + WORK_COST_S * max(0.0, batch * h * w * _SCALE ** 2 / 512 ** 2 - 1) + (0 if arch in _systems else 30)
+    work = WORK_COST_S * max(0.0, batch * h * w * _SCALE ** 2 / 512 ** 2 - 1)
+    return ARCHS[arch].get("cost", 1) * (base + work + (0 if arch in _systems else 30))
 
 
 def time_calls(fn, calls: int = 20) -> float:
@@ -475,7 +610,8 @@ def time_calls(fn, calls: int = 20) -> float:
 
 
 def unet_flops(arch: str, batch: int, size: tuple[int, int]) -> float:
-    """FLOPs of one UNet call on `batch` latents of `size` pixels, counted on the meta device with the reference ops."""
+    """FLOPs of one UNet call on `batch` latents of `size` pixels (SDXL's with its added conditioning: the pooled
+    text embedding and the time ids), counted on the meta device with the reference ops."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from fastdiff import ops
@@ -486,9 +622,26 @@ def unet_flops(arch: str, batch: int, size: tuple[int, int]) -> float:
         unet = UNet2DConditionModel(cfg)
         x = torch.empty(batch, 4, size[0] // 8, size[1] // 8)
         context = torch.empty(batch, 77, cfg.cross_attention_dim)
+        added = {}
+        if cfg.addition_embed_type is not None:
+            pooled = ARCHS[arch]["text_2"]["projection_dim"]
+            time_ids = (cfg.projection_class_embeddings_input_dim - pooled) // cfg.addition_time_embed_dim
+            added = dict(text_embeds=torch.empty(batch, pooled), time_ids=torch.empty(batch, time_ids))
     with ops.use_backend("reference"), FlopCounterMode(display=False) as counter:
-        unet(x, torch.tensor(500.0, device="meta"), context)
+        unet(x, torch.tensor(500.0, device="meta"), context, **added)
     return float(counter.get_total_flops())
+
+
+def conditioning(pipe, batch: int, size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
+    """What the guided UNet call takes besides its latents for `batch` images of PROMPT (negative ""), as `pipe` makes
+    it: the context (2B, 77, D), and SDXL's added conditioning (else {}): text_embeds (2B, P), the pooled text
+    embedding, and time_ids (2B, 6) float32, SDXL's default size ids for `size` (height, width), no crop."""
+    prompts, negative = [PROMPT] * batch, [""] * batch
+    if not pipe.sdxl:
+        return pipe.encode_prompt(prompts, negative, 1, True), {}
+    context, pooled = pipe.encode_prompt_xl(prompts, negative, 1, True)
+    time_ids = torch.tensor([[*size, 0, 0, *size]] * 2 * batch, dtype=torch.float32, device=pipe.device)
+    return context, dict(text_embeds=pooled, time_ids=time_ids)
 
 
 def case_parity(benchmark, arch: str, system: str, batch: int, size: tuple[int, int]) -> dict:
@@ -496,7 +649,7 @@ def case_parity(benchmark, arch: str, system: str, batch: int, size: tuple[int, 
         pytest.skip(f"parity runs at {arch}'s own size, {default_size(arch)}")
     s = systems_for(arch)
     noise = noise_for(arch, 1, size)
-    benchmark.pedantic(lambda: run_fastdiff(s.fastdiff, noise, "latent"), rounds=1, iterations=1)
+    benchmark.pedantic(lambda: run_fastdiff(s.fastdiff, arch, noise, "latent"), rounds=1, iterations=1)
     return dict(s.parity, budget="fastdiff_fast_vs_fastdiff_ref32 <= 2 x diffusers_fp16_vs_fp32")
 
 
@@ -514,13 +667,13 @@ def case_image(benchmark, arch: str, system: str, batch: int, size: tuple[int, i
     else:
         pipe, run = s.compiled_diffusers(batch, size), run_diffusers
     t0 = time.perf_counter()
-    run(pipe, noise)  # captures graphs / compiles for this shape
+    run(pipe, arch, noise)  # captures graphs / compiles for this shape
     first_call_s = time.perf_counter() - t0
     rounds = 1 if TINY else (5 if batch == 1 else 3)
     # reduce-overhead records its graphs on later calls: diffusers + compile's batch-1 image still fell from 212 to
     # 200 ms over the five rounds after two warm-up calls on an H200, so it gets five
     warmup = 0 if TINY else (5 if "compile" in system else 1)
-    benchmark.pedantic(lambda: run(pipe, noise), rounds=rounds, iterations=1, warmup_rounds=warmup)
+    benchmark.pedantic(lambda: run(pipe, arch, noise), rounds=rounds, iterations=1, warmup_rounds=warmup)
     ms = statistics.median(benchmark.stats.stats.data) * 1e3
     return dict(ms=ms, images_per_s=batch * 1e3 / ms, first_call_s=first_call_s,
                 ms_all=[t * 1e3 for t in benchmark.stats.stats.data])
@@ -532,7 +685,7 @@ def case_unet_step(benchmark, arch: str, system: str, batch: int, size: tuple[in
     s = systems_for(arch)
     cfg_batch = 2 * batch
     flops = unet_flops(arch, cfg_batch, size)
-    context = s.fastdiff.encode_prompt([PROMPT] * batch, [""] * batch, 1, True)  # (2B, 77, D)
+    context, added = conditioning(s.fastdiff, batch, size)  # (2B, 77, D), SDXL's {text_embeds, time_ids}
     x = torch.randn(batch, 4, size[0] // 8, size[1] // 8, device=DEVICE)
     # a view of a 1-D float32 tensor, as a sampler's `model_timesteps[i]`: the fast path then reads the step's
     # time features from a precomputed row, as it does while sampling, instead of computing them per call
@@ -541,7 +694,7 @@ def case_unet_step(benchmark, arch: str, system: str, batch: int, size: tuple[in
     default = s.fastdiff.engine
     if not isinstance(default, FastEngine):
         pytest.skip("the fast path is off: nothing to time per step")
-    step = default.denoiser(context, True)
+    step = default.denoiser(context, True, **added)
     benchmark.pedantic(lambda: step(x, t), rounds=5, iterations=1, warmup_rounds=1)
     ms = time_calls(lambda: step(x, t))
     info["fastdiff"] = {"ms": ms, "tflops": flops / ms / 1e9}
@@ -553,7 +706,7 @@ def case_unet_step(benchmark, arch: str, system: str, batch: int, size: tuple[in
     for name, config in (("fastdiff_sdpa_self", FastConfig(self_attention="sdpa", cuda_graphs=graphs)),
                          ("fastdiff_triton_self", FastConfig(self_attention="fastdiff", cuda_graphs=graphs)),
                          ("fastdiff_unfused_geglu", FastConfig(fuse_geglu=False, cuda_graphs=graphs))):
-        fn = FastEngine(f.unet, f.vae, f.text_encoder, config).denoiser(context, True)
+        fn = FastEngine(f.unet, f.vae, f.text_encoder, config, f.text_encoder_2).denoiser(context, True, **added)
         ms = time_calls(lambda fn=fn: fn(x, t))  # bound now: `del fn` below frees the variant's engine and graph
         info[name] = {"ms": ms, "tflops": flops / ms / 1e9}
         del fn
@@ -561,6 +714,8 @@ def case_unet_step(benchmark, arch: str, system: str, batch: int, size: tuple[in
     if s.diffusers is not None:
         x2 = torch.randn(cfg_batch, 4, size[0] // 8, size[1] // 8, device=DEVICE, dtype=DTYPE)
         ctx = context.to(DTYPE)
+        # the SDXL pipeline's added conditioning, in the text encoders' dtype as it passes it
+        added_cond = {name: t.to(DTYPE) for name, t in added.items()} if added else None
         compiled = s.compiled.unet if s.compiled_shape == (batch, size) else None
         for name, unet in (("diffusers_eager", s.diffusers.unet), ("diffusers_compile", compiled)):
             if unet is None:
@@ -571,7 +726,7 @@ def case_unet_step(benchmark, arch: str, system: str, batch: int, size: tuple[in
             t_int = torch.tensor(601, device=DEVICE, dtype=torch.int64)
             with torch.no_grad():
                 ms = time_calls(lambda: unet(x2, t_int, encoder_hidden_states=ctx, timestep_cond=None,
-                                             cross_attention_kwargs=None, added_cond_kwargs=None,
+                                             cross_attention_kwargs=None, added_cond_kwargs=added_cond,
                                              return_dict=False)[0])
             info[name] = {"ms": ms, "tflops": flops / ms / 1e9}
     latents = torch.randn(batch, 4, size[0] // 8, size[1] // 8, device=DEVICE)
@@ -579,8 +734,10 @@ def case_unet_step(benchmark, arch: str, system: str, batch: int, size: tuple[in
         info["vae_decode_ms"] = {"fastdiff": time_calls(lambda: s.fastdiff.decode_latents(latents), 5)}
         if s.diffusers is not None:
             vae = s.diffusers.vae
+            if is_sdxl(arch) and vae.dtype == torch.float16 and vae.config.force_upcast:
+                vae = copy.deepcopy(vae).float()  # the SDXL pipeline decodes in float32
             info["vae_decode_ms"]["diffusers"] = time_calls(
-                lambda: vae.decode(latents.to(DTYPE) / vae.config.scaling_factor).sample, 5)
+                lambda: vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample, 5)
     return info
 
 
@@ -612,14 +769,15 @@ def case_profile(benchmark, arch: str, system: str, batch: int, size: tuple[int,
     fast = s.fastdiff.engine if isinstance(s.fastdiff.engine, FastEngine) else None
     unet = fast.unet if fast is not None else s.fastdiff.unet  # the fused modules, or the models as written
     fmt = torch.channels_last if fast is not None and fast.config.channels_last else torch.contiguous_format
-    context = s.fastdiff.encode_prompt([PROMPT] * batch, [""] * batch, 1, True).to(s.fastdiff.dtype)
+    context, added = conditioning(s.fastdiff, batch, size)
+    context = context.to(s.fastdiff.dtype)
     x = torch.randn(2 * batch, 4, size[0] // 8, size[1] // 8, device=DEVICE, dtype=s.fastdiff.dtype).contiguous(
         memory_format=fmt)
     t = torch.tensor(601.0, device=DEVICE)
 
     def step():
         with torch.no_grad():
-            unet(x, t, context)
+            unet(x, t, context, **added)
         sync()
 
     benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
@@ -655,8 +813,8 @@ def replay_profile(pipe, batch: int, size: tuple[int, int]) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    context = pipe.encode_prompt([PROMPT] * batch, [""] * batch, 1, True)
-    fn = pipe.engine.denoiser(context, True)
+    context, added = conditioning(pipe, batch, size)
+    fn = pipe.engine.denoiser(context, True, **added)
     x = torch.randn(batch, 4, size[0] // 8, size[1] // 8, device=DEVICE)
     # a view of a 1-D float32 tensor, as a sampler's `model_timesteps[i]`: the fast path then reads the step's
     # time features from a precomputed row, as it does while sampling, instead of computing them per call
@@ -678,13 +836,13 @@ def replay_profile(pipe, batch: int, size: tuple[int, int]) -> dict:
             "idle_next_to_memsets_ms": sum(g for i, g in enumerate(gaps) if memset[i] or memset[i + 1])}
 
 
-def run_child(system: str, arch: str, batch: int, size: tuple[int, int], env: dict, timeout: float = 400) -> dict:
+def run_child(system: str, arch: str, batch: int, size: tuple[int, int], env: dict) -> dict:
     """Run this file as a fresh process that builds `system` and makes two images of `size`; its JSON report, plus
     the wall time the parent saw."""
     env = dict(env, FASTDIFF_E2E_SPAWNED_AT=repr(time.time()), PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, __file__, "--child", system, arch, str(batch), "%dx%d" % size], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=400 * ARCHS[arch].get("cost", 1))
     wall = time.perf_counter() - t0
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -719,15 +877,11 @@ def case_memory(benchmark, arch: str, system: str, batch: int, size: tuple[int, 
 def case_new_shape(benchmark, arch: str, system: str, batch: int, size: tuple[int, int]) -> dict:
     """A fresh fast-path Pipeline over the warm process's models (its own engine: no graph captured yet) makes a
     first image at (batch, size), then for each of NEW_SHAPES a first image and steady ones at that shape."""
-    import fastdiff
-
-    f = systems_for(arch).fastdiff
-    pipe = fastdiff.Pipeline(f.unet, f.vae, f.text_encoder, f.tokenizer, f.scheduler_config, source=f.source,
-                             fast=default_fast())
+    pipe = pipeline_like(systems_for(arch).fastdiff, default_fast())
 
     def seconds(noise) -> float:
         t0 = time.perf_counter()
-        run_fastdiff(pipe, noise)
+        run_fastdiff(pipe, arch, noise)
         return time.perf_counter() - t0
 
     info = {}
@@ -779,10 +933,7 @@ def child_main(system: str, arch: str, batch: int, size: tuple[int, int]) -> Non
 
     imported = time.time() - spawned
     if system == "fastdiff":
-        pipe = build_fastdiff(arch, fast=default_fast())
-        for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-            part.to(DTYPE)
-        run = run_fastdiff
+        pipe, run = in_dtype(build_fastdiff(arch), DTYPE, default_fast()), run_fastdiff
     elif system == "diffusers_eager":
         pipe, run = build_diffusers(arch).to(DTYPE), run_diffusers
     else:
@@ -791,10 +942,10 @@ def child_main(system: str, arch: str, batch: int, size: tuple[int, int]) -> Non
     if ON_GPU:
         torch.cuda.reset_peak_memory_stats()
     noise = noise_for(arch, batch, size)
-    run(pipe, noise)
+    run(pipe, arch, noise)
     first = time.time() - spawned
     t0 = time.perf_counter()
-    run(pipe, noise)
+    run(pipe, arch, noise)
     second_ms = (time.perf_counter() - t0) * 1e3
     mb = 2 ** 20
     report = dict(system=system, arch=arch, batch=batch, height=size[0], width=size[1], import_s=imported,
@@ -839,6 +990,10 @@ def summary(path: Path) -> str:
     lines = [f"{v.get('gpu')}, torch {v.get('torch')} (CUDA {v.get('cuda')}), triton {v.get('triton')}, "
              f"diffusers {v.get('diffusers')}; {st.get('steps')} steps DPM++ 2M, CFG {st.get('guidance')}, "
              f"{st.get('dtype')}, random weights; sizes height x width"]
+    default = dict(sampler=st.get("scheduler"), steps=st.get("steps"), guidance=st.get("guidance"))
+    for arch, sampling in (st.get("sampling") or {}).items():  # the architectures that sample otherwise
+        if sampling != default and any(f[0] == arch for f in fields.values()):
+            lines.append(f"{arch}: {sampling['steps']} steps {sampling['sampler']}, CFG {sampling['guidance']}")
     ratios = []
     for arch in ARCHS:
         of = {kind: [k for k, f in fields.items() if f[:2] == (arch, kind)] for kind in KINDS}
@@ -909,7 +1064,7 @@ if __name__ == "__main__":
     parser.add_argument("--child", nargs=4, metavar=("SYSTEM", "ARCH", "BATCH", "HxW"))
     parser.add_argument("--summary", type=Path, metavar="RESULTS_JSON")
     parser.add_argument("--run", nargs="?", const=HEADLINE_CASES, metavar="CASES",
-                        help=f"run CASES (FASTDIFF_E2E_CASES's syntax, or shapes: SHAPES_CASES; default "
+                        help=f"run CASES (FASTDIFF_E2E_CASES's syntax, or a preset: {', '.join(PRESETS)}; default "
                              f"{HEADLINE_CASES}) in one pytest process, then print the table")
     args = parser.parse_args()
     if args.child:
