@@ -57,7 +57,7 @@ headline, HEADLINE_CASES: SD1.5 512x512 batch 1, fastdiff against diffusers + co
 "sd15 512x512 b1" line ends with. Presets (PRESETS), fastdiff against diffusers + compile per row:
   shapes  SD1.5 at 512x512, 512x768 (height x width) and 768x768, batch 1; SD2.1-768 at 768x768, batch 1; SD1.5
           512x512 at batch 4 and 8; and sd15's new_shape.
-  sdxl    SDXL's acceptance figures in priority order: 1024x1024 batch 1, the UNet step, parity, batch 4, memory
+  sdxl    SDXL's headline figures in priority order: 1024x1024 batch 1, the UNet step, parity, batch 4, memory
           (batch 4), cold start, then SDXL-Turbo at 512x512 batch 1. Where a command must end within a time
           limit, FASTDIFF_E2E_DEADLINE_S a little under it makes the run skip (and record as skipped) the cases
           that would overrun; those run by name in a later command, with its own FASTDIFF_E2E_JSON (--run starts
@@ -239,7 +239,7 @@ SHAPES_CASES = ",".join(["sd15:new_shape:fastdiff:1"] + [
     for arch, batch, h, w in [("sd15", 1, 512, 512), ("sd15", 1, 512, 768), ("sd15", 1, 768, 768),
                               ("sd21v", 1, 768, 768), ("sd15", 4, 512, 512), ("sd15", 8, 512, 512)]
     for system in ("fastdiff", "diffusers_compile")])
-# `--run sdxl`: SDXL's acceptance figures, most important first (they run in GPU_CASES' order, which is this one)
+# `--run sdxl`: SDXL's headline figures, most important first (they run in GPU_CASES' order, which is this one)
 SDXL_CASES = ("sdxl:image:fastdiff:1,sdxl:image:diffusers_compile:1,sdxl:unet_step:all:1,sdxl:parity:all:1,"
               "sdxl:image:fastdiff:4,sdxl:image:diffusers_compile:4,sdxl:memory:all:4,sdxl:cold_start:all:1,"
               "sdxl_turbo:image:fastdiff:1,sdxl_turbo:image:diffusers_compile:1")
