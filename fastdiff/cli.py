@@ -40,6 +40,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"torch      {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
     print(f"triton     {_package_version('triton')}")
     print(f"device     {torch.cuda.get_device_name() if cuda else 'cpu (no CUDA device)'}")
+    if cuda:
+        from fastdiff import tuning
+
+        print(f"tuning     {tuning.describe(torch.cuda.current_device())}")
     ok, why = ops.availability("cuda", "cpu")
     print(f"fastdiff._C {'loaded' if ok else 'unavailable'}: {why}")
     devices = ["cpu"] + (["cuda"] if cuda else [])

@@ -67,6 +67,19 @@ def device_table(device_index: int) -> Optional[dict]:
     return tables.get(torch.cuda.get_device_name(device_index), next(iter(tables.values())))
 
 
+def describe(device_index: int) -> str:
+    """Which table the CUDA device `device_index` takes, in one line (`fastdiff info`)."""
+    path = table_path(torch.cuda.get_device_capability(device_index))
+    tables = read_tables(path)
+    if not tables:
+        return f"built-in rules (no {path.name} in {TABLES})"
+    name = torch.cuda.get_device_name(device_index)
+    taken = name if name in tables else next(iter(tables))
+    measured = tables[taken].get("measured", {})
+    return (f"{path.name}, the table of {taken}" + ("" if taken == name else f" (none for {name})")
+            + f", measured {measured.get('date', 'on an unrecorded date')} with torch {measured.get('torch', '?')}")
+
+
 def nearest_attention_row(rows: list[dict], head_dim: int, seq_q: int, seq_kv: int, batch_heads: int,
                           dtype: str, onchip_keys: int) -> Optional[dict]:
     """The row of this head dim, dtype and key path nearest to the call in log2 of Sq, Skv and B * H; None when

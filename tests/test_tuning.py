@@ -50,9 +50,12 @@ def test_a_gpu_takes_its_own_table_else_its_architectures_first(tmp_path, monkey
         tuning.device_table.cache_clear()
         assert tuning.device_table(0)["attention"][0]["impl"] == impl
     assert path.name == tuning.table_path((9, 0)).name
+    assert tuning.describe(0) == ("sm_90.json, the table of NVIDIA H200 (none for NVIDIA H20), measured on an "
+                                  "unrecorded date with torch ?")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
     tuning.device_table.cache_clear()
     assert tuning.device_table(0) is None  # no sm_80 file: the built-in rules
+    assert tuning.describe(0).startswith("built-in rules (no sm_80.json in ")
     tuning.device_table.cache_clear()
 
 
