@@ -26,7 +26,8 @@ from fastdiff.loading.lora import LoraLayer
 
 
 class LoraMerger:
-    """The LoRAs merged into `models` ({"unet": ..., "text_encoder": ...}, the modules LoraLayer targets name)."""
+    """The LoRAs merged into `models` ({"unet": ..., "text_encoder": ..., "text_encoder_2": ... (SDXL)}, the modules
+    LoraLayer targets name)."""
 
     def __init__(self, models: Mapping[str, nn.Module]):
         self.models = dict(models)

@@ -84,7 +84,7 @@ class Pipeline:
         self.memory_limit: Optional[int] = None  # bytes of working memory a call may use (None: what is free)
         self._engine: Optional[Engine] = None
         self._schedules: dict[tuple, schedulers.Schedule] = {}  # recent plans (`schedule`)
-        models = {"unet": self.unet, "text_encoder": self.text_encoder}
+        models = {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
         self._loras = LoraMerger({name: model for name, model in models.items() if model is not None})
 
     def _check_family(self, options: dict) -> dict:
@@ -181,10 +181,10 @@ class Pipeline:
         return dict(self._loras.weights)
 
     def load_lora(self, path: Union[str, os.PathLike], weight: float = 1.0, name: Optional[str] = None) -> str:
-        """Merge the LoRA file at `path` (kohya/A1111 or diffusers/PEFT format; `fastdiff.loading.lora`) into the
-        UNet's and text encoder's weights at `weight`, in place: no graph is captured again. Returns its name (the
-        file's stem unless `name` is given), which `set_lora_weights` takes. A file that does not fit this model
-        is refused, naming it, before any weight changes."""
+        """Merge the LoRA file at `path` (kohya/A1111 or diffusers/PEFT format, SD1/SD2 or SDXL as this model is;
+        `fastdiff.loading.lora`) into the UNet's and text encoders' weights at `weight`, in place: no graph is
+        captured again. Returns its name (the file's stem unless `name` is given), which `set_lora_weights` takes.
+        A file that does not fit this model is refused, naming it, before any weight changes."""
         layers = read_lora(path, self._loras.models)
         name = Path(path).stem if name is None else name
         self._loras.add(name, layers, weight)

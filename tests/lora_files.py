@@ -1,7 +1,8 @@
 """LoRA files made the way users' tools make them, from a tiny diffusers pipeline: peft adapters on its UNet and
 text encoder (random non-zero factors, lora_alpha != r), saved as diffusers' `save_lora_weights` writes them and
 converted to kohya's format with diffusers' own converter. And random kohya-format LoRAs for fastdiff's own models
-(`random_kohya_lora`), which need neither peft nor diffusers."""
+(`random_kohya_lora`), which need neither peft nor diffusers. SDXL pipelines get adapters on both text encoders
+(`save_sdxl_lora_files`), and their kohya file names the UNet's modules as sd-scripts does, with SGM's names."""
 from pathlib import Path
 
 import torch
@@ -18,16 +19,21 @@ KOHYA_TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
                       "mlp.fc2")
 
 
+def _text_encoders(pipe) -> list[str]:
+    return [name for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None]
+
+
 def add_adapters(pipe, text_encoder: bool = True) -> None:
-    """peft LoRA adapters on the diffusers pipeline's UNet (r 4, alpha 8, proj_in alpha 3) and text encoder
+    """peft LoRA adapters on the diffusers pipeline's UNet (r 4, alpha 8, proj_in alpha 3) and text encoder(s)
     (r 2, alpha 5), every factor random (init_lora_weights=False) so that no product is zero."""
     from peft import LoraConfig, inject_adapter_in_model
 
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, alpha_pattern={"proj_in": 3}, init_lora_weights=False,
                                      target_modules=UNET_TARGETS))
     if text_encoder:  # transformers' add_adapter wants a newer peft than the venv's; this is what it calls
-        inject_adapter_in_model(LoraConfig(r=2, lora_alpha=5, init_lora_weights=False, target_modules=TEXT_TARGETS),
-                                pipe.text_encoder)
+        for name in _text_encoders(pipe):
+            inject_adapter_in_model(LoraConfig(r=2, lora_alpha=5, init_lora_weights=False,
+                                               target_modules=TEXT_TARGETS), getattr(pipe, name))
 
 
 def peft_layers(pipe) -> dict[str, tuple[torch.Tensor, float]]:
@@ -35,11 +41,11 @@ def peft_layers(pipe) -> dict[str, tuple[torch.Tensor, float]]:
     from peft.tuners.lora import LoraLayer as PeftLoraLayer
 
     layers = {}
-    for model_name, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
-        for name, module in model.named_modules():
+    for model_name in ["unet", *_text_encoders(pipe)]:
+        for name, module in getattr(pipe, model_name).named_modules():
             if isinstance(module, PeftLoraLayer):
                 # transformers 5's CLIPTextModel has no `text_model.` level; fastdiff's (and transformers 4's) has.
-                path = f"text_model.{name}" if model_name == "text_encoder" and not name.startswith("text_model.") \
+                path = f"text_model.{name}" if model_name != "unet" and not name.startswith("text_model.") \
                     else name
                 with torch.no_grad():
                     layers[f"{model_name}.{path}"] = (module.get_delta_weight("default").float(),
@@ -50,7 +56,7 @@ def peft_layers(pipe) -> dict[str, tuple[torch.Tensor, float]]:
 def peft_state_dicts(pipe) -> dict[str, dict[str, torch.Tensor]]:
     from peft.utils import get_peft_model_state_dict
 
-    return {"unet": get_peft_model_state_dict(pipe.unet), "text_encoder": get_peft_model_state_dict(pipe.text_encoder)}
+    return {name: get_peft_model_state_dict(getattr(pipe, name)) for name in ["unet", *_text_encoders(pipe)]}
 
 
 def kohya_state_dict(pipe, state_dicts) -> dict[str, torch.Tensor]:
@@ -61,7 +67,10 @@ def kohya_state_dict(pipe, state_dicts) -> dict[str, torch.Tensor]:
 
     prefixed = {f"{model}.{key}": value for model, sd in state_dicts.items() for key, value in sd.items()}
     kohya = convert_state_dict_to_kohya(prefixed)
-    for model_name, kohya_prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te1_")):
+    for model_name, kohya_prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te1_"),
+                                     ("text_encoder_2", "lora_te2_")):
+        if getattr(pipe, model_name, None) is None:
+            continue
         for name, module in getattr(pipe, model_name).named_modules():
             if isinstance(module, PeftLoraLayer):
                 key = f"{kohya_prefix}{name.replace('.', '_')}.alpha"
@@ -82,6 +91,36 @@ def save_lora_files(pipe, folder: Path) -> dict[str, Path]:
     StableDiffusionPipeline.save_lora_weights(folder / "diffusers", unet_lora_layers=state_dicts["unet"],
                                               text_encoder_lora_layers=state_dicts["text_encoder"], **metadata)
     save_file(kohya_state_dict(pipe, state_dicts), folder / "kohya.safetensors")
+    return {"diffusers": folder / "diffusers" / "pytorch_lora_weights.safetensors",
+            "kohya": folder / "kohya.safetensors"}
+
+
+def save_sdxl_lora_files(pipe, folder: Path) -> dict[str, Path]:
+    """save_lora_files for a diffusers SDXL pipeline: adapters on the UNet and both text encoders; "diffusers" is
+    `StableDiffusionXLPipeline.save_lora_weights`' file, "kohya" the same as sd-scripts writes an SDXL LoRA:
+    lora_te1_/lora_te2_ and the UNet's modules by their SGM names (`lora_unet_input_blocks_4_1_...`), which diffusers
+    reads back through its own SGM -> diffusers mapping."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.training_utils import _collate_lora_metadata
+
+    from fastdiff.loading.ldm_keys import unet_key_map
+
+    add_adapters(pipe)
+    state_dicts = peft_state_dicts(pipe)
+    metadata = _collate_lora_metadata({name: getattr(pipe, name) for name in state_dicts})
+    StableDiffusionXLPipeline.save_lora_weights(
+        folder / "diffusers", unet_lora_layers=state_dicts["unet"],
+        text_encoder_lora_layers=state_dicts["text_encoder"], text_encoder_2_lora_layers=state_dicts["text_encoder_2"],
+        **metadata)
+    sgm = {pair.diffusers[: -len(".weight")].replace(".", "_"): pair.ldm[: -len(".weight")].replace(".", "_")
+           for pair in unet_key_map(dict(pipe.unet.config)) if pair.diffusers.endswith(".weight")}
+    kohya = {}
+    for key, value in kohya_state_dict(pipe, state_dicts).items():
+        if key.startswith("lora_unet_"):
+            name, dot, part = key[len("lora_unet_"):].partition(".")
+            key = f"lora_unet_{sgm[name]}{dot}{part}"
+        kohya[key] = value
+    save_file(kohya, folder / "kohya.safetensors")
     return {"diffusers": folder / "diffusers" / "pytorch_lora_weights.safetensors",
             "kohya": folder / "kohya.safetensors"}
 

@@ -7,9 +7,11 @@ Each key layout is read by one rule:
   export):
       lora_unet_<module path, "." -> "_">.lora_down.weight / .lora_up.weight / .alpha
       lora_te_<module path, "." -> "_">...                        the text encoder
-    The underscore name is looked up among the model's own Linear/Conv2d paths written the same way.
-    `lora_te1_` is the text encoder too, unless the file also has `lora_te2_` keys: diffusers' converter names an
-    SD1 text encoder so, and A1111 accepts it on SD1; with a second text encoder the file is an SDXL LoRA.
+      lora_te1_... / lora_te2_...                                 SDXL's text_encoder / text_encoder_2
+    The underscore name is looked up among the model's own Linear/Conv2d paths written the same way. On an SDXL
+    UNet the SGM names sd-scripts writes (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`) are accepted too,
+    through `ldm_keys.unet_key_map`, beside diffusers' names (which diffusers' converter writes). `lora_te1_` is
+    the first text encoder on SD1 as well: diffusers' converter names an SD1 text encoder so, and A1111 accepts it.
     scale = alpha / r; without an alpha key (or with alpha 0) alpha = r, as sd-scripts does.
 
   diffusers / PEFT:
@@ -17,6 +19,7 @@ Each key layout is read by one rule:
       unet.<module path>.lora.down.weight / .lora.up.weight       older diffusers
       unet.<module path>.lora_linear_layer.down.weight / .up...   older diffusers, text encoder
       text_encoder.<module path>...                               the text encoder
+      text_encoder_2.<module path>...                             SDXL's second text encoder
     scale = lora_alpha / r with the adapter's settings from the safetensors header's `lora_adapter_metadata`
     entry, which diffusers' `save_lora_weights` writes: a JSON object of each model's `LoraConfig.to_dict()`,
     keys prefixed with the model's name ("unet.lora_alpha": 8, "unet.alpha_pattern": {...},
@@ -26,6 +29,9 @@ Each key layout is read by one rule:
 
 transformers 5 names the text encoder's modules without the `text_model.` level that transformers 4 (and every
 kohya file) has, so text-encoder paths are accepted with and without it.
+
+A file of the other family (an SDXL LoRA, by its `lora_te2_`/`text_encoder_2.` keys or SGM UNet names, on an
+SD1/SD2 model; an SD1/SD2 one, by its `lora_te_` keys, on SDXL) is refused as such, its telling keys named.
 
 The whole file is checked before anything is returned: keys that cannot be placed (never silently dropped),
 layers that do not fit their target's weight, LoRA variants fastdiff does not compute (LoHa, LoKr, DoRA,
@@ -46,6 +52,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from .common import CheckpointError, PathLike, list_keys, read_state_dict
+from .ldm_keys import unet_key_map
 
 
 class LoraError(ValueError):
@@ -56,7 +63,7 @@ class LoraError(ValueError):
 class LoraLayer:
     """One low-rank change of one weight: W += scale * up @ down."""
 
-    target: str  # "unet.<module path>" or "text_encoder.<module path>": an nn.Linear or nn.Conv2d of the models
+    target: str  # "<model>.<module path>" (unet, text_encoder, text_encoder_2): an nn.Linear or nn.Conv2d
     down: Tensor  # float32 CPU: (r, in) for a Linear, (r, in, kh, kw) for a Conv2d
     up: Tensor  # float32 CPU: (out, r) or (out, r, 1, 1)
     scale: float  # alpha / r; 1.0 when the file gives no alpha (diffusers' and kohya's convention)
@@ -75,11 +82,12 @@ _DIFFUSERS_PARTS = {
     ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
     ".alpha": "alpha",
 }
-# Which model a layer name's prefix places it on (lora_te1_ only without lora_te2_, see the module docstring).
-_KOHYA_MODELS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
-_DIFFUSERS_MODELS = {"unet.": "unet", "text_encoder.": "text_encoder"}
+# Which model a layer name's prefix places it on.
+_KOHYA_MODELS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                 "lora_te2_": "text_encoder_2"}
+_DIFFUSERS_MODELS = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
 # A level of module path that some writers of a model's LoRAs leave out (transformers 5's text encoder).
-_OPTIONAL_LEVEL = {"text_encoder": "text_model."}
+_OPTIONAL_LEVEL = {"text_encoder": "text_model.", "text_encoder_2": "text_model."}
 
 # Key fragments of LoRA variants whose weight change is not up @ down, and their names.
 _UNSUPPORTED = {
@@ -89,14 +97,13 @@ _UNSUPPORTED = {
     "lora_magnitude_vector": "DoRA",
     "lora_mid": "LoCon-Tucker (lora_mid)",
 }
+# Keys that tell a file's family: SDXL's second text encoder and the SGM UNet's block names, which kohya writes for
+# SDXL (for SD1 it writes diffusers' names); SD1/SD2's single text encoder as kohya names it (SDXL's are te1/te2).
+_SDXL_KEYS = re.compile(r"^(lora_te2_|text_encoder_2\.|(lora_unet_|unet\.)"
+                        r"(input_blocks|middle_block|output_blocks)[._])")
+_SD_KEYS = re.compile(r"^lora_te_")
 # Key patterns that tell which other model family a key that cannot be placed belongs to.
-# SDXL: its second text encoder; the SGM UNet's block names, which kohya writes for SDXL (and for SD1 it writes
-# diffusers' names).
-_FAMILIES = [
-    (re.compile(r"^(lora_te2_|text_encoder_2\.)"), "SDXL"),
-    (re.compile(r"^(lora_unet_|unet\.)(input_blocks|middle_block|output_blocks)[._]"), "SDXL"),
-    (re.compile(r"^(lora_transformer_|transformer\.)"), "SD3/Flux"),
-]
+_FAMILIES = [(_SDXL_KEYS, "SDXL"), (re.compile(r"^(lora_transformer_|transformer\.)"), "SD3/Flux")]
 # What a layer that has only one part lacks, by that part.
 _INCOMPLETE = {
     "down": "down weights without their up weight",
@@ -108,22 +115,25 @@ _MAX_MISFITS = 4
 
 
 def read_lora(path: PathLike, models: Mapping[str, nn.Module]) -> dict[str, LoraLayer]:
-    """The LoRA layers in the file at `path`, keyed by target, for models {"unet": ..., "text_encoder": ...}."""
+    """The LoRA layers in the file at `path`, keyed by target, for models {"unet": ..., "text_encoder": ...,
+    "text_encoder_2": ... (SDXL)}; the UNet's config tells SDXL (addition_embed_type "text_time")."""
     path = Path(path)
     tensors, header = _read_file(path)
     unsupported, groups, unknown = _group_keys(tensors)
     if not unsupported and not any({"down", "up"} & parts.keys() for parts in groups.values()):
         raise LoraError(f"LoRA file {path} holds no LoRA layers (no lora_down/lora_up, lora_A/lora_B or "
                         f"lora.down/lora.up weights); its keys: {list_keys(tensors)}")
+    family_problem = _family_mismatch(tensors, models)
     adapters = {name: _AdapterSettings.from_header(header, name, path) for name in _DIFFUSERS_MODELS.values()}
     targets = {name: _Targets(name, model) for name, model in models.items()}
-    has_te2 = any(key.startswith("lora_te2_") for key in tensors)
+    # an SDXL file's lora_te1_ is SDXL's first text encoder, never an SD1/SD2 one
+    sdxl_te1 = any(key.startswith("lora_te2_") for key in tensors) and not _is_sdxl(models)
 
     layers: dict[str, LoraLayer] = {}
     unplaced, bad_alpha, misfits, twice = list(unknown), [], [], []
     incomplete: dict[str, list[str]] = {part: [] for part in _INCOMPLETE}  # the part a layer has -> its keys
     for name, parts in groups.items():
-        placed = _place(name, targets, has_te2)
+        placed = _place(name, targets, sdxl_te1)
         if placed is None:
             unplaced.extend(parts.values())
             continue
@@ -155,8 +165,9 @@ def read_lora(path: PathLike, models: Mapping[str, nn.Module]) -> dict[str, Lora
             twice.append(target)
         layers[target] = LoraLayer(target, down, up, scale)
 
-    problems = [f"{kind} layers, which fastdiff does not support: {list_keys(keys)}"
-                for kind, keys in unsupported.items()]
+    problems = [family_problem] if family_problem else []
+    problems += [f"{kind} layers, which fastdiff does not support: {list_keys(keys)}"
+                 for kind, keys in unsupported.items()]
     if unplaced:
         families = {family for key in unplaced for pattern, family in _FAMILIES if pattern.match(key)}
         looks = f" (they look like {' or '.join(sorted(families))} keys)" if families else ""
@@ -174,6 +185,23 @@ def read_lora(path: PathLike, models: Mapping[str, nn.Module]) -> dict[str, Lora
     if problems:
         raise LoraError(f"LoRA file {path} cannot be applied to this model: " + "; ".join(problems))
     return layers
+
+
+def _is_sdxl(models: Mapping[str, nn.Module]) -> bool:
+    """Whether `models` are SDXL's: a second text encoder, or a UNet with SDXL's added conditioning."""
+    config = getattr(models.get("unet"), "config", None)
+    return "text_encoder_2" in models or getattr(config, "addition_embed_type", None) == "text_time"
+
+
+def _family_mismatch(tensors: Mapping[str, Tensor], models: Mapping[str, nn.Module]) -> Optional[str]:
+    """What tells that the file is a LoRA of the other family than `models` (SDXL vs SD1/SD2), or None."""
+    sdxl = _is_sdxl(models)
+    pattern, file_family = (_SD_KEYS, "an SD1/SD2") if sdxl else (_SDXL_KEYS, "an SDXL")
+    telling = [key for key in tensors if pattern.match(key)]
+    if not telling:
+        return None
+    return (f"it is {file_family} LoRA and this model is {'SDXL' if sdxl else 'SD1/SD2'} "
+            f"(keys such as {list_keys(telling)})")
 
 
 def _group_keys(tensors: Mapping[str, Tensor]) -> tuple[dict[str, list[str]], dict[str, dict[str, str]], list[str]]:
@@ -225,10 +253,11 @@ def _split_key(key: str) -> Optional[tuple[str, str]]:
     return None
 
 
-def _place(name: str, targets: Mapping[str, _Targets], has_te2: bool) -> Optional[tuple[str, str]]:
-    """(target, module path as the file writes it) of a layer name, or None if it names no Linear/Conv2d."""
+def _place(name: str, targets: Mapping[str, _Targets], skip_te1: bool) -> Optional[tuple[str, str]]:
+    """(target, module path as the file writes it) of a layer name, or None if it names no Linear/Conv2d (or is
+    a `lora_te1_` layer and `skip_te1`)."""
     for prefix, model in _KOHYA_MODELS.items():
-        if name.startswith(prefix) and not (prefix == "lora_te1_" and has_te2) and model in targets:
+        if name.startswith(prefix) and not (prefix == "lora_te1_" and skip_te1) and model in targets:
             rest = name[len(prefix):]
             target = targets[model].by_kohya_name.get(rest)
             return (target, rest) if target else None
@@ -254,6 +283,14 @@ class _Targets:
             if optional and path.startswith(optional):
                 self.by_path[path[len(optional):]] = target
         self.by_kohya_name = {path.replace(".", "_"): target for path, target in self.by_path.items()}
+        config = getattr(model, "config", None)
+        if model_name == "unet" and getattr(config, "addition_embed_type", None) == "text_time":
+            # SDXL: sd-scripts names the UNet's modules as SGM's UNet does
+            for pair in unet_key_map(config.to_dict()):
+                if pair.ldm.endswith(".weight") and pair.diffusers.endswith(".weight"):
+                    target = self.by_path.get(pair.diffusers[: -len(".weight")])
+                    if target is not None:
+                        self.by_kohya_name.setdefault(pair.ldm[: -len(".weight")].replace(".", "_"), target)
 
 
 def _fit(down: Tensor, up: Tensor, module: Union[nn.Linear, nn.Conv2d]) -> Optional[tuple[Tensor, Tensor]]:
