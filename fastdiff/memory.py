@@ -12,8 +12,10 @@ with the batch and the pixels, with a width per pixel read from the model's conf
 in the models' dtype. The finished images (float32 and 8-bit copies) are held in host memory until returned.
 The factors are upper bounds of measured peaks, with room for the allocator's moods (tests/test_memory.py checks
 them on the default model): the embedded default model on a CPU, float32, 1 to 64 images of 128x128 to 1024x1024,
-peaked at 0.59 to 0.94 of the estimate with decoding and 0.54 to 0.57 as latents; SD1.5 fp16 on an H200 at
-512x512 took 362 MB allocated (547 MB reserved) per image beyond the first, against 805 MB estimated.
+peaked at 0.59 to 0.94 of the estimate with decoding and 0.54 to 0.57 as latents in resident memory (glibc's heap
+keeps freed memory, so that figure moves from run to run: 0.47 to 0.61 for 64 latents of 128x128), and its live
+allocations at 0.58 (16 images of 256x256) and 0.41 (64 latents of 128x128); SD1.5 fp16 on an H200 at 512x512 took
+362 MB allocated (547 MB reserved) per image beyond the first, against 805 MB estimated.
 """
 from __future__ import annotations
 

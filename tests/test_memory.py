@@ -1,5 +1,6 @@
 """The memory guard's estimate bounds what a call really takes, and its refusal says how many images fit."""
 import json
+import os
 import subprocess
 import sys
 
@@ -9,9 +10,10 @@ import torch
 from fastdiff import memory
 
 # Resident memory one call adds to a warmed-up pipeline, in a fresh process: the kernel's high-water mark of the
-# resident set (VmHWM, reset by writing 5 to /proc/self/clear_refs just before the call, so no short peak is missed
-# the way sampling would miss it on a busy machine), over a baseline taken after glibc handed its free memory back
-# to the system (malloc_trim), so that memory freed by loading and reused by the call does not hide what it needs.
+# resident set (VmHWM, reset by writing 5 to /proc/self/clear_refs just before the call), over the resident set then.
+# glibc is made to map every allocation above 64 KiB on its own and unmap it when freed (MALLOC_MMAP_THRESHOLD_), so
+# the resident set follows the live tensors: with its usual heap, memory freed by earlier work and kept by the
+# allocator made the same call measure anywhere from 241 to 310 MiB (209 MiB live) from one run to the next.
 PROBE = """
 import ctypes, gc, json, sys
 import torch
@@ -43,14 +45,16 @@ print(json.dumps({"peak": peak - before, "estimate": need.device + need.host}))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm and calls glibc")
 @pytest.mark.parametrize("images, size, output_type", [(16, 256, "pil"), (64, 128, "latent")])
 def test_the_estimate_bounds_the_measured_peak_of_the_default_model(images, size, output_type):
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
     done = subprocess.run([sys.executable, "-c", PROBE, str(images), str(size), output_type], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"{images} x {size}^2 {output_type}: peak {got['peak'] / 2**20:.0f} MiB, "
           f"estimate {got['estimate'] / 2**20:.0f} MiB")
     assert got["peak"] <= got["estimate"], "the guard would let through a request that does not fit"
-    assert got["estimate"] <= 2 * got["peak"], "the guard would refuse requests that fit"
+    # room for the allocator's slack over the live peak (up to 1.5x of it above), and not much more
+    assert got["estimate"] <= 2.5 * got["peak"], "the guard would refuse requests that fit"
 
 
 def test_a_refusal_says_how_many_images_fit():
