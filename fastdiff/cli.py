@@ -378,16 +378,6 @@ def _device(text: str) -> str:
     return text
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _lora_weight(text: str) -> float:
     try:
         return lora_weight(text)
@@ -406,39 +396,28 @@ def _lora(text: str) -> tuple[Path, float]:
     return Path(text), 1.0
 
 
-def _positive_number(unit: str):
-    def parse(text: str) -> float:
+def _number(cast, accept, expected: str):
+    """An argparse type: the text read by `cast` (int or float), kept when `accept` holds, else refused with
+    `expected` and the text."""
+    def parse(text: str):
         try:
-            value = float(text)
+            value = cast(text)
         except ValueError:
-            value = 0.0
-        if not 0 < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a positive number of {unit}, got {text}")
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"{expected}, got {text}")
         return value
 
     return parse
 
 
-def _gpus(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of GPUs >= 0, got {text}")
-    return value
+def _positive_number(unit: str):
+    return _number(float, lambda v: 0 < v < float("inf"), f"must be a positive number of {unit}")
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be a number strictly between 0 and 1, got {text}")
-    return value
-
-
+_positive_int = _number(int, lambda v: v >= 1, "must be a positive integer")
+_gpus = _number(float, lambda v: 0 <= v < float("inf"), "must be a number of GPUs >= 0")
+_fraction = _number(float, lambda v: 0 < v < 1, "must be a number strictly between 0 and 1")
 _gib = _positive_number("GiB")
 _seconds = _positive_number("seconds")
 
