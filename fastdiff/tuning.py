@@ -57,25 +57,31 @@ def read_tables(path: Path) -> dict[str, dict]:
     return devices
 
 
+def _taken_table(device_index: int) -> tuple[Path, Optional[str]]:
+    """The CUDA device's architecture file, and the GPU model whose table in it the device takes: its own, else
+    the file's first (None without a file)."""
+    path = table_path(torch.cuda.get_device_capability(device_index))
+    tables = read_tables(path)
+    if not tables:
+        return path, None
+    name = torch.cuda.get_device_name(device_index)
+    return path, name if name in tables else next(iter(tables))
+
+
 @functools.lru_cache(maxsize=None)
 def device_table(device_index: int) -> Optional[dict]:
     """The table of the CUDA device `device_index`: its own model's, else its architecture's first, else None."""
-    capability = torch.cuda.get_device_capability(device_index)
-    tables = read_tables(table_path(capability))
-    if not tables:
-        return None
-    return tables.get(torch.cuda.get_device_name(device_index), next(iter(tables.values())))
+    path, taken = _taken_table(device_index)
+    return None if taken is None else read_tables(path)[taken]
 
 
 def describe(device_index: int) -> str:
     """Which table the CUDA device `device_index` takes, in one line (`fastdiff info`)."""
-    path = table_path(torch.cuda.get_device_capability(device_index))
-    tables = read_tables(path)
-    if not tables:
+    path, taken = _taken_table(device_index)
+    if taken is None:
         return f"built-in rules (no {path.name} in {TABLES})"
     name = torch.cuda.get_device_name(device_index)
-    taken = name if name in tables else next(iter(tables))
-    measured = tables[taken].get("measured", {})
+    measured = read_tables(path)[taken].get("measured", {})
     return (f"{path.name}, the table of {taken}" + ("" if taken == name else f" (none for {name})")
             + f", measured {measured.get('date', 'on an unrecorded date')} with torch {measured.get('torch', '?')}")
 
