@@ -1,6 +1,6 @@
 """Write this GPU's tuning table: the measured choices `fastdiff.tuning` gives the fast path.
 
-    python benchmarks/tune.py [--out fastdiff/assets/tuning] [--quick]
+    python benchmarks/tune.py [--out fastdiff/assets/tuning] [--quick] [--log ROWS.jsonl]
 
 On one CUDA GPU: for every attention call the Stable Diffusion UNets make at the sizes users run (SD1.x, SD2.x
 and SDXL's self- and cross-attention per level, 512x512 to 1024x1024, CFG batch 2, 8 and 16, float16, in the
@@ -8,7 +8,9 @@ fused projections' layouts the engine gives them), times torch's SDPA and each o
 configs (`fastdiff.kernels.attention.candidate_configs`), then records one config per head dim and key path
 (`choose`) and, per call, the faster implementation with it. The rows replace this GPU model's table in
 `sm_<major><minor>.json` (other models' tables are kept), with the GPU, versions, date and this command. Timing: CUDA-graph replay of back-to-back calls over input sets
-rotated past the L2 cache (benchmarks/timing.py), median of the replays. --quick: CFG batch 2 only.
+rotated past the L2 cache (benchmarks/timing.py), median of the replays. --quick: CFG batch 2 only. --log: every
+measured call is appended to ROWS.jsonl as it completes, and calls already there (from an interrupted run on this
+GPU) are not measured again.
 """
 from __future__ import annotations
 
@@ -86,6 +88,22 @@ def measure(call: tuple[int, int, int, int, int]) -> dict:
             "dtype": str(DTYPE).removeprefix("torch."), "us": {k: round(v, 2) for k, v in us.items()}}
 
 
+def measured_row(call: tuple[int, int, int, int, int], log: Path | None, gpu: str) -> dict:
+    """measure(call), or its row from `log` when an earlier run on this GPU measured it; new rows are appended."""
+    head_dim, heads, batch, seq_q, seq_kv = call
+    key = dict(gpu=gpu, head_dim=head_dim, seq_q=seq_q, seq_kv=seq_kv, batch_heads=batch * heads)
+    if log is not None and log.exists():
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            if all(entry.get(k) == v for k, v in key.items()):
+                return entry["row"]
+    row = measure(call)
+    if log is not None:
+        with log.open("a") as f:
+            f.write(json.dumps(dict(key, row=row)) + "\n")
+    return row
+
+
 def choose(rows: list[dict]) -> None:
     """Give every row its config and implementation. One config per head dim and key path: the one whose time is
     nearest each row's fastest over all of them (geometric mean of the ratios), so that a new shape launches a
@@ -111,13 +129,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=tuning.TABLES)
     parser.add_argument("--quick", action="store_true", help="CFG batch 2 only")
+    parser.add_argument("--log", type=Path, help="append measured calls here; reuse the ones already there")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/tune.py measures a GPU and torch sees none")
     import triton
 
     name = torch.cuda.get_device_name()
-    rows = [measure(call) for call in attention_calls((2,) if args.quick else CFG_BATCHES)]
+    rows = [measured_row(call, args.log, name) for call in attention_calls((2,) if args.quick else CFG_BATCHES)]
     choose(rows)
     for row in rows:
         sdpa, ours = row["us"]["sdpa"], row["us"][",".join(map(str, row["config"]))]
