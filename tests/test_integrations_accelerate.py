@@ -101,6 +101,34 @@ def test_accelerated_matches_diffusers_and_deaccelerate_restores_it_exactly(pipe
     assert state(pipe, storage=False) == before, "the same modules, their parameters laid out as before"
 
 
+def test_guidance_runs_the_repeated_latents_once_and_other_batches_whole(pipe, monkeypatch):
+    rows = []
+    denoiser = FastEngine.denoiser
+
+    def recording(engine, *args, **kwargs):
+        model_fn = denoiser(engine, *args, **kwargs)
+        return lambda x, t: rows.append(x.shape[0]) or model_fn(x, t)
+
+    monkeypatch.setattr(FastEngine, "denoiser", recording)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    for guidance in (7.5, 1.0):  # [x; x] against [uncond; cond] contexts, then two different latents
+        def run():
+            return pipe([PROMPT, "a blue square"], num_inference_steps=2, guidance_scale=guidance, height=64,
+                        width=64, latents=latents, output_type="np").images
+
+        expected = run()
+        accelerate(pipe, FastConfig(cuda_graphs=False))
+        try:
+            got = run()
+        finally:
+            deaccelerate(pipe)
+        print(f"guidance {guidance}: PSNR accelerated vs diffusers {psnr(got, expected):.1f} dB, UNet rows {rows}")
+        assert psnr(got, expected) >= 40
+        assert rows == [2, 2], "the engine's rows: each latent once"
+        rows.clear()
+
+
 def test_img2img(pipe):
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
     img2img.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)

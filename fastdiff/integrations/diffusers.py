@@ -450,7 +450,7 @@ class _UNetForward:
 
     One model_fn (`FastEngine.denoiser`) serves every step while encoder_hidden_states is the same tensor
     (same object, unchanged since), so the context's cross-attention K/V projections are computed once per
-    prompt. The full batch diffusers passes ([uncond; cond] rows with guidance) runs as it is."""
+    prompt. With guidance the latents diffusers passes twice are run once (`_shared_rows`)."""
 
     def __init__(self, engine: FastEngine, unet: nn.Module):
         self.engine, self.unet = engine, unet
@@ -510,10 +510,21 @@ class _UNetForward:
                 raise ValueError(f"the accelerated unet takes one timestep for the batch, got shape "
                                  f"{tuple(timestep.shape)}")
             timestep = timestep.reshape(())
-        out = self._denoiser(encoder_hidden_states)(sample, self._timestep(timestep))
+        out = self._denoiser(encoder_hidden_states)(_shared_rows(sample), self._timestep(timestep))
         # with CUDA graphs `out` is a static buffer, rewritten by the next step: hand out a copy
         out = out.to(sample.dtype, copy=self.engine.config.cuda_graphs)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+def _shared_rows(sample: Tensor) -> Tensor:
+    """With guidance diffusers passes the latents twice, [x; x], against [uncond; cond] contexts: then x alone, and
+    the engine runs the layers before the first cross-attention once for both halves, as in fastdiff's own
+    pipeline. Any other batch as it is. (The comparison waits for the GPU, while the previous step's graph
+    is done: the next one is launched right after it.)"""
+    half = sample.shape[0] // 2
+    if sample.shape[0] % 2 == 0 and torch.equal(sample[:half], sample[half:]):
+        return sample[:half]
+    return sample
 
 
 class _VAEDecode:
