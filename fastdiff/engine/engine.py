@@ -278,7 +278,7 @@ class FastEngine(Engine):
         """One call of the fused UNet as `denoiser` makes it, but eager: no graph, no torch.compile; with guidance
         context has 2B rows and x is shared by both halves."""
         return self.unet(self._input(x), t.reshape(()).to(torch.float32), context.to(self.dtype),
-                         text_embeds=text_embeds, time_ids=time_ids)
+                         text_embeds=text_embeds, time_ids=time_ids, out_dtype=torch.float32)
 
     def denoiser(self, context: Tensor, cfg: bool, text_embeds: Optional[Tensor] = None,
                  time_ids: Optional[Tensor] = None) -> ModelFn:
