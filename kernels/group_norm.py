@@ -249,7 +249,9 @@ if triton is not None:
         tl.store(out, s1, mask=g < G)
         tl.store(out + N * P * G, s2, mask=g < G)
 
-    @triton.jit
+    # Not specialized: P and PER_SLICE (the slicing follows the SM count and the shape, and would compile a variant
+    # per size; the contiguous path states its slices' alignment with tl.multiple_of instead).
+    @triton.jit(do_not_specialize=["P", "PER_SLICE"])
     def _group_norm_stats_kernel(
         X,  # pointer to x, (N, C, HW) contiguous or (N, HW, C) channels_last
         Offset,  # pointer to the offsets (N, C) added to x, or None
@@ -302,7 +304,7 @@ if triton is not None:
             acc1 = tl.zeros([BLOCK], dtype=tl.float32)
             acc2 = tl.zeros([BLOCK], dtype=tl.float32)
             end = tl.minimum((p + 1) * PER_SLICE, group_size)
-            for start in tl.range(p * PER_SLICE, end, BLOCK, num_stages=STAGES):
+            for start in tl.range(tl.multiple_of(p * PER_SLICE, BLOCK), end, BLOCK, num_stages=STAGES):
                 offs = start + tl.arange(0, BLOCK)
                 mask = offs < end
                 x = tl.load(base + offs, mask=mask, other=0.0)
@@ -314,7 +316,9 @@ if triton is not None:
             tl.store(out, tl.sum(acc1, 0))
             tl.store(out + tl.num_programs(1) // G * P * G, tl.sum(acc2, 0))
 
-    @triton.jit(do_not_specialize=["silu"])  # Triton would otherwise compile silu == 1 as a constant
+    # Not specialized: silu (Triton would compile silu == 1 as a constant), N, P and PER_SLICE (as the stats
+    # kernel's: the batch and the slicing would compile a variant per size).
+    @triton.jit(do_not_specialize=["N", "P", "PER_SLICE", "silu"])
     def _group_norm_apply_kernel(
         X,  # pointer to x, (N, C, HW) contiguous or (N, HW, C) channels_last
         Offset,  # pointer to the offsets (N, C) added to x, or None
@@ -398,8 +402,8 @@ if triton is not None:
             shift = _group_shift(X + base, Offset, offset_stride, ng, G, CG)
             mean, rstd = _mean_rstd(tl.sum(s1, 0), tl.sum(s2, 0), count, shift, eps)
             end = tl.minimum((p + 1) * PER_SLICE, group_size)
-            _normalize_contiguous(X + base, Offset, offset_stride, Y + base, W, B, p * PER_SLICE, end, ng, G, CG, HW,
-                                  mean, rstd, silu, BLOCK, STAGES)
+            _normalize_contiguous(X + base, Offset, offset_stride, Y + base, W, B, tl.multiple_of(p * PER_SLICE, BLOCK),
+                                  end, ng, G, CG, HW, mean, rstd, silu, BLOCK, STAGES)
 
     # Not specialized: silu (Triton would compile silu == 1 as a constant) and CG (its divisibility by 16
     # changes nothing here, as HW's gives the alignment): one compiled variant per dtype and tile.
@@ -609,9 +613,10 @@ def _summed_config(x: Tensor) -> tuple[int, int, int]:
     return (1 if x.numel() <= SUMMED_ONE_PER_SM * _triton.sm_count(x.device) else 2), CL_TILE, NUM_WARPS
 
 
-def _partials_block(slices: int, block_g: int) -> int:
-    """Slices' partial sums a channels_last apply program adds per step (a (BLOCK_P, BLOCK_G) tile)."""
-    return min(_triton.next_power_of_2(slices), max(1, PARTIAL_TILE // block_g))
+def _partials_block(block_g: int) -> int:
+    """Slices' partial sums a channels_last apply program adds per step (a (BLOCK_P, BLOCK_G) tile): a full tile
+    whatever the number of slices (masked past it), so that a new size or batch compiles no variant of its own."""
+    return max(1, PARTIAL_TILE // block_g)
 
 
 def _launch_split(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Tensor, num_groups: int,
@@ -646,7 +651,7 @@ def _launch_split(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Ten
     else:
         partials = sums  # its own number of slices: the apply kernel adds them all, whatever its grid
     partial_slices = partials.shape[2]
-    block_p = (_partials_block(partial_slices, block_g) if channels_last
+    block_p = (_partials_block(block_g) if channels_last
                else min(_triton.next_power_of_2(partial_slices), PARTIAL_TILE))
     stats = torch.empty((batch, 2, num_groups) if channels_last else (1,), device=x.device, dtype=torch.float32)
     kernels.apply[(slices, grid_rows)](x, offset, offset_stride, y, partials, stats, weight, bias, batch, hw, channels,

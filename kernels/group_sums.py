@@ -110,8 +110,9 @@ if triton is not None:
                 v += xv  # (y + bias) + (x + x_bias): residual_add's order
         return v
 
-    # x_samples and s_samples unspecialized: 1 (a shared sample) or the batch must not compile a variant each.
-    @triton.jit(do_not_specialize=["x_samples", "s_samples"])
+    # Not specialized: x_samples and s_samples (1, a shared sample, or the batch), P and PER_SLICE (the slicing
+    # follows the SM count and the shape): a new batch or size must not compile a variant each.
+    @triton.jit(do_not_specialize=["x_samples", "s_samples", "P", "PER_SLICE"])
     def _summed_output_kernel(
         X,  # residual add: pointer to x, (N_x, HW, C) in memory, or None (y + bias alone); concat: x, (N, HW, C1)
         XBias,  # residual add: pointer to x's bias (C,), or None
