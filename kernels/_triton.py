@@ -48,6 +48,27 @@ def check_like(x: Tensor, **tensors: Optional[Tensor]) -> None:
             raise ValueError(f"{name} is on {t.device}, expected x's device {x.device}")
 
 
+# (value, device, dtype) -> CONSTANT_ROW_LENGTH copies of value, for `constant_row`. Made once and never
+# replaced: a captured CUDA graph keeps reading the buffer it was captured with.
+_CONSTANT_ROWS: dict[tuple, Tensor] = {}
+CONSTANT_ROW_LENGTH = 8192
+
+
+def constant_row(value: float, length: int, like: Tensor) -> Optional[Tensor]:
+    """(length,) copies of `value` on like's device in like's dtype: what a kernel reads in place of an absent
+    optional input, so that calls with and without that input launch one compiled variant (a None pointer is a
+    constant Triton compiles a variant for). A view of one buffer per value, device and dtype; None during a
+    CUDA-graph capture that finds no buffer (one allocated there would belong to the graph's memory pool)."""
+    if length > CONSTANT_ROW_LENGTH:
+        raise ValueError(f"constant_row holds {CONSTANT_ROW_LENGTH} values, {length} were asked for")
+    key = (repr(float(value)), like.device, like.dtype)  # repr tells -0.0 from 0.0
+    if key not in _CONSTANT_ROWS:
+        if like.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        _CONSTANT_ROWS[key] = torch.full((CONSTANT_ROW_LENGTH,), value, dtype=like.dtype, device=like.device)
+    return _CONSTANT_ROWS[key][:length]
+
+
 def repeat_samples(t: Tensor, samples: int) -> Tensor:
     """[t; t; ...] along dim 0 up to `samples` rows (a multiple of t's), in t's memory layout; t itself when it
     has them already. The reference twins' form of a shared sample repeated over classifier-free guidance's

@@ -38,7 +38,7 @@ compile a variant of each kernel of their own. Since x - (c - offset) equals (x 
 subtract each channel's offset from the values they centre x on (K in the sums, the mean to normalize) rather
 than add it to x: channels_last tiles do that once per channel, at no cost per element; contiguous ones once
 per element, gathering the offset as they gather weight and bias. So eager channels_last calls without an
-offset pass zeros (`_zero_offset`, from one buffer per device and dtype) and launch the offset variants too:
+offset pass zeros (`_zero_offset`, from `_triton.constant_row`) and launch the offset variants too:
 a model that normalizes the same shape with and without an offset (a ResNet block's norm1 and norm2) compiles
 it once. Subtracting a zero changes no bit. On an H200 the VAE's conv1 bias as norm2's offset had added 6
 compiled variants and 1.0-1.5 s to the first image in a fresh process (torch 2.11, triton 3.6).
@@ -658,23 +658,14 @@ def _launch_split(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Ten
                                        num_groups, cg, partial_slices, per_slice, eps, silu, BLOCK_P=block_p, **meta)
 
 
-# (device, dtype) -> MAX_CHANNELS zeros for _zero_offset. Made once and never replaced: a captured CUDA graph
-# keeps reading the buffer it was captured with.
-_ZEROS: dict[tuple, Tensor] = {}
-
-
 def _zero_offset(x: Tensor) -> Optional[Tensor]:
     """A zero offset (N, C) for channels_last x, rows at stride 0 (see the module docstring), or None: for
     contiguous x (whose kernels would gather it per element), and during a CUDA-graph capture that finds no
-    buffer for x's device and dtype (one allocated there would belong to the graph's memory pool)."""
+    zeros made yet (`_triton.constant_row`)."""
     if not _is_channels_last(x):
         return None
-    key = (x.device, x.dtype)
-    if key not in _ZEROS:
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return None
-        _ZEROS[key] = torch.zeros(MAX_CHANNELS, dtype=x.dtype, device=x.device)
-    return _ZEROS[key][:x.shape[1]].expand(x.shape[0], -1)  # channels_last x has at most MAX_CHANNELS
+    zeros = _triton.constant_row(0.0, x.shape[1], x)  # channels_last x has at most MAX_CHANNELS
+    return None if zeros is None else zeros.expand(x.shape[0], -1)
 
 
 def _group_norm_launch(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,

@@ -16,7 +16,9 @@ cuBLAS's GEMM with a bias epilogue took 10.1 against 6.5 us without one at SD1.5
                  s = x + (residual + residual_bias). With residual=None, s = x + residual_bias (proj_in's bias
                  on its own output).
   stream_bias    the bias of the Linear whose output is added to s next (the MLP's output Linear, run as an
-                 in-place `addmm_` onto the stream): written out is s + stream_bias, normalized is s.
+                 in-place `addmm_` onto the stream): written out is s + stream_bias, normalized is s. Eager
+                 calls without one add -0.0 (`_triton.constant_row`), which changes no value: both launch one
+                 compiled variant.
 
 `copies` writes both outputs that many times, stacked along dim 0: a UNet's shared sample parts into the
 unconditional and conditional rows of classifier-free guidance right after this pass (before the first
@@ -205,6 +207,8 @@ def _layer_norm_traced(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
 def _add_layer_norm_launch(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                            eps: float, residual_bias: Optional[Tensor], stream_bias: Optional[Tensor],
                            copies: int) -> tuple[Tensor, Tensor]:
+    if stream_bias is None:  # -0.0 added changes no value, and the calls with a stream bias share the variant
+        stream_bias = _triton.constant_row(-0.0, x.shape[-1], x)
     return _layer_norm_run(_layer_norm_launcher, x, residual, weight, bias, eps, residual_bias, stream_bias, add=True,
                            copies=copies)
 

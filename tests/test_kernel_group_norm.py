@@ -335,9 +335,9 @@ def test_group_norm_captured_without_a_zero_buffer_allocates_none(monkeypatch):
     monkeypatch.setattr(gn_module, "_zero_offset", lambda x: None)
     group_norm(x, 32, weight, bias, 1e-5, "silu")  # compiles the offset-free variant outside the capture
     monkeypatch.setattr(gn_module, "_zero_offset", zero_offset)
-    monkeypatch.setattr(gn_module, "_ZEROS", {})
+    monkeypatch.setattr(gn_module._triton, "_CONSTANT_ROWS", {})
     graph, out = capture(lambda: group_norm(x, 32, weight, bias, 1e-5, "silu"), warm=False)
-    assert gn_module._ZEROS == {}
+    assert gn_module._triton._CONSTANT_ROWS == {}
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(out, group_norm_ref(x, 32, weight, bias, 1e-5, "silu"), atol=5e-3, rtol=2e-3)

@@ -368,3 +368,17 @@ def test_repeated_launch_under_cuda_graph_capture():
         err = (out.float() - attention_ref(q, k, v).float()).abs().max().item()
         print(f"max abs error of a replayed graph: {err:.3e}")
         assert err < 1e-2
+
+
+def test_constant_row_is_a_view_of_one_buffer_per_value_device_and_dtype(monkeypatch):
+    monkeypatch.setattr(_triton, "_CONSTANT_ROWS", {})
+    like = torch.ones(3, dtype=torch.float16)
+    zeros, again = _triton.constant_row(0.0, 320, like), _triton.constant_row(0.0, 640, like)
+    negative = _triton.constant_row(-0.0, 320, like)
+    assert zeros.shape == (320,) and again.shape == (640,) and zeros.data_ptr() == again.data_ptr()
+    assert zeros.dtype == torch.float16 and not zeros.any()
+    assert negative.data_ptr() != zeros.data_ptr() and torch.signbit(negative).all()  # -0.0, kept apart
+    assert (like + negative[:3]).equal(like) and torch.signbit(torch.tensor(-0.0) + negative[0])
+    assert _triton.constant_row(0.0, 320, like.float()).dtype == torch.float32
+    with pytest.raises(ValueError, match="8192 values, 8193"):
+        _triton.constant_row(0.0, 8193, like)
