@@ -149,9 +149,17 @@ def _residual_add_run(kernel, x: Optional[Tensor], y: Tensor, bias: Optional[Ten
     return out
 
 
+def _launched_x_bias(x: Optional[Tensor], y: Tensor, x_bias: Optional[Tensor]) -> Optional[Tensor]:
+    """What an eager launch passes as x_bias: -0.0 per channel (`_triton.constant_row`) for a residual without
+    one, which changes no value, so that sums with and without x's bias launch one compiled variant."""
+    if x is not None and x_bias is None:
+        return _triton.constant_row(-0.0, y.shape[1], y)
+    return x_bias
+
+
 def _residual_add_launch(x: Optional[Tensor], y: Tensor, bias: Optional[Tensor],
                          x_bias: Optional[Tensor] = None) -> Tensor:
-    return _residual_add_run(_residual_add_launcher, x, y, bias, x_bias=x_bias)
+    return _residual_add_run(_residual_add_launcher, x, y, bias, x_bias=_launched_x_bias(x, y, x_bias))
 
 
 def _residual_add_traced(x: Optional[Tensor], y: Tensor, bias: Optional[Tensor],
@@ -211,4 +219,4 @@ def residual_add(x: Optional[Tensor], y: Tensor, bias: Optional[Tensor] = None, 
     if torch.compiler.is_compiling():  # the compiled op returns a new tensor
         result = _residual_add_op(x, y, bias, x_bias)
         return result if out is None else out.copy_(result)
-    return _residual_add_run(_residual_add_launcher, x, y, bias, out, x_bias)
+    return _residual_add_run(_residual_add_launcher, x, y, bias, out, _launched_x_bias(x, y, x_bias))
