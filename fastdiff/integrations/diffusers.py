@@ -522,7 +522,7 @@ def _shared_rows(sample: Tensor) -> Tensor:
     pipeline. Any other batch as it is. (The comparison waits for the GPU, while the previous step's graph
     is done: the next one is launched right after it.)"""
     half = sample.shape[0] // 2
-    if sample.shape[0] % 2 == 0 and torch.equal(sample[:half], sample[half:]):
+    if half and sample.shape[0] % 2 == 0 and torch.equal(sample[:half], sample[half:]):
         return sample[:half]
     return sample
 
