@@ -55,6 +55,16 @@ def state(pipe, storage: bool = True) -> dict:
                     for name, p in getattr(pipe, part).named_parameters()]) for part in PARTS}
 
 
+def unaccelerated_and_accelerated(pipe, run) -> tuple:
+    """run()'s result on the pipeline as it is, then accelerated (and deaccelerated after)."""
+    expected = run()
+    accelerate(pipe, FastConfig(cuda_graphs=False))
+    try:
+        return expected, run()
+    finally:
+        deaccelerate(pipe)
+
+
 class EngineCalls:
     """Counts the FastEngine calls the accelerated pipeline makes."""
 
@@ -117,12 +127,7 @@ def test_guidance_runs_the_repeated_latents_once_and_other_batches_whole(pipe, m
             return pipe([PROMPT, "a blue square"], num_inference_steps=2, guidance_scale=guidance, height=64,
                         width=64, latents=latents, output_type="np").images
 
-        expected = run()
-        accelerate(pipe, FastConfig(cuda_graphs=False))
-        try:
-            got = run()
-        finally:
-            deaccelerate(pipe)
+        expected, got = unaccelerated_and_accelerated(pipe, run)
         print(f"guidance {guidance}: PSNR accelerated vs diffusers {psnr(got, expected):.1f} dB, UNet rows {rows}")
         assert psnr(got, expected) >= 40
         assert rows == [2, 2], "the engine's rows: each latent once"
@@ -139,12 +144,7 @@ def test_img2img(pipe):
         return img2img(PROMPT, image=image, strength=0.7, num_inference_steps=4, guidance_scale=7.5,
                        generator=torch.Generator().manual_seed(0), output_type="np").images
 
-    expected = run()
-    accelerate(img2img, FastConfig(cuda_graphs=False))
-    try:
-        got = run()
-    finally:
-        deaccelerate(img2img)
+    expected, got = unaccelerated_and_accelerated(img2img, run)
     print(f"img2img: PSNR accelerated vs diffusers {psnr(got, expected):.1f} dB")
     assert psnr(got, expected) >= 40
     assert np.array_equal(run(), expected)
