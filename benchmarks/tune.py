@@ -5,12 +5,12 @@
 On one CUDA GPU: for every attention call the Stable Diffusion UNets make at the sizes users run (SD1.x, SD2.x
 and SDXL's self- and cross-attention per level, 512x512 to 1024x1024, CFG batch 2, 8 and 16, float16, in the
 fused projections' layouts the engine gives them), times torch's SDPA and each of the Triton kernel's candidate
-configs (`fastdiff.kernels.attention.candidate_configs`), then records one config per head dim and set of candidates
-(`choose`) and, per call, the faster implementation with it. The rows replace this GPU model's table in
-`sm_<major><minor>.json` (other models' tables are kept), with the GPU, versions, date and this command. Timing: CUDA-graph replay of back-to-back calls over input sets
-rotated past the L2 cache (benchmarks/timing.py), median of the replays. --quick: CFG batch 2 only. --log: every
-measured call is appended to ROWS.jsonl as it completes, and calls already there (from an interrupted run on this
-GPU) are not measured again.
+configs (`fastdiff.kernels.attention.candidate_configs`), then records one config per head dim and set of
+candidates (`choose`) and, per call, the faster implementation with it. The rows replace this GPU model's table
+in `sm_<major><minor>.json` (other models' tables are kept), with the GPU, versions, date and this command.
+Timing: CUDA-graph replay of back-to-back calls over input sets rotated past the L2 cache (benchmarks/timing.py),
+median of the replays. --quick: CFG batch 2 only. --log: every measured call is appended to ROWS.jsonl as it
+completes, and calls already there (from an interrupted run on this GPU) are not measured again.
 """
 from __future__ import annotations
 
@@ -105,10 +105,10 @@ def measured_row(call: tuple[int, int, int, int, int], log: Path | None, gpu: st
 
 
 def choose(rows: list[dict]) -> None:
-    """Give every row its config and implementation. One config per head dim and set of candidates: the one whose time is
-    nearest each row's fastest over all of them (geometric mean of the ratios), so that a new shape launches a
-    variant the first image already compiled. Then per row, that config's time against SDPA's picks the
-    implementation."""
+    """Give every row its config and implementation. One config per head dim and set of candidates: the one whose
+    time is nearest each row's fastest over all of them (geometric mean of the ratios), so that a new shape
+    launches a variant the first image already compiled. Then per row, that config's time against SDPA's picks
+    the implementation."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:  # rows with the same candidates (on chip, their key block follows the key count)
         groups.setdefault((row["head_dim"], tuple(k for k in row["us"] if k != "sdpa")), []).append(row)

@@ -57,10 +57,11 @@ CONSTANT_ROW_LENGTH = 8192
 def constant_row(value: float, length: int, like: Tensor) -> Optional[Tensor]:
     """(length,) copies of `value` on like's device in like's dtype: what a kernel reads in place of an absent
     optional input, so that calls with and without that input launch one compiled variant (a None pointer is a
-    constant Triton compiles a variant for). A view of one buffer per value, device and dtype; None during a
-    CUDA-graph capture that finds no buffer (one allocated there would belong to the graph's memory pool)."""
+    constant Triton compiles a variant for). A view of one buffer per value, device and dtype. None, for the
+    caller to pass None instead, past CONSTANT_ROW_LENGTH values and during a CUDA-graph capture that finds no
+    buffer (one allocated there would belong to the graph's memory pool)."""
     if length > CONSTANT_ROW_LENGTH:
-        raise ValueError(f"constant_row holds {CONSTANT_ROW_LENGTH} values, {length} were asked for")
+        return None
     key = (repr(float(value)), like.device, like.dtype)  # repr tells -0.0 from 0.0
     if key not in _CONSTANT_ROWS:
         if like.is_cuda and torch.cuda.is_current_stream_capturing():
