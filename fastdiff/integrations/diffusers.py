@@ -510,7 +510,8 @@ class _UNetForward:
                 raise ValueError(f"the accelerated unet takes one timestep for the batch, got shape "
                                  f"{tuple(timestep.shape)}")
             timestep = timestep.reshape(())
-        out = self._denoiser(encoder_hidden_states)(_shared_rows(sample), self._timestep(timestep))
+        model_fn, t = self._denoiser(encoder_hidden_states), self._timestep(timestep)
+        out = model_fn(_shared_rows(sample), t)  # launched right after _shared_rows' synchronization
         # with CUDA graphs `out` is a static buffer, rewritten by the next step: hand out a copy
         out = out.to(sample.dtype, copy=self.engine.config.cuda_graphs)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
