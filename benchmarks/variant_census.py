@@ -8,8 +8,8 @@ do_not_specialize; each tensor's dtype and 16-byte alignment) and per constexpr 
 shapes (block sizes, single or split paths). A process that has met one shape compiles, at a new shape, only the
 variants that shape adds. This tool lists them:
 
-1. It builds the architecture's UNet and VAE (bench_e2e.ARCHS and VAE, float16) in a `FastEngine` with the
-   default `FastConfig`, out of fake CUDA tensors (torch's FakeTensorMode: shapes, strides and dtypes, no data;
+1. It builds the architecture's UNet and VAE (bench_e2e.ARCHS and VAE, in the dtypes a float16 pipeline runs them)
+   in a `FastEngine` with the default `FastConfig`, out of fake CUDA tensors (torch's FakeTensorMode: shapes, strides and dtypes, no data;
    the models are built on the meta device, so there are no weights at all), on a CPU-only torch.
 2. Per shape, as a pipeline's first image there runs them: `FastEngine.compile_ahead` (the UNet's eager call at
    CFG batch 2B, latents B x 4 x H/8 x W/8, a 2B x 77 context; then, as its `rest`, the VAE decode), then one
@@ -36,7 +36,8 @@ What stands in for the GPU (inside `gpu_stand_in`; nothing outside this file is 
     (the VAE's) upcasts instead of asking cuBLAS for float32 scores, which fake tensors lack: no Triton either;
   - indexing, `contiguous` and `copy_` of fake CUDA tensors go through aten's ops (their Python bindings take a
     CUDA device guard, which a CPU-only torch lacks); modules' `.to()` sets parameters' data instead of swapping.
-Limits: SD1.5 and SD2.1 (sd21, sd21v) only, not SDXL. The sampling loop's scheduler step is not run (it takes
+Architectures: SD1.5, SD2.1 (sd21, sd21v) and SDXL (its added conditioning given as zeros, its VAE in float32 as a
+float16 pipeline decodes it). Limits: the sampling loop's scheduler step is not run (it takes
 fastdiff._C on such a GPU; with the Triton one it would add its own keys), nor the text encoder (no Triton
 kernels). torch's own kernels (cuDNN, cuBLAS, SDPA) and their plans are not counted, nor what a compile costs.
 The keys are those of this checkout's code, for a GPU with that SM count and Triton's specialization rules.
@@ -66,13 +67,14 @@ from fastdiff import ops  # noqa: E402
 from fastdiff.engine import FastConfig, FastEngine  # noqa: E402
 from fastdiff.kernels import _triton  # noqa: E402
 from fastdiff.models import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig  # noqa: E402
+from fastdiff.pipeline import vae_dtype_for  # noqa: E402
 
 GPU_NAME = "NVIDIA H100 80GB HBM3"
 CAPABILITY = (9, 0)
 H100_SMS = 132
 CONTEXT_TOKENS = 77
 STEPS = 25  # the schedule the sampling step's timestep is a view of (the engine keys time features by it)
-ARCHS = ("sd15", "sd21", "sd21v")  # SDXL's added conditioning and float32 VAE are not wired up here
+ARCHS = ("sd15", "sd21", "sd21v", "sdxl")
 PHASES = ("unet", "decode", "step")  # compile_ahead's UNet call, compile_ahead's decode, a sampling step
 
 
@@ -263,13 +265,13 @@ class Census:
 # ---- the models and one shape's first image ----------------------------------------------------------------------
 
 def build_models(arch: str) -> tuple[UNet2DConditionModel, AutoencoderKL]:
-    """`arch`'s UNet and VAE in float16 on the meta device (random init cannot run on fake CUDA tensors here, and
-    values do not matter)."""
+    """`arch`'s UNet in float16 and VAE in the dtype a float16 pipeline decodes in (float32 for SDXL's), on the meta
+    device (random init cannot run on fake CUDA tensors here, and values do not matter)."""
     spec = bench_e2e.ARCHS[arch]
-    vae_spec = {k: tuple(v) if isinstance(v, list) else v for k, v in bench_e2e.vae_for(arch).items()}
+    vae_config = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in bench_e2e.vae_for(arch).items()})
     with torch.device("meta"):
         return (UNet2DConditionModel(UNetConfig(**spec["unet"])).to(torch.float16),
-                AutoencoderKL(VAEConfig(**vae_spec)).to(torch.float16))
+                AutoencoderKL(vae_config).to(vae_dtype_for(vae_config, torch.float16, bench_e2e.is_sdxl(arch))))
 
 
 def fast_engine(unet: UNet2DConditionModel, vae: AutoencoderKL) -> FastEngine:
@@ -286,16 +288,22 @@ def first_image(engine: FastEngine, census: Census, shape: tuple[int, int, int],
     context = torch.zeros(2 * batch, CONTEXT_TOKENS, engine.unet.config.cross_attention_dim, device="cuda",
                           dtype=engine.dtype)
     latents = (x / engine.vae.config.scaling_factor).to(next(engine.vae.parameters()).dtype)
+    config = engine.unet.config
+    added = {}
+    if config.addition_embed_type == "text_time":  # SDXL: the pooled text embedding and six size and crop ids
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        added = dict(text_embeds=torch.zeros(2 * batch, pooled, device="cuda", dtype=engine.dtype),
+                     time_ids=torch.zeros(2 * batch, 6, device="cuda"))
 
     def rest() -> None:
         census.phase = "decode"
         engine.decode(latents)
 
     with census.recording("unet"):
-        engine.compile_ahead(("variant_census", tag), x, context, rest)
+        engine.compile_ahead(("variant_census", tag), x, context, rest, **added)
     with census.recording("step"):
         timesteps = torch.linspace(999.0, 0.0, STEPS, device="cuda")
-        engine.denoiser(context, cfg=True)(x, timesteps.select(0, 0))
+        engine.denoiser(context, cfg=True, **added)(x, timesteps.select(0, 0))
 
 
 # ---- reading keys ------------------------------------------------------------------------------------------------
