@@ -9,8 +9,9 @@ shapes (block sizes, single or split paths). A process that has met one shape co
 variants that shape adds. This tool lists them:
 
 1. It builds the architecture's UNet and VAE (bench_e2e.ARCHS and VAE, in the dtypes a float16 pipeline runs them)
-   in a `FastEngine` with the default `FastConfig`, out of fake CUDA tensors (torch's FakeTensorMode: shapes, strides and dtypes, no data;
-   the models are built on the meta device, so there are no weights at all), on a CPU-only torch.
+   in a `FastEngine` with the default `FastConfig`, out of fake CUDA tensors (torch's FakeTensorMode: shapes,
+   strides and dtypes, no data; the models are built on the meta device, so there are no weights at all), on a
+   CPU-only torch.
 2. Per shape, as a pipeline's first image there runs them: `FastEngine.compile_ahead` (the UNet's eager call at
    CFG batch 2B, latents B x 4 x H/8 x W/8, a 2B x 77 context; then, as its `rest`, the VAE decode), then one
    sampling step as the denoiser calls the UNet (the call its CUDA graph captures). Every Triton launch
