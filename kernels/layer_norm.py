@@ -102,9 +102,10 @@ def add_layer_norm_ref(x: Tensor, residual: Optional[Tensor], weight: Optional[T
 
 if triton is not None:
 
-    # copies unspecialized: 1 nearly always, 2 (or the guidance rows) once per UNet call, and neither may compile
-    # a variant of its own.
-    @triton.jit(do_not_specialize=["copies"])
+    # Not specialized: copies (1 nearly always, 2 or the guidance rows once per UNet call) and M (the rows: a new
+    # size or batch), which only mask rows; N's divisibility gives every row's alignment. Neither may compile a
+    # variant of its own.
+    @triton.jit(do_not_specialize=["M", "copies"])
     def _layer_norm_kernel(
         X,  # pointer to x, (M, N) contiguous
         R,  # pointer to the residual, (M, N) contiguous, or None

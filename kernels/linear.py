@@ -98,7 +98,9 @@ if triton is not None:
         tail = 0.5 * poly * t * tl.math.exp2(-1.4426950408889634 * z * z)  # (1 - erf(z)) / 2; log2(e)
         return g * tl.where(g < 0, tail, 1.0 - tail)
 
-    @triton.jit
+    # M not specialized: the rows only place the tiles (the descriptors bound them), and a new size or batch must
+    # not compile a variant of its own.
+    @triton.jit(do_not_specialize=["M"])
     def _linear_kernel(
         x_desc,  # descriptor of x, (M, K), tiles (BLOCK_M, BLOCK_K)
         w_desc,  # descriptor of the weight, (N', K), tiles (BLOCK_N, BLOCK_K); N' = 2N for GEGLU

@@ -89,9 +89,10 @@ def residual_add_ref(x: Optional[Tensor], y: Tensor, bias: Optional[Tensor] = No
 
 if triton is not None:
 
-    # x_samples unspecialized: it is 1 (a shared batch-1 sample) or the batch, and either must not compile a
-    # variant of its own.
-    @triton.jit(do_not_specialize=["x_samples"])
+    # Not specialized: x_samples (1, a shared batch-1 sample, or the batch) and HW (it only finds a contiguous
+    # element's channel; sample_numel's divisibility gives the alignment): a new batch or size must not compile
+    # a variant of its own.
+    @triton.jit(do_not_specialize=["x_samples", "HW"])
     def _residual_add_kernel(
         X,  # pointer to x, (N, C, *spatial), contiguous or channels innermost, or None (y + bias alone)
         Y,  # pointer to y, x's shape and layout
