@@ -113,7 +113,9 @@ def default_config(dtype: torch.dtype, seq_kv: int, head_dim: int) -> AttentionC
 
 if triton is not None:
 
-    @triton.jit
+    # Sq and Skv not specialized: they only bound loops and masks (EVEN_N says when the key blocks are full), and
+    # a new size must not compile a variant of its own.
+    @triton.jit(do_not_specialize=["Sq", "Skv"])
     def _attention_kernel(
         Q,  # pointer to q, shape (B, H, Sq, D), any strides
         K,  # pointer to k, shape (B, H, Skv, D), any strides
