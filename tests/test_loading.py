@@ -30,7 +30,7 @@ from fastdiff.models.unet import UNetConfig
 from fastdiff.models.vae import VAEConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import make_tiny_sd  # noqa: E402
+from tiny_models import make_tiny_sd, write_single_file  # noqa: E402
 
 TOL = 1e-5  # relative L2 error, float32
 ASSETS = Path(__file__).resolve().parent.parent / "fastdiff" / "assets" / "clip"
@@ -207,14 +207,6 @@ def ldm_state_dict(t: Tiny, text_model_level: bool = True) -> dict:
     sd.update({"betas": torch.linspace(0.00085, 0.012, 1000), "alphas_cumprod": torch.rand(1000),
                "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1000)})
     return sd
-
-
-def write_single_file(path: Path, sd: dict) -> Path:
-    if path.suffix == ".safetensors":
-        save_file({k: v.contiguous() for k, v in sd.items()}, path)
-    else:  # a Lightning checkpoint: the weights nested under "state_dict"
-        torch.save({"state_dict": sd, "global_step": 470000, "epoch": 6}, path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from typing import Optional
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from fastdiff.loading import CheckpointError, load_components
 from fastdiff.loading.common import Overrides
@@ -29,6 +28,7 @@ from fastdiff.models.unet import UNetConfig
 from fastdiff.models.vae import VAEConfig
 from fastdiff.schedulers.config import SchedulerConfig
 from tiny_models import randomise
+from tiny_models import write_single_file as write_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -140,11 +140,7 @@ def sgm_state_dict(t: Tiny) -> dict:
 
 
 def write_single_file(path: Path, sd: dict) -> Path:
-    if path.suffix == ".safetensors":
-        save_file({k: v.contiguous() for k, v in sd.items()}, path)
-    else:  # a bare state dict, as ComfyUI's and A1111's model savers write .ckpt files
-        torch.save(sd, path)
-    return path
+    return write_checkpoint(path, sd, nested=False)  # .ckpt: a bare state dict, as ComfyUI's savers write
 
 
 @pytest.fixture(scope="module")

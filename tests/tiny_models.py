@@ -11,6 +11,7 @@ proj_out) cannot hide a wrong computation.
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from fastdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig,
                              VAEConfig)
@@ -35,6 +36,17 @@ TINY_VAE = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_g
 def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative L2 error of a against ref, in float64."""
     return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def write_single_file(path: Path, sd: dict, nested: bool = True) -> Path:
+    """sd as a single checkpoint file: .safetensors, else a torch.save'd .ckpt, either a Lightning checkpoint (the
+    weights nested under "state_dict", with `nested`) or a bare state dict (as ComfyUI's and A1111's model savers
+    write them)."""
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    else:
+        torch.save({"state_dict": sd, "global_step": 470000, "epoch": 6} if nested else sd, path)
+    return path
 
 
 def randomise(module: torch.nn.Module, scale: float = 0.05) -> None:
