@@ -1,16 +1,18 @@
 """Write this GPU's tuning table: the measured choices `fastdiff.tuning` gives the fast path.
 
     python benchmarks/tune.py [--out fastdiff/assets/tuning] [--quick] [--log ROWS.jsonl]
+    python benchmarks/tune.py --rechoose fastdiff/assets/tuning/sm_90.json
 
 On one CUDA GPU: for every attention call the Stable Diffusion UNets make at the sizes users run (SD1.x, SD2.x
 and SDXL's self- and cross-attention per level, 512x512 to 1024x1024, CFG batch 2, 8 and 16, float16, in the
 fused projections' layouts the engine gives them), times torch's SDPA and each of the Triton kernel's candidate
 configs (`fastdiff.kernels.attention.candidate_configs`), then records one config per head dim and set of
-candidates (`choose`) and, per call, the faster implementation with it. The rows replace this GPU model's table
-in `sm_<major><minor>.json` (other models' tables are kept), with the GPU, versions, date and this command.
+candidates and, per call, the faster implementation with it (`fastdiff.tuning.choose`). The rows replace this GPU
+model's table in `sm_<major><minor>.json` (other models' tables are kept), with the GPU, versions, date and this command.
 Timing: CUDA-graph replay of back-to-back calls over input sets rotated past the L2 cache (benchmarks/timing.py),
 median of the replays. --quick: CFG batch 2 only. --log: every measured call is appended to ROWS.jsonl as it
-completes, and calls already there (from an interrupted run on this GPU) are not measured again.
+completes, and calls already there (from an interrupted run on this GPU) are not measured again. --rechoose:
+apply `fastdiff.tuning.choose` again to a table's recorded timings, on any machine.
 """
 from __future__ import annotations
 
@@ -104,24 +106,12 @@ def measured_row(call: tuple[int, int, int, int, int], log: Path | None, gpu: st
     return row
 
 
-def choose(rows: list[dict]) -> None:
-    """Give every row its config and implementation. One config per head dim and set of candidates: the one whose
-    time is nearest each row's fastest over all of them (geometric mean of the ratios), so that a new shape
-    launches a variant the first image already compiled. Then per row, that config's time against SDPA's picks
-    the implementation."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:  # rows with the same candidates (on chip, their key block follows the key count)
-        groups.setdefault((row["head_dim"], tuple(k for k in row["us"] if k != "sdpa")), []).append(row)
-    for (_, configs), group in groups.items():
-
-        def slowdown(config: str) -> float:
-            ratios = [r["us"][config] / min(r["us"][c] for c in configs) for r in group]
-            return statistics.geometric_mean(ratios)
-
-        config = min(configs, key=slowdown)
-        for row in group:
-            row["config"] = [int(x) for x in config.split(",")]
-            row["impl"] = "fastdiff" if row["us"][config] < row["us"]["sdpa"] else "sdpa"
+def rechoose(path: Path) -> None:
+    """Run `fastdiff.tuning.choose` again over the timings every device's table in `path` holds (no GPU needed)."""
+    tables = json.loads(path.read_text())
+    for table in tables["devices"].values():
+        tuning.choose(table["attention"])
+    path.write_text(json.dumps(tables, indent=1) + "\n")
 
 
 def main() -> None:
@@ -129,14 +119,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=tuning.TABLES)
     parser.add_argument("--quick", action="store_true", help="CFG batch 2 only")
     parser.add_argument("--log", type=Path, help="append measured calls here; reuse the ones already there")
+    parser.add_argument("--rechoose", type=Path, metavar="TABLE",
+                        help="only choose again from the timings TABLE holds (after a change to `choose`; no GPU)")
     args = parser.parse_args()
+    if args.rechoose is not None:
+        rechoose(args.rechoose)
+        return
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/tune.py measures a GPU and torch sees none")
     import triton
 
     name = torch.cuda.get_device_name()
     rows = [measured_row(call, args.log, name) for call in attention_calls((2,) if args.quick else CFG_BATCHES)]
-    choose(rows)
+    tuning.choose(rows)
     for row in rows:
         sdpa, ours = row["us"]["sdpa"], row["us"][",".join(map(str, row["config"]))]
         print(f"D{row['head_dim']:<4} BH {row['batch_heads']:<4} {row['seq_q']:>6} x {row['seq_kv']:<6} sdpa "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +29,43 @@ from torch import Tensor
 TABLES = Path(__file__).resolve().parent / "assets" / "tuning"
 ATTENTION_IMPLS = ("sdpa", "fastdiff")
 _ROW_KEYS = ("head_dim", "seq_q", "seq_kv", "batch_heads", "dtype", "impl", "config")
+
+
+# The kernel takes a call only when it beats SDPA by this factor: SDPA compiles no Triton variant, so a site that a
+# few percent put on the kernel at one shape and on SDPA at the next would cost a compile for nothing.
+KERNEL_MARGIN = 1.05
+# A config another group of this head dim took already is kept when it is within this factor of the group's best:
+# its variant is compiled then, so a shape that moves a site between groups compiles nothing new.
+CONFIG_MARGIN = 1.05
+
+
+def choose(rows: list[dict]) -> None:
+    """Give every measured attention row ("us" filled, in the order measured) its "config" and "impl": the rule
+    `benchmarks/tune.py` writes the tables by.
+
+    One config per head dim and set of candidates (a group): the one whose time is nearest each row's fastest
+    (geometric mean of the ratios) over the group's contested rows, those where the kernel's best beats SDPA by
+    KERNEL_MARGIN (all rows when none does: a row SDPA takes whatever the config must not pick it); or, within
+    CONFIG_MARGIN of that one, a config an earlier group of the head dim took. Then per row, that config's time
+    against SDPA's, with KERNEL_MARGIN, picks the implementation."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:  # rows with the same candidates (on chip, their key block follows the key count)
+        groups.setdefault((row["head_dim"], tuple(k for k in row["us"] if k != "sdpa")), []).append(row)
+    taken: dict[int, set[str]] = {}
+    for (head_dim, configs), group in groups.items():
+        contested = [r for r in group if KERNEL_MARGIN * min(r["us"][c] for c in configs) <= r["us"]["sdpa"]]
+
+        def slowdown(config: str) -> float:
+            ratios = [r["us"][config] / min(r["us"][c] for c in configs) for r in contested or group]
+            return statistics.geometric_mean(ratios)
+
+        config = min(configs, key=slowdown)
+        kept = [c for c in configs if c in taken.get(head_dim, ()) and slowdown(c) <= CONFIG_MARGIN * slowdown(config)]
+        config = min(kept, key=slowdown) if kept else config
+        taken.setdefault(head_dim, set()).add(config)
+        for row in group:
+            row["config"] = [int(x) for x in config.split(",")]
+            row["impl"] = "fastdiff" if KERNEL_MARGIN * row["us"][config] <= row["us"]["sdpa"] else "sdpa"
 
 
 class TuningError(ValueError):

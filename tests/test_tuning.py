@@ -107,3 +107,43 @@ def test_every_committed_row_names_a_candidate_config_of_its_call():
                 dtype = getattr(torch, row["dtype"])
                 assert AttentionConfig(*row["config"]) in candidate_configs(dtype, row["seq_kv"], row["head_dim"]), row
     print(f"{len(files)} table files: {[p.name for p in files]}")
+
+
+def _timed_row(head_dim: int, seq: int, sdpa: float, **configs: float) -> dict:
+    """A self-attention row as tune.py measures it: SDPA's time and each config's (c64_64_4_3=... for "64,64,4,3")."""
+    us = {"sdpa": sdpa, **{name.removeprefix("c").replace("_", ","): t for name, t in configs.items()}}
+    return dict(head_dim=head_dim, seq_q=seq, seq_kv=seq, batch_heads=16, dtype="float16", us=us)
+
+
+def test_choose_takes_the_kernel_only_past_its_margin_over_sdpa():
+    close, clear = _timed_row(80, 1024, 10.2, c64_64_4_3=10.0), _timed_row(80, 2048, 13.0, c64_64_4_3=10.0)
+    tuning.choose([close, clear])
+    assert close["impl"] == "sdpa" and clear["impl"] == "fastdiff"
+    assert close["config"] == clear["config"] == [64, 64, 4, 3]
+
+
+def test_choose_picks_a_groups_config_from_the_rows_the_kernel_can_win():
+    # the long row, which SDPA takes whatever the config, would pick 128 x 64 tiles: the short one decides
+    short = _timed_row(160, 144, 12.0, c128_64_8_3=10.0, c64_64_4_3=7.0)
+    long = _timed_row(160, 4096, 100.0, c128_64_8_3=120.0, c64_64_4_3=200.0)
+    tuning.choose([short, long])
+    assert short["config"] == long["config"] == [64, 64, 4, 3]
+    assert (short["impl"], long["impl"]) == ("fastdiff", "sdpa")
+
+
+def test_choose_keeps_a_config_an_earlier_group_of_the_head_dim_took_when_within_its_margin():
+    first = _timed_row(64, 64, 20.0, c64_64_4_3=10.0)
+    near = _timed_row(64, 256, 20.0, c128_64_8_3=10.0, c64_64_4_3=10.3)  # another candidate set: another group
+    far = _timed_row(40, 64, 20.0, c64_64_4_3=10.0), _timed_row(40, 256, 20.0, c128_64_8_3=10.0, c64_64_4_3=12.0)
+    tuning.choose([first, near, *far])
+    assert near["config"] == [64, 64, 4, 3]
+    assert far[1]["config"] == [128, 64, 8, 3]
+
+
+def test_every_committed_table_holds_the_choices_its_timings_give():
+    for path in sorted(tuning.TABLES.glob("sm_*.json")):
+        for name, table in tuning.read_tables(path).items():
+            rows = table["attention"]
+            recorded = [(r["config"], r["impl"]) for r in rows]
+            tuning.choose(rows)
+            assert [(r["config"], r["impl"]) for r in rows] == recorded, f"{path.name}, {name}: run tune.py --rechoose"
