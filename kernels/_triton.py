@@ -9,6 +9,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
+from . import _compile_processes
+
 # triton is optional: CUDA builds of torch on Linux bring it, CPU-only installs have none. Without it every
 # kernel module still imports (its Triton kernels are defined under `if triton is not None:`), the `<op>_ref`
 # twins and fastdiff.ops' reference backend work, and a Triton kernel's call raises NO_TRITON.
@@ -214,25 +216,38 @@ class _CompilePool:
 
 
 _compile_pool: Optional[_CompilePool] = None
-COMPILE_WORKERS = 4  # compiling_ahead's default thread count (see there: more threads do not compile faster)
+COMPILE_WORKERS = 4  # compiling_ahead's thread count without worker processes (see there)
+COMPILE_PROCESSES = _compile_processes.DEFAULT_PROCESSES  # compiling_ahead's worker processes (0: none)
+
+
+def start_compile_processes(processes: Optional[int] = None) -> int:
+    """Start `compiling_ahead`'s worker processes now (default COMPILE_PROCESSES), so that they have imported
+    torch and Triton (seconds) by the first compile: `FastEngine` calls it as it is built. Returns how many run;
+    0 under the interpreter, without Triton or without a GPU."""
+    processes = COMPILE_PROCESSES if processes is None else processes
+    if INTERPRET or triton is None or processes <= 0 or not torch.cuda.is_available():
+        return 0
+    return _compile_processes.start(processes)
 
 
 @contextmanager
-def compiling_ahead(workers: Optional[int] = None) -> Iterator[None]:
+def compiling_ahead(workers: Optional[int] = None, processes: Optional[int] = None) -> Iterator[None]:
     """Inside the block, Triton kernels are compiled in parallel instead of launched.
 
     A Launcher call with an argument signature that has not launched yet does not run: every variant it
-    would compile (an autotuned kernel's candidates after pruning, each one) goes to a pool of `workers`
-    threads (default: one per CPU, at most COMPILE_WORKERS), and the call returns at once, its outputs
-    unwritten. Calls of known signatures are skipped as well. Leaving the block waits for every compile and
-    re-raises the first error.
+    would compile (an autotuned kernel's candidates after pruning, each one) goes to a pool of threads, and
+    the call returns at once, its outputs unwritten. Calls of known signatures are skipped as well. Leaving
+    the block waits for every compile and re-raises the first error.
 
-    Each compiled variant is also loaded on the device and its launcher built (`_compile_and_load`).
+    Each thread has a worker process (`fastdiff.kernels._compile_processes`; `processes` of them, default
+    COMPILE_PROCESSES, started here unless `start_compile_processes` did) compile its variant, then loads it
+    from Triton's cache, on the device, and builds its launcher (`_compile_and_load`). Without worker
+    processes the threads (`workers`, default one per CPU, at most COMPILE_WORKERS) compile in this process.
     Run a model's forward inside it on inputs of the shapes to come (its outputs are garbage: drop them), and
-    the real forward afterwards finds its kernels compiled and loaded (it still autotunes). Triton's compiler releases
-    the GIL for much of its work (MLIR and LLVM passes, ptxas), so threads overlap: 11 GroupNorm and
-    attention variants took 7.0 s one after the other and 3.8 s on two threads of a 2-core CPU. The Python
-    part of each compile still holds the GIL, and that caps the gain: on a 16-core H200 host the SD1.5 first
+    the real forward afterwards finds its kernels compiled and loaded (it still autotunes). Why processes:
+    Triton's compiler releases the GIL for much of its work (MLIR and LLVM passes, ptxas), so threads overlap
+    (11 GroupNorm and attention variants took 7.0 s one after the other and 3.8 s on two threads of a 2-core
+    CPU), but its Python front end holds it, and that caps the gain: on a 16-core H200 host the SD1.5 first
     image's 81 compiles took 6.3-7.0 s on 4 threads and on 16 alike, and 16 threads starved the thread
     running the model (5-6 s to issue its calls against 1.1 s with 4). A nested block joins the outer one.
     Under the interpreter there is nothing to compile and launches run as usual.
@@ -241,7 +256,8 @@ def compiling_ahead(workers: Optional[int] = None) -> Iterator[None]:
     if _compile_pool is not None or INTERPRET or triton is None:
         yield
         return
-    pool = _compile_pool = _CompilePool(workers or min(COMPILE_WORKERS, os.cpu_count() or 1))
+    running = start_compile_processes(processes)
+    pool = _compile_pool = _CompilePool(running or workers or min(COMPILE_WORKERS, os.cpu_count() or 1))
     try:
         yield
     finally:
@@ -278,16 +294,16 @@ def _variant_compiles(launcher: Launcher, args: tuple, meta: dict) -> list[tuple
             wrapper = wrapper.fn
         key = (id(jit), specialized, tuple(sorted(constexprs.items())))
         compile_variant = functools.partial(jit.run, *standins, grid=None, warmup=True, **constexprs)
-        variants.append((key, functools.partial(_compile_and_load, compile_variant)))
+        variants.append((key, functools.partial(_compile_and_load, jit, compile_variant)))
     return variants
 
 
-def _compile_and_load(compile_variant: Callable[[], Any]) -> None:
-    """Compile one variant, then do what its first launch would do next: load it on the device and build its
-    launcher. Triton builds a small C launcher module per new argument signature with the host's C compiler
+def _compile_and_load(jit, compile_variant: Callable[[], Any]) -> None:
+    """Compile one variant (in a worker process where one runs, else here), then do what its first launch would
+    do next: load it on the device and build its launcher. Triton builds a small C launcher module per new argument signature with the host's C compiler
     (about 0.25 s each, kept in the cache directory); left to the first launches, on an empty cache those
     builds took 3.1 s of the first SD1.5 image on an H200 host, one after the other on the calling thread."""
-    kernel = compile_variant()
+    kernel = _compile_processes.compile_in_worker(jit, compile_variant) or compile_variant()
     if kernel is None or not hasattr(kernel, "_init_handles"):
         return
     try:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastdiff import ops
-from fastdiff.kernels import compiling_ahead
+from fastdiff.kernels import compiling_ahead, start_compile_processes
 from fastdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from fastdiff.models.clip import CLIPAttention
 
@@ -174,6 +174,8 @@ class FastEngine(Engine):
         self._time_inputs = [*self.unet.time_embedding.parameters(), *add_embedding,
                              *(t for t in fused_time if t is not None)]
         self._compiled_for: set[tuple] = set()  # shapes whose Triton kernels `compile_ahead` compiled
+        if config.compile is None and device.type == "cuda":
+            start_compile_processes()  # they import torch and Triton while the first image's work comes
 
     def _graphed(self, fn: Callable[..., Tensor], by_reference: tuple[int, ...] = ()) -> Callable[..., Tensor]:
         """fn replayed from CUDA graphs (one per input signature), or fn itself with cuda_graphs off."""

@@ -4,7 +4,8 @@
 
 Each op lives in one file beside its plain-PyTorch twin `<op>_ref`. The Triton versions run on CUDA
 tensors, or on the CPU when TRITON_INTERPRET=1 is set before this package is imported. `compiling_ahead()`
-compiles, in parallel, the kernels a block of code would launch (a cold start's compiles at once).
+compiles, in parallel, the kernels a block of code would launch (a cold start's compiles at once), in worker
+processes that `start_compile_processes()` starts ahead.
 
 The op files live in the repository's top-level kernels/ folder, which has no __init__.py on purpose: a package
 there would be what `import kernels` finds from the repository root, ahead of Hugging Face's `kernels`
@@ -17,7 +18,7 @@ from pathlib import Path
 if not Path(__file__).with_name("_triton.py").is_file():
     __path__.append(str(Path(__file__).resolve().parents[2] / "kernels"))
 
-from ._triton import compiling_ahead, prepare_compile
+from ._triton import compiling_ahead, prepare_compile, start_compile_processes
 from .attention import attention, attention_ref
 from .channel_cat import channel_cat, channel_cat_ref
 from .conv2d import conv2d, conv2d_ref
@@ -37,5 +38,5 @@ __all__ = ["add_layer_norm", "add_layer_norm_ref", "attention", "attention_ref",
            "layer_norm_ref", "linear", "linear_ref", "matmul_ref",
            "prepare_compile", "residual_add", "residual_add_ref", "residual_add_sums", "residual_add_sums_ref",
            "scheduler_step",
-           "scheduler_step_ref",
+           "scheduler_step_ref", "start_compile_processes",
            "StepCoeffs", "subpixel_shuffle", "subpixel_shuffle_ref", "subpixel_weight"]

@@ -1,0 +1,219 @@
+"""Triton compiles in worker processes, for `compiling_ahead`.
+
+A Triton compile starts with a Python front end (the kernel's AST walked into MLIR) that holds the GIL, then runs
+MLIR and LLVM passes and ptxas, which mostly do not. Threads of one process queue on the front ends: on a 16-core
+H100 host the cold start's compiles took as long on 16 threads as on 4, most of it in the front end. Worker
+processes compile in parallel for real. A worker compiles a variant into Triton's on-disk cache (TRITON_CACHE_DIR,
+shared by both processes) and builds its C launcher there; the calling process then loads it from that cache
+(`JITFunction.preload`, a cache hit: milliseconds).
+
+A variant travels as Triton's own specialization data (the JSON its `jit_cache_hook` receives: signature,
+constexprs, attributes, options and the in-memory cache key), captured by running the variant's compile under a
+hook that stops it just before compiling (`specialization_data`). A worker never touches the GPU: its Triton driver
+is a stand-in that names the calling process's target, so it creates no CUDA context and holds no device memory.
+It is `python -m fastdiff.kernels._compile_processes TARGET_JSON`: one JSON request per line on stdin, one reply per
+line on stdout; it exits when its stdin closes, as it does when the calling process exits.
+
+Whatever goes wrong in a worker (it failed to start, died, or reports an error), the calling process compiles the
+variant itself, exactly as without workers: a compile error then surfaces from there, as always.
+"""
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import importlib
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import warnings
+from typing import Any, Callable, Optional
+
+# How many worker processes `start` runs by default: one per core, two left for the process that runs the model
+# and its threads waiting on the workers; none below four cores, where the threads alone do as well.
+DEFAULT_PROCESSES = min(8, (os.cpu_count() or 1) - 2) if (os.cpu_count() or 1) >= 4 else 0
+
+_capturing: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("fastdiff_capturing", default=None)
+_idle: "queue.Queue[Worker]" = queue.Queue()  # started workers, each taken by one compile at a time
+_started: list["Worker"] = []
+_lock = threading.Lock()
+_warned = False
+
+
+class Worker:
+    """One worker process and the pipe to it."""
+
+    def __init__(self, target: Any, cache_dir: str):
+        env = dict(os.environ, TRITON_CACHE_DIR=cache_dir)
+        env.pop("TRITON_INTERPRET", None)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", __name__, json.dumps(dataclasses.asdict(target))], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        self.alive = True
+
+    def compile(self, jit, spec: str) -> Optional[str]:
+        """Have the worker compile jit's variant `spec`: None when it did, else why not."""
+        if not self.alive:
+            return "the worker has exited"
+        request = dict(module=jit.fn.__module__, name=jit.fn.__name__, spec=spec)
+        try:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        except (OSError, ValueError) as e:  # a closed pipe
+            line, error = "", str(e)
+        else:
+            error = f"exit status {self.process.poll()}"
+        if not line:
+            self.alive = False
+            _warn_once(f"a Triton compile worker process stopped ({error}); its compiles run in this process")
+            return "the worker has exited"
+        return json.loads(line).get("error")
+
+    def close(self) -> None:
+        self.alive = False
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        self.process.wait(timeout=10)
+
+
+def start(count: int = DEFAULT_PROCESSES) -> int:
+    """Start worker processes (up to `count` in all, for this process's current Triton target) and return how
+    many run. They import torch and Triton in the background (seconds): call it early, before the compiles."""
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    with _lock:
+        if len(_started) < count:
+            target = driver.active.get_current_target()
+            if not getattr(knobs.runtime.jit_cache_hook, "captures", False):
+                knobs.runtime.jit_cache_hook = _capture_hook(knobs.runtime.jit_cache_hook)
+            for _ in range(count - len(_started)):
+                worker = Worker(target, knobs.cache.dir)
+                _started.append(worker)
+                _idle.put(worker)
+        return sum(w.alive for w in _started)
+
+
+def stop() -> None:
+    """Stop every worker (they also stop on their own when this process exits)."""
+    with _lock:
+        while _started:
+            _started.pop().close()
+        while not _idle.empty():
+            _idle.get_nowait()
+
+
+def running() -> int:
+    """Workers started and not known to have stopped."""
+    return sum(w.alive for w in _started)
+
+
+def compile_in_worker(jit, compile_variant: Callable[[], Any]) -> Optional[Any]:
+    """The kernel `compile_variant()` (jit.run(..., warmup=True)) compiles, compiled by a worker and loaded from
+    the cache into this process; None when no worker runs or the worker could not compile it (then call
+    compile_variant() here). Blocks while the worker compiles, without holding the GIL."""
+    if running() == 0:
+        return None
+    spec = specialization_data(compile_variant)
+    if spec is None:  # compiled in this process already
+        return None
+    worker = _idle.get()
+    try:
+        error = worker.compile(jit, spec)
+    finally:
+        _idle.put(worker)
+    return None if error is not None else jit.preload(spec)
+
+
+def specialization_data(compile_variant: Callable[[], Any]) -> Optional[str]:
+    """Triton's specialization data of the variant compile_variant() would compile, captured without compiling
+    it (by the hook `start` installs); None when this process has it compiled already (no compile to stop), or
+    when another jit_cache_hook replaced that hook since (then compile_variant() compiled it here)."""
+    captured: list[str] = []
+    token = _capturing.set(captured)
+    try:
+        compile_variant()
+    finally:
+        _capturing.reset(token)
+    return captured[0] if captured else None
+
+
+def _capture_hook(previous: Optional[Callable]) -> Callable:
+    """A jit_cache_hook that, in a thread capturing (`specialization_data`), records the compile and stops it, and
+    elsewhere does what `previous` did (other threads compile meanwhile)."""
+
+    def hook(**kwargs):
+        captured = _capturing.get()
+        if captured is None:
+            return previous(**kwargs) if previous is not None else None
+        captured.append(kwargs["compile"]["specialization_data"])
+        return True  # Triton skips the compile
+
+    hook.captures = True
+    return hook
+
+
+def _warn_once(message: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+# ---- the worker -----------------------------------------------------------------------------------------------
+
+
+class _TargetOnly:
+    """The Triton driver a worker compiles with: the calling process's target on device 0, no CUDA call."""
+
+    def __init__(self, target):
+        self.target = target
+        try:  # builds a variant's C launcher beside it in the cache (best effort: else the loading process does)
+            from triton.backends.nvidia.driver import CudaLauncher
+            self.launcher_cls = CudaLauncher if target.backend == "cuda" else None
+        except ImportError:
+            self.launcher_cls = None
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: Optional[int] = None) -> int:
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def _serve(target_json: str) -> None:
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    import fastdiff.kernels  # noqa: F401  (every kernel module, as the calling process has them)
+    from fastdiff.kernels._triton import jit_function
+
+    stand_in = _TargetOnly(GPUTarget(**json.loads(target_json)))
+    driver.set_active(stand_in)
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            jit = jit_function(getattr(importlib.import_module(request["module"]), request["name"]))
+            kernel = jit.preload(request["spec"])
+            if stand_in.launcher_cls is not None:
+                try:
+                    stand_in.launcher_cls(kernel.src, kernel.metadata)
+                except Exception:  # no launcher here (no CUDA driver library): the loading process builds it
+                    stand_in.launcher_cls = None
+            reply: dict = {}
+        except Exception as e:
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1])
