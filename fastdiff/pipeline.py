@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from fastdiff import memory, schedulers
-from fastdiff.engine import Engine, FastConfig, make_engine
+from fastdiff.engine import Engine, FastConfig, make_engine, prepare_engine
 from fastdiff.loading import load_components
 from fastdiff.loading.embeddings import read_embedding
 from fastdiff.loading.lora import read_lora
@@ -81,6 +81,7 @@ class Pipeline:
             raise ValueError(f"fast={fast!r} captures CUDA graphs, which needs the models on a CUDA device, they "
                              f"are on {self.device}; pass fast=None to use the fast path only where it applies")
         self.fast = fast
+        prepare_engine(self.device, fast)  # the engine is built with the first image; its slow setup starts now
         self.memory_limit: Optional[int] = None  # bytes of working memory a call may use (None: what is free)
         self._engine: Optional[Engine] = None
         self._schedules: dict[tuple, schedulers.Schedule] = {}  # recent plans (`schedule`)
@@ -132,6 +133,7 @@ class Pipeline:
         """
         device = _resolve_device(device)
         dtype = _resolve_dtype(dtype, device)
+        prepare_engine(device, fast)  # the engine's slow setup overlaps the loading
         c = load_components(path, device=device, dtype=dtype, **kwargs)
         return cls(c.unet, c.vae, c.text_encoder, c.tokenizer, c.scheduler_config, source=c.source, fast=fast,
                    text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2, options=c.options)

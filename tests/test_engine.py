@@ -318,3 +318,17 @@ def test_ops_attention_impl_is_what_the_engines_attentions_take():
     attends = {m.attend for m in engine.unet.modules() if hasattr(m, "attend")}
     assert attends == {ops.matmul_attention, ops.sdpa_attention}
     assert {m.attend for m in engine.vae.modules() if hasattr(m, "attend")} == {ops.sdpa_attention}
+
+
+@pytest.mark.parametrize("device, fast, starts", [
+    ("cuda", None, True), ("cuda:1", True, True), ("cuda", FastConfig(cuda_graphs=False), True),
+    ("cuda", False, False), ("cuda", FastConfig(compile="max-autotune-no-cudagraphs"), False), ("cpu", None, False),
+])
+def test_prepare_engine_starts_the_compile_workers_only_for_the_fast_path_on_cuda_without_torch_compile(
+        monkeypatch, device, fast, starts):
+    import fastdiff.engine.engine as engine_module
+
+    started = []
+    monkeypatch.setattr(engine_module, "start_compile_processes", lambda: started.append(True))
+    engine_module.prepare_engine(device, fast)
+    assert bool(started) == starts

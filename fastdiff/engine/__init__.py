@@ -9,9 +9,10 @@
 Which kernel implementation runs each op is decided in one place, `fastdiff.ops`.
 """
 from .config import FastConfig
-from .engine import Engine, FastEngine, make_engine
+from .engine import Engine, FastEngine, make_engine, prepare_engine
 from .graphs import CUDAGraphRunner
 from .unet import FastUNet
 from .vae import fast_vae
 
-__all__ = ["CUDAGraphRunner", "Engine", "FastConfig", "FastEngine", "FastUNet", "fast_vae", "make_engine"]
+__all__ = ["CUDAGraphRunner", "Engine", "FastConfig", "FastEngine", "FastUNet", "fast_vae", "make_engine",
+           "prepare_engine"]

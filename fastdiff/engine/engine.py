@@ -174,8 +174,7 @@ class FastEngine(Engine):
         self._time_inputs = [*self.unet.time_embedding.parameters(), *add_embedding,
                              *(t for t in fused_time if t is not None)]
         self._compiled_for: set[tuple] = set()  # shapes whose Triton kernels `compile_ahead` compiled
-        if config.compile is None and device.type == "cuda":
-            start_compile_processes()  # they import torch and Triton while the first image's work comes
+        prepare_engine(device, config)
 
     def _graphed(self, fn: Callable[..., Tensor], by_reference: tuple[int, ...] = ()) -> Callable[..., Tensor]:
         """fn replayed from CUDA graphs (one per input signature), or fn itself with cuda_graphs off."""
@@ -345,6 +344,16 @@ class FastEngine(Engine):
             self.eager_call(x, torch.zeros((), device=x.device), context, text_embeds, time_ids)  # outputs dropped
             rest()
         self._compiled_for.add(key)
+
+
+def prepare_engine(device: Union[str, torch.device], fast: Union[None, bool, FastConfig] = None) -> None:
+    """Start what the engine `make_engine` will build for models on `device` takes seconds to get ready, so that
+    it is ready by the first image: on the fast path without torch.compile, the worker processes that compile
+    its Triton kernels (`fastdiff.kernels.start_compile_processes`: each imports torch and Triton). A pipeline
+    calls it before loading the weights; idempotent, and nothing for models off CUDA or `fast=False`."""
+    config = fast if isinstance(fast, FastConfig) else FastConfig()
+    if fast is not False and torch.device(device).type == "cuda" and config.compile is None:
+        start_compile_processes()
 
 
 def make_engine(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: Optional[CLIPTextModel],
