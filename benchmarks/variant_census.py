@@ -177,6 +177,7 @@ def gpu_stand_in(sms: int, record) -> Iterator[None]:
         mock.patch.object(FakeTensor, "copy_", _fake_copy_, create=True),
         mock.patch.object(torch.nn.Module, "_apply", _apply_setting_data),
         mock.patch.object(_triton, "_sm_count", lambda device: sms),
+        mock.patch.object(_triton, "compiling", lambda: True),  # the wrappers add what later sizes take
         mock.patch.object(_triton.Launcher, "_launch",
                           lambda launcher, grid, *args, **meta: record(launcher, grid, *args, **meta)),
         mock.patch.object(ops, "availability", _with_cuda_backend(ops.availability)),
@@ -216,9 +217,17 @@ class Census:
         self.site_keys: dict[str, set] = defaultdict(set)  # call site -> keys
         self.key_sites: dict[tuple, list] = defaultdict(list)  # key -> its call sites
         self.outside = Counter()  # launches per kernel outside any module's forward
+        self.later: set = set()  # keys launched inside `_triton.compiling_later()`: compiled in the background
 
     def record(self, launcher: _triton.Launcher, grid, *args, **meta) -> None:
         jit = launcher.jit
+        if _triton._later:  # a variant another size of this call takes: the background's, not this image's
+            self.jits[id(jit)] = jit
+            for key, _compile in _triton._variant_compiles(launcher, args, meta):
+                self.later.add(key)
+                self.examples.setdefault(key, {name: a for name, a in zip(jit.arg_names, args)
+                                               if isinstance(a, int) and not isinstance(a, bool)})
+            return
         self.jits[id(jit)] = jit
         self.launches[self.phase] += 1
         module, counts = self.stack[-1] if self.stack else ("engine", self.outside)
@@ -478,17 +487,19 @@ def report_shape(census: Census, shape: tuple[int, int, int], seen: set, seen_si
     else:
         print_first_shape(census, new)
     compiles_in = {p: {compile_key(k) for k in census.keys[p]} & new_compiles for p in PHASES}
+    later = {compile_key(k) for k in census.later - seen - keys}
     return dict(shape=shape_text(shape), launches=sum(census.launches.values()), keys=len(keys), new=len(new),
                 compiles=len(new_compiles), unet=len(compiles_in["unet"] | compiles_in["step"]),
-                decode=len(compiles_in["decode"]), late=len(late))
+                decode=len(compiles_in["decode"]), late=len(late), later=len(later))
 
 
 def print_summary(rows: list[dict]) -> None:
-    print("\nshape        launches  keys  new keys  new compiles  (UNet  decode)  step-only keys   [new: not met at an "
-          "earlier shape; compiles: Triton's, descriptor shapes dropped]")
+    print("\nshape        launches  keys  new keys  new compiles  (UNet  decode)  step-only keys  background   [new: not "
+          "met at an earlier shape or in its background; compiles: Triton's, descriptor shapes dropped; background: "
+          "compiles for other sizes after the image]")
     for r in rows:
         print(f"{r['shape']:<12} {r['launches']:8d}  {r['keys']:4d}  {r['new']:8d}  {r['compiles']:12d}  "
-              f"({r['unet']:4d}  {r['decode']:6d})  {r['late']:14d}")
+              f"({r['unet']:4d}  {r['decode']:6d})  {r['late']:14d}  {r['later']:10d}")
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -531,7 +542,7 @@ def main() -> None:
             with torch.no_grad(), census.tracking(unet=engine.unet, vae=engine.vae):
                 first_image(engine, census, shape, i)
             rows.append(report_shape(census, shape, seen, seen_sites, args.keys))
-            seen |= set().union(*census.keys.values())
+            seen |= set().union(*census.keys.values()) | census.later
             for site, keys in census.site_keys.items():
                 seen_sites[site] |= keys
     print_summary(rows)

@@ -333,7 +333,13 @@ def _auto_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = No
         use_kernel = q.shape[0] * q.shape[1] >= AUTO_MIN_BATCH_HEADS
     else:
         use_kernel = q.shape[-1] > AUTO_TRITON_ABOVE_HEAD_DIM
-    return attention(q, k, v, scale) if use_kernel else sdpa_attention(q, k, v, scale)
+    if use_kernel:
+        return attention(q, k, v, scale)
+    triton_kernels = _module("fastdiff.kernels._triton")
+    if choice is not None and triton_kernels.compiling():  # the kernel the table gives other sizes of this call
+        with triton_kernels.compiling_later():
+            attention(q, k, v, scale)
+    return sdpa_attention(q, k, v, scale)
 
 
 def attention_impl(preference: str, head_dim: int) -> Callable[..., Tensor]:

@@ -130,6 +130,35 @@ def compile_in_worker(jit, compile_variant: Callable[[], Any]) -> Optional[Any]:
     return None if error is not None else jit.preload(spec)
 
 
+def compile_in_background(captures: list[Callable[[], Optional[tuple[Any, str]]]]) -> None:
+    """Have the workers compile, into the cache only and in the background, the variants `captures` give (each
+    call: (jit, its specialization data), or None for nothing to compile). Returns at once; daemon threads, one
+    per worker, feed them (and never hold up this process's exit). Nothing without workers."""
+    if running() == 0 or not captures:
+        return
+    jobs: "queue.SimpleQueue[Callable]" = queue.SimpleQueue()
+    for capture in captures:
+        jobs.put(capture)
+
+    def feed() -> None:
+        while True:
+            try:
+                capture = jobs.get_nowait()
+            except queue.Empty:
+                return
+            item = capture()
+            if item is None:
+                continue
+            worker = _idle.get()
+            try:
+                worker.compile(*item)
+            finally:
+                _idle.put(worker)
+
+    for _ in range(running()):
+        threading.Thread(target=feed, name="fastdiff-compile-later", daemon=True).start()
+
+
 def specialization_data(compile_variant: Callable[[], Any]) -> Optional[str]:
     """Triton's specialization data of the variant compile_variant() would compile, captured without compiling
     it (by the hook `start` installs); None when this process has it compiled already (no compile to stop), or

@@ -2,6 +2,7 @@
 import functools
 import os
 import sys
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
@@ -144,14 +145,14 @@ class Launcher:
         self.jit = None if INTERPRET else jit_function(kernel)
         if self.jit is not None:
             self.jit.pre_run_hooks.append(self._record)
-        self._recorded: Optional[tuple] = None
+        self._recorded: dict[int, tuple] = {}  # per thread: a compile in another thread runs the same hook
         self._launches: dict[tuple, tuple] = {}
 
     def _record(self, *args, **kwargs) -> None:
         # The launch Triton is about to make: how many positional (runtime) arguments and the keyword ones,
         # constexprs included. Never the positional values: they are the launch's tensors, and a reference
         # kept here would hold them after the call (1 GB of the VAE decoder's activations at batch 8).
-        self._recorded = len(args), kwargs
+        self._recorded[threading.get_ident()] = len(args), kwargs
 
     def __getitem__(self, grid):
         return functools.partial(self._launch, grid)
@@ -165,7 +166,7 @@ class Launcher:
         launch = self._launches.get(key)
         if _compile_pool is not None:  # inside compiling_ahead(): compile what the launch needs, launch nothing
             if launch is None:
-                _compile_pool.submit(self, device, args, meta)
+                _compile_pool.submit(self, device, args, meta, later=_later)
             return
         hooked = _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook)
         if not self.enabled or hooked:
@@ -184,7 +185,7 @@ class Launcher:
 
     def _recorded_launch(self, compiled, n_args: int) -> tuple:
         """(compiled kernel, its constexpr values in signature order, the same by name) of the launch just made."""
-        (recorded_args, kwargs), self._recorded = self._recorded, None
+        recorded_args, kwargs = self._recorded.pop(threading.get_ident())
         constexpr_names = self.jit.arg_names[n_args:]
         if recorded_args != n_args or any(i not in self.jit.constexprs for i in range(n_args, len(self.jit.arg_names))):
             raise TypeError(f"{self.jit.fn.__name__}: Launcher needs runtime arguments positional and constexprs "
@@ -194,17 +195,24 @@ class Launcher:
 
 
 class _CompilePool:
-    """The threads of a `compiling_ahead()` block and the compiles they were given."""
+    """The threads of a `compiling_ahead()` block, the compiles they were given, and the variants to compile
+    in the background once they are done (`compiling_later`)."""
 
     def __init__(self, workers: int):
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastdiff-compile")
         self.futures: list[Future] = []
         self.submitted: set[tuple] = set()  # variant keys (see _variant_compiles): one compile each
+        self.later: list[tuple[int, Callable[[], Any]]] = []  # (device, compile) for the background
 
-    def submit(self, launcher: Launcher, device: int, args: tuple, meta: dict) -> None:
+    def submit(self, launcher: Launcher, device: int, args: tuple, meta: dict, later: bool = False) -> None:
         for variant, compile_variant in _variant_compiles(launcher, args, meta):
-            if (device, variant) not in self.submitted:
-                self.submitted.add((device, variant))
+            if (device, variant) in self.submitted or (later and (device, variant) in _submitted_later):
+                continue
+            self.submitted.add((device, variant))
+            if later:
+                _submitted_later.add((device, variant))
+                self.later.append((device, compile_variant))
+            else:
                 self.futures.append(self.executor.submit(_on_device, device, compile_variant))
 
     def wait(self) -> None:
@@ -213,9 +221,15 @@ class _CompilePool:
                 future.result()  # the first compile error surfaces here
         finally:
             self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.later:
+            _compile_processes.compile_in_background(
+                [functools.partial(_on_device, device, functools.partial(_capture, compile_variant))
+                 for device, compile_variant in self.later])
 
 
 _compile_pool: Optional[_CompilePool] = None
+_later = False  # inside compiling_later()
+_submitted_later: set[tuple] = set()  # (device, variant key) handed to the background already, in any block
 COMPILE_WORKERS = 4  # compiling_ahead's thread count without worker processes (see there)
 COMPILE_PROCESSES = _compile_processes.DEFAULT_PROCESSES  # compiling_ahead's worker processes (0: none)
 
@@ -228,6 +242,27 @@ def start_compile_processes(processes: Optional[int] = None) -> int:
     if INTERPRET or triton is None or processes <= 0 or not torch.cuda.is_available():
         return 0
     return _compile_processes.start(processes)
+
+
+def compiling() -> bool:
+    """Whether launches compile instead of running (inside `compiling_ahead()`)."""
+    return _compile_pool is not None
+
+
+@contextmanager
+def compiling_later() -> Iterator[None]:
+    """Inside `compiling_ahead()`, the launches of this block are compiled later: by the worker processes, in the
+    background once the outer block's own compiles are done, into Triton's on-disk cache only. A kernel's wrapper
+    makes them for the variants its call site takes at other sizes (the other side of a size threshold), so that
+    the first call of such a size finds them compiled (then loading one costs milliseconds). Without worker
+    processes nothing is compiled for them. Outside `compiling_ahead()` the launches run, as ever: use it under
+    `if compiling():`."""
+    global _later
+    saved, _later = _later, True
+    try:
+        yield
+    finally:
+        _later = saved
 
 
 @contextmanager
@@ -296,6 +331,14 @@ def _variant_compiles(launcher: Launcher, args: tuple, meta: dict) -> list[tuple
         compile_variant = functools.partial(jit.run, *standins, grid=None, warmup=True, **constexprs)
         variants.append((key, functools.partial(_compile_and_load, jit, compile_variant)))
     return variants
+
+
+def _capture(compile_and_load: functools.partial) -> Optional[tuple[Any, str]]:
+    """(jit, Triton's specialization data) of the variant `_variant_compiles` gave, for a worker process; None
+    when it is compiled in this process already."""
+    jit, compile_variant = compile_and_load.args
+    spec = _compile_processes.specialization_data(compile_variant)
+    return None if spec is None else (jit, spec)
 
 
 def _compile_and_load(jit, compile_variant: Callable[[], Any]) -> None:

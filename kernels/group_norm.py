@@ -87,6 +87,7 @@ SUMMED_ONE_PER_SM = 64 * 1024
 PARTIAL_TILE = 4096  # partial sums an apply program adds per step
 STAGES = 3  # software-pipelining depth of the stats/apply/single-launch loops
 NUM_WARPS = 8  # every kernel's warps, but the channels_last split path's on large x (CL_MANY_WARPS)
+CL_CONFIGS = ((1, CL_TILE, NUM_WARPS), (CL_MANY_PROGRAMS_PER_SM, CL_MANY_TILE, CL_MANY_WARPS))  # small x, large x
 # Largest group (Cg * HW elements) normalized by the single-launch kernel; larger ones take the split path.
 # Measured on an H200 (fp16, CUDA-graph replay, benchmarks/RESULTS.md), single vs split µs: 2x1280x16x16
 # (10K per group) 6.1 vs 6.5 contiguous, 6.9 vs 10.9 channels_last; 2x640x32x32 (20K) 8.5 vs 7.8, 12.9 vs
@@ -551,14 +552,20 @@ def _group_norm_run(kernels: _Kernels, x: Tensor, num_groups: int, weight: Optio
     batch, channels = x.shape[:2]
     hw = x.numel() // (batch * channels)
     y = torch.empty_like(x)  # same layout as x
+    channels_last = _is_channels_last(x)
     args = (kernels, x, offset, y, num_groups, weight, bias, eps, int(activation == "silu"), batch, channels, hw,
-            _is_channels_last(x))
+            channels_last)
     if sums is not None:
         _launch_split(*args, sums=sums)
     elif channels // num_groups * hw <= SINGLE_LAUNCH_MAX:
         _launch_single(*args)
     else:
         _launch_split(*args)
+    if _triton.compiling() and channels_last and sums is None:  # what other sizes of this call launch, for later
+        with _triton.compiling_later():
+            _launch_single(*args)
+            for config in CL_CONFIGS:
+                _launch_split(*args, config=config)
     return y
 
 
@@ -599,8 +606,7 @@ def channels_last_plan(x: Tensor, num_groups: int, config: Optional[tuple[int, i
     block_c, block_g, block_cg = (_triton.next_power_of_2(n) for n in (channels, num_groups, channels // num_groups))
     sms = _triton.sm_count(x.device)
     if config is None:
-        config = ((1, CL_TILE, NUM_WARPS) if x.numel() <= CL_ONE_PER_SM * sms
-                  else (CL_MANY_PROGRAMS_PER_SM, CL_MANY_TILE, CL_MANY_WARPS))
+        config = CL_CONFIGS[0] if x.numel() <= CL_ONE_PER_SM * sms else CL_CONFIGS[1]
     per_sm, tile, warps = config
     rows = max(1, tile // block_c)
     slices = max(1, min(_triton.cdiv(per_sm * sms, batch), _triton.cdiv(hw, rows)))
@@ -621,13 +627,15 @@ def _partials_block(block_g: int) -> int:
 
 def _launch_split(kernels: _Kernels, x: Tensor, offset: Optional[Tensor], y: Tensor, num_groups: int,
                   weight: Optional[Tensor], bias: Optional[Tensor], eps: float, silu: int, batch: int, channels: int,
-                  hw: int, channels_last: bool, sums: Optional[Tensor] = None) -> None:
+                  hw: int, channels_last: bool, sums: Optional[Tensor] = None,
+                  config: Optional[tuple[int, int, int]] = None) -> None:
     """Statistics over slices of each group (or sample), then the output: two launches that fill the GPU. With
-    `sums` (the partial sums x's producer made, see `group_sums_ref`) only the second."""
+    `sums` (the partial sums x's producer made, see `group_sums_ref`) only the second. config: channels_last's
+    plan config (one of CL_CONFIGS), by default the one for x's size."""
     cg = channels // num_groups
     offset_stride = offset.stride(0) if offset is not None else 0
     if channels_last:
-        plan = channels_last_plan(x, num_groups, None if sums is None else _summed_config(x))
+        plan = channels_last_plan(x, num_groups, config if sums is None else _summed_config(x))
         slices, per_slice, rows, warps, block_c, block_g, block_cg = plan
         block = 1
         grid_rows = batch  # a slice covers every group of its pixels

@@ -277,6 +277,37 @@ def test_compiling_ahead_reraises_a_compile_error_when_the_block_ends(ahead):
     assert _triton._compile_pool is None  # the next block starts clean
 
 
+def test_compiling_later_hands_its_variants_to_the_background_once_the_blocks_own_compiles_are_done(
+        ahead, monkeypatch):
+    kernel = _FakeAutotuned()
+    launcher = _triton.Launcher(kernel)
+    launcher.jit.run = (fake := _FakeJIT()).run
+    handed: list = []
+    monkeypatch.setattr(_triton._compile_processes, "compile_in_background", handed.append)
+    monkeypatch.setattr(_triton, "_submitted_later", set())
+    x, y = torch.empty(1024), torch.empty(1024)
+    with _triton.compiling_ahead(workers=1):
+        assert _triton.compiling()
+        launcher[_grid](x, y, 1024, 0.5, SILU=True)
+        with _triton.compiling_later():
+            launcher[_grid](x, y, 1024, 0.5, SILU=True)  # compiled in this block already: not again
+            launcher[_grid](x, y, 1024, 0.5, SILU=False)  # another size's variant
+        assert not handed, "the background got work before the block's own compiles were done"
+    assert not _triton.compiling()
+    assert [c[1]["SILU"] for c in fake.compiles] == [True]  # the later variant was not compiled in the block
+    ((later,),) = handed
+    captured = []
+    monkeypatch.setattr(_triton._compile_processes, "specialization_data", lambda compile_variant: captured.append(
+        compile_variant.keywords["SILU"]) or "spec")
+    assert later() == (launcher.jit, "spec") and captured == [False]  # what a worker then compiles
+    with _triton.compiling_ahead(workers=1), _triton.compiling_later():
+        launcher[_grid](x, y, 1024, 0.5, SILU=False)  # handed to the background before: not again
+    assert len(handed) == 1
+    with _triton.compiling_later():  # outside compiling_ahead: launches run
+        launcher[_grid](x, y, 1024, 0.5, SILU=False)
+    assert len(kernel.launches) == 1
+
+
 def test_compiling_ahead_under_the_interpreter_launches_as_usual(monkeypatch):
     monkeypatch.setattr(_triton, "INTERPRET", True)
     kernel = _FakeAutotuned()
@@ -381,3 +412,54 @@ def test_constant_row_is_a_view_of_one_buffer_per_value_device_and_dtype(monkeyp
     assert (like + negative[:3]).equal(like) and torch.signbit(torch.tensor(-0.0) + negative[0])
     assert _triton.constant_row(0.0, 320, like.float()).dtype == torch.float32
     assert _triton.constant_row(0.0, _triton.CONSTANT_ROW_LENGTH + 1, like) is None  # the caller passes None
+
+
+# ------------------------------------------------------- what other sizes of a call launch (compiling_later)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every Launcher launch recorded as (kernel name, its constexprs, whether inside compiling_later()) instead of
+    run, with the kernels' wrappers told they are compiling ahead."""
+    made = []
+
+    def record(launcher, grid, *args, **meta):
+        made.append((launcher.kernel.fn.__name__, meta, _triton._later))
+
+    monkeypatch.setattr(_triton.Launcher, "_launch", record)
+    monkeypatch.setattr(_triton, "compiling", lambda: True)
+    return made
+
+
+def test_a_channels_last_group_norm_adds_the_single_and_both_split_plans_for_later(launches):
+    from fastdiff.kernels import group_norm
+
+    x = torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last)
+    group_norm(x, 32, activation="silu")
+    now = [name for name, _, later in launches if not later]
+    later = {(name, meta.get("ROWS"), meta.get("num_warps")) for name, meta, is_later in launches if is_later}
+    print("now:", now, "later:", sorted(later))
+    assert now == ["_group_norm_single_cl_kernel"]  # 2 x 4 x 64 elements per group: the single launch
+    assert ("_group_norm_single_cl_kernel", 2048, 8) in later  # the same variant as now: deduplicated later
+    assert {("_group_norm_stats_kernel", 128, 8), ("_group_norm_stats_kernel", 64, 4)} <= later  # CL_CONFIGS' tiles
+    assert {("_group_norm_apply_kernel", 128, 8), ("_group_norm_apply_kernel", 64, 4)} <= later
+
+
+def test_a_summing_producer_adds_every_producer_config_for_later(launches):
+    from fastdiff.kernels import residual_add_sums
+    from fastdiff.kernels.group_sums import PRODUCER_CONFIGS
+
+    y = torch.randn(2, 64, 32, 32).to(memory_format=torch.channels_last)
+    residual_add_sums(y, y, num_groups=32)
+    later = {meta["num_warps"] for name, meta, is_later in launches if is_later}
+    assert [is_later for _, _, is_later in launches].count(False) == 1
+    assert later == {warps for _, (_, _, warps) in PRODUCER_CONFIGS}
+
+
+def test_a_linear_adds_the_tiles_of_both_row_classes_for_later(launches):
+    from fastdiff.kernels.linear import linear
+
+    linear(torch.randn(2, 77, 640), torch.randn(640, 640))
+    now = [meta["BLOCK_M"] for _, meta, is_later in launches if not is_later]
+    later = {meta["BLOCK_M"] for _, meta, is_later in launches if is_later}
+    assert now == [64] and later == {64, 128}
