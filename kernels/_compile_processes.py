@@ -40,6 +40,8 @@ _idle: "queue.Queue[Worker]" = queue.Queue()  # started workers, each taken by o
 _started: list["Worker"] = []
 _lock = threading.Lock()
 _warned = False
+_background = threading.Condition()  # guards _pending: background jobs not finished
+_pending = 0
 
 
 class Worker:
@@ -134,29 +136,44 @@ def compile_in_background(captures: list[Callable[[], Optional[tuple[Any, str]]]
     """Have the workers compile, into the cache only and in the background, the variants `captures` give (each
     call: (jit, its specialization data), or None for nothing to compile). Returns at once; daemon threads, one
     per worker, feed them (and never hold up this process's exit). Nothing without workers."""
+    global _pending
     if running() == 0 or not captures:
         return
     jobs: "queue.SimpleQueue[Callable]" = queue.SimpleQueue()
     for capture in captures:
         jobs.put(capture)
+    with _background:
+        _pending += len(captures)
 
     def feed() -> None:
+        global _pending
         while True:
             try:
                 capture = jobs.get_nowait()
             except queue.Empty:
                 return
-            item = capture()
-            if item is None:
-                continue
-            worker = _idle.get()
             try:
-                worker.compile(*item)
+                item = capture()
+                if item is not None:
+                    worker = _idle.get()
+                    try:
+                        worker.compile(*item)
+                    finally:
+                        _idle.put(worker)
             finally:
-                _idle.put(worker)
+                with _background:
+                    _pending -= 1
+                    _background.notify_all()
 
     for _ in range(running()):
         threading.Thread(target=feed, name="fastdiff-compile-later", daemon=True).start()
+
+
+def wait_background(timeout: Optional[float] = None) -> bool:
+    """Wait until the background compiles (`compile_in_background`) are done; False if `timeout` seconds passed
+    first. For measurements that must not see them compete."""
+    with _background:
+        return _background.wait_for(lambda: _pending == 0, timeout)
 
 
 def specialization_data(compile_variant: Callable[[], Any]) -> Optional[str]:
