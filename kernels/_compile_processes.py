@@ -184,6 +184,8 @@ def specialization_data(compile_variant: Callable[[], Any]) -> Optional[str]:
     token = _capturing.set(captured)
     try:
         compile_variant()
+    except Exception:  # data Triton cannot serialize (a function as a constexpr): the caller compiles it here
+        return None
     finally:
         _capturing.reset(token)
     return captured[0] if captured else None
@@ -236,6 +238,9 @@ class _TargetOnly:
 
 
 def _serve(target_json: str) -> None:
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")  # the replies' own pipe: what the libraries print
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # (C or Python) goes where stderr goes, not into a reply
+    sys.stdout = sys.stderr
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
 
@@ -257,8 +262,8 @@ def _serve(target_json: str) -> None:
             reply: dict = {}
         except Exception as e:
             reply = {"error": f"{type(e).__name__}: {e}"}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
 
 
 if __name__ == "__main__":
