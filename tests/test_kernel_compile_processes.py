@@ -86,3 +86,19 @@ assert type(result[0]).__name__ == "CompiledKernel"
 assert _compile_processes.specialization_data(compile_variant) is None  # compiled here now: nothing to capture
 _compile_processes.stop()
 """, tmp_path)
+
+
+def test_a_background_compile_lands_in_the_cache_for_a_later_call_to_load(tmp_path):
+    _run("""
+import functools
+from triton.compiler.compiler import ASTSource
+assert _compile_processes.start(1) == 1
+_compile_processes.compile_in_background([functools.partial(_triton._capture, compile_load)])
+assert _compile_processes.wait_background(timeout=300)
+assert not jit.device_caches[0][0], "the background compiled in this process"
+def no_compile_here(*args, **kwargs):
+    raise AssertionError("the calling process compiled")
+ASTSource.make_ir = no_compile_here
+kernel = _compile_processes.compile_in_worker(jit, compile_variant)  # the worker finds it compiled; this loads it
+assert type(kernel).__name__ == "CompiledKernel"
+""", tmp_path)
