@@ -2,7 +2,7 @@
 
 A Triton compile starts with a Python front end (the kernel's AST walked into MLIR) that holds the GIL, then runs
 MLIR and LLVM passes and ptxas, which mostly do not. Threads of one process queue on the front ends: on a 16-core
-H100 host the cold start's compiles took as long on 16 threads as on 4, most of it in the front end. Worker
+H200 host the cold start's compiles took as long on 16 threads as on 4, most of it in the front end. Worker
 processes compile in parallel for real. A worker compiles a variant into Triton's on-disk cache (TRITON_CACHE_DIR,
 shared by both processes) and builds its C launcher there; the calling process then loads it from that cache
 (`JITFunction.preload`, a cache hit: milliseconds).
@@ -129,7 +129,12 @@ def compile_in_worker(jit, compile_variant: Callable[[], Any]) -> Optional[Any]:
         error = worker.compile(jit, spec)
     finally:
         _idle.put(worker)
-    return None if error is not None else jit.preload(spec)
+    if error is not None:
+        return None
+    try:
+        return jit.preload(spec)  # Triton's cache has it now: a load, not a compile
+    except Exception:  # whatever keeps it from loading, the caller's compile meets (or does not) as ever
+        return None
 
 
 def compile_in_background(captures: list[Callable[[], Optional[tuple[Any, str]]]]) -> None:
