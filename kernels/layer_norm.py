@@ -189,11 +189,18 @@ def _layer_norm_run(kernel, x: Tensor, residual: Optional[Tensor], weight: Optio
     s = x.new_empty(shape) if add else None
     y = x.new_empty(shape)
     block_n = _triton.next_power_of_2(width)
-    block_m = _rows_per_program(rows, block_n, x.device)
-    num_warps = min(MAX_WARPS, max(1, block_m * block_n // 512))  # 16 values per thread and tensor
-    kernel[(_triton.cdiv(rows, block_m),)](x, residual, residual_bias, stream_bias, s, y, weight, bias, rows, width,
-                                           eps, copies, HAS_RESIDUAL=add, BLOCK_M=block_m, BLOCK_N=block_n,
-                                           num_warps=num_warps)
+
+    def launch(block_m: int) -> None:
+        num_warps = min(MAX_WARPS, max(1, block_m * block_n // 512))  # 16 values per thread and tensor
+        kernel[(_triton.cdiv(rows, block_m),)](x, residual, residual_bias, stream_bias, s, y, weight, bias, rows,
+                                               width, eps, copies, HAS_RESIDUAL=add, BLOCK_M=block_m,
+                                               BLOCK_N=block_n, num_warps=num_warps)
+
+    launch(_rows_per_program(rows, block_n, x.device))
+    if _triton.compiling():  # the rows per program other row counts of this call take, for the background
+        with _triton.compiling_later():
+            for block_m in (1 << i for i in range(max(1, TILE // block_n).bit_length())):
+                launch(block_m)
     return s, y
 
 

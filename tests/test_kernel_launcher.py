@@ -463,3 +463,12 @@ def test_a_linear_adds_the_tiles_of_both_row_classes_for_later(launches):
     now = [meta["BLOCK_M"] for _, meta, is_later in launches if not is_later]
     later = {meta["BLOCK_M"] for _, meta, is_later in launches if is_later}
     assert now == [64] and later == {64, 128}
+
+
+def test_a_layer_norm_adds_every_rows_per_program_its_width_allows_for_later(launches):
+    from fastdiff.kernels import layer_norm
+    from fastdiff.kernels.layer_norm import TILE
+
+    layer_norm(torch.randn(2, 77, 640), torch.ones(640), torch.zeros(640))
+    later = sorted(meta["BLOCK_M"] for _, meta, is_later in launches if is_later)
+    assert later == [1 << i for i in range((TILE // 1024).bit_length())]  # 1, 2, 4 rows of 1024 columns
