@@ -343,9 +343,10 @@ def _capture(compile_and_load: functools.partial) -> Optional[tuple[Any, str]]:
 
 def _compile_and_load(jit, compile_variant: Callable[[], Any]) -> None:
     """Compile one variant (in a worker process where one runs, else here), then do what its first launch would
-    do next: load it on the device and build its launcher. Triton builds a small C launcher module per new argument signature with the host's C compiler
-    (about 0.25 s each, kept in the cache directory); left to the first launches, on an empty cache those
-    builds took 3.1 s of the first SD1.5 image on an H200 host, one after the other on the calling thread."""
+    do next: load it on the device and build its launcher. Triton builds a small C launcher module per new
+    argument signature with the host's C compiler (about 0.25 s each, kept in the cache directory; a worker
+    builds it beside the variant); left to the first launches, on an empty cache those builds took 3.1 s of the
+    first SD1.5 image on an H200 host, one after the other on the calling thread."""
     kernel = _compile_processes.compile_in_worker(jit, compile_variant) or compile_variant()
     if kernel is None or not hasattr(kernel, "_init_handles"):
         return
