@@ -8,7 +8,8 @@ and SDXL's self- and cross-attention per level, 512x512 to 1024x1024, CFG batch 
 fused projections' layouts the engine gives them), times torch's SDPA and each of the Triton kernel's candidate
 configs (`fastdiff.kernels.attention.candidate_configs`), then records one config per head dim and set of
 candidates and, per call, the faster implementation with it (`fastdiff.tuning.choose`). The rows replace this GPU
-model's table in `sm_<major><minor>.json` (other models' tables are kept), with the GPU, versions, date and this command.
+model's table in `sm_<major><minor>.json` (other models' tables are kept), with the GPU, versions, date and this
+command.
 Timing: CUDA-graph replay of back-to-back calls over input sets rotated past the L2 cache (benchmarks/timing.py),
 median of the replays. --quick: CFG batch 2 only. --log: every measured call is appended to ROWS.jsonl as it
 completes, and calls already there (from an interrupted run on this GPU) are not measured again. --rechoose:

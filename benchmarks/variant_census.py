@@ -494,9 +494,9 @@ def report_shape(census: Census, shape: tuple[int, int, int], seen: set, seen_si
 
 
 def print_summary(rows: list[dict]) -> None:
-    print("\nshape        launches  keys  new keys  new compiles  (UNet  decode)  step-only keys  background   [new: not "
-          "met at an earlier shape or in its background; compiles: Triton's, descriptor shapes dropped; background: "
-          "compiles for other sizes after the image]")
+    print("\nshape        launches  keys  new keys  new compiles  (UNet  decode)  step-only keys  background   "
+          "[new: not met at an earlier shape or in its background; compiles: Triton's, descriptor shapes dropped; "
+          "background: compiles for other sizes after the image]")
     for r in rows:
         print(f"{r['shape']:<12} {r['launches']:8d}  {r['keys']:4d}  {r['new']:8d}  {r['compiles']:12d}  "
               f"({r['unet']:4d}  {r['decode']:6d})  {r['late']:14d}  {r['later']:10d}")
