@@ -24,7 +24,10 @@ variants that shape adds. This tool lists them:
    kernel, or with --keys one line per distinct change, "@" a module that launches it. A key also holds a tensor
    descriptor's shape and strides, which Triton (3.9) does not specialize on: keys differing only there are one
    Triton compile, counted apart. Keys the sampling step launches that compile_ahead's pass did not meet are
-   flagged: they compile inside the first step, one after another. A summary table ends the report.
+   flagged: they compile inside the first step, one after another. The wrappers run as inside `compiling_ahead`
+   (`_triton.compiling()`), so launches they make inside `_triton.compiling_later()` (the variants other sizes of
+   a call take) are counted apart, as the background's compiles after the image, and as met by later shapes.
+   A summary table ends the report.
 
 What stands in for the GPU (inside `gpu_stand_in`; nothing outside this file is changed):
   - torch.cuda's device queries answer as an H100's (capability 9.0, its name, --sms SMs): fastdiff's tuning
