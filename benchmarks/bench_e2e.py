@@ -386,6 +386,9 @@ def build_fastdiff(arch: str, oracle=None, fast=None):
     from fastdiff.models import (AutoencoderKL, CLIPTextConfig, CLIPTextModel, CLIPTokenizer,
                                  UNet2DConditionModel, UNetConfig, VAEConfig)
 
+    from fastdiff.engine import prepare_engine
+
+    prepare_engine(DEVICE, fast)  # as Pipeline.from_pretrained does before the weights this random init stands for
     spec = ARCHS[arch]
     vae_cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vae_for(arch).items()})
     text_cfg = CLIPTextConfig(**{k: v for k, v in spec["text"].items() if k != "projection_dim"})
