@@ -40,7 +40,9 @@ fi
 
 if [ "$STAGE" = tests ] || [ "$STAGE" = all ]; then
     SECONDS=0
-    python3 -m pytest -m gpu $TESTS -n 8 -q -s -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+    # 8 test processes: each may start compile workers of its own; one each is plenty
+    FASTDIFF_COMPILE_PROCESSES=1 python3 -m pytest -m gpu $TESTS -n 8 -q -s -p no:cacheprovider \
+        > "$OUT/gpu_tests.log" 2>&1
     echo "gpu tests: exit $? in ${SECONDS}s; $(grep -E '^(FAILED|ERROR)' "$OUT/gpu_tests.log" | wc -l) failed"
     grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/gpu_tests.log" | tail -n 25
 fi

@@ -31,9 +31,22 @@ import threading
 import warnings
 from typing import Any, Callable, Optional
 
-# How many worker processes `start` runs by default: one per core, two left for the process that runs the model
-# and its threads waiting on the workers; none below four cores, where the threads alone do as well.
-DEFAULT_PROCESSES = min(8, (os.cpu_count() or 1) - 2) if (os.cpu_count() or 1) >= 4 else 0
+
+def _default_processes() -> int:
+    """How many worker processes `compiling_ahead` starts: FASTDIFF_COMPILE_PROCESSES when set (0: compile in
+    threads; for several fastdiff processes on one host, which would each start their own), else one per core,
+    two left for the process that runs the model and its threads waiting on the workers, at most 8; none below
+    four cores, where threads alone do as well."""
+    setting = os.environ.get("FASTDIFF_COMPILE_PROCESSES", "").strip()
+    if setting:
+        if not setting.isdigit():
+            raise ValueError(f"FASTDIFF_COMPILE_PROCESSES must be a whole number of processes, got {setting!r}")
+        return int(setting)
+    cores = os.cpu_count() or 1
+    return min(8, cores - 2) if cores >= 4 else 0
+
+
+DEFAULT_PROCESSES = _default_processes()
 
 _capturing: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("fastdiff_capturing", default=None)
 _idle: "queue.Queue[Worker]" = queue.Queue()  # started workers, each taken by one compile at a time

@@ -102,3 +102,22 @@ ASTSource.make_ir = no_compile_here
 kernel = _compile_processes.compile_in_worker(jit, compile_variant)  # the worker finds it compiled; this loads it
 assert type(kernel).__name__ == "CompiledKernel"
 """, tmp_path)
+
+
+@pytest.mark.parametrize("setting, expected", [("0", 0), ("3", 3), (" 12 ", 12), ("", None)])
+def test_fastdiff_compile_processes_sets_the_number_of_workers(monkeypatch, setting, expected):
+    from fastdiff.kernels import _compile_processes
+
+    monkeypatch.setenv("FASTDIFF_COMPILE_PROCESSES", setting)
+    cores = os.cpu_count() or 1
+    default = min(8, cores - 2) if cores >= 4 else 0
+    assert _compile_processes._default_processes() == (default if expected is None else expected)
+
+
+@pytest.mark.parametrize("setting", ["many", "-1", "2.5"])
+def test_a_malformed_fastdiff_compile_processes_is_one_error_naming_it(monkeypatch, setting):
+    from fastdiff.kernels import _compile_processes
+
+    monkeypatch.setenv("FASTDIFF_COMPILE_PROCESSES", setting)
+    with pytest.raises(ValueError, match=f"FASTDIFF_COMPILE_PROCESSES must be a whole number.*{setting}"):
+        _compile_processes._default_processes()
