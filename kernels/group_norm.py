@@ -444,7 +444,8 @@ if triton is not None:
         _normalize_contiguous(X + base, Offset, offset_stride, Y + base, W, B, 0, group_size, ng, G, CG, HW, mean,
                               rstd, silu, BLOCK, STAGES)
 
-    @triton.jit(do_not_specialize=["silu"])
+    # Not specialized: silu, and HW (rows start aligned as C is, whatever the pixel count).
+    @triton.jit(do_not_specialize=["HW", "silu"])
     def _group_norm_single_cl_kernel(
         X,  # pointer to x, (N, HW, C) in memory (channels_last)
         Offset,  # pointer to the offsets (N, C) added to x, or None
