@@ -20,7 +20,7 @@ import importlib
 import os
 from contextlib import contextmanager
 from types import ModuleType
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -335,11 +335,19 @@ def _auto_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = No
         use_kernel = q.shape[-1] > AUTO_TRITON_ABOVE_HEAD_DIM
     if use_kernel:
         return attention(q, k, v, scale)
-    triton_kernels = _module("fastdiff.kernels._triton")
-    if choice is not None and triton_kernels.compiling():  # the kernel the table gives other sizes of this call
-        with triton_kernels.compiling_later():
-            attention(q, k, v, scale)
+    if choice is not None:  # the kernel the table gives other sizes of this call
+        _compile_later(attention, q, k, v, scale)
     return sdpa_attention(q, k, v, scale)
+
+
+def _compile_later(fn: Callable[..., Any], *args) -> None:
+    """Before the first image of a shape (inside `fastdiff.kernels.compiling_ahead`): fn(*args), what another size
+    of this call runs, launched for the compile workers to compile in the background (`compiling_later`), so that
+    that size finds its kernels compiled. Elsewhere nothing."""
+    triton_kernels = _module("fastdiff.kernels._triton")
+    if triton_kernels.compiling():
+        with triton_kernels.compiling_later():
+            fn(*args)
 
 
 def attention_impl(preference: str, head_dim: int) -> Callable[..., Tensor]:
@@ -452,11 +460,16 @@ def channel_cat(x: Tensor, skip: Tensor) -> Tensor:
     return _load("channel_cat", backend)(x, skip)
 
 
-def _triton_sums_pay(out_like: Tensor, *inputs: Optional[Tensor]) -> bool:
+def _triton_sums_pay(out_like: Tensor, *inputs: Optional[Tensor], plain: Callable[[], Any],
+                     summing: Callable[[], Any]) -> bool:
     """Whether the Triton producer takes these inputs (channels_last maps) and summing pays at this size
-    (`fastdiff.kernels.group_sums.pays`)."""
+    (`fastdiff.kernels.group_sums.pays`). Where it takes them, what other sizes run instead, `plain()` or
+    `summing()`, is compiled for later (`_compile_later`)."""
     maps = all(t is None or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) for t in inputs)
-    return maps and _module("fastdiff.kernels.group_sums").pays(out_like)
+    pays = maps and _module("fastdiff.kernels.group_sums").pays(out_like)
+    if maps:
+        _compile_later(plain if pays else summing)
+    return pays
 
 
 def residual_add_sums(x: Optional[Tensor], y: Tensor, bias: Optional[Tensor] = None, x_bias: Optional[Tensor] = None,
@@ -467,18 +480,24 @@ def residual_add_sums(x: Optional[Tensor], y: Tensor, bias: Optional[Tensor] = N
     pay (small maps) run the plain `residual_add` and return no sums: the norm then computes its own. See
     `fastdiff.kernels.group_sums`."""
     backend = resolve("residual_add_sums", y.device.type)
-    if backend == "triton" and _chosen["residual_add_sums"] == "auto" and not _triton_sums_pay(y, x, y):
-        return residual_add(x, y, bias, x_bias=x_bias), None
-    return _load("residual_add_sums", backend)(x, y, bias, x_bias, num_groups)
+    plain = functools.partial(residual_add, x, y, bias, x_bias=x_bias)
+    summing = functools.partial(_load("residual_add_sums", backend), x, y, bias, x_bias, num_groups)
+    if backend == "triton" and _chosen["residual_add_sums"] == "auto" and not _triton_sums_pay(
+            y, x, y, plain=plain, summing=summing):
+        return plain(), None
+    return summing()
 
 
 def channel_cat_sums(x: Tensor, skip: Tensor, num_groups: int = 32) -> tuple[Tensor, Optional[Tensor]]:
     """`channel_cat(x, skip)` and the statistics of its output for the GroupNorm that reads it next, as
     `residual_add_sums`."""
     backend = resolve("channel_cat_sums", x.device.type)
-    if backend == "triton" and _chosen["channel_cat_sums"] == "auto" and not _triton_sums_pay(x, x, skip):
-        return channel_cat(x, skip), None
-    return _load("channel_cat_sums", backend)(x, skip, num_groups)
+    plain = functools.partial(channel_cat, x, skip)
+    summing = functools.partial(_load("channel_cat_sums", backend), x, skip, num_groups)
+    if backend == "triton" and _chosen["channel_cat_sums"] == "auto" and not _triton_sums_pay(
+            x, x, skip, plain=plain, summing=summing):
+        return plain(), None
+    return summing()
 
 
 def subpixel_shuffle(y: Tensor, bias: Optional[Tensor] = None) -> Tensor:

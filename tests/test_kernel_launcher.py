@@ -472,3 +472,17 @@ def test_a_layer_norm_adds_every_rows_per_program_its_width_allows_for_later(lau
     layer_norm(torch.randn(2, 77, 640), torch.ones(640), torch.zeros(640))
     later = sorted(meta["BLOCK_M"] for _, meta, is_later in launches if is_later)
     assert later == [1 << i for i in range((TILE // 1024).bit_length())]  # 1, 2, 4 rows of 1024 columns
+
+
+@pytest.mark.parametrize("height, summed_now", [(32, True), (16, False)])  # group_sums.MIN_PIXELS: 32 x 32
+def test_a_residual_add_for_a_group_norm_adds_the_other_side_of_the_summing_threshold_for_later(
+        launches, monkeypatch, height, summed_now):
+    from fastdiff import ops
+
+    monkeypatch.setattr(ops, "resolve", lambda op, device_type: "triton")  # auto's choice on a GPU
+    y = torch.randn(2, 64, height, height).to(memory_format=torch.channels_last)
+    ops.residual_add_sums(y, y, num_groups=32)
+    now = {name for name, _, is_later in launches if not is_later}
+    later = {name for name, _, is_later in launches if is_later}
+    summing, plain = "_summed_output_kernel", "_residual_add_kernel"
+    assert (now, later >= {plain if summed_now else summing}) == ({summing if summed_now else plain}, True)
