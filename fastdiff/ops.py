@@ -344,10 +344,7 @@ def _compile_later(fn: Callable[..., Any], *args) -> None:
     """Before the first image of a shape (inside `fastdiff.kernels.compiling_ahead`): fn(*args), what another size
     of this call runs, launched for the compile workers to compile in the background (`compiling_later`), so that
     that size finds its kernels compiled. Elsewhere nothing."""
-    triton_kernels = _module("fastdiff.kernels._triton")
-    if triton_kernels.compiling():
-        with triton_kernels.compiling_later():
-            fn(*args)
+    _module("fastdiff.kernels._triton").compile_later(lambda call: call(*args), [fn])
 
 
 def attention_impl(preference: str, head_dim: int) -> Callable[..., Tensor]:

@@ -5,7 +5,7 @@ import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -263,6 +263,15 @@ def compiling_later() -> Iterator[None]:
         yield
     finally:
         _later = saved
+
+
+def compile_later(launch: Callable[[Any], None], alternatives: Iterable) -> None:
+    """Inside `compiling_ahead()`: launch(a) for each of `alternatives` (the plans, tiles or row counts other sizes
+    of the call take; a generator is not even run elsewhere) inside `compiling_later()`. Elsewhere nothing."""
+    if compiling():
+        with compiling_later():
+            for alternative in alternatives:
+                launch(alternative)
 
 
 @contextmanager

@@ -187,10 +187,7 @@ def _summed_output(out: Tensor, num_groups: int, x: Optional[Tensor], x_bias: Op
             BLOCK_C=plan.block_c, BLOCK_G=plan.block_g, BLOCK_CG=plan.block_cg, STAGES=STAGES, num_warps=plan.warps)
 
     launch(plan)
-    if _triton.compiling():  # the configs other sizes of this call take, for the background
-        with _triton.compiling_later():
-            for _, other in PRODUCER_CONFIGS:
-                launch(channels_last_plan(out, num_groups, other))
+    _triton.compile_later(launch, (channels_last_plan(out, num_groups, config) for _, config in PRODUCER_CONFIGS))
     return sums
 
 

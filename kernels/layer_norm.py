@@ -197,10 +197,7 @@ def _layer_norm_run(kernel, x: Tensor, residual: Optional[Tensor], weight: Optio
                                                BLOCK_N=block_n, num_warps=num_warps)
 
     launch(_rows_per_program(rows, block_n, x.device))
-    if _triton.compiling():  # the rows per program other row counts of this call take, for the background
-        with _triton.compiling_later():
-            for block_m in (1 << i for i in range(max(1, TILE // block_n).bit_length())):
-                launch(block_m)
+    _triton.compile_later(launch, (1 << i for i in range(max(1, TILE // block_n).bit_length())))  # other row counts
     return s, y
 
 

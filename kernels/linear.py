@@ -196,10 +196,7 @@ def _linear_launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: 
                                num_warps=warps)
 
     launch(_config(m, n, k, geglu))
-    if _triton.compiling():  # the configs other row counts of this call take, for the background
-        with _triton.compiling_later():
-            for rows in _CONFIG_ROWS:
-                launch(_config(rows, n, k, geglu))
+    _triton.compile_later(launch, (_config(rows, n, k, geglu) for rows in _CONFIG_ROWS))  # other row counts
     return out
 
 
