@@ -1,18 +1,20 @@
-"""Triton compiles in worker processes, for `compiling_ahead`.
+"""Triton compiles in worker processes, for `compiling_ahead` and the background compiles of `compiling_later`.
 
 A Triton compile starts with a Python front end (the kernel's AST walked into MLIR) that holds the GIL, then runs
-MLIR and LLVM passes and ptxas, which mostly do not. Threads of one process queue on the front ends: on a 16-core
-H200 host the cold start's compiles took as long on 16 threads as on 4, most of it in the front end. Worker
-processes compile in parallel for real. A worker compiles a variant into Triton's on-disk cache (TRITON_CACHE_DIR,
-shared by both processes) and builds its C launcher there; the calling process then loads it from that cache
-(`JITFunction.preload`, a cache hit: milliseconds).
+MLIR and LLVM passes and ptxas, which mostly do not. Compiled in threads of the process that runs the model, the
+front ends take turns with the model's own host work; compiled in worker processes, they take none of it. That
+is what lets the variants other sizes will need compile in the background while images run. For the first image
+itself the workers measured no gain: on a 16-core H100 host the SD1.5 cold start took 9.1-9.5 s with them and
+without them (benchmarks/RESULTS.md), its 48 compiles no longer bounding it. A worker compiles a variant into
+Triton's on-disk cache (TRITON_CACHE_DIR, shared by both processes) and builds its C launcher there; the calling
+process then loads it from that cache (`JITFunction.preload`, a cache hit).
 
 A variant travels as Triton's own specialization data (the JSON its `jit_cache_hook` receives: signature,
 constexprs, attributes, options and the in-memory cache key), captured by running the variant's compile under a
 hook that stops it just before compiling (`specialization_data`). A worker never touches the GPU: its Triton driver
 is a stand-in that names the calling process's target, so it creates no CUDA context and holds no device memory.
-It is `python -m fastdiff.kernels._compile_processes TARGET_JSON`: one JSON request per line on stdin, one reply per
-line on stdout; it exits when its stdin closes, as it does when the calling process exits.
+It runs `serve(TARGET_JSON)` in a fresh interpreter: one JSON request per line on stdin, one reply per line on
+stdout; it exits when its stdin closes, as it does when the calling process exits.
 
 Whatever goes wrong in a worker (it failed to start, died, or reports an error), the calling process compiles the
 variant itself, exactly as without workers: a compile error then surfaces from there, as always.
@@ -63,8 +65,9 @@ class Worker:
     def __init__(self, target: Any, cache_dir: str):
         env = dict(os.environ, TRITON_CACHE_DIR=cache_dir)
         env.pop("TRITON_INTERPRET", None)
+        command = f"import sys; from {__name__} import serve; serve(sys.argv[1])"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", __name__, json.dumps(dataclasses.asdict(target))], stdin=subprocess.PIPE,
+            [sys.executable, "-c", command, json.dumps(dataclasses.asdict(target))], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         self.alive = True
 
@@ -255,7 +258,8 @@ class _TargetOnly:
         return self.target
 
 
-def _serve(target_json: str) -> None:
+def serve(target_json: str) -> None:
+    """A worker's loop (see the module docstring); target_json: the GPUTarget to compile for, as JSON."""
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")  # the replies' own pipe: what the libraries print
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # (C or Python) goes where stderr goes, not into a reply
     sys.stdout = sys.stderr
@@ -283,6 +287,3 @@ def _serve(target_json: str) -> None:
         replies.write(json.dumps(reply) + "\n")
         replies.flush()
 
-
-if __name__ == "__main__":
-    _serve(sys.argv[1])

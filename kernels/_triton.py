@@ -288,13 +288,15 @@ def compiling_ahead(workers: Optional[int] = None, processes: Optional[int] = No
     from Triton's cache, on the device, and builds its launcher (`_compile_and_load`). Without worker
     processes the threads (`workers`, default one per CPU, at most COMPILE_WORKERS) compile in this process.
     Run a model's forward inside it on inputs of the shapes to come (its outputs are garbage: drop them), and
-    the real forward afterwards finds its kernels compiled and loaded (it still autotunes). Why processes:
-    Triton's compiler releases the GIL for much of its work (MLIR and LLVM passes, ptxas), so threads overlap
-    (11 GroupNorm and attention variants took 7.0 s one after the other and 3.8 s on two threads of a 2-core
-    CPU), but its Python front end holds it, and that caps the gain: on a 16-core H200 host the SD1.5 first
-    image's 81 compiles took 6.3-7.0 s on 4 threads and on 16 alike, and 16 threads starved the thread
-    running the model (5-6 s to issue its calls against 1.1 s with 4). A nested block joins the outer one.
-    Under the interpreter there is nothing to compile and launches run as usual.
+    the real forward afterwards finds its kernels compiled and loaded (it still autotunes). Triton's compiler
+    releases the GIL for much of its work (MLIR and LLVM passes, ptxas), so threads overlap (11 GroupNorm and
+    attention variants took 7.0 s one after the other and 3.8 s on two threads of a 2-core CPU), but its Python
+    front end holds it: on a 16-core H200 host the SD1.5 first image's 81 compiles took 6.3-7.0 s on 4 threads
+    and on 16 alike, and 16 threads starved the thread running the model (5-6 s to issue its calls against 1.1 s
+    with 4). Worker processes take the front ends out of this process; at 48 compiles the H100 cold start took
+    as long with them as with threads, and they are what compiles `compiling_later`'s variants in the background
+    without taking the images' host time. A nested block joins the outer one. Under the interpreter there is
+    nothing to compile and launches run as usual.
     """
     global _compile_pool
     if _compile_pool is not None or INTERPRET or triton is None:
