@@ -347,10 +347,10 @@ class FastEngine(Engine):
 
 
 def prepare_engine(device: Union[str, torch.device], fast: Union[None, bool, FastConfig] = None) -> None:
-    """Start what the engine `make_engine` will build for models on `device` takes seconds to get ready, so that
-    it is ready by the first image: on the fast path without torch.compile, the worker processes that compile
-    its Triton kernels (`fastdiff.kernels.start_compile_processes`: each imports torch and Triton). A pipeline
-    calls it before loading the weights; idempotent, and nothing for models off CUDA or `fast=False`."""
+    """Get ready, ahead of the first image, what the engine `make_engine(..., fast)` builds for models on `device`
+    needs seconds to start: on the fast path without torch.compile, the worker processes that compile its Triton
+    kernels (`fastdiff.kernels.start_compile_processes`; each imports torch and Triton). A pipeline calls it
+    before loading the weights. Idempotent; nothing for models off CUDA or `fast=False`."""
     config = fast if isinstance(fast, FastConfig) else FastConfig()
     if fast is not False and torch.device(device).type == "cuda" and config.compile is None:
         start_compile_processes()
