@@ -127,6 +127,36 @@ def test_first_launch_keeps_no_reference_to_its_tensors(toy):
         assert [ref() for ref in alive] == [None, None], f"disabled={disabled}"
 
 
+def test_a_compile_in_another_thread_during_a_first_launch_leaves_its_record_alone(toy):
+    """A background compile runs the kernel's pre-run hooks too (other constexprs, its own thread) while this
+    thread's first launch of a signature is between Triton's hook and the Launcher reading what it recorded."""
+    kernel, launcher = toy
+    real_getitem = type(kernel).__getitem__
+
+    def getitem_with_a_compile_elsewhere(self, grid):
+        launch = real_getitem(self, grid)
+
+        def interleaved(*args, **meta):
+            compiled = launch(*args, **meta)  # this thread's record: BLOCK=128, SILU=True
+            other = threading.Thread(target=lambda: [hook(*args, SILU=False, BLOCK=64)
+                                                     for hook in self.fn.pre_run_hooks])
+            other.start()
+            other.join()
+            return compiled
+
+        return interleaved
+
+    type(kernel).__getitem__ = getitem_with_a_compile_elsewhere
+    try:
+        x, y = torch.empty(1000), torch.empty(1000)
+        launcher[_grid](x, y, 1000, 0.5, SILU=True)
+    finally:
+        type(kernel).__getitem__ = real_getitem
+    launcher[_grid](x, y, 1000, 0.5, SILU=True)  # replays what this thread recorded
+    (run,) = kernel.compiled.runs
+    assert run[:3] == (8, 1, 1) and run[-2:] == (128, True)
+
+
 def test_disabled_launcher_always_goes_through_triton(toy):
     kernel, launcher = toy
     x, y = torch.empty(64), torch.empty(64)
