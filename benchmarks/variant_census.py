@@ -226,7 +226,7 @@ class Census:
         jit = launcher.jit
         if _triton._later:  # a variant another size of this call takes: the background's, not this image's
             self.jits[id(jit)] = jit
-            for key, _compile in _triton._variant_compiles(launcher, args, meta):
+            for key, *_ in _triton._variant_compiles(launcher, args, meta):
                 self.later.add(key)
                 self.examples.setdefault(key, {name: a for name, a in zip(jit.arg_names, args)
                                                if isinstance(a, int) and not isinstance(a, bool)})
@@ -237,7 +237,7 @@ class Census:
         counts[jit.fn.__name__] += 1
         site = f"{module}:{jit.fn.__name__}#{counts[jit.fn.__name__]}"
         self.site_order.setdefault(site, len(self.site_order))
-        for key, _compile in _triton._variant_compiles(launcher, args, meta):
+        for key, *_ in _triton._variant_compiles(launcher, args, meta):
             self.keys[self.phase].add(key)
             self.site_keys[site].add(key)
             if site not in self.key_sites[key]:

@@ -99,7 +99,7 @@ class Worker:
         self.process.wait(timeout=10)
 
 
-def start(count: int = DEFAULT_PROCESSES) -> int:
+def start(count: int) -> int:
     """Start worker processes (up to `count` in all, for this process's current Triton target) and return how
     many run. They import torch and Triton in the background (seconds): call it early, before the compiles."""
     from triton import knobs

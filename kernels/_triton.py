@@ -5,7 +5,7 @@ import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -202,18 +202,20 @@ class _CompilePool:
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastdiff-compile")
         self.futures: list[Future] = []
         self.submitted: set[tuple] = set()  # variant keys (see _variant_compiles): one compile each
-        self.later: list[tuple[int, Callable[[], Any]]] = []  # (device, compile) for the background
+        self.later: list[tuple[int, Variant]] = []  # (device, variant) for the background
 
     def submit(self, launcher: Launcher, device: int, args: tuple, meta: dict, later: bool = False) -> None:
-        for variant, compile_variant in _variant_compiles(launcher, args, meta):
-            if (device, variant) in self.submitted or (later and (device, variant) in _submitted_later):
+        for variant in _variant_compiles(launcher, args, meta):
+            key = (device, variant.key)
+            if key in self.submitted or (later and key in _submitted_later):
                 continue
-            self.submitted.add((device, variant))
+            self.submitted.add(key)
             if later:
-                _submitted_later.add((device, variant))
-                self.later.append((device, compile_variant))
+                _submitted_later.add(key)
+                self.later.append((device, variant))
             else:
-                self.futures.append(self.executor.submit(_on_device, device, compile_variant))
+                self.futures.append(self.executor.submit(_on_device, device, functools.partial(
+                    _compile_and_load, variant.jit, variant.compile)))
 
     def wait(self) -> None:
         try:
@@ -223,8 +225,8 @@ class _CompilePool:
             self.executor.shutdown(wait=True, cancel_futures=True)
         if self.later:
             _compile_processes.compile_in_background(
-                [functools.partial(_on_device, device, functools.partial(_capture, compile_variant))
-                 for device, compile_variant in self.later])
+                [functools.partial(_on_device, device, functools.partial(_capture, variant.jit, variant.compile))
+                 for device, variant in self.later])
 
 
 _compile_pool: Optional[_CompilePool] = None
@@ -311,14 +313,22 @@ def compiling_ahead(workers: Optional[int] = None, processes: Optional[int] = No
         pool.wait()
 
 
-def _variant_compiles(launcher: Launcher, args: tuple, meta: dict) -> list[tuple[tuple, Callable[[], Any]]]:
-    """(key, compile) for each variant `launcher[grid](*args, **meta)` may compile; each compile compiles its
-    variant without a launch. Launches that differ only in what Triton does not specialize on (an int's value
-    beyond == 1 and divisibility by 16, a tensor's address beyond 16-byte alignment) have the same keys, so a
-    variant is compiled once however many shapes use it. Autotuner candidates are pruned and heuristics
-    evaluated here, on the calling thread (pruning reads the autotuner's state), and the compiles get
-    stand-ins for the tensors (`_TensorSpec`): a compile waiting in the pool must not keep its launch's tensors
-    alive (with the real ones the SD1.5 first image at batch 8 peaked 2.4 GB higher on an empty cache)."""
+class Variant(NamedTuple):
+    """One compiled variant a launch may need: its key, its kernel's JITFunction, and `compile()`, which
+    compiles it without a launch (`jit.run(..., warmup=True)` on stand-ins for the launch's tensors)."""
+    key: tuple
+    jit: Any
+    compile: Callable[[], Any]
+
+
+def _variant_compiles(launcher: Launcher, args: tuple, meta: dict) -> list[Variant]:
+    """A `Variant` for each one `launcher[grid](*args, **meta)` may compile. Launches that differ only in what
+    Triton does not specialize on (an int's value beyond == 1 and divisibility by 16, a tensor's address beyond
+    16-byte alignment) have the same keys, so a variant is compiled once however many shapes use it. Autotuner
+    candidates are pruned and heuristics evaluated here, on the calling thread (pruning reads the autotuner's
+    state), and the compiles get stand-ins for the tensors (`_TensorSpec`): a compile waiting in the pool must
+    not keep its launch's tensors alive (with the real ones the SD1.5 first image at batch 8 peaked 2.4 GB
+    higher on an empty cache)."""
     kernel, jit = launcher.kernel, launcher.jit
     named = {**dict(zip(jit.arg_names, args)), **meta}
     specialized = tuple(_specialization(arg, param.do_not_specialize) for arg, param in zip(args, jit.params))
@@ -339,15 +349,14 @@ def _variant_compiles(launcher: Launcher, args: tuple, meta: dict) -> list[tuple
             constexprs.update({name: rule({**named, **constexprs}) for name, rule in wrapper.values.items()})
             wrapper = wrapper.fn
         key = (id(jit), specialized, tuple(sorted(constexprs.items())))
-        compile_variant = functools.partial(jit.run, *standins, grid=None, warmup=True, **constexprs)
-        variants.append((key, functools.partial(_compile_and_load, jit, compile_variant)))
+        variants.append(Variant(key, jit, functools.partial(jit.run, *standins, grid=None, warmup=True,
+                                                            **constexprs)))
     return variants
 
 
-def _capture(compile_and_load: functools.partial) -> Optional[tuple[Any, str]]:
-    """(jit, Triton's specialization data) of the variant `_variant_compiles` gave, for a worker process; None
+def _capture(jit, compile_variant: Callable[[], Any]) -> Optional[tuple[Any, str]]:
+    """(jit, Triton's specialization data) of the variant compile_variant() compiles, for a worker process; None
     when it is compiled in this process already."""
-    jit, compile_variant = compile_and_load.args
     spec = _compile_processes.specialization_data(compile_variant)
     return None if spec is None else (jit, spec)
 

@@ -21,8 +21,8 @@ from fastdiff.kernels.residual_add import _residual_add_launcher
 driver.set_active(_compile_processes._TargetOnly(GPUTarget("cuda", 90, 32)))
 x = torch.empty(2, 320, 64, 64, dtype=torch.float16)
 args = (x, x, None, None, x, 1, 320 * 64 * 64, 320, 64 * 64)
-((_, compile_load),) = _triton._variant_compiles(_residual_add_launcher, args, dict(CHANNELS_LAST=False, BLOCK=1024))
-jit, compile_variant = compile_load.args
+((_, jit, compile_variant),) = _triton._variant_compiles(_residual_add_launcher, args,
+                                                         dict(CHANNELS_LAST=False, BLOCK=1024))
 """
 
 
@@ -93,7 +93,7 @@ def test_a_background_compile_lands_in_the_cache_for_a_later_call_to_load(tmp_pa
 import functools
 from triton.compiler.compiler import ASTSource
 assert _compile_processes.start(1) == 1
-_compile_processes.compile_in_background([functools.partial(_triton._capture, compile_load)])
+_compile_processes.compile_in_background([functools.partial(_triton._capture, jit, compile_variant)])
 assert _compile_processes.wait_background(timeout=300)
 assert not jit.device_caches[0][0], "the background compiled in this process"
 def no_compile_here(*args, **kwargs):
