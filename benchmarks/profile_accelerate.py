@@ -5,10 +5,11 @@
 On one CUDA GPU, SD1.5's architecture with random weights, float16, 512x512, batch 1, 25 steps of DPM++ 2M, CFG 7.5,
 in one process: fastdiff's Pipeline and the same weights in diffusers' StableDiffusionPipeline after
 `accelerate(pipe)`, each as whole images and without the decode ("latent"); the accelerated pipeline with its
-prompt embeddings given (no text encoding), with the latents diffusers repeats for guidance run twice instead of
-once ("unshared"); diffusers' encode_prompt alone; the engine's 25 UNet calls at CFG batch 2, shared latents
-against repeated ones. Then one image of each under torch.profiler: wall time against the GPU's busy time (the
-rest is the GPU waiting on the host), kernel counts, and the ops by host time and by GPU time.
+prompt embeddings given (no text encoding); diffusers' encode_prompt alone; the engine's 25 UNet calls at CFG
+batch 2: one latent shared by both halves, the latent repeated ([x; x]) and run whole, [x; x] and [x; y] with
+cfg="if_repeated" (the accelerated UNet's: a graph whose conditional nodes run equal halves once). Then one image
+of each under torch.profiler: wall time against the GPU's busy time (the rest is the GPU waiting on the host),
+kernel counts, and the ops by host time and by GPU time.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fastdiff.integrations.diffusers as integration
+from fastdiff.engine import IF_REPEATED
 from bench_e2e import (DTYPE, PROMPT, build_diffusers, build_fastdiff, in_dtype, noise_for, run_diffusers,
                        run_fastdiff, sync, time_calls)
 
@@ -38,10 +40,6 @@ def main() -> None:
     report("fastdiff Pipeline, latent", lambda: run_fastdiff(ours, ARCH, noise, "latent"))
     integration.accelerate(pipe)
     report("accelerated diffusers", lambda: run_diffusers(pipe, ARCH, noise))
-    shared = integration._shared_rows
-    integration._shared_rows = lambda sample: sample
-    report("accelerated diffusers, unshared", lambda: run_diffusers(pipe, ARCH, noise))
-    integration._shared_rows = shared
     report("accelerated diffusers, latent", lambda: run_diffusers(pipe, ARCH, noise, "latent"))
     cond, uncond = pipe.encode_prompt(PROMPT, "cuda", 1, True, "")
 
@@ -54,15 +52,18 @@ def main() -> None:
     report("diffusers encode_prompt", lambda: (pipe.encode_prompt(PROMPT, "cuda", 1, True, ""), sync()))
     engine = getattr(pipe, "_fastdiff_acceleration").engine
     timesteps = torch.linspace(999, 0, 25, device="cuda")
-    for label, x in (("shared", noise.cuda()), ("repeated", torch.cat([noise, noise]).cuda())):
-        model_fn = engine.denoiser(torch.cat([uncond, cond]), cfg=False)
+    x, repeated = noise.cuda(), torch.cat([noise, noise]).cuda()
+    for label, cfg, x in (("one latent, shared", False, x), ("[x; x] run whole", False, repeated),
+                          ("[x; x], if_repeated", IF_REPEATED, repeated),
+                          ("[x; y], if_repeated", IF_REPEATED, torch.cat([x, x + 1]))):
+        model_fn = engine.denoiser(torch.cat([uncond, cond]), cfg=cfg)
 
         def steps(model_fn=model_fn, x=x):
             for i in range(25):
                 model_fn(x, timesteps[i])
             sync()
 
-        report(f"engine: 25 UNet calls, {label} latents", steps)
+        report(f"engine: 25 UNet calls, {label}", steps)
     for name, fn in (("accelerated", lambda: run_diffusers(pipe, ARCH, noise)),
                      ("fastdiff", lambda: run_fastdiff(ours, ARCH, noise))):
         fn()

@@ -8,7 +8,7 @@ import torch
 
 import fastdiff
 from fastdiff import ops
-from fastdiff.engine import CUDAGraphRunner, Engine, FastConfig, FastEngine, FastUNet, make_engine
+from fastdiff.engine import IF_REPEATED, CUDAGraphRunner, Engine, FastConfig, FastEngine, FastUNet, make_engine
 from fastdiff.engine.engine import FastCLIPAttention
 from fastdiff.models.clip import CLIPAttention
 from tiny_models import (CLIP_CONFIGS, clip_from_transformers, make_tiny_sd, rel, tiny_text_encoder, tiny_unet,
@@ -45,6 +45,27 @@ def test_fast_denoiser_matches_the_engines(cfg):
     assert out.dtype == torch.float32 and out.is_contiguous()
     assert rel(out, ref) <= 1e-5
     assert rel(fast.eager_call(x, t, context), ref) <= 1e-5  # eager_call: the same call, on the shared sample
+
+
+@pytest.mark.parametrize("engine_class", [Engine, FastEngine])
+def test_if_repeated_denoiser_gives_each_rows_own_output(engine_class, monkeypatch):
+    """cfg="if_repeated" takes the context's 2B rows: [x; x] gives cfg=True's output for x (and FastEngine runs x
+    once, shared by both halves), any other rows cfg=False's."""
+    rows = []  # the rows FastEngine's UNet calls run
+    call_unet = FastEngine._call_unet
+    monkeypatch.setattr(FastEngine, "_call_unet", lambda self, x, *a: rows.append(x.shape[0]) or call_unet(
+        self, x, *a))
+    unet, vae, text_encoder = _models()
+    engine = engine_class(unet, vae, text_encoder, *([NO_GRAPHS] if engine_class is FastEngine else []))
+    x, y, t = torch.randn(2, 4, 12, 10), torch.randn(2, 4, 12, 10), torch.tensor(501.0)
+    context = torch.randn(4, 7, unet.config.cross_attention_dim)
+    model_fn = engine.denoiser(context, cfg=IF_REPEATED)
+    repeated, different = model_fn(torch.cat([x, x]), t), model_fn(torch.cat([x, y]), t)
+    assert rel(repeated, engine.denoiser(context, cfg=True)(x, t)) <= 1e-5
+    assert rel(different, engine.denoiser(context, cfg=False)(torch.cat([x, y]), t)) <= 1e-5
+    assert rows == ([2, 4, 2, 4] if engine_class is FastEngine else [])
+    with pytest.raises(ValueError, match="cfg must be True, False or 'if_repeated', got 'yes'"):
+        engine.denoiser(context, cfg="yes")
 
 
 def test_denoisers_of_one_shape_interleave():

@@ -113,13 +113,13 @@ def test_accelerated_matches_diffusers_and_deaccelerate_restores_it_exactly(pipe
 
 def test_guidance_runs_the_repeated_latents_once_and_other_batches_whole(pipe, monkeypatch):
     rows = []
-    denoiser = FastEngine.denoiser
+    call_unet = FastEngine._call_unet
 
-    def recording(engine, *args, **kwargs):
-        model_fn = denoiser(engine, *args, **kwargs)
-        return lambda x, t: rows.append(x.shape[0]) or model_fn(x, t)
+    def recording(engine, x, *args):
+        rows.append(x.shape[0])
+        return call_unet(engine, x, *args)
 
-    monkeypatch.setattr(FastEngine, "denoiser", recording)
+    monkeypatch.setattr(FastEngine, "_call_unet", recording)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     for guidance in (7.5, 1.0):  # [x; x] against [uncond; cond] contexts, then two different latents

@@ -37,12 +37,18 @@ from fastdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from fastdiff.models.clip import CLIPAttention
 
 from .config import FastConfig
-from .graphs import CUDAGraphRunner
+from .graphs import CUDAGraphRunner, conditional_nodes, if_node
 from .unet import FastUNet, concat_as_views, copy_sharing_parameters, replace_modules
 from .vae import fast_vae
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
+IF_REPEATED = "if_repeated"  # `denoiser`'s cfg for rows that may be one latent twice
 TIME_TABLES_KEPT = 16  # timestep tensors whose time features a FastEngine keeps (`FastEngine._time_features`)
+
+
+def check_cfg(cfg) -> None:
+    if not (isinstance(cfg, bool) or cfg == IF_REPEATED):
+        raise ValueError(f"cfg must be True, False or {IF_REPEATED!r}, got {cfg!r}")
 
 
 class Engine:
@@ -74,11 +80,15 @@ class Engine:
             raise ValueError(f"this engine has no {'second' if second else 'first'} text encoder")
         return encoder
 
-    def denoiser(self, context: Tensor, cfg: bool, text_embeds: Optional[Tensor] = None,
+    def denoiser(self, context: Tensor, cfg: Union[bool, str], text_embeds: Optional[Tensor] = None,
                  time_ids: Optional[Tensor] = None) -> ModelFn:
         """model_fn for `fastdiff.schedulers.sample`: (x (B, C, h, w) float32, t) -> the UNet's output float32,
         (2B, C, h, w) = [uncond; cond] rows when cfg (context then holds 2B rows), else (B, C, h, w).
-        text_embeds (R, P) and time_ids (R, N), one row per context row: SDXL's added conditioning."""
+        cfg="if_repeated": x has the context's 2B rows, which are often [x; x] (diffusers' guidance); a fast
+        engine then runs them as cfg=True does, once. text_embeds (R, P) and time_ids (R, N), one row per context
+        row: SDXL's added conditioning."""
+        check_cfg(cfg)
+        cfg = cfg is True
         unet, dtype = self.unet, next(self.unet.parameters()).dtype
         added = {} if text_embeds is None and time_ids is None else dict(text_embeds=text_embeds, time_ids=time_ids)
 
@@ -160,6 +170,7 @@ class FastEngine(Engine):
         # torch.compile, which would guard on the projections' lookup.
         self._projects = config.fuse_projections and config.compile is None
         self._unet_calls = self._graphed(self._call_unet, (2,) if self._projects else ())
+        self._repeated_calls = self._graphed(self._call_unet_if_repeated, (2,) if self._projects else ())
         self._projector = self._graphed(self._project, (0,)) if self._projects else None
         self._text_calls: dict[Optional[int], Callable[[Tensor], Tensor]] = {}  # per clip_skip
         self._penultimate_calls: dict[tuple[bool, Optional[int]], Callable[..., Tensor]] = {}  # per (second, clip_skip)
@@ -185,7 +196,8 @@ class FastEngine(Engine):
     @property
     def graphs_captured(self) -> int:
         """UNet CUDA graphs held (one per input shape and guidance mode)."""
-        return self._unet_calls.captured if isinstance(self._unet_calls, CUDAGraphRunner) else 0
+        return sum(calls.captured for calls in (self._unet_calls, self._repeated_calls)
+                   if isinstance(calls, CUDAGraphRunner))
 
     # ---- the text encoder ------------------------------------------------------------------------------------
 
@@ -230,6 +242,29 @@ class FastEngine(Engine):
         # With guidance x is shared by both halves of context: (2B, C, h, w) = [uncond; cond] comes out, and the
         # layers before the first cross-attention run on B rows (FastUNet.forward, "shared sample").
         return self._forward(self._input(x), None, context, temb=temb, out_dtype=torch.float32)
+
+    @torch.no_grad()
+    def _call_unet_if_repeated(self, x: Tensor, temb: Tensor, context: Tensor) -> Tensor:
+        """`_call_unet` of 2B rows against context's 2B, which run once, shared as with guidance, where x is one
+        latent twice ([x; x], equal halves): the output is the same either way. Captured in a graph, the halves are
+        compared on the GPU and the graph's own conditional nodes take one way or the other (`if_node`); without
+        a graph (or without conditional nodes) the host compares them, which waits for the GPU."""
+        half = x.shape[0] // 2
+        if x.shape[0] % 2 or x.shape[0] != context.shape[0]:
+            return self._call_unet(x, temb, context)
+        graphed = self.config.cuda_graphs and conditional_nodes()
+        if not graphed:
+            return self._call_unet(x[:half] if torch.equal(x[:half], x[half:]) else x, temb, context)
+        repeated = torch.eq(x[:half], x[half:]).all()  # 0-d bool, on the GPU
+        if not torch.cuda.is_current_stream_capturing():  # a graph's warm-up: both ways, before either is captured
+            return torch.where(repeated, self._call_unet(x[:half], temb, context), self._call_unet(x, temb, context))
+        unrepeated = torch.logical_not(repeated)
+        out = None
+        for pred, rows in ((repeated, x[:half]), (unrepeated, x)):
+            with if_node(pred):
+                result = self._call_unet(rows, temb, context)
+                out = result if out is None else out.copy_(result)
+        return out
 
     def _time_features(self, t: Tensor, added: tuple[Tensor, ...] = ()) -> Tensor:
         """The UNet's `time_features` of a 0-d timestep shared by the batch: a (1, width) row, or with SDXL's
@@ -281,9 +316,9 @@ class FastEngine(Engine):
         return self.unet(self._input(x), t.reshape(()).to(torch.float32), context.to(self.dtype),
                          text_embeds=text_embeds, time_ids=time_ids, out_dtype=torch.float32)
 
-    def denoiser(self, context: Tensor, cfg: bool, text_embeds: Optional[Tensor] = None,
+    def denoiser(self, context: Tensor, cfg: Union[bool, str], text_embeds: Optional[Tensor] = None,
                  time_ids: Optional[Tensor] = None) -> ModelFn:
-        """As Engine.denoiser. The returned output is a static buffer when CUDA graphs are on: the loop consumes
+        """As Engine.denoiser (cfg="if_repeated": `_call_unet_if_repeated`). The returned output is a static buffer when CUDA graphs are on: the loop consumes
         it (the fused step reads it) before the next call rewrites it.
 
         The context is constant over the loop, so with fused projections (and no torch.compile) its
@@ -292,12 +327,14 @@ class FastEngine(Engine):
         held there (another denoiser of the same shape was made since) writes its own back and projects it again
         before its call. SDXL's added conditioning is constant too: it joins the time features, computed once
         per schedule and prompt (`_time_features`), so each step's graph takes that prompt's rows of them."""
+        check_cfg(cfg)
         context = context.to(self.dtype)
         for module in self.unet.subpixel_upsamplers:  # weights loaded since the graphs were captured
             module.subpixel_weight()
         added = self._added_conditioning(context, text_embeds, time_ids)
+        calls = self._repeated_calls if cfg == IF_REPEATED else self._unet_calls
         if not self._projects:
-            return lambda x, t: self._unet_calls(x, self._time_features(t, added), context)
+            return lambda x, t: calls(x, self._time_features(t, added), context)
         key = (tuple(context.shape), context.device)
 
         def held_context() -> Tensor:
@@ -311,7 +348,7 @@ class FastEngine(Engine):
             return buffer
 
         def model_fn(x: Tensor, t: Tensor) -> Tensor:
-            return self._unet_calls(x, self._time_features(t, added), held_context())
+            return calls(x, self._time_features(t, added), held_context())
 
         held_context()  # project now, not inside the first step
         return model_fn

@@ -1,5 +1,6 @@
-"""CUDA graphs: a function captured once per input signature and replayed."""
-from typing import Callable, NamedTuple
+"""CUDA graphs: a function captured once per input signature and replayed; a choice made on the GPU inside one."""
+from contextlib import contextmanager
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -105,3 +106,23 @@ class CUDAGraphRunner:
         """Drop every graph and its memory pool."""
         self._graphs.clear()
         self._pool = None
+
+
+def conditional_nodes() -> bool:
+    """Whether this torch captures CUDA graph conditional nodes (`if_node`; CUDA 12.4 and later)."""
+    graph = getattr(torch.cuda, "CUDAGraph", None)
+    return all(hasattr(graph, name) for name in ("get_currently_capturing_graph", "begin_capture_to_if_node",
+                                                  "end_capture_to_conditional_node"))
+
+
+@contextmanager
+def if_node(pred: Tensor) -> Iterator[None]:
+    """Inside a CUDA graph capture: what the block launches becomes a conditional node's body, which a replay runs
+    only while `pred` (a 0-d bool CUDA tensor, computed earlier in the same graph) is true. The choice is the
+    GPU's, at replay: no host synchronisation. Tensors the block allocates come from the graph's pool."""
+    graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+    graph.begin_capture_to_if_node(pred)
+    try:
+        yield
+    finally:
+        graph.end_capture_to_conditional_node()
