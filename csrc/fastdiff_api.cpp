@@ -12,6 +12,8 @@
 #endif
 
 #include <array>
+#include <cstdint>
+#include <memory>
 #include <optional>
 #include <tuple>
 
@@ -146,6 +148,61 @@ std::tuple<int, int> graph_memsets_to_kernels(int64_t graph, int64_t max_bytes) 
                                          &replaced, &kept));
   return {replaced, kept};
 }
+
+// A graph fastdiff made (if_equal_halves), instantiated; replay() launches it on the current stream.
+class ChoiceGraph {
+ public:
+  ChoiceGraph(cudaGraph_t graph, c10::DeviceIndex device) : graph_(graph), device_(device) {
+    c10::cuda::CUDAGuard guard(device_);
+    const cudaError_t err = cudaGraphInstantiate(&exec_, graph_, 0);
+    if (err != cudaSuccess) {
+      cudaGraphDestroy(graph_);
+      C10_CUDA_CHECK(err);
+    }
+  }
+  ChoiceGraph(const ChoiceGraph&) = delete;
+  ChoiceGraph& operator=(const ChoiceGraph&) = delete;
+  ~ChoiceGraph() {
+    cudaGraphExecDestroy(exec_);
+    cudaGraphDestroy(graph_);
+  }
+  void replay() {
+    c10::cuda::CUDAGuard guard(device_);
+    C10_CUDA_CHECK(cudaGraphLaunch(exec_, c10::cuda::getCurrentCUDAStream(device_).stream()));
+  }
+
+ private:
+  cudaGraph_t graph_;
+  cudaGraphExec_t exec_ = nullptr;
+  c10::DeviceIndex device_;
+};
+
+// x: the buffer both graphs read, its rows [first half; second half]; equal, unequal: cudaGraph_t's as
+// graph_memsets_to_kernels takes them.
+std::unique_ptr<ChoiceGraph> graph_if_equal_halves(const at::Tensor& x, int64_t equal, int64_t unequal) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "graph_if_equal_halves: x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(0) % 2 == 0, "graph_if_equal_halves: x must have an even number of "
+                    "rows, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
+                    "graph_if_equal_halves: x must be contiguous or channels_last (its halves one block of bytes "
+                    "each)");
+  const size_t half_bytes = x.numel() * x.element_size() / 2;
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && half_bytes % 16 == 0,
+                    "graph_if_equal_halves: x's address and half its bytes (", half_bytes,
+                    ") must be multiples of 16");
+  TORCH_CHECK_VALUE(equal != 0 && unequal != 0, "graph_if_equal_halves: a graph is a null cudaGraph_t");
+  c10::cuda::CUDAGuard guard(x.device());
+  cudaGraph_t graph;
+  C10_CUDA_CHECK(if_equal_halves(x.data_ptr(), half_bytes, reinterpret_cast<cudaGraph_t>(equal),
+                                 reinterpret_cast<cudaGraph_t>(unequal), &graph));
+  return std::make_unique<ChoiceGraph>(graph, x.device().index());
+}
+
+// Whether this build and the driver have CUDA graphs' if/else conditional nodes (CUDA 12.8).
+bool graph_choice_supported() {
+  int driver = 0;
+  return CUDART_VERSION >= 12080 && cudaDriverGetVersion(&driver) == cudaSuccess && driver >= 12080;
+}
 #endif
 
 // "" when the CUDA kernels can run on the current device, else why not.
@@ -193,6 +250,18 @@ x (M, K), weight (N, K), out (M, N): contiguous, float16 or bfloat16, one CUDA d
 graph: torch.cuda.CUDAGraph(keep_graph=True).raw_cuda_graph() after the capture. Memsets of at most max_bytes
 bytes with default edges become a kernel that writes the same bytes, with the same dependencies; the others
 stay (csrc/graph.h).)");
+  pybind11::class_<fastdiff::ChoiceGraph>(m, "ChoiceGraph", "A graph made by graph_if_equal_halves, instantiated")
+      .def("replay", &fastdiff::ChoiceGraph::replay, "Launch it on the current stream");
+  m.def("graph_if_equal_halves", &fastdiff::graph_if_equal_halves, pybind11::arg("x"), pybind11::arg("equal"),
+        pybind11::arg("unequal"),
+        R"(One graph that replays `equal` where x's two halves (rows) are bitwise equal at launch, else `unequal`.
+
+equal, unequal: raw cudaGraph_t's (torch.cuda.CUDAGraph(keep_graph=True).raw_cuda_graph(), not instantiated),
+cloned into it as the bodies of an if/else conditional node, behind one kernel that compares the halves. x: a
+CUDA tensor, contiguous or channels_last, with an even number of rows; its address and half its bytes multiples
+of 16 (csrc/graph.h). Returns a ChoiceGraph.)");
+  m.def("graph_choice_supported", &fastdiff::graph_choice_supported,
+        "Whether this build and the driver have CUDA graphs' if/else conditional nodes (CUDA 12.8)");
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

@@ -1,7 +1,9 @@
-// fastdiff's CUDA graph surgery (graph.h): memset nodes become kernel nodes that write the same bytes.
+// fastdiff's CUDA graph surgery (graph.h): memset nodes become kernel nodes that write the same bytes; a graph
+// that runs one of two graphs, chosen on the GPU by comparing the halves of a buffer.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -27,6 +29,21 @@ __global__ void fill_kernel(char* dst, size_t pitch, unsigned int value, unsigne
     else *p = static_cast<char>(value);
   }
 }
+
+// Sets `condition` to whether the halves a[0, words) and b[0, words) are equal: one block, whose threads OR their
+// differences together.
+__global__ void equal_halves_kernel(const uint4* a, const uint4* b, size_t words,
+                                    cudaGraphConditionalHandle condition) {
+  int differ = 0;
+  for (size_t i = threadIdx.x; i < words; i += blockDim.x) {
+    const uint4 x = a[i], y = b[i];
+    differ |= (x.x != y.x) | (x.y != y.y) | (x.z != y.z) | (x.w != y.w);
+  }
+  differ = __syncthreads_or(differ);
+  if (threadIdx.x == 0) cudaGraphSetConditional(condition, differ ? 0u : 1u);
+}
+
+constexpr unsigned kCompareThreads = 1024;
 
 // A node's incoming (or outgoing) neighbours, and whether every one of those edges is a default one.
 struct Edges {
@@ -115,6 +132,53 @@ cudaError_t memset_nodes_to_kernels(cudaGraph_t graph, size_t max_bytes, int* re
     ++*replaced;
   }
   return cudaSuccess;
+}
+
+cudaError_t if_equal_halves(const void* data, size_t half_bytes, cudaGraph_t equal, cudaGraph_t unequal,
+                            cudaGraph_t* out) {
+#if CUDART_VERSION >= 12080
+  if (reinterpret_cast<uintptr_t>(data) % 16 || half_bytes % 16) return cudaErrorInvalidValue;
+  cudaGraph_t graph;
+  FASTDIFF_TRY(cudaGraphCreate(&graph, 0));
+  const cudaError_t err = [&]() -> cudaError_t {
+    cudaGraphConditionalHandle condition;
+    FASTDIFF_TRY(cudaGraphConditionalHandleCreate(&condition, graph, 0, 0));
+    const uint4* a = static_cast<const uint4*>(data);
+    const uint4* b = a + half_bytes / 16;
+    size_t words = half_bytes / 16;
+    void* args[] = {&a, &b, &words, &condition};  // copied when the node is made
+    cudaKernelNodeParams kernel{};
+    kernel.func = reinterpret_cast<void*>(equal_halves_kernel);
+    kernel.gridDim = dim3(1);
+    kernel.blockDim = dim3(kCompareThreads);
+    kernel.kernelParams = args;
+    cudaGraphNode_t compare;
+    FASTDIFF_TRY(cudaGraphAddKernelNode(&compare, graph, nullptr, 0, &kernel));
+    cudaGraphNodeParams params{};
+    params.type = cudaGraphNodeTypeConditional;
+    params.conditional.handle = condition;
+    params.conditional.type = cudaGraphCondTypeIf;
+    params.conditional.size = 2;  // bodies: [0] while the condition is non-zero, [1] otherwise
+    cudaGraphNode_t choice;
+#if CUDART_VERSION >= 13000
+    FASTDIFF_TRY(cudaGraphAddNode(&choice, graph, &compare, nullptr, 1, &params));
+#else
+    FASTDIFF_TRY(cudaGraphAddNode(&choice, graph, &compare, 1, &params));
+#endif
+    cudaGraphNode_t body;
+    FASTDIFF_TRY(cudaGraphAddChildGraphNode(&body, params.conditional.phGraph_out[0], nullptr, 0, equal));
+    FASTDIFF_TRY(cudaGraphAddChildGraphNode(&body, params.conditional.phGraph_out[1], nullptr, 0, unequal));
+    return cudaSuccess;
+  }();
+  if (err != cudaSuccess) {
+    cudaGraphDestroy(graph);
+    return err;
+  }
+  *out = graph;
+  return cudaSuccess;
+#else
+  return cudaErrorNotSupported;
+#endif
 }
 
 #undef FASTDIFF_TRY

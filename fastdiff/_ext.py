@@ -1,4 +1,5 @@
-"""Loader for the compiled extension `fastdiff._C` (csrc/): its scheduler_step, matmul and CUDA graph surgery.
+"""Loader for the compiled extension `fastdiff._C` (csrc/): its scheduler_step, matmul, CUDA graph surgery and
+graphs that choose on the GPU.
 A missing or broken build never breaks `import fastdiff`: it only makes the `cuda` backend unavailable, with
 the reason kept for `fastdiff info`."""
 from typing import Optional
@@ -66,11 +67,21 @@ def _check_graph(device_type: str) -> tuple[bool, str]:
     return True, why + ", graph surgery"
 
 
-_CHECKS = {"scheduler_step": _check, "matmul": _check_matmul, "graph": _check_graph}
+def _check_choice(device_type: str) -> tuple[bool, str]:
+    ok, why = _check_graph(device_type)
+    if not ok:
+        return ok, why
+    if not _C.graph_choice_supported():
+        return False, "fastdiff._C or the driver predates CUDA graphs' if/else conditional nodes (CUDA 12.8)"
+    return True, why + ", conditional nodes"
+
+
+_CHECKS = {"scheduler_step": _check, "matmul": _check_matmul, "graph": _check_graph, "choice": _check_choice}
 
 
 def availability(device_type: str, op: str = "scheduler_step") -> tuple[bool, str]:
-    """Whether `fastdiff._C` can run `op` (scheduler_step, matmul or graph) on `device_type`, and why (not)."""
+    """Whether `fastdiff._C` can run `op` (scheduler_step, matmul, graph or choice: `graph_if_equal_halves`) on
+    `device_type`, and why (not)."""
     key = (device_type, op)
     if key not in _availability:  # the seam asks on every call; the answer never changes
         if op not in _CHECKS:
@@ -101,6 +112,19 @@ def graph_memsets_to_kernels(graph: "torch.cuda.CUDAGraph", max_bytes: int = MEM
         raise ValueError(f"graph must be captured with keep_graph=True and not yet instantiated: {e}") from None
     replaced, _ = _C.graph_memsets_to_kernels(raw, max_bytes)
     return replaced
+
+
+def graph_if_equal_halves(x: Tensor, equal: "torch.cuda.CUDAGraph", unequal: "torch.cuda.CUDAGraph"):
+    """One graph, launched by its `replay()`, that replays `equal` where the two halves of x (its rows) are bitwise
+    equal at that moment and `unequal` otherwise: a kernel compares them and sets the condition of an if/else
+    conditional node whose bodies are clones of the two (csrc/graph.h). The choice is the GPU's: no host
+    synchronisation. Both graphs are captured with keep_graph=True and not instantiated; keep them (and the memory
+    pool they were captured in) alive as long as this one. x: contiguous or channels_last, an even number of rows,
+    its address and half its bytes multiples of 16."""
+    ok, why = availability("cuda", "choice")
+    if not ok:
+        raise RuntimeError("fastdiff._C graph_if_equal_halves is not available: " + why)
+    return _C.graph_if_equal_halves(x, equal.raw_cuda_graph(), unequal.raw_cuda_graph())
 
 
 def matmul(x: Tensor, weight: Tensor, out: Optional[Tensor] = None, accumulate: bool = False) -> Tensor:

@@ -12,7 +12,9 @@ import torch
 
 import fastdiff
 from cuda_graphs import KERNEL_MODULES, compiled_kernel_variants, fast_engine, kernel_jits
-from fastdiff.engine import CUDAGraphRunner, FastConfig
+from fastdiff import _ext
+from fastdiff.engine import IF_REPEATED, CUDAGraphRunner, FastConfig
+from fastdiff.engine.graphs import EqualHalvesGraphRunner
 from fastdiff.models import UNet2DConditionModel, UNetConfig
 
 pytestmark = pytest.mark.gpu
@@ -95,13 +97,11 @@ def test_graphs_read_the_projected_context_in_place(sd15_fp32):
 
 @torch.no_grad()
 def test_one_graph_runs_repeated_rows_once_and_other_rows_whole_without_host_sync(sd15_fp32):
-    """cfg="if_repeated" (the diffusers integration's UNet): [x; x] and [x; y] replay one graph, which compares the
-    halves on the GPU; each output equals the eager call of its own rows: x shared by both halves, or all rows."""
-    from fastdiff.engine import IF_REPEATED
-    from fastdiff.engine.graphs import conditional_nodes
-
-    if not conditional_nodes():
-        pytest.skip(f"torch {torch.__version__} captures no CUDA graph conditional nodes")
+    """cfg="if_repeated" (the diffusers integration's UNet): [x; x] and [x; y] replay one graph (made of two), which
+    compares the halves on the GPU; each output equals the eager call of its own rows: x shared by both halves, or
+    all rows."""
+    if not EqualHalvesGraphRunner.available():
+        pytest.skip("fastdiff._C: " + _ext.availability("cuda", "choice")[1])
     fast = fast_engine(copy.deepcopy(sd15_fp32).half(), config=FastConfig())
     x, t, context = _inputs(1, 64, 64)
     y = torch.randn_like(x)
@@ -109,16 +109,15 @@ def test_one_graph_runs_repeated_rows_once_and_other_rows_whole_without_host_syn
     cases = {"[x; x]": (torch.cat([x, x]), fast.eager_call(x, t, context).float()),
              "[x; y]": (torch.cat([x, y]), fast.eager_call(torch.cat([x, y]), t, context).float())}
     model_fn(cases["[x; x]"][0], t)  # captures
-    outs = {}
+    order = ["[x; y]", "[x; x]", "[x; y]"]
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for name in ("[x; y]", "[x; x]", "[x; y]"):
-            outs[name] = model_fn(cases[name][0], t).clone()
+        outs = [model_fn(cases[name][0], t).clone() for name in order]
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    for name, (_, expected) in cases.items():
-        print(f"{name}: rel {rel(outs[name], expected):.2e}")
-        assert rel(outs[name], expected) <= 1e-3
+    for name, out in zip(order, outs):
+        print(f"{name}: rel {rel(out, cases[name][1]):.2e}")
+        assert rel(out, cases[name][1]) <= 1e-3
     assert rel(cases["[x; x]"][1], cases["[x; y]"][1]) > 1e-2, "the two cases must differ for the check to bite"
     assert fast.graphs_captured == 1
 

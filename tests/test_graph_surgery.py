@@ -1,7 +1,8 @@
 """CUDA graph surgery in fastdiff._C (csrc/graph_cuda.cu): a captured graph's small memset nodes become kernel
 nodes that write the same bytes. On the CPU: availability and errors. On the GPU: cuDNN's attention, captured,
 holds memset nodes; after the surgery its replays hold none and give bitwise the output of the plain graph, and
-a graph runner with it replays new inputs right."""
+a graph runner with it replays new inputs right; a graph made of two, chosen on the GPU by comparing a buffer's
+halves, runs the right one."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,3 +107,38 @@ def test_fast_config_switches_the_surgery():
     print(f"memset nodes replaced: off {replaced[0]}, on {replaced[1]}")
     assert replaced[0] == 0 and replaced[1] > 0
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_equal_halves_graph_runs_the_half_where_the_halves_match_bitwise(layout):
+    """EqualHalvesGraphRunner: one graph over fn(x[:B]) and fn(x), chosen on the GPU by comparing x's halves byte
+    for byte. fn tells the two apart by the rows it saw; a single differing element (the last one) makes the halves
+    unequal, and so does -0.0 against 0.0."""
+    from fastdiff.engine.graphs import EqualHalvesGraphRunner
+
+    ok, why = _ext.availability("cuda", "choice")
+    if not ok:
+        pytest.skip(why)
+
+    def fn(x):  # (rows, ...) -> (C, H, W): their mean plus the number of rows it was given
+        return x.float().mean(0) + x.shape[0]
+
+    runner = EqualHalvesGraphRunner(fn, warmup=1)
+    h = torch.randn(2, 4, 8, 6, device="cuda").half().contiguous(memory_format=layout)
+    last = h.clone()
+    last.as_strided((last.numel(),), (1,))[-1] += 1  # the last element in memory order
+    signed = torch.zeros_like(h)
+    cases = [("[h; h]", torch.cat([h, h]), True), ("[h; last]", torch.cat([h, last]), False),
+             ("[0; -0]", torch.cat([signed, -signed]), False), ("[0; 0]", torch.cat([signed, signed]), True)]
+    runner(cases[0][1])  # captures
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = [runner(x.contiguous(memory_format=layout)).clone() for _, x, _ in cases]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for (name, x, equal), out in zip(cases, outs):
+        ran = "half" if torch.equal(out, fn(x[:2])) else "whole"
+        print(f"{name}: {ran} ran, expected {'half' if equal else 'whole'}")
+        assert torch.equal(out, fn(x[:2]) if equal else fn(x)), name
+    assert runner.captured == 1

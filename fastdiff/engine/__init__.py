@@ -3,8 +3,8 @@
     engine/engine.py   Engine (the models as written) and FastEngine (the CUDA fast path): what the pipeline holds
     engine/unet.py     FastUNet: the UNet's fused modules, and the building blocks the VAE's reuse
     engine/vae.py      fast_vae: the VAE with fused modules swapped into a copy sharing its parameters
-    engine/graphs.py   CUDAGraphRunner: a call captured once per input shape and replayed; if_node, a choice
-                       made on the GPU inside a graph
+    engine/graphs.py   CUDAGraphRunner: a call captured once per input shape and replayed; EqualHalvesGraphRunner,
+                       two such captures the GPU chooses between
     engine/config.py   FastConfig: what the fast path does, one switch per technique
 
 Which kernel implementation runs each op is decided in one place, `fastdiff.ops`.
@@ -15,5 +15,5 @@ from .graphs import CUDAGraphRunner
 from .unet import FastUNet
 from .vae import fast_vae
 
-__all__ = ["CUDAGraphRunner", "Engine", "IF_REPEATED", "FastConfig", "FastEngine", "FastUNet", "fast_vae", "make_engine",
-           "prepare_engine"]
+__all__ = ["CUDAGraphRunner", "Engine", "IF_REPEATED", "FastConfig", "FastEngine", "FastUNet", "fast_vae",
+           "make_engine", "prepare_engine"]

@@ -37,7 +37,7 @@ from fastdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from fastdiff.models.clip import CLIPAttention
 
 from .config import FastConfig
-from .graphs import CUDAGraphRunner, conditional_nodes, if_node
+from .graphs import CUDAGraphRunner, EqualHalvesGraphRunner
 from .unet import FastUNet, concat_as_views, copy_sharing_parameters, replace_modules
 from .vae import fast_vae
 
@@ -170,7 +170,10 @@ class FastEngine(Engine):
         # torch.compile, which would guard on the projections' lookup.
         self._projects = config.fuse_projections and config.compile is None
         self._unet_calls = self._graphed(self._call_unet, (2,) if self._projects else ())
-        self._repeated_calls = self._graphed(self._call_unet_if_repeated, (2,) if self._projects else ())
+        self._choice_calls = None  # `_unet_calls_if_repeated`'s graphs, which choose on the GPU
+        if config.cuda_graphs and EqualHalvesGraphRunner.available():
+            self._choice_calls = EqualHalvesGraphRunner(self._call_unet, config.warmup, (2,) if self._projects else (),
+                                                        config.memset_kernels)
         self._projector = self._graphed(self._project, (0,)) if self._projects else None
         self._text_calls: dict[Optional[int], Callable[[Tensor], Tensor]] = {}  # per clip_skip
         self._penultimate_calls: dict[tuple[bool, Optional[int]], Callable[..., Tensor]] = {}  # per (second, clip_skip)
@@ -196,7 +199,7 @@ class FastEngine(Engine):
     @property
     def graphs_captured(self) -> int:
         """UNet CUDA graphs held (one per input shape and guidance mode)."""
-        return sum(calls.captured for calls in (self._unet_calls, self._repeated_calls)
+        return sum(calls.captured for calls in (self._unet_calls, self._choice_calls)
                    if isinstance(calls, CUDAGraphRunner))
 
     # ---- the text encoder ------------------------------------------------------------------------------------
@@ -243,28 +246,17 @@ class FastEngine(Engine):
         # layers before the first cross-attention run on B rows (FastUNet.forward, "shared sample").
         return self._forward(self._input(x), None, context, temb=temb, out_dtype=torch.float32)
 
-    @torch.no_grad()
-    def _call_unet_if_repeated(self, x: Tensor, temb: Tensor, context: Tensor) -> Tensor:
-        """`_call_unet` of 2B rows against context's 2B, which run once, shared as with guidance, where x is one
-        latent twice ([x; x], equal halves): the output is the same either way. Captured in a graph, the halves are
-        compared on the GPU and the graph's own conditional nodes take one way or the other (`if_node`); without
-        a graph (or without conditional nodes) the host compares them, which waits for the GPU."""
+    def _unet_calls_if_repeated(self, x: Tensor, temb: Tensor, context: Tensor) -> Tensor:
+        """`_unet_calls` of 2B rows against context's 2B, where x is often one latent twice ([x; x], diffusers'
+        guidance): equal halves run once, shared by both halves of the context as with cfg=True; the output is the
+        same either way. With CUDA graphs the GPU compares the halves and the graph itself takes one way or the
+        other (`EqualHalvesGraphRunner`); elsewhere the host compares them, which waits for the GPU."""
         half = x.shape[0] // 2
         if x.shape[0] % 2 or x.shape[0] != context.shape[0]:
-            return self._call_unet(x, temb, context)
-        graphed = self.config.cuda_graphs and conditional_nodes()
-        if not graphed:
-            return self._call_unet(x[:half] if torch.equal(x[:half], x[half:]) else x, temb, context)
-        repeated = torch.eq(x[:half], x[half:]).all()  # 0-d bool, on the GPU
-        if not torch.cuda.is_current_stream_capturing():  # a graph's warm-up: both ways, before either is captured
-            return torch.where(repeated, self._call_unet(x[:half], temb, context), self._call_unet(x, temb, context))
-        unrepeated = torch.logical_not(repeated)
-        out = None
-        for pred, rows in ((repeated, x[:half]), (unrepeated, x)):
-            with if_node(pred):
-                result = self._call_unet(rows, temb, context)
-                out = result if out is None else out.copy_(result)
-        return out
+            return self._unet_calls(x, temb, context)
+        if self._choice_calls is not None and EqualHalvesGraphRunner.takes(x):
+            return self._choice_calls(x, temb, context)
+        return self._unet_calls(x[:half] if torch.equal(x[:half], x[half:]) else x, temb, context)
 
     def _time_features(self, t: Tensor, added: tuple[Tensor, ...] = ()) -> Tensor:
         """The UNet's `time_features` of a 0-d timestep shared by the batch: a (1, width) row, or with SDXL's
@@ -318,8 +310,8 @@ class FastEngine(Engine):
 
     def denoiser(self, context: Tensor, cfg: Union[bool, str], text_embeds: Optional[Tensor] = None,
                  time_ids: Optional[Tensor] = None) -> ModelFn:
-        """As Engine.denoiser (cfg="if_repeated": `_call_unet_if_repeated`). The returned output is a static buffer when CUDA graphs are on: the loop consumes
-        it (the fused step reads it) before the next call rewrites it.
+        """As Engine.denoiser (cfg="if_repeated": `_unet_calls_if_repeated`). The returned output is a static buffer
+        when CUDA graphs are on: the loop consumes it (the fused step reads it) before the next call rewrites it.
 
         The context is constant over the loop, so with fused projections (and no torch.compile) its
         cross-attention K/V projections are computed here, once, not in every step. They and the context live
@@ -332,7 +324,7 @@ class FastEngine(Engine):
         for module in self.unet.subpixel_upsamplers:  # weights loaded since the graphs were captured
             module.subpixel_weight()
         added = self._added_conditioning(context, text_embeds, time_ids)
-        calls = self._repeated_calls if cfg == IF_REPEATED else self._unet_calls
+        calls = self._unet_calls_if_repeated if cfg == IF_REPEATED else self._unet_calls
         if not self._projects:
             return lambda x, t: calls(x, self._time_features(t, added), context)
         key = (tuple(context.shape), context.device)

@@ -1,6 +1,6 @@
-"""CUDA graphs: a function captured once per input signature and replayed; a choice made on the GPU inside one."""
-from contextlib import contextmanager
-from typing import Callable, Iterator, NamedTuple
+"""CUDA graphs: a function captured once per input signature and replayed; a pair of them chosen between on the
+GPU."""
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -9,7 +9,7 @@ from fastdiff import _ext
 
 
 class _Captured(NamedTuple):
-    graph: "torch.cuda.CUDAGraph"
+    graph: "torch.cuda.CUDAGraph"  # or what else has replay(): EqualHalvesGraphRunner's _Choice
     inputs: tuple[Tensor, ...]  # static input buffers, copied into before each replay
     output: Tensor  # static output buffer, rewritten by each replay
     memsets_replaced: int  # memset nodes made kernel nodes (`memset_kernels`)
@@ -77,30 +77,45 @@ class CUDAGraphRunner:
         return entry.output
 
     def _capture(self, inputs: tuple[Tensor, ...]) -> _Captured:
-        static = tuple(t if i in self.by_reference else
-                       torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
-                       for i, t in enumerate(inputs))
-        # Warm up on a side stream, as torch.cuda.graphs' own make_graphed_callables does: lazy cuBLAS/cuDNN
-        # state and Triton autotuning (which synchronises) happen here, never inside the capture.
+        static = self._static(inputs)
+        self._warm_up(self.fn, static)
+        graph, output, replaced = self._capture_graph(self.fn, static)
+        if self._surgery:
+            graph.instantiate()
+        return _Captured(graph, static, output, replaced)
+
+    def _static(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """The graph's input buffers: copies of the inputs, in their strides, but the ones taken by reference."""
+        return tuple(t if i in self.by_reference else
+                     torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+                     for i, t in enumerate(inputs))
+
+    def _warm_up(self, fn: Callable[..., Tensor], static: tuple[Tensor, ...]) -> None:
+        # On a side stream, as torch.cuda.graphs' own make_graphed_callables does: lazy cuBLAS/cuDNN state and
+        # Triton autotuning (which synchronises) happen here, never inside the capture.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                self.fn(*static)
+                fn(*static)
         torch.cuda.current_stream().wait_stream(side)
+
+    @property
+    def _surgery(self) -> bool:
+        return self.memset_kernels and _ext.availability("cuda", "graph")[0]
+
+    def _capture_graph(self, fn: Callable[..., Tensor], static: tuple[Tensor, ...], keep: bool = False
+                       ) -> tuple["torch.cuda.CUDAGraph", Tensor, int]:
+        """fn(*static) captured into the runner's pool: (graph, its output, memset nodes replaced). The graph is
+        not instantiated where the memset surgery (or `keep`) kept it editable."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        surgery = self.memset_kernels and _ext.availability("cuda", "graph")[0]
-        graph = torch.cuda.CUDAGraph(keep_graph=True) if surgery else torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph(keep_graph=True) if self._surgery or keep else torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            output = self.fn(*static)
+            output = fn(*static)
         if not isinstance(output, Tensor):
             raise TypeError(f"the captured function must return one tensor, got {type(output).__name__}")
-        replaced = 0
-        if surgery:
-            replaced = _ext.graph_memsets_to_kernels(graph)
-            graph.instantiate()
-        return _Captured(graph, static, output, replaced)
+        return graph, output, _ext.graph_memsets_to_kernels(graph) if self._surgery else 0
 
     def clear(self) -> None:
         """Drop every graph and its memory pool."""
@@ -108,21 +123,45 @@ class CUDAGraphRunner:
         self._pool = None
 
 
-def conditional_nodes() -> bool:
-    """Whether this torch captures CUDA graph conditional nodes (`if_node`; CUDA 12.4 and later)."""
-    graph = getattr(torch.cuda, "CUDAGraph", None)
-    return all(hasattr(graph, name) for name in ("get_currently_capturing_graph", "begin_capture_to_if_node",
-                                                  "end_capture_to_conditional_node"))
+
+class _Choice(NamedTuple):
+    """fastdiff._C's graph choosing between two captured graphs, which it holds (with their pool) alive."""
+    graph: object  # fastdiff._C.ChoiceGraph
+    equal: "torch.cuda.CUDAGraph"
+    unequal: "torch.cuda.CUDAGraph"
+
+    def replay(self) -> None:
+        self.graph.replay()
 
 
-@contextmanager
-def if_node(pred: Tensor) -> Iterator[None]:
-    """Inside a CUDA graph capture: what the block launches becomes a conditional node's body, which a replay runs
-    only while `pred` (a 0-d bool CUDA tensor, computed earlier in the same graph) is true. The choice is the
-    GPU's, at replay: no host synchronisation. Tensors the block allocates come from the graph's pool."""
-    graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
-    graph.begin_capture_to_if_node(pred)
-    try:
-        yield
-    finally:
-        graph.end_capture_to_conditional_node()
+class EqualHalvesGraphRunner(CUDAGraphRunner):
+    """A CUDAGraphRunner of fn(x, *rest) for an x of 2B rows that is often one half twice, [h; h] (diffusers'
+    latents under guidance), where fn(x[:B], *rest) then gives the same output as fn(x, *rest) with less work.
+    Each input signature captures both, fn(x[:B]) and fn(x), and fastdiff._C makes them one graph
+    (`_ext.graph_if_equal_halves`) whose first kernel compares x's halves on the GPU and whose conditional node
+    then runs the one that fits: no host synchronisation. The unequal graph writes its output into the equal
+    one's. Needs `available()`; `takes(x)` says which x it takes (the halves one block of 16-byte-aligned bytes
+    each)."""
+
+    @staticmethod
+    def available() -> bool:
+        return _ext.availability("cuda", "choice")[0]
+
+    @staticmethod
+    def takes(x: Tensor) -> bool:
+        dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+        return x.dim() >= 1 and x.shape[0] % 2 == 0 and dense and (x.numel() * x.element_size() // 2) % 16 == 0
+
+    def _capture(self, inputs: tuple[Tensor, ...]) -> _Captured:
+        static = self._static(inputs)
+        half = static[0].shape[0] // 2
+
+        def once(x: Tensor, *rest: Tensor) -> Tensor:
+            return self.fn(x[:half], *rest)
+
+        self._warm_up(once, static)
+        self._warm_up(self.fn, static)
+        equal, output, replaced = self._capture_graph(once, static, keep=True)
+        unequal, _, more = self._capture_graph(lambda *args: output.copy_(self.fn(*args)), static, keep=True)
+        choice = _Choice(_ext.graph_if_equal_halves(static[0], equal, unequal), equal, unequal)
+        return _Captured(choice, static, output, replaced + more)
