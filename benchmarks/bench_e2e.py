@@ -594,13 +594,24 @@ def _cost_s(case) -> float:
     return ARCHS[arch].get("cost", 1) * (base + work + (0 if arch in _systems else 30))
 
 
+def settle() -> bool:
+    """Wait, before timing a steady state, until what a first image handed fastdiff's compile workers for other
+    sizes is compiled: the threads feeding them would compete with the timed calls for the host (a warm kernel
+    cache makes them the busiest). False if 300 s were not enough."""
+    from fastdiff.kernels import _compile_processes
+
+    return _compile_processes.wait_background(timeout=300)
+
+
 def time_calls(fn, calls: int = 20) -> float:
     """Mean ms per call of `fn` over `calls` back-to-back calls after 3 warm-up calls (CUDA events
-    around the whole run; host launch cost counts, as it does in a sampling loop). CPU: one call."""
+    around the whole run; host launch cost counts, as it does in a sampling loop), in the steady state
+    (`settle`). CPU: one call."""
     if not ON_GPU:
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
+    settle()
     for _ in range(3):
         fn()
     sync()
@@ -673,6 +684,7 @@ def case_image(benchmark, arch: str, system: str, batch: int, size: tuple[int, i
     t0 = time.perf_counter()
     run(pipe, arch, noise)  # captures graphs / compiles for this shape
     first_call_s = time.perf_counter() - t0
+    settle()
     rounds = 1 if TINY else (5 if batch == 1 else 3)
     # reduce-overhead records its graphs on later calls: diffusers + compile's batch-1 image still fell from 212 to
     # 200 ms over the five rounds after two warm-up calls on an H200, so it gets five
@@ -891,10 +903,8 @@ def case_new_shape(benchmark, arch: str, system: str, batch: int, size: tuple[in
     info = {}
     warm = noise_for(arch, batch, size)
     benchmark.pedantic(lambda: info.__setitem__("first_s", seconds(warm)), rounds=1, iterations=1)
-    from fastdiff.kernels import _compile_processes
-
     t0 = time.perf_counter()  # what the first image handed the compile workers for other sizes: done before the next
-    info["background_done"] = _compile_processes.wait_background(timeout=300)
+    info["background_done"] = settle()
     info["background_s"] = time.perf_counter() - t0
     info["shapes"] = {}
     for b, h, w in NEW_SHAPES:
