@@ -3,6 +3,7 @@
     engine = make_engine(unet, vae, text_encoder, fast=None)   # FastEngine on CUDA, Engine elsewhere
     context = engine.encode_text(ids, clip_skip=None)          # (B', 77, D)
     model_fn = engine.denoiser(context, cfg=True)              # (x (B, 4, h, w) float32, t) -> float32 output
+    model_fn = engine.denoiser(context, cfg="if_repeated")     # x (2B, ...), often [x; x] (diffusers' guidance)
     images = engine.decode(latents)                            # unscaled latents -> (B, 3, H, W) in [-1, 1]
 
 SDXL (`make_engine(..., text_encoder_2=...)`; the refiner has no first text encoder): each encoder's penultimate
