@@ -155,39 +155,55 @@ def compile_in_worker(jit, compile_variant: Callable[[], Any]) -> Optional[Any]:
 
 def compile_in_background(captures: list[Callable[[], Optional[tuple[Any, str]]]]) -> None:
     """Have the workers compile, into the cache only and in the background, the variants `captures` give (each
-    call: (jit, its specialization data), or None for nothing to compile). Returns at once; daemon threads, one
-    per worker, feed them (and never hold up this process's exit). Nothing without workers."""
+    call: (jit, its specialization data), or None for nothing to compile). Returns at once; daemon threads (which
+    never hold up this process's exit) do it: one runs the captures, Python that holds the GIL, one after the
+    other, and one per worker hands it what they give and waits for its reply, which does not. So the thread that
+    runs the images competes for the GIL with one thread, not one per worker: with a warm kernel cache the workers
+    answer at once, and eight threads capturing side by side would take most of its host time. Nothing without
+    workers."""
     global _pending
     if running() == 0 or not captures:
         return
-    jobs: "queue.SimpleQueue[Callable]" = queue.SimpleQueue()
-    for capture in captures:
-        jobs.put(capture)
     with _background:
         _pending += len(captures)
+    captured: "queue.SimpleQueue[Optional[tuple[Any, str]]]" = queue.SimpleQueue()  # None: no more
+    senders = running()
 
-    def feed() -> None:
+    def done() -> None:
         global _pending
-        while True:
-            try:
-                capture = jobs.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                item = capture()
-                if item is not None:
-                    worker = _idle.get()
-                    try:
-                        worker.compile(*item)
-                    finally:
-                        _idle.put(worker)
-            finally:
-                with _background:
-                    _pending -= 1
-                    _background.notify_all()
+        with _background:
+            _pending -= 1
+            _background.notify_all()
 
-    for _ in range(running()):
-        threading.Thread(target=feed, name="fastdiff-compile-later", daemon=True).start()
+    def capture_all() -> None:
+        try:
+            for capture in captures:
+                try:
+                    item = capture()
+                except Exception:  # nothing compiled ahead: its first launch compiles it, as without workers
+                    item = None
+                if item is None:
+                    done()
+                else:
+                    captured.put(item)
+        finally:
+            for _ in range(senders):
+                captured.put(None)
+
+    def send() -> None:
+        while (item := captured.get()) is not None:
+            try:
+                worker = _idle.get()
+                try:
+                    worker.compile(*item)
+                finally:
+                    _idle.put(worker)
+            finally:
+                done()
+
+    threading.Thread(target=capture_all, name="fastdiff-compile-later", daemon=True).start()
+    for _ in range(senders):
+        threading.Thread(target=send, name="fastdiff-compile-later-send", daemon=True).start()
 
 
 def wait_background(timeout: Optional[float] = None) -> bool:

@@ -104,6 +104,47 @@ assert type(kernel).__name__ == "CompiledKernel"
 """, tmp_path)
 
 
+def test_background_captures_run_in_one_thread_and_a_failing_one_skips_only_itself(monkeypatch):
+    """compile_in_background: every capture runs, one after the other in a single thread (the GIL-holding part:
+    the images' thread competes with that one alone), a capture that raises or gives None is skipped, and each
+    worker gets what the others give; wait_background then returns."""
+    import queue
+    import threading
+
+    from fastdiff.kernels import _compile_processes
+
+    class FakeWorker:
+        alive = True
+
+        def __init__(self):
+            self.compiled = []
+
+        def compile(self, jit, spec):
+            self.compiled.append((jit, spec))
+
+    workers = [FakeWorker(), FakeWorker()]
+    idle = queue.Queue()
+    for worker in workers:
+        idle.put(worker)
+    monkeypatch.setattr(_compile_processes, "_started", workers)
+    monkeypatch.setattr(_compile_processes, "_idle", idle)
+    threads = []
+
+    def capture(result):
+        def run():
+            threads.append(threading.get_ident())
+            if isinstance(result, Exception):
+                raise result
+            return result
+        return run
+
+    results = [("jit", "a"), RuntimeError("no device"), None, ("jit", "b"), ("jit", "c")]
+    _compile_processes.compile_in_background([capture(r) for r in results])
+    assert _compile_processes.wait_background(timeout=30)
+    assert len(threads) == 5 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
+    assert sorted(item for w in workers for item in w.compiled) == [("jit", "a"), ("jit", "b"), ("jit", "c")]
+
+
 @pytest.mark.parametrize("setting, expected", [("0", 0), ("3", 3), (" 12 ", 12), ("", None)])
 def test_fastdiff_compile_processes_sets_the_number_of_workers(monkeypatch, setting, expected):
     from fastdiff.kernels import _compile_processes
