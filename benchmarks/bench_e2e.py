@@ -48,6 +48,7 @@ round each, compile with backend "eager": checks that the benchmark works, not h
     pytest benchmarks/bench_e2e.py --benchmark-only                    # every case (FASTDIFF_E2E_CASES: some)
     python benchmarks/bench_e2e.py --run [CASES]                       # CASES in one pytest process, then the table
     python benchmarks/bench_e2e.py --run shapes                        # SHAPES_CASES, the table below
+    python benchmarks/bench_e2e.py --run parity                        # PARITY_CASES: fp16 error at those shapes
     python benchmarks/bench_e2e.py --run sdxl                          # SDXL_CASES: SDXL's figures
 
 FASTDIFF_E2E_CASES: comma-separated arch:kind, arch:kind:system, arch:kind:system:batch (the architecture's own
@@ -58,6 +59,7 @@ headline, HEADLINE_CASES: SD1.5 512x512 batch 1, fastdiff against diffusers + co
 "sd15 512x512 b1" line ends with. Presets (PRESETS), fastdiff against diffusers + compile per row:
   shapes  SD1.5 at 512x512, 512x768 (height x width) and 768x768, batch 1; SD2.1-768 at 768x768, batch 1; SD1.5
           512x512 at batch 4 and 8; and sd15's new_shape.
+  parity  the parity case (fp16 against fp32, both systems) at each of those shapes.
   sdxl    SDXL's headline figures in priority order: 1024x1024 batch 1, the UNet step, parity, batch 4, memory
           (batch 4), cold start, then SDXL-Turbo at 512x512 batch 1. Where a command must end within a time
           limit, FASTDIFF_E2E_DEADLINE_S a little under it makes the run skip (and record as skipped) the cases
@@ -82,6 +84,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -235,16 +238,18 @@ if TINY:
 HEADLINE_CASES = "sd15:image:fastdiff:1,sd15:image:diffusers_compile:1"  # `--run`'s default
 # `--run shapes`: fastdiff and diffusers + compile per (arch, batch, height, width), and sd15's new_shape first of
 # the cases the default list does not hold (before any of them meets NEW_SHAPES)
+SHAPES = [("sd15", 1, 512, 512), ("sd15", 1, 512, 768), ("sd15", 1, 768, 768), ("sd21v", 1, 768, 768),
+          ("sd15", 4, 512, 512), ("sd15", 8, 512, 512)]  # (arch, batch, height, width)
 SHAPES_CASES = ",".join(["sd15:new_shape:fastdiff:1"] + [
     f"{arch}:image:{system}:{batch}:{h // _SCALE}x{w // _SCALE}"
-    for arch, batch, h, w in [("sd15", 1, 512, 512), ("sd15", 1, 512, 768), ("sd15", 1, 768, 768),
-                              ("sd21v", 1, 768, 768), ("sd15", 4, 512, 512), ("sd15", 8, 512, 512)]
-    for system in ("fastdiff", "diffusers_compile")])
+    for arch, batch, h, w in SHAPES for system in ("fastdiff", "diffusers_compile")])
+# `--run parity`: the fp16 error of both systems against their fp32 references at each of SHAPES
+PARITY_CASES = ",".join(f"{arch}:parity:all:{batch}:{h // _SCALE}x{w // _SCALE}" for arch, batch, h, w in SHAPES)
 # `--run sdxl`: SDXL's headline figures, most important first (they run in GPU_CASES' order, which is this one)
 SDXL_CASES = ("sdxl:image:fastdiff:1,sdxl:image:diffusers_compile:1,sdxl:unet_step:all:1,sdxl:parity:all:1,"
               "sdxl:image:fastdiff:4,sdxl:image:diffusers_compile:4,sdxl:memory:all:4,sdxl:cold_start:all:1,"
               "sdxl_turbo:image:fastdiff:1,sdxl_turbo:image:diffusers_compile:1")
-PRESETS = {"shapes": SHAPES_CASES, "sdxl": SDXL_CASES}  # names FASTDIFF_E2E_CASES and --run take for case lists
+PRESETS = {"shapes": SHAPES_CASES, "parity": PARITY_CASES, "sdxl": SDXL_CASES}  # names FASTDIFF_E2E_CASES and --run take for case lists
 
 
 def default_size(arch: str) -> tuple[int, int]:
@@ -478,6 +483,31 @@ def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.double().cpu() - ref.double().cpu()).norm() / ref.double().cpu().norm()).item()
 
 
+def measure_parity(arch: str, batch: int, size: tuple[int, int], fastdiff32, oracle32) -> tuple[dict, Any, Any]:
+    """The final latents of `batch` images at `size` from one initial noise: fastdiff's float32 Pipeline
+    `fastdiff32` on its reference backend and diffusers' float32 pipeline `oracle32` (None without diffusers), TF32
+    off; then both moved to DTYPE (fastdiff with its fast path on) and run again. Returns (the relative errors,
+    the DTYPE fastdiff Pipeline, the DTYPE diffusers pipeline or None): the models are converted in place."""
+    noise = noise_for(arch, batch, size)
+    with no_tf32():
+        from fastdiff import ops
+
+        with ops.use_backend("reference"):
+            ref32 = run_fastdiff(fastdiff32, arch, noise, "latent")
+        theirs32 = run_diffusers(oracle32, arch, noise, "latent") if oracle32 is not None else None
+    fastdiff16 = in_dtype(fastdiff32, DTYPE, default_fast())
+    ours = run_fastdiff(fastdiff16, arch, noise, "latent")
+    parity = {"fastdiff_fast_vs_fastdiff_ref32": rel(ours, ref32), "finite": bool(torch.isfinite(ours).all())}
+    if oracle32 is None:
+        return parity, fastdiff16, None
+    diffusers16 = oracle32.to(DTYPE)  # an SDXL VAE too: diffusers' pipeline upcasts it to decode
+    theirs = run_diffusers(diffusers16, arch, noise, "latent")
+    parity.update(diffusers_fp16_vs_fp32=rel(theirs, theirs32), fastdiff_ref32_vs_diffusers_fp32=rel(ref32, theirs32))
+    theirs_err = parity["diffusers_fp16_vs_fp32"]  # 0 on the CPU, where both run float32
+    parity["ratio"] = parity["fastdiff_fast_vs_fastdiff_ref32"] / theirs_err if theirs_err else None
+    return parity, fastdiff16, diffusers16
+
+
 class Systems:
     """The models of one architecture, built once and kept while that architecture's cases run."""
 
@@ -493,26 +523,9 @@ class Systems:
 
     def _prepare(self) -> None:
         """Run the float32 references, then move everything to DTYPE with the fast path on."""
-        noise = noise_for(self.arch, 1, default_size(self.arch))
-        with no_tf32():
-            from fastdiff import ops
-
-            with ops.use_backend("reference"):
-                ref32 = run_fastdiff(self.fastdiff, self.arch, noise, "latent")
-            oracle32 = (run_diffusers(self.oracle32, self.arch, noise, "latent") if self.oracle32 is not None
-                        else None)
-        self.fastdiff = in_dtype(self.fastdiff, DTYPE, default_fast())
-        ours = run_fastdiff(self.fastdiff, self.arch, noise, "latent")
-        self.parity = {"fastdiff_fast_vs_fastdiff_ref32": rel(ours, ref32),
-                       "finite": bool(torch.isfinite(ours).all())}
-        if oracle32 is not None:
-            self.diffusers = self.oracle32.to(DTYPE)  # an SDXL VAE too: diffusers' pipeline upcasts it to decode
-            self.oracle32 = None
-            theirs = run_diffusers(self.diffusers, self.arch, noise, "latent")
-            self.parity.update(diffusers_fp16_vs_fp32=rel(theirs, oracle32),
-                               fastdiff_ref32_vs_diffusers_fp32=rel(ref32, oracle32))
-            theirs_err = self.parity["diffusers_fp16_vs_fp32"]  # 0 on the CPU, where both run float32
-            self.parity["ratio"] = self.parity["fastdiff_fast_vs_fastdiff_ref32"] / theirs_err if theirs_err else None
+        self.parity, self.fastdiff, self.diffusers = measure_parity(self.arch, 1, default_size(self.arch),
+                                                                     self.fastdiff, self.oracle32)
+        self.oracle32 = None
 
     def compiled_diffusers(self, batch: int, size: tuple[int, int]):
         """diffusers' own fast recipe on a copy of the float16 pipeline (the eager one stays as it comes), ready to
@@ -660,12 +673,19 @@ def conditioning(pipe, batch: int, size: tuple[int, int]) -> tuple[torch.Tensor,
 
 
 def case_parity(benchmark, arch: str, system: str, batch: int, size: tuple[int, int]) -> dict:
-    if size != default_size(arch):
-        pytest.skip(f"parity runs at {arch}'s own size, {default_size(arch)}")
+    """The errors `Systems` measured as it was built (batch 1 at the architecture's own size), or at another
+    (batch, size) those of fresh float32 models (random weights, as the others), dropped afterwards."""
     s = systems_for(arch)
-    noise = noise_for(arch, 1, size)
+    if (batch, size) == (1, default_size(arch)):
+        parity = s.parity
+    else:
+        oracle32 = build_diffusers(arch) if _have_diffusers() else None
+        parity, *_ = measure_parity(arch, batch, size, build_fastdiff(arch, oracle32, fast=False), oracle32)
+        del oracle32
+        gc.collect()
+    noise = noise_for(arch, batch, size)
     benchmark.pedantic(lambda: run_fastdiff(s.fastdiff, arch, noise, "latent"), rounds=1, iterations=1)
-    return dict(s.parity, budget="fastdiff_fast_vs_fastdiff_ref32 <= 2 x diffusers_fp16_vs_fp32")
+    return dict(parity, budget="fastdiff_fast_vs_fastdiff_ref32 <= 2 x diffusers_fp16_vs_fp32")
 
 
 def case_image(benchmark, arch: str, system: str, batch: int, size: tuple[int, int]) -> dict:
@@ -1031,10 +1051,10 @@ def summary(path: Path) -> str:
         for key in of["parity"]:
             p = cases[key]
             if "fastdiff_fast_vs_fastdiff_ref32" in p:
-                lines.append(f"{arch} {fields[key][4]} parity: fastdiff fast vs ref32 "
+                lines.append(f"{arch} {fields[key][4]} b{fields[key][3]} parity: fastdiff fast vs ref32 "
                              f"{p['fastdiff_fast_vs_fastdiff_ref32']:.2e}, diffusers fp16 vs fp32 "
                              f"{_fmt(p.get('diffusers_fp16_vs_fp32'), '.2e')}, ratio {_fmt(p.get('ratio'), '.2f')} "
-                             f"(budget 2), fastdiff ref32 vs diffusers fp32 "
+                             f"(fastdiff's error over diffusers'), fastdiff ref32 vs diffusers fp32 "
                              f"{_fmt(p.get('fastdiff_ref32_vs_diffusers_fp32'), '.2e')}")
         for key in of["unet_step"]:
             u = cases[key]
