@@ -158,7 +158,7 @@ cudaError_t if_equal_halves(const void* data, size_t half_bytes, cudaGraph_t equ
     params.type = cudaGraphNodeTypeConditional;
     params.conditional.handle = condition;
     params.conditional.type = cudaGraphCondTypeIf;
-    params.conditional.size = 2;  // bodies: [0] while the condition is non-zero, [1] otherwise
+    params.conditional.size = 2;  // bodies: [0] when the condition is non-zero, [1] otherwise
     cudaGraphNode_t choice;
 #if CUDART_VERSION >= 13000
     FASTDIFF_TRY(cudaGraphAddNode(&choice, graph, &compare, nullptr, 1, &params));

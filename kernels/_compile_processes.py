@@ -158,9 +158,8 @@ def compile_in_background(captures: list[Callable[[], Optional[tuple[Any, str]]]
     call: (jit, its specialization data), or None for nothing to compile). Returns at once; daemon threads (which
     never hold up this process's exit) do it: one runs the captures, Python that holds the GIL, one after the
     other, and one per worker hands it what they give and waits for its reply, which does not. So the thread that
-    runs the images competes for the GIL with one thread, not one per worker: with a warm kernel cache the workers
-    answer at once, and eight threads capturing side by side would take most of its host time. Nothing without
-    workers."""
+    runs the images competes for the GIL with one thread, not with one per worker (with a warm kernel cache the
+    workers answer at once, and those would all be capturing). Nothing without workers."""
     global _pending
     if running() == 0 or not captures:
         return

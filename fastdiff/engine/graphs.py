@@ -123,7 +123,6 @@ class CUDAGraphRunner:
         self._pool = None
 
 
-
 class _Choice(NamedTuple):
     """fastdiff._C's graph choosing between two captured graphs, which it holds (with their pool) alive."""
     graph: object  # fastdiff._C.ChoiceGraph
