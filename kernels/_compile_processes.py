@@ -131,6 +131,15 @@ def running() -> int:
     return sum(w.alive for w in _started)
 
 
+def _compile_on_idle(jit, spec: str) -> Optional[str]:
+    """Worker.compile on the next idle worker (waiting for one): None when it compiled, else why not."""
+    worker = _idle.get()
+    try:
+        return worker.compile(jit, spec)
+    finally:
+        _idle.put(worker)
+
+
 def compile_in_worker(jit, compile_variant: Callable[[], Any]) -> Optional[Any]:
     """The kernel `compile_variant()` (jit.run(..., warmup=True)) compiles, compiled by a worker and loaded from
     the cache into this process; None when no worker runs or the worker could not compile it (then call
@@ -140,12 +149,7 @@ def compile_in_worker(jit, compile_variant: Callable[[], Any]) -> Optional[Any]:
     spec = specialization_data(compile_variant)
     if spec is None:  # compiled in this process already
         return None
-    worker = _idle.get()
-    try:
-        error = worker.compile(jit, spec)
-    finally:
-        _idle.put(worker)
-    if error is not None:
+    if _compile_on_idle(jit, spec) is not None:
         return None
     try:
         return jit.preload(spec)  # Triton's cache has it now: a load, not a compile
@@ -192,11 +196,7 @@ def compile_in_background(captures: list[Callable[[], Optional[tuple[Any, str]]]
     def send() -> None:
         while (item := captured.get()) is not None:
             try:
-                worker = _idle.get()
-                try:
-                    worker.compile(*item)
-                finally:
-                    _idle.put(worker)
+                _compile_on_idle(*item)
             finally:
                 done()
 
