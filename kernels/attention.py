@@ -87,12 +87,13 @@ _STREAM_GRID = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 
 _SHORT_KEYS_STREAM = [(64, 64, 4, 3), (32, 64, 4, 2)]  # the second for D 256, whose 64 rows would spill
 _ONCHIP = (64, 4, 2)  # (BLOCK_M, warps, stages) of the on-chip path
 _FP32 = (32, 32, 4, 2)
+PREFETCH_REGISTERS = 176  # float32 values per thread a prefetching config may hold: accumulators and two score tiles
 
 
 @functools.lru_cache(maxsize=None)
 def candidate_configs(dtype: torch.dtype, seq_kv: int, head_dim: int) -> tuple[AttentionConfig, ...]:
     """The configs that suit a call, the default first: on-chip for short keys, small tiles for float32, no more
-    than 80 float32 accumulators per thread (past that the kernel spills registers)."""
+    than 80 float32 accumulators per thread (past that the kernel spills registers); long keys also prefetching."""
     d1, d2 = head_dim_split(head_dim)
     d_pad = _triton.next_power_of_2(head_dim)
     width = d1 + d2  # the streaming path's accumulator columns
@@ -107,8 +108,9 @@ def candidate_configs(dtype: torch.dtype, seq_kv: int, head_dim: int) -> tuple[A
         grid = [c for c in _STREAM_GRID if c[1] <= 64]
     else:
         grid = _STREAM_GRID
-    if dtype != torch.float32 and seq_kv > MAX_ONCHIP_KEYS:  # long keys: each 64-key config also prefetching
-        grid = [*grid, *((*c, True) for c in grid if c[1] <= 64)]  # (two score tiles live: no 128-key blocks)
+    if dtype != torch.float32 and seq_kv > MAX_ONCHIP_KEYS:  # long keys: each config also prefetching, where the
+        # accumulators and two score tiles fit the registers (sm_90 SASS spills past that at head dims 64 and 80)
+        grid = [*grid, *((*c, True) for c in grid if c[0] * (width + 2 * c[1]) <= PREFETCH_REGISTERS * 32 * c[2])]
     return tuple(AttentionConfig(*c) for c in grid if c[0] * width <= 80 * 32 * c[2])
 
 
