@@ -85,7 +85,7 @@ def measure(call: tuple[int, int, int, int, int]) -> dict:
     sets = [make_inputs(*call) for _ in range(input_sets(nbytes))]
     us = {"sdpa": time_us(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), sets)}
     for config in attention_module.candidate_configs(DTYPE, seq_kv, head_dim):
-        us[",".join(str(int(x)) for x in config)] = time_us(
+        us[",".join(map(str, config))] = time_us(
             lambda q, k, v, c=config: attention_module.attention(q, k, v, config=c), sets)
     return {"head_dim": head_dim, "seq_q": seq_q, "seq_kv": seq_kv, "batch_heads": batch * heads,
             "dtype": str(DTYPE).removeprefix("torch."), "us": {k: round(v, 2) for k, v in us.items()}}

@@ -10,8 +10,8 @@ no table was measured in take no table: `fastdiff.ops` then applies its built-in
 their default configs. Nothing is timed at run time: the first image of a shape launches what the table says.
 
 An attention row is one measured call: {"head_dim", "seq_q", "seq_kv", "batch_heads" (B * H), "dtype",
-"impl" (the faster of "sdpa" and "fastdiff"), "config" (the fastest of the Triton kernel's candidate configs,
-AttentionConfig's fields as ints), "us" (each timing, for the reader)}. A call takes the row of its head dim, dtype and key path (at most
+"impl" (the faster of "sdpa" and "fastdiff"), "config" (the fastest of the Triton kernel's candidate configs),
+"us" (each timing, for the reader)}. A call takes the row of its head dim, dtype and key path (at most
 MAX_ONCHIP_KEYS keys, or more) nearest to it in log2 of Sq, Skv and B * H.
 """
 from __future__ import annotations
@@ -21,13 +21,10 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from fastdiff.kernels.attention import AttentionConfig
 
 TABLES = Path(__file__).resolve().parent / "assets" / "tuning"
 ATTENTION_IMPLS = ("sdpa", "fastdiff")
@@ -91,11 +88,10 @@ def read_tables(path: Path) -> dict[str, dict]:
     for name, table in devices.items():
         for i, row in enumerate(table.get("attention", [])):
             missing = [k for k in _ROW_KEYS if k not in row]
-            if missing or row["impl"] not in ATTENTION_IMPLS or len(row["config"]) not in (4, 5):
+            if missing or row["impl"] not in ATTENTION_IMPLS or len(row["config"]) != 4:
                 raise TuningError(f"{path}: {name}'s attention row {i} is malformed (missing {missing}, impl "
                                   f"{row.get('impl')!r}, config {row.get('config')!r}); expected the keys "
-                                  f"{_ROW_KEYS} with impl in {ATTENTION_IMPLS} and a config of 4 or 5 ints "
-                                  "(AttentionConfig's fields; a missing prefetch flag reads as off)")
+                                  f"{_ROW_KEYS} with impl in {ATTENTION_IMPLS} and a 4-int config")
     return devices
 
 
@@ -147,7 +143,7 @@ def nearest_attention_row(rows: list[dict], head_dim: int, seq_q: int, seq_kv: i
 
 @functools.lru_cache(maxsize=4096)
 def _attention_choice(device_index: int, dtype: torch.dtype, head_dim: int, seq_q: int, seq_kv: int,
-                      batch_heads: int) -> Optional[tuple[str, "AttentionConfig"]]:
+                      batch_heads: int) -> Optional[tuple[str, tuple[int, int, int, int]]]:
     table = device_table(device_index)
     if table is None:
         return None
@@ -157,14 +153,13 @@ def _attention_choice(device_index: int, dtype: torch.dtype, head_dim: int, seq_
                                 str(dtype).removeprefix("torch."), MAX_ONCHIP_KEYS)
     if row is None:
         return None
-    block_m, block_n, warps, stages, *prefetch = row["config"]
-    config = AttentionConfig(block_m, block_n, warps, stages, bool(prefetch and prefetch[0]))
+    config = AttentionConfig(*row["config"])
     if config not in candidate_configs(dtype, seq_kv, head_dim):  # the nearest row's shape took another path
         config = candidate_configs(dtype, seq_kv, head_dim)[0]
     return row["impl"], config
 
 
-def attention_choice(q: Tensor, k: Tensor) -> Optional[tuple[str, "AttentionConfig"]]:
+def attention_choice(q: Tensor, k: Tensor) -> Optional[tuple[str, tuple[int, int, int, int]]]:
     """(impl, config) the table gives attention over q (B, H, Sq, D) and k (B, H, Skv, D), or None (no table
     for the device, its dtype or head dim)."""
     if q.device.type != "cuda":

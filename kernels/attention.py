@@ -10,10 +10,7 @@ Layouts: q (B, H, Sq, D), k and v (B, H, Skv, D) -> out (B, H, Sq, D).
              80 = 64 + 16, 160 = 128 + 32), each with its own matmuls, so the tensor cores do 48 / 80 / 160
              columns of work instead of padding to 64 / 128 / 256. Where the second slice has a spare
              column (D = 40: 8), v's padding there reads as ones, so p @ v also sums p: the row sum costs
-             no adds (8% faster at SD1.5's 4096 x 4096 on an H200). A prefetching config issues each
-             iteration's next key block of scores, asynchronous tensor-core work, before this block's softmax,
-             so the exp2s run under it (FlashAttention-3's overlap within a warpgroup; the tuning tables say
-             where it is faster).
+             no adds (8% faster at SD1.5's 4096 x 4096 on an H200).
   on-chip    (cross-attention on the 77 text tokens, Skv <= 128, D <= 128): all keys and values of a head
              fit one block, loaded once per program; the program then loops over query tiles with an exact
              single-pass softmax. This path is bound by reading q and writing the output, so the head dim is
@@ -75,11 +72,10 @@ class AttentionConfig(NamedTuple):
     block_n: int  # keys per block
     warps: int
     stages: int  # software-pipeline stages of the key loop
-    prefetch: bool = False  # streaming path: the next key block's scores issued before this block's softmax
 
 
-# Candidates per path, (BLOCK_M, BLOCK_N, warps, stages). The streaming path's (self-attention; each 64-key one
-# also prefetching, `AttentionConfig.prefetch`) are timed per shape by benchmarks/tune.py, whose pick the tuning table gives `fastdiff.ops`. The on-chip path (the 77-token
+# Candidates per path, (BLOCK_M, BLOCK_N, warps, stages). The streaming path's (self-attention) are timed per
+# shape by benchmarks/tune.py, whose pick the tuning table gives `fastdiff.ops`. The on-chip path (the 77-token
 # cross-attention) has one per key block width (BLOCK_N = next_power_of_2(Skv) >= 16), 64 x 4 warps; past D_PAD
 # 128 short keys stream in 64 x 64 x 4 warps (32-row tiles where 64 rows of accumulators would spill: D 256).
 # float32 runs exact fp32 dots on CUDA cores: small tiles, no spills.
@@ -87,13 +83,12 @@ _STREAM_GRID = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 
 _SHORT_KEYS_STREAM = [(64, 64, 4, 3), (32, 64, 4, 2)]  # the second for D 256, whose 64 rows would spill
 _ONCHIP = (64, 4, 2)  # (BLOCK_M, warps, stages) of the on-chip path
 _FP32 = (32, 32, 4, 2)
-PREFETCH_REGISTERS = 176  # float32 values per thread a prefetching config may hold: accumulators and two score tiles
 
 
 @functools.lru_cache(maxsize=None)
 def candidate_configs(dtype: torch.dtype, seq_kv: int, head_dim: int) -> tuple[AttentionConfig, ...]:
     """The configs that suit a call, the default first: on-chip for short keys, small tiles for float32, no more
-    than 80 float32 accumulators per thread (past that the kernel spills registers); long keys also prefetching."""
+    than 80 float32 accumulators per thread (past that the kernel spills registers)."""
     d1, d2 = head_dim_split(head_dim)
     d_pad = _triton.next_power_of_2(head_dim)
     width = d1 + d2  # the streaming path's accumulator columns
@@ -108,9 +103,6 @@ def candidate_configs(dtype: torch.dtype, seq_kv: int, head_dim: int) -> tuple[A
         grid = [c for c in _STREAM_GRID if c[1] <= 64]
     else:
         grid = _STREAM_GRID
-    if dtype != torch.float32 and seq_kv > MAX_ONCHIP_KEYS:  # long keys: each config also prefetching, where the
-        # accumulators and two score tiles fit the registers (sm_90 SASS spills past that at head dims 64 and 80)
-        grid = [*grid, *((*c, True) for c in grid if c[0] * (width + 2 * c[1]) <= PREFETCH_REGISTERS * 32 * c[2])]
     return tuple(AttentionConfig(*c) for c in grid if c[0] * width <= 80 * 32 * c[2])
 
 
@@ -120,31 +112,6 @@ def default_config(dtype: torch.dtype, seq_kv: int, head_dim: int) -> AttentionC
 
 
 if triton is not None:
-
-    @triton.jit
-    def _block_scores(q1, q2, k1_ptrs, k2_ptrs, start_n, Skv, offs_n, mask_d2, stride_kn, D2: tl.constexpr,
-                      EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """The streaming path's q @ k^T over the key block at start_n, (BLOCK_M, BLOCK_N) in float32, -inf at keys
-        past Skv: the dots of both column slices (of q1's alone when D2 is 0). k is read transposed, (D, BLOCK_N),
-        so q @ k^T is a plain dot."""
-        offset = tl.cast(start_n, tl.int64) * stride_kn
-        k1_ptrs += offset
-        mask_n = (start_n + offs_n) < Skv
-        if EVEN_N:
-            k1 = tl.load(k1_ptrs)
-        else:
-            k1 = tl.load(k1_ptrs, mask=mask_n[None, :], other=0.0)
-        s = tl.dot(q1, k1, input_precision=DOT_PRECISION)
-        if D2 > 0:
-            k2_ptrs += offset
-            if EVEN_N:
-                k2 = tl.load(k2_ptrs, mask=mask_d2[:, None], other=0.0)
-            else:
-                k2 = tl.load(k2_ptrs, mask=mask_d2[:, None] & mask_n[None, :], other=0.0)
-            s = tl.dot(q2, k2, s, input_precision=DOT_PRECISION)
-        if not EVEN_N:
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-        return s
 
     # Sq and Skv not specialized: they only bound loops and masks (EVEN_N says when the key blocks are full), and
     # a new size must not compile a variant of its own.
@@ -173,7 +140,6 @@ if triton is not None:
         EVEN_N: tl.constexpr,  # Skv % BLOCK_N == 0
         SINGLE_PASS: tl.constexpr,  # all keys in one block (Skv <= BLOCK_N): the on-chip path
         SPARE_COLUMN: tl.constexpr,  # D1 + D2 > HEAD_DIM: column HEAD_DIM of the v2 slice sums p (streaming)
-        PREFETCH: tl.constexpr,  # streaming: the next key block's scores issued before this block's softmax
     ):
         # The JIT only learns divisibility by 16 by itself; D = 40 rows are 80 bytes, still 16-byte aligned.
         # (x // A * A is x here, but it tells the compiler x is a multiple of A, so loads vectorize.)
@@ -236,10 +202,10 @@ if triton is not None:
             offs_d1 = tl.arange(0, D1)
             q1 = tl.load(Q + offs_m[:, None] * stride_qm + offs_d1[None, :] * stride_qd,
                          mask=mask_m[:, None], other=0.0)  # (BLOCK_M, D1)
+            # k is read transposed, (D, BLOCK_N), so q @ k^T is a plain dot
             k1_ptrs = K + offs_n[None, :] * stride_kn + offs_d1[:, None] * stride_kd  # (D1, BLOCK_N)
             v1_ptrs = V + offs_n[:, None] * stride_vn + offs_d1[None, :] * stride_vd  # (BLOCK_N, D1)
             acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-            q2, k2_ptrs, mask_d2 = q1, k1_ptrs, None  # without a second slice: placeholders _block_scores ignores
             if D2 > 0:
                 offs_d2 = D1 + tl.arange(0, D2)
                 mask_d2 = offs_d2 < HEAD_DIM
@@ -250,21 +216,21 @@ if triton is not None:
                 acc2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum of p, unless v2's spare column sums it
-            if PREFETCH:
-                # Each iteration issues the next key block's scores (asynchronous tensor-core work) before this
-                # block's softmax, so its exp2s (the special-function unit, what bounds small head dims) run
-                # while the tensor cores compute them: the overlap FlashAttention-3 gets within a warpgroup. The
-                # last iteration recomputes the last block's.
-                last_n = (tl.cdiv(Skv, BLOCK_N) - 1) * BLOCK_N
-                s = _block_scores(q1, q2, k1_ptrs, k2_ptrs, 0, Skv, offs_n, mask_d2, stride_kn, D2, EVEN_N,
-                                  DOT_PRECISION)
             for start_n in range(0, Skv, BLOCK_N):
-                if PREFETCH:
-                    s_next = _block_scores(q1, q2, k1_ptrs, k2_ptrs, tl.minimum(start_n + BLOCK_N, last_n), Skv,
-                                           offs_n, mask_d2, stride_kn, D2, EVEN_N, DOT_PRECISION)
+                mask_n = (start_n + offs_n) < Skv
+                if EVEN_N:
+                    k1 = tl.load(k1_ptrs)
                 else:
-                    s = _block_scores(q1, q2, k1_ptrs, k2_ptrs, start_n, Skv, offs_n, mask_d2, stride_kn, D2, EVEN_N,
-                                      DOT_PRECISION)
+                    k1 = tl.load(k1_ptrs, mask=mask_n[None, :], other=0.0)
+                s = tl.dot(q1, k1, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) float32
+                if D2 > 0:
+                    if EVEN_N:
+                        k2 = tl.load(k2_ptrs, mask=mask_d2[:, None], other=0.0)
+                    else:
+                        k2 = tl.load(k2_ptrs, mask=mask_d2[:, None] & mask_n[None, :], other=0.0)
+                    s = tl.dot(q2, k2, s, input_precision=DOT_PRECISION)
+                if not EVEN_N:
+                    s = tl.where(mask_n[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
                 p = tl.math.exp2(s * qk_scale - m_new[:, None])
                 alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
@@ -272,7 +238,6 @@ if triton is not None:
                     l_i = l_i * alpha + tl.sum(p, 1)
                 m_i = m_new
                 p = p.to(q1.dtype)
-                mask_n = (start_n + offs_n) < Skv
                 if EVEN_N:
                     v1 = tl.load(v1_ptrs)
                 else:
@@ -286,10 +251,10 @@ if triton is not None:
                     else:
                         v2 = tl.load(v2_ptrs, mask=mask_n[:, None] & mask_d2[None, :], other=1.0 * SPARE_COLUMN)
                     acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=DOT_PRECISION)
+                    k2_ptrs += BLOCK_N * stride_kn
                     v2_ptrs += BLOCK_N * stride_vn
+                k1_ptrs += BLOCK_N * stride_kn
                 v1_ptrs += BLOCK_N * stride_vn
-                if PREFETCH:
-                    s = s_next
             if SPARE_COLUMN:
                 l_i = tl.sum(tl.where(offs_d2[None, :] == HEAD_DIM, acc2, 0.0), 1)
             inv_l = 1.0 / l_i
@@ -360,7 +325,7 @@ def _attention_run(kernel, q: Tensor, k: Tensor, v: Tensor, scale: Optional[floa
     batch, heads, seq_q, head_dim = q.shape
     seq_kv = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    block_m, block_n, warps, stages, prefetch = config or default_config(q.dtype, seq_kv, head_dim)
+    block_m, block_n, warps, stages = config or default_config(q.dtype, seq_kv, head_dim)
     d_pad = _triton.next_power_of_2(head_dim)
     single_pass = seq_kv <= block_n and d_pad <= 128  # all keys in one block, the padded head dim on chip
     out = empty_output(q)
@@ -376,8 +341,7 @@ def _attention_run(kernel, q: Tensor, k: Tensor, v: Tensor, scale: Optional[floa
         HEAD_DIM=head_dim, D1=d1, D2=d2, D_PAD=d_pad,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         STRIDE_ALIGN=_stride_align(q, k, v, out), BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=seq_kv % block_n == 0,
-        SINGLE_PASS=single_pass, SPARE_COLUMN=has_spare_column(head_dim), PREFETCH=bool(prefetch), num_warps=warps,
-        num_stages=stages,
+        SINGLE_PASS=single_pass, SPARE_COLUMN=has_spare_column(head_dim), num_warps=warps, num_stages=stages,
     )
     return out
 
@@ -412,4 +376,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
         raise ValueError(f"config {config} does not suit dtype {q.dtype}, Skv {k.shape[2]}, head dim {q.shape[3]}; "
                          f"expected one of {candidate_configs(q.dtype, k.shape[2], q.shape[3])}")
     op = _attention_op if torch.compiler.is_compiling() else _attention_launch
-    return op(q, k, v, scale, None if config is None else [int(x) for x in config])
+    return op(q, k, v, scale, None if config is None else list(config))

@@ -46,7 +46,7 @@ for sq, skv, d, dtype in [(4096, 4096, 40, torch.float16), (4096, 77, 40, torch.
         # the constexprs are the call's arguments; torch keeps warps and stages as the kernel's one config
         args = call.kwargs["kwargs"]
         (options,) = kernel_side_table.get_kernel(call.kwargs["kernel_idx"]).configs
-        got = (args["BLOCK_M"], args["BLOCK_N"], options.num_warps, options.num_stages, args["PREFETCH"])
+        got = (args["BLOCK_M"], args["BLOCK_N"], options.num_warps, options.num_stages)
         expected = config or attention.default_config(dtype, skv, d)
         print(sq, skv, d, dtype, "named", config, "traced", got)
         assert got == tuple(expected), (got, expected)

@@ -56,7 +56,7 @@ for float_type in ("fp32", "fp64"):
                 constants = dict(HEAD_DIM=head_dim, D1=d1, D2=d2, D_PAD=triton.next_power_of_2(head_dim),
                                  DOT_PRECISION=precision, STRIDE_ALIGN=8, BLOCK_M=64, BLOCK_N=block_n,
                                  EVEN_N=even_n, SINGLE_PASS=single_pass,
-                                 SPARE_COLUMN=attention.has_spare_column(head_dim), PREFETCH=not single_pass)
+                                 SPARE_COLUMN=attention.has_spare_column(head_dim))
                 build_ir(attention._attention_kernel, dict.fromkeys(("Q", "K", "V", "Out"), dtype), {"qk_scale"},
                          float_type, constants)
                 print("attention", float_type, dtype, head_dim, "single pass" if single_pass else "streaming", "ok")

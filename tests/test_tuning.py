@@ -74,26 +74,6 @@ def test_a_row_whose_config_does_not_suit_the_call_gives_the_calls_default_confi
     assert config == candidate_configs(torch.float16, 256, 160)[0]  # 128-key blocks overflow at 160 columns
 
 
-@pytest.mark.parametrize("stored, expected", [
-    ((128, 64, 4, 3), AttentionConfig(128, 64, 4, 3, prefetch=False)),  # a table written before prefetching configs
-    ((128, 64, 4, 3, 0), AttentionConfig(128, 64, 4, 3, prefetch=False)),
-    ((128, 64, 4, 3, 1), AttentionConfig(128, 64, 4, 3, prefetch=True)),
-])
-def test_a_rows_config_of_four_or_five_ints_gives_the_config_with_its_prefetch_flag(tmp_path, monkeypatch, stored,
-                                                                                     expected):
-    _write(tmp_path, {"GPU": {"attention": [_row(config=stored, impl="fastdiff")]}})
-    monkeypatch.setattr(tuning, "TABLES", tmp_path)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "GPU")
-    tuning.device_table.cache_clear()
-    tuning._attention_choice.cache_clear()
-    impl, config = tuning._attention_choice(0, torch.float16, 40, 4096, 4096, 16)
-    tuning.device_table.cache_clear()
-    tuning._attention_choice.cache_clear()
-    assert (impl, config) == ("fastdiff", expected)
-    assert type(config.prefetch) is bool and config in candidate_configs(torch.float16, 4096, 40)
-
-
 @pytest.mark.parametrize("content, message", [
     ("not json", "is not a tuning table file"),
     (json.dumps({"devices": {"GPU": {"attention": [{"head_dim": 40}]}}}), "attention row 0 is malformed"),
