@@ -1,13 +1,14 @@
 """Where the first image of a shape spends its seconds, on a GPU: a profile to read, not a benchmark to quote.
 
-    python benchmarks/profile_new_shape.py [--arch sd15] [--top 40]
+    python benchmarks/profile_new_shape.py [--arch sd15] [--top 40] [--warmup N]
 
 In one fresh process (start it with empty TRITON_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR to see a cold start):
 1. the first SD image (25 steps, random weights, float16, the default fast path) under cProfile,
 2. then, after the compiles it handed the background workers are done, in the same warm process, the first image at each of NEW_SHAPES under cProfile, with its steady time,
 3. then the first and second call of torch SDPA, fastdiff's attention kernel and a cuDNN convolution at sizes not
    seen before (what a new shape pays per op for plans and compiles, outside the pipeline).
-Each profile lists the functions by cumulative and by own time; the SUMMARY lines sum it up.
+Each profile lists the functions by cumulative and by own time; the SUMMARY lines sum it up. --warmup: the eager
+calls before each CUDA-graph capture (`FastConfig.warmup`; the Pipeline's default when not given).
 """
 from __future__ import annotations
 
@@ -59,11 +60,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="sd15")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--warmup", type=int, help="FastConfig.warmup (default: the Pipeline's)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/profile_new_shape.py profiles the CUDA fast path and torch sees no GPU")
     started = time.perf_counter()
-    pipe = in_dtype(build_fastdiff(args.arch, fast=False), DTYPE, default_fast())
+    from fastdiff.engine import FastConfig
+
+    fast = default_fast() if args.warmup is None else FastConfig(warmup=args.warmup)
+    pipe = in_dtype(build_fastdiff(args.arch, fast=False), DTYPE, fast)
+    print(f"SUMMARY warmup {(fast or FastConfig()).warmup}", flush=True)
     print(f"SUMMARY models built in {time.perf_counter() - started:.1f} s", flush=True)
     noise = noise_for(args.arch, 1, (512, 512))
     first = profiled("first image, 512x512 batch 1", lambda: run_fastdiff(pipe, args.arch, noise), args.top)
