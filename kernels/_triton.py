@@ -224,9 +224,9 @@ class _CompilePool:
         finally:
             self.executor.shutdown(wait=True, cancel_futures=True)
         if self.later:
-            _compile_processes.compile_in_background(
-                [functools.partial(_on_device, device, functools.partial(_capture, variant.jit, variant.compile, device))
-                 for device, variant in self.later])
+            _compile_processes.compile_in_background([
+                functools.partial(_on_device, device, functools.partial(_capture, variant.jit, variant.compile, device))
+                for device, variant in self.later])
 
 
 _compile_pool: Optional[_CompilePool] = None
@@ -363,7 +363,9 @@ def _capture(jit, compile_variant: Callable[[], Any], device: Optional[int] = No
     if spec is None:
         return None
     load = functools.partial(_load, jit, spec)
-    return _compile_processes.Capture(jit, spec, load if device is None else functools.partial(_on_device, device, load))
+    if device is not None:
+        load = functools.partial(_on_device, device, load)
+    return _compile_processes.Capture(jit, spec, load)
 
 
 def _load(jit, spec: str) -> None:
