@@ -170,7 +170,8 @@ class Capture(NamedTuple):
 
 def compile_in_background(captures: list[Callable[[], Optional[Capture]]]) -> None:
     """Have the workers compile, into the cache and in the background, the variants `captures` give (each call: a
-    `Capture`, or None for nothing to compile), and load each compiled one into this process (its `load`).
+    `Capture`, or None for nothing to compile), and load each compiled one into this process (its `load`, which
+    must make no CUDA call: the images' thread may be capturing a CUDA graph meanwhile).
     Returns at once; daemon threads (which never hold up this process's exit) do it: one runs the captures,
     Python that holds the GIL, one after the other, and one per worker hands it what they give and waits for its
     reply, which does not; the loads, which hold it too, run one at a time. So the thread that runs the images

@@ -369,11 +369,12 @@ def _capture(jit, compile_variant: Callable[[], Any], device: Optional[int] = No
 
 
 def _load(jit, spec: str) -> None:
-    """Load a variant a worker compiled into the cache, as its first launch would (the cache hit, its handles on
-    the device, its launcher), so that the launch finds it in Triton's in-memory cache. Whatever keeps it from
-    loading, its first launch loads it (or meets the error) as ever."""
+    """Load a variant a worker compiled from the cache into Triton's in-memory one, where its launch (or
+    `compile_ahead`'s `_compile_and_load`) then finds it: no worker round trip, no cache lookup in the image. No
+    CUDA call: the images' thread may be capturing a CUDA graph meanwhile, so the module load on the device (a
+    millisecond) is left to that first launch. Whatever keeps it from loading, its first launch meets as ever."""
     try:
-        _init_handles(jit.preload(spec))
+        jit.preload(spec)
     except Exception:
         pass
 
