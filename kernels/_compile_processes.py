@@ -7,8 +7,7 @@ is what lets the variants other sizes will need compile in the background while 
 itself the workers measured no gain: on a 16-core H100 host the SD1.5 cold start took 9.1-9.5 s with them and
 without them (benchmarks/RESULTS.md), its 48 compiles no longer bounding it. A worker compiles a variant into
 Triton's on-disk cache (TRITON_CACHE_DIR, shared by both processes) and builds its C launcher there; the calling
-process then loads it from that cache (`JITFunction.preload`, a cache hit): at once for `compiling_ahead`, in the
-background for the background's compiles.
+process then loads it from that cache (`JITFunction.preload`, a cache hit).
 
 A variant travels as Triton's own specialization data (the JSON its `jit_cache_hook` receives: signature,
 constexprs, attributes, options and the in-memory cache key), captured by running the variant's compile under a
@@ -32,7 +31,7 @@ import subprocess
 import sys
 import threading
 import warnings
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 
 def _default_processes() -> int:
@@ -57,7 +56,6 @@ _started: list["Worker"] = []
 _lock = threading.Lock()
 _warned = False
 _background = threading.Condition()  # guards _pending: background jobs not finished
-_loading = threading.Lock()  # held by the background's load of a compiled variant: one at a time
 _pending = 0
 
 
@@ -159,32 +157,19 @@ def compile_in_worker(jit, compile_variant: Callable[[], Any]) -> Optional[Any]:
         return None
 
 
-class Capture(NamedTuple):
-    """A variant for the background (`compile_in_background`): its kernel's JITFunction, Triton's specialization
-    data of it, and what loads it into this process once a worker has compiled it into the cache (None: leave it
-    to its first launch)."""
-    jit: Any
-    spec: str
-    load: Optional[Callable[[], None]] = None
-
-
-def compile_in_background(captures: list[Callable[[], Optional[Capture]]]) -> None:
-    """Have the workers compile, into the cache and in the background, the variants `captures` give (each call: a
-    `Capture`, or None for nothing to compile), and load each compiled one into this process (its `load`, which
-    must make no CUDA call: the images' thread may be capturing a CUDA graph meanwhile).
-    Returns at once; daemon threads (which never hold up this process's exit) do it: one runs the captures,
-    Python that holds the GIL, one after the other, and one per worker hands it what they give and waits for its
-    reply, which does not; the loads, which hold it too, run one at a time. So the thread that runs the images
-    competes for the GIL with about one thread, not with one per worker (with a warm kernel cache the workers
-    answer at once, and those would all be capturing or loading). A variant loaded here is one that the first
-    image of a new shape finds in Triton's in-memory cache: left in the disk cache, each took a worker's round
-    trip and a load inside that image. Nothing without workers."""
+def compile_in_background(captures: list[Callable[[], Optional[tuple[Any, str]]]]) -> None:
+    """Have the workers compile, into the cache only and in the background, the variants `captures` give (each
+    call: (jit, its specialization data), or None for nothing to compile). Returns at once; daemon threads (which
+    never hold up this process's exit) do it: one runs the captures, Python that holds the GIL, one after the
+    other, and one per worker hands it what they give and waits for its reply, which does not. So the thread that
+    runs the images competes for the GIL with one thread, not with one per worker (with a warm kernel cache the
+    workers answer at once, and those would all be capturing). Nothing without workers."""
     global _pending
     if running() == 0 or not captures:
         return
     with _background:
         _pending += len(captures)
-    captured: "queue.SimpleQueue[Optional[Capture]]" = queue.SimpleQueue()  # None: no more
+    captured: "queue.SimpleQueue[Optional[tuple[Any, str]]]" = queue.SimpleQueue()  # None: no more
     senders = running()
 
     def done() -> None:
@@ -211,9 +196,7 @@ def compile_in_background(captures: list[Callable[[], Optional[Capture]]]) -> No
     def send() -> None:
         while (item := captured.get()) is not None:
             try:
-                if _compile_on_idle(item.jit, item.spec) is None and item.load is not None:
-                    with _loading:
-                        item.load()
+                _compile_on_idle(*item)
             finally:
                 done()
 

@@ -224,9 +224,9 @@ class _CompilePool:
         finally:
             self.executor.shutdown(wait=True, cancel_futures=True)
         if self.later:
-            _compile_processes.compile_in_background([
-                functools.partial(_on_device, device, functools.partial(_capture, variant.jit, variant.compile, device))
-                for device, variant in self.later])
+            _compile_processes.compile_in_background(
+                [functools.partial(_on_device, device, functools.partial(_capture, variant.jit, variant.compile))
+                 for device, variant in self.later])
 
 
 _compile_pool: Optional[_CompilePool] = None
@@ -354,29 +354,11 @@ def _variant_compiles(launcher: Launcher, args: tuple, meta: dict) -> list[Varia
     return variants
 
 
-def _capture(jit, compile_variant: Callable[[], Any], device: Optional[int] = None
-             ) -> Optional[_compile_processes.Capture]:
-    """The variant compile_variant() compiles, for a worker process to compile and this process to load (`_load`,
-    on `device`; None: the loading thread's current device) in the background; None when it is compiled in this
-    process already."""
+def _capture(jit, compile_variant: Callable[[], Any]) -> Optional[tuple[Any, str]]:
+    """(jit, Triton's specialization data) of the variant compile_variant() compiles, for a worker process; None
+    when it is compiled in this process already."""
     spec = _compile_processes.specialization_data(compile_variant)
-    if spec is None:
-        return None
-    load = functools.partial(_load, jit, spec)
-    if device is not None:
-        load = functools.partial(_on_device, device, load)
-    return _compile_processes.Capture(jit, spec, load)
-
-
-def _load(jit, spec: str) -> None:
-    """Load a variant a worker compiled from the cache into Triton's in-memory one, where its launch (or
-    `compile_ahead`'s `_compile_and_load`) then finds it: no worker round trip, no cache lookup in the image. No
-    CUDA call: the images' thread may be capturing a CUDA graph meanwhile, so the module load on the device (a
-    millisecond) is left to that first launch. Whatever keeps it from loading, its first launch meets as ever."""
-    try:
-        jit.preload(spec)
-    except Exception:
-        pass
+    return None if spec is None else (jit, spec)
 
 
 def _compile_and_load(jit, compile_variant: Callable[[], Any]) -> None:
@@ -385,11 +367,7 @@ def _compile_and_load(jit, compile_variant: Callable[[], Any]) -> None:
     argument signature with the host's C compiler (about 0.25 s each, kept in the cache directory; a worker
     builds it beside the variant); left to the first launches, on an empty cache those builds took 3.1 s of the
     first SD1.5 image on an H200 host, one after the other on the calling thread."""
-    _init_handles(_compile_processes.compile_in_worker(jit, compile_variant) or compile_variant())
-
-
-def _init_handles(kernel) -> None:
-    """Load a compiled kernel on the current device and build its launcher, as its first launch would."""
+    kernel = _compile_processes.compile_in_worker(jit, compile_variant) or compile_variant()
     if kernel is None or not hasattr(kernel, "_init_handles"):
         return
     try:

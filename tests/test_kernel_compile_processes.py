@@ -88,34 +88,30 @@ _compile_processes.stop()
 """, tmp_path)
 
 
-def test_a_background_compile_is_loaded_into_this_process_which_compiles_nothing(tmp_path):
+def test_a_background_compile_lands_in_the_cache_for_a_later_call_to_load(tmp_path):
     _run("""
 import functools
 from triton.compiler.compiler import ASTSource
 assert _compile_processes.start(1) == 1
-def no_compile_here(*args, **kwargs):
-    raise AssertionError("the calling process compiled")
-real, ASTSource.make_ir = ASTSource.make_ir, no_compile_here
 _compile_processes.compile_in_background([functools.partial(_triton._capture, jit, compile_variant)])
 assert _compile_processes.wait_background(timeout=300)
-(kernel,) = jit.device_caches[0][0].values()  # loaded from the cache the worker wrote
+assert not jit.device_caches[0][0], "the background compiled in this process"
+def no_compile_here(*args, **kwargs):
+    raise AssertionError("the calling process compiled")
+ASTSource.make_ir = no_compile_here
+kernel = _compile_processes.compile_in_worker(jit, compile_variant)  # the worker finds it compiled; this loads it
 assert type(kernel).__name__ == "CompiledKernel"
-assert compile_variant() is kernel  # a launch finds it compiled
-assert _compile_processes.specialization_data(compile_variant) is None  # nothing left for a worker
 """, tmp_path)
 
 
 def test_background_captures_run_in_one_thread_and_a_failing_one_skips_only_itself(monkeypatch):
     """compile_in_background: every capture runs, one after the other in a single thread (the GIL-holding part:
-    the images' thread competes with that one alone), a capture that raises or gives None is skipped, each
-    worker gets what the others give, and what a worker compiled is loaded, one load at a time (a variant it
-    could not compile is not); wait_background then returns."""
+    the images' thread competes with that one alone), a capture that raises or gives None is skipped, and each
+    worker gets what the others give; wait_background then returns."""
     import queue
     import threading
-    import time
 
     from fastdiff.kernels import _compile_processes
-    from fastdiff.kernels._compile_processes import Capture
 
     class FakeWorker:
         alive = True
@@ -125,7 +121,6 @@ def test_background_captures_run_in_one_thread_and_a_failing_one_skips_only_itse
 
         def compile(self, jit, spec):
             self.compiled.append((jit, spec))
-            return "cannot compile it" if spec == "b" else None
 
     workers = [FakeWorker(), FakeWorker()]
     idle = queue.Queue()
@@ -133,7 +128,7 @@ def test_background_captures_run_in_one_thread_and_a_failing_one_skips_only_itse
         idle.put(worker)
     monkeypatch.setattr(_compile_processes, "_started", workers)
     monkeypatch.setattr(_compile_processes, "_idle", idle)
-    threads, loaded, loading = [], [], []
+    threads = []
 
     def capture(result):
         def run():
@@ -143,22 +138,11 @@ def test_background_captures_run_in_one_thread_and_a_failing_one_skips_only_itse
             return result
         return run
 
-    def load(spec):
-        def run():
-            loading.append(spec)
-            assert len(loading) == 1, f"loads overlap: {loading}"
-            time.sleep(0.01)
-            loaded.append(spec)
-            loading.remove(spec)
-        return run
-
-    results = [Capture("jit", "a", load("a")), RuntimeError("no device"), None, Capture("jit", "b", load("b")),
-               Capture("jit", "c"), Capture("jit", "d", load("d"))]
+    results = [("jit", "a"), RuntimeError("no device"), None, ("jit", "b"), ("jit", "c")]
     _compile_processes.compile_in_background([capture(r) for r in results])
     assert _compile_processes.wait_background(timeout=30)
-    assert len(threads) == 6 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
-    assert sorted(item for w in workers for item in w.compiled) == [("jit", s) for s in "abcd"]
-    assert sorted(loaded) == ["a", "d"]
+    assert len(threads) == 5 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
+    assert sorted(item for w in workers for item in w.compiled) == [("jit", "a"), ("jit", "b"), ("jit", "c")]
 
 
 @pytest.mark.parametrize("setting, expected", [("0", 0), ("3", 3), (" 12 ", 12), ("", None)])

@@ -329,9 +329,7 @@ def test_compiling_later_hands_its_variants_to_the_background_once_the_blocks_ow
     captured = []
     monkeypatch.setattr(_triton._compile_processes, "specialization_data", lambda compile_variant: captured.append(
         compile_variant.keywords["SILU"]) or "spec")
-    capture = later()
-    assert (capture.jit, capture.spec) == (launcher.jit, "spec") and captured == [False]  # what a worker compiles
-    assert capture.load is not None  # and this process then loads
+    assert later() == (launcher.jit, "spec") and captured == [False]  # what a worker then compiles
     with _triton.compiling_ahead(workers=1), _triton.compiling_later():
         launcher[_grid](x, y, 1024, 0.5, SILU=False)  # handed to the background before: not again
     assert len(handed) == 1
