@@ -50,9 +50,9 @@ class FastConfig:
     #   nodes (CUDAGraphRunner): CFG-2 UNet replay 5.184 -> 5.154 ms on an H200, bitwise the same output
     compile: Optional[str] = None  # torch.compile mode for the UNet before capture, e.g. "default" or
     #   "max-autotune-no-cudagraphs"; None runs the eager kernels (no compile time at all)
-    warmup: int = 1  # eager calls before a capture (cuBLAS/cuDNN plans, lazy inits); nothing autotunes and a
-    #   new shape's `compile_ahead` has run its ops once already, so one is enough: a second cost each new shape
-    #   one more eager UNet call per CUDA graph and one more VAE decode
+    warmup: int = 1  # eager calls before a capture: the first makes cuBLAS/cuDNN plans, lazy inits (and
+    #   torch.compile's compile), after a new shape's `compile_ahead` ran its ops once already; a second cost each
+    #   new shape one more eager UNet call per CUDA graph and a VAE decode, for nothing (benchmarks/RESULTS.md)
 
     def __post_init__(self):
         if self.dtype is not None and self.dtype not in DTYPES:
