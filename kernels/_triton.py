@@ -201,21 +201,24 @@ class _CompilePool:
     def __init__(self, workers: int):
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastdiff-compile")
         self.futures: list[Future] = []
-        self.submitted: set[tuple] = set()  # variant keys (see _variant_compiles): one compile each
-        self.later: list[tuple[int, Variant]] = []  # (device, variant) for the background
+        self.submitted: set[tuple] = set()  # (device, variant key) compiled by this block: one compile each
+        self.later: dict[tuple, Variant] = {}  # (device, variant key) -> variant, for the background
 
     def submit(self, launcher: Launcher, device: int, args: tuple, meta: dict, later: bool = False) -> None:
         for variant in _variant_compiles(launcher, args, meta):
             key = (device, variant.key)
-            if key in self.submitted or (later and key in _submitted_later):
+            if key in self.submitted:
                 continue
-            self.submitted.add(key)
             if later:
-                _submitted_later.add(key)
-                self.later.append((device, variant))
-            else:
-                self.futures.append(self.executor.submit(_on_device, device, functools.partial(
-                    _compile_and_load, variant.jit, variant.compile)))
+                if key not in _submitted_later:
+                    _submitted_later.add(key)
+                    self.later[key] = variant
+                continue
+            # Needed now, even where an earlier call of the block put it down for other sizes: compiled here.
+            self.submitted.add(key)
+            self.later.pop(key, None)
+            self.futures.append(self.executor.submit(_on_device, device, functools.partial(
+                _compile_and_load, variant.jit, variant.compile)))
 
     def wait(self) -> None:
         try:
@@ -226,7 +229,7 @@ class _CompilePool:
         if self.later:
             _compile_processes.compile_in_background(
                 [functools.partial(_on_device, device, functools.partial(_capture, variant.jit, variant.compile))
-                 for device, variant in self.later])
+                 for (device, _), variant in self.later.items()])
 
 
 _compile_pool: Optional[_CompilePool] = None

@@ -338,6 +338,26 @@ def test_compiling_later_hands_its_variants_to_the_background_once_the_blocks_ow
     assert len(kernel.launches) == 1
 
 
+def test_a_variant_put_down_for_later_and_then_needed_now_compiles_in_the_block(ahead, monkeypatch):
+    """One call's other sizes may be what a later call of the same block takes (a LayerNorm's two rows per
+    program, at a site with more rows): that variant compiles with the block's own, not in the background."""
+    kernel = _FakeAutotuned()
+    launcher = _triton.Launcher(kernel)
+    launcher.jit.run = (fake := _FakeJIT()).run
+    handed: list = []
+    monkeypatch.setattr(_triton._compile_processes, "compile_in_background", handed.append)
+    monkeypatch.setattr(_triton, "_submitted_later", set())
+    x, y = torch.empty(1024), torch.empty(1024)
+    with _triton.compiling_ahead(workers=1):
+        launcher[_grid](x, y, 1024, 0.5, SILU=True)
+        with _triton.compiling_later():
+            launcher[_grid](x, y, 1024, 0.5, SILU=False)  # the first call's other size
+        launcher[_grid](x, y, 1024, 0.5, SILU=False)  # a later call takes it
+    print("compiled in the block:", [c[1]["SILU"] for c in fake.compiles], "handed on:", handed)
+    assert sorted(c[1]["SILU"] for c in fake.compiles) == [False, True]
+    assert handed == [], "the background got a variant the block compiled"
+
+
 def test_compiling_ahead_under_the_interpreter_launches_as_usual(monkeypatch):
     monkeypatch.setattr(_triton, "INTERPRET", True)
     kernel = _FakeAutotuned()
