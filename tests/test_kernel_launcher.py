@@ -307,14 +307,22 @@ def test_compiling_ahead_reraises_a_compile_error_when_the_block_ends(ahead):
     assert _triton._compile_pool is None  # the next block starts clean
 
 
-def test_compiling_later_hands_its_variants_to_the_background_once_the_blocks_own_compiles_are_done(
-        ahead, monkeypatch):
+@pytest.fixture
+def background(ahead, monkeypatch):
+    """A launcher of a fake kernel (its compiles in `.fake`), and `.handed`: the lists of compiles
+    `compile_in_background` is given, with no variant handed to the background before."""
     kernel = _FakeAutotuned()
     launcher = _triton.Launcher(kernel)
     launcher.jit.run = (fake := _FakeJIT()).run
     handed: list = []
     monkeypatch.setattr(_triton._compile_processes, "compile_in_background", handed.append)
     monkeypatch.setattr(_triton, "_submitted_later", set())
+    return SimpleNamespace(kernel=kernel, launcher=launcher, fake=fake, handed=handed)
+
+
+def test_compiling_later_hands_its_variants_to_the_background_once_the_blocks_own_compiles_are_done(
+        background, monkeypatch):
+    kernel, launcher, fake, handed = background.kernel, background.launcher, background.fake, background.handed
     x, y = torch.empty(1024), torch.empty(1024)
     with _triton.compiling_ahead(workers=1):
         assert _triton.compiling()
@@ -338,15 +346,10 @@ def test_compiling_later_hands_its_variants_to_the_background_once_the_blocks_ow
     assert len(kernel.launches) == 1
 
 
-def test_a_variant_put_down_for_later_and_then_needed_now_compiles_in_the_block(ahead, monkeypatch):
+def test_a_variant_put_down_for_later_and_then_needed_now_compiles_in_the_block(background):
     """One call's other sizes may be what a later call of the same block takes (a LayerNorm's two rows per
     program, at a site with more rows): that variant compiles with the block's own, not in the background."""
-    kernel = _FakeAutotuned()
-    launcher = _triton.Launcher(kernel)
-    launcher.jit.run = (fake := _FakeJIT()).run
-    handed: list = []
-    monkeypatch.setattr(_triton._compile_processes, "compile_in_background", handed.append)
-    monkeypatch.setattr(_triton, "_submitted_later", set())
+    launcher, fake, handed = background.launcher, background.fake, background.handed
     x, y = torch.empty(1024), torch.empty(1024)
     with _triton.compiling_ahead(workers=1):
         launcher[_grid](x, y, 1024, 0.5, SILU=True)
