@@ -781,7 +781,8 @@ _KERNEL_CATEGORIES = (  # first match wins; lower-case substrings of kernel name
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("group_norm", ("group_norm",)),
     ("conv", ("conv", "fprop", "implicit", "dgrad", "wgrad", "nhwc", "winograd")),
-    ("gemm", ("gemm", "nvjet", "cutlass", "cublas", "matmul", "sm90_xmma", "sm80_xmma")),  # nvjet: cuBLASLt on Hopper
+    ("gemm", ("gemm", "nvjet", "cutlass", "cublas", "matmul", "sm90_xmma", "sm80_xmma",  # nvjet: cuBLASLt on Hopper
+              "_linear_kernel")),  # fastdiff's linear with its epilogue
     ("layer_norm", ("layer_norm",)),
     ("copy_cat_layout", ("copy", "cat", "transpose", "permute", "contiguous", "nchwtonhwc", "nhwctonchw")),
 )
