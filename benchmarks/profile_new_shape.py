@@ -26,6 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_e2e import DTYPE, build_fastdiff, default_fast, in_dtype, noise_for, run_fastdiff, settle  # noqa: E402
 
+from fastdiff.engine import FastConfig  # noqa: E402
+
 NEW_SHAPES = [(1, 512, 768), (3, 512, 512), (1, 768, 768)]  # (batch, height, width)
 
 
@@ -65,8 +67,6 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/profile_new_shape.py profiles the CUDA fast path and torch sees no GPU")
     started = time.perf_counter()
-    from fastdiff.engine import FastConfig
-
     fast = default_fast() if args.warmup is None else FastConfig(warmup=args.warmup)
     pipe = in_dtype(build_fastdiff(args.arch, fast=False), DTYPE, fast)
     print(f"SUMMARY warmup {(fast or FastConfig()).warmup}", flush=True)
