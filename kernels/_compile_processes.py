@@ -273,6 +273,34 @@ class _TargetOnly:
         return self.target
 
 
+_hashing: Optional[threading.Thread] = None  # `hash_triton_ahead`'s thread
+
+
+def hash_triton_ahead() -> None:
+    """Compute Triton's cache key (`triton.runtime.cache.triton_key`, which Triton keeps once computed) in a
+    thread. Every compile and every load from the on-disk cache needs it, and it hashes Triton's own files, its
+    500 MB library among them: about a second that the first kernel of a process would wait for. hashlib and the
+    file reads release the GIL, so the process goes on meanwhile (loading the weights). Once per process."""
+    global _hashing
+    with _lock:
+        if _hashing is not None:
+            return
+        from triton.runtime import cache
+
+        key = getattr(cache, "triton_key", None)  # Triton's internals: nothing to do where it is not
+        if key is None:
+            return
+        _hashing = threading.Thread(target=key, name="fastdiff-triton-key", daemon=True)
+        _hashing.start()
+
+
+def wait_for_triton_key() -> None:
+    """Wait for `hash_triton_ahead`'s thread, if one runs: Triton would compute the key again itself (in every
+    thread that asks before it is kept)."""
+    if _hashing is not None:
+        _hashing.join()
+
+
 def serve(target_json: str) -> None:
     """A worker's loop (see the module docstring); target_json: the GPUTarget to compile for, as JSON."""
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")  # the replies' own pipe: what the libraries print
@@ -286,7 +314,9 @@ def serve(target_json: str) -> None:
 
     stand_in = _TargetOnly(GPUTarget(**json.loads(target_json)))
     driver.set_active(stand_in)
+    hash_triton_ahead()  # while the first request is on its way
     for line in sys.stdin:
+        wait_for_triton_key()
         request = json.loads(line)
         try:
             jit = jit_function(getattr(importlib.import_module(request["module"]), request["name"]))

@@ -241,12 +241,14 @@ COMPILE_PROCESSES = _compile_processes.DEFAULT_PROCESSES  # compiling_ahead's wo
 
 def start_compile_processes(processes: Optional[int] = None) -> int:
     """Start `compiling_ahead`'s worker processes now (default COMPILE_PROCESSES), so that they have imported
-    torch and Triton (seconds) by the first compile: `FastEngine` calls it as it is built. Returns how many run;
-    0 under the interpreter, without Triton or without a GPU."""
+    torch and Triton (seconds) by the first compile, and Triton's cache key in a thread
+    (`_compile_processes.hash_triton_ahead`): `prepare_engine` calls it before the weights load. Returns how many
+    workers run; 0 under the interpreter, without Triton or without a GPU."""
     processes = COMPILE_PROCESSES if processes is None else processes
-    if INTERPRET or triton is None or processes <= 0 or not torch.cuda.is_available():
+    if INTERPRET or triton is None or not torch.cuda.is_available():
         return 0
-    return _compile_processes.start(processes)
+    _compile_processes.hash_triton_ahead()
+    return _compile_processes.start(processes) if processes > 0 else 0
 
 
 def compiling() -> bool:
@@ -370,6 +372,7 @@ def _compile_and_load(jit, compile_variant: Callable[[], Any]) -> None:
     argument signature with the host's C compiler (about 0.25 s each, kept in the cache directory; a worker
     builds it beside the variant); left to the first launches, on an empty cache those builds took 3.1 s of the
     first SD1.5 image on an H200 host, one after the other on the calling thread."""
+    _compile_processes.wait_for_triton_key()
     kernel = _compile_processes.compile_in_worker(jit, compile_variant) or compile_variant()
     if kernel is None or not hasattr(kernel, "_init_handles"):
         return

@@ -56,6 +56,23 @@ assert _compile_processes.running() == 0
     assert "kernel CompiledKernel _residual_add_kernel" in out
 
 
+def test_tritons_cache_key_is_computed_once_in_a_thread_ahead_of_the_first_compile(tmp_path):
+    _run("""
+from triton.runtime import cache
+assert cache.triton_key.cache_info().currsize == 0  # nothing asked for it yet
+_compile_processes.hash_triton_ahead()
+thread = _compile_processes._hashing
+assert thread is not None and thread.daemon
+_compile_processes.hash_triton_ahead()
+assert _compile_processes._hashing is thread  # once per process
+_compile_processes.wait_for_triton_key()
+assert not thread.is_alive()
+key = cache.triton_key()
+info = cache.triton_key.cache_info()
+assert info.misses == 1 and info.hits == 1, info  # computed by the thread, kept for every compile after it
+""", tmp_path)
+
+
 def test_a_variant_a_worker_cannot_compile_is_compiled_by_the_calling_process(tmp_path):
     out = _run("""
 import warnings
