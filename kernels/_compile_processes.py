@@ -279,8 +279,9 @@ _hashing: Optional[threading.Thread] = None  # `hash_triton_ahead`'s thread
 def hash_triton_ahead() -> None:
     """Compute Triton's cache key (`triton.runtime.cache.triton_key`, which Triton keeps once computed) in a
     thread. Every compile and every load from the on-disk cache needs it, and it hashes Triton's own files, its
-    500 MB library among them: about a second that the first kernel of a process would wait for. hashlib and the
-    file reads release the GIL, so the process goes on meanwhile (loading the weights). Once per process."""
+    500 MB library among them (1.1 s on a 2-core CPU host): time the first kernel of a process would wait for.
+    hashlib and the file reads release the GIL, so the process goes on meanwhile (loading the weights). Once per
+    process."""
     global _hashing
     with _lock:
         if _hashing is not None:
