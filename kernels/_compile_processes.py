@@ -283,16 +283,13 @@ def hash_triton_ahead() -> None:
     hashlib and the file reads release the GIL, so the process goes on meanwhile (loading the weights). Once per
     process."""
     global _hashing
-    with _lock:
-        if _hashing is not None:
-            return
-        from triton.runtime import cache
+    from triton.runtime import cache
 
-        key = getattr(cache, "triton_key", None)  # Triton's internals: nothing to do where it is not
-        if key is None:
-            return
-        _hashing = threading.Thread(target=key, name="fastdiff-triton-key", daemon=True)
-        _hashing.start()
+    key = getattr(cache, "triton_key", None)  # Triton's internals: nothing to do where it is not
+    with _lock:
+        if _hashing is None and key is not None:
+            _hashing = threading.Thread(target=key, name="fastdiff-triton-key", daemon=True)
+            _hashing.start()
 
 
 def wait_for_triton_key() -> None:

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Union
 
@@ -93,7 +93,9 @@ def test_a_replica_killed_under_load(port):
         long = pool.submit(post, 99, steps=150)  # seconds of sampling on one replica: the one to kill
         victim = _the_busy_one([ray.get_actor(*replica) for replica in replicas])
         futures = [pool.submit(post, seed) for seed in range(100, 116)]  # 4 at a time beside the long one
-        futures[0].result(TIMEOUT_S)
+        # the load is flowing once one of its requests is answered (by the other replica: one that Serve routed to
+        # the busy replica waits there behind the long request)
+        assert wait(futures, TIMEOUT_S, return_when=FIRST_COMPLETED).done, f"no request answered in {TIMEOUT_S} s"
         assert not long.done(), "the long request is running when its replica is killed"
         killed = time.monotonic()
         ray.kill(victim, no_restart=True)
