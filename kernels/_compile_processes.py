@@ -312,9 +312,9 @@ def serve(target_json: str) -> None:
 
     stand_in = _TargetOnly(GPUTarget(**json.loads(target_json)))
     driver.set_active(stand_in)
-    hash_triton_ahead()  # while the first request is on its way
+    hash_triton_ahead()  # every compile needs it: computed once, before the first request is read
+    wait_for_triton_key()
     for line in sys.stdin:
-        wait_for_triton_key()
         request = json.loads(line)
         try:
             jit = jit_function(getattr(importlib.import_module(request["module"]), request["name"]))
