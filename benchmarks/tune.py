@@ -3,13 +3,17 @@
     python benchmarks/tune.py [--out fastdiff/assets/tuning] [--quick] [--log ROWS.jsonl]
     python benchmarks/tune.py --rechoose fastdiff/assets/tuning/sm_90.json
 
-On one CUDA GPU: for every attention call the Stable Diffusion UNets make at the sizes users run (SD1.x, SD2.x
-and SDXL's self- and cross-attention per level, 512x512 to 1024x1024, CFG batch 2, 8 and 16, float16, in the
-fused projections' layouts the engine gives them), times torch's SDPA and each of the Triton kernel's candidate
-configs (`fastdiff.kernels.attention.candidate_configs`), then records one config per head dim and set of
-candidates and, per call, the faster implementation with it (`fastdiff.tuning.choose`). The rows replace this GPU
-model's table in `sm_<major><minor>.json` (other models' tables are kept), with the GPU, versions, date and this
-command.
+On one CUDA GPU, for the calls the Stable Diffusion UNets make at the sizes users run (SD1.x, SD2.x and SDXL per
+level with attention, 512x512 to 1024x1024, CFG batch 2, 8 and 16, float16):
+  - every attention call (self- and cross-attention, in the fused projections' layouts the engine gives them):
+    torch's SDPA and each of the Triton kernel's candidate configs (`fastdiff.kernels.attention.candidate_configs`);
+    then one config per head dim and set of candidates and, per call, the faster implementation with it
+    (`fastdiff.tuning.choose`);
+  - every transformer linear with an epilogue (the GEGLU projection, the MLP's output linear and proj_out with
+    their residual add): `fastdiff.kernels.linear` against cuBLAS and the epilogue as its own pass, as `ops.linear`
+    runs either; per call the faster (`fastdiff.tuning.choose_linears`).
+The rows replace this GPU model's table in `sm_<major><minor>.json` (other models' tables are kept), with the GPU,
+versions, date and this command.
 Timing: CUDA-graph replay of back-to-back calls over input sets rotated past the L2 cache (benchmarks/timing.py),
 median of the replays. --quick: CFG batch 2 only. --log: every measured call is appended to ROWS.jsonl as it
 completes, and calls already there (from an interrupted run on this GPU) are not measured again. --rechoose:
@@ -25,6 +29,7 @@ import os
 import statistics
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +38,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import input_sets  # noqa: E402
 from timing import graph_ms  # noqa: E402
 
-from fastdiff import tuning  # noqa: E402
+from fastdiff import ops, tuning  # noqa: E402
 
 attention_module = importlib.import_module("fastdiff.kernels.attention")  # the package exports the function
+linear_module = importlib.import_module("fastdiff.kernels.linear")
 
 DTYPE = torch.float16
 CONTEXT_TOKENS = 77
@@ -60,6 +66,18 @@ def attention_calls(cfg_batches) -> list[tuple[int, int, int, int, int]]:
             for seq_kv in (tokens, CONTEXT_TOKENS):
                 calls.setdefault((d, batch * h, tokens, seq_kv), (d, h, batch, tokens, seq_kv))
     return sorted(calls.values(), key=lambda c: c[0] * c[1] * c[2] * c[3] * c[4])
+
+
+def linear_calls(cfg_batches) -> list[tuple[int, int, int, str]]:
+    """(m, k, n, epilogue) of every transformer linear with an epilogue, per level with attention (C channels, m =
+    batch * tokens): the GEGLU projection (C -> 2 * 4C, "geglu"), the MLP's output linear (4C -> C) and proj_out
+    (C -> C), both "residual"; one per shape, least work first."""
+    calls = set()
+    for _, _, channels, levels, sizes in FAMILIES:
+        for (height, width), level, batch in ((s, lv, b) for s in sizes for lv in levels for b in cfg_batches):
+            m, c = batch * (height // 8 >> level) * (width // 8 >> level), channels[level]
+            calls |= {(m, c, 8 * c, "geglu"), (m, 4 * c, c, "residual"), (m, c, c, "residual")}
+    return sorted(calls, key=lambda call: call[0] * call[1] * call[2])
 
 
 def make_inputs(head_dim: int, heads: int, batch: int, seq_q: int, seq_kv: int) -> tuple:
@@ -91,16 +109,37 @@ def measure(call: tuple[int, int, int, int, int]) -> dict:
             "dtype": str(DTYPE).removeprefix("torch."), "us": {k: round(v, 2) for k, v in us.items()}}
 
 
-def measured_row(call: tuple[int, int, int, int, int], log: Path | None, gpu: str) -> dict:
-    """measure(call), or its row from `log` when an earlier run on this GPU measured it; new rows are appended."""
-    head_dim, heads, batch, seq_q, seq_kv = call
-    key = dict(gpu=gpu, head_dim=head_dim, seq_q=seq_q, seq_kv=seq_kv, batch_heads=batch * heads)
+def measure_linear(call: tuple[int, int, int, str]) -> dict:
+    """The Triton linear and cuBLAS + the epilogue pass (GEGLU's Triton kernel, or the eager residual add) on one
+    call: x (m, k), an nn.Linear's weight (n, k) and bias, the residual (m, n)."""
+    m, k, n, epilogue = call
+    geglu = epilogue == "geglu"
+    width = n // 2 if geglu else n
+    weight = (torch.randn(n, k, device="cuda") / k**0.5).to(DTYPE)
+    bias = (torch.randn(n, device="cuda") * 0.1).to(DTYPE)
+    sets = [(torch.randn(m, k, device="cuda", dtype=DTYPE),
+             None if geglu else torch.randn(m, width, device="cuda", dtype=DTYPE))
+            for _ in range(input_sets(2 * (m * k + m * width)))]
+
+    def cublas(x, residual):
+        h = F.linear(x, weight, bias)
+        return ops.geglu(h) if geglu else residual + h
+
+    us = {"triton": time_us(lambda x, residual: linear_module.linear(x, weight, bias, residual, geglu), sets),
+          "cublas": time_us(cublas, sets)}
+    return {"m": m, "k": k, "n": n, "epilogue": epilogue, "dtype": str(DTYPE).removeprefix("torch."),
+            "us": {name: round(t, 2) for name, t in us.items()}}
+
+
+def measured_row(key: dict, measure_call: Callable[[], dict], log: Path | None) -> dict:
+    """measure_call(), or the row `log` holds under `key` (the GPU, the op and the call) from an earlier run on this
+    GPU; new rows are appended."""
     if log is not None and log.exists():
         for line in log.read_text().splitlines():
             entry = json.loads(line)
             if all(entry.get(k) == v for k, v in key.items()):
                 return entry["row"]
-    row = measure(call)
+    row = measure_call()
     if log is not None:
         with log.open("a") as f:
             f.write(json.dumps(dict(key, row=row)) + "\n")
@@ -108,10 +147,12 @@ def measured_row(call: tuple[int, int, int, int, int], log: Path | None, gpu: st
 
 
 def rechoose(path: Path) -> None:
-    """Run `fastdiff.tuning.choose` again over the timings every device's table in `path` holds (no GPU needed)."""
+    """Run `fastdiff.tuning.choose` and `choose_linears` again over the timings every device's table in `path` holds
+    (no GPU needed)."""
     tables = json.loads(path.read_text())
     for table in tables["devices"].values():
         tuning.choose(table["attention"])
+        tuning.choose_linears(table.get("linear", []))
     path.write_text(json.dumps(tables, indent=1) + "\n")
 
 
@@ -131,8 +172,15 @@ def main() -> None:
     import triton
 
     name = torch.cuda.get_device_name()
-    rows = [measured_row(call, args.log, name) for call in attention_calls((2,) if args.quick else CFG_BATCHES)]
+    cfg_batches = (2,) if args.quick else CFG_BATCHES
+    rows = [measured_row(dict(gpu=name, op="attention", head_dim=d, seq_q=sq, seq_kv=skv, batch_heads=b * h),
+                         lambda call=(d, h, b, sq, skv): measure(call), args.log)
+            for d, h, b, sq, skv in attention_calls(cfg_batches)]
     tuning.choose(rows)
+    linears = [measured_row(dict(gpu=name, op="linear", m=m, k=k, n=n, epilogue=epilogue),
+                            lambda call=(m, k, n, epilogue): measure_linear(call), args.log)
+               for m, k, n, epilogue in linear_calls(cfg_batches)]
+    tuning.choose_linears(linears)
     for row in rows:
         sdpa, ours = row["us"]["sdpa"], row["us"][",".join(map(str, row["config"]))]
         print(f"D{row['head_dim']:<4} BH {row['batch_heads']:<4} {row['seq_q']:>6} x {row['seq_kv']:<6} sdpa "
@@ -144,12 +192,18 @@ def main() -> None:
                      "date": datetime.date.today().isoformat(),
                      "command": "python benchmarks/tune.py" + (" --quick" if args.quick else "")},
         "attention": rows,
+        "linear": linears,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"devices": devices}, indent=1) + "\n")
+    for row in linears:
+        print(f"linear {row['epilogue']:<8} {row['m']:>6} x {row['k']:<5} -> {row['n']:<6} cublas "
+              f"{row['us']['cublas']:9.1f} us  triton {row['us']['triton']:9.1f} us -> {row['impl']} "
+              f"({row['us']['cublas'] / row['us']['triton']:.2f}x)")
     wins = sum(r["impl"] == "fastdiff" for r in rows)
     print(f"{path}: {name}, {len(rows)} attention rows, fastdiff's kernel faster at {wins}; median row "
-          f"{statistics.median(r['us']['sdpa'] for r in rows):.1f} us for SDPA")
+          f"{statistics.median(r['us']['sdpa'] for r in rows):.1f} us for SDPA; {len(linears)} linear rows, the "
+          f"Triton linear faster at {sum(r['impl'] == 'triton' for r in linears)}")
 
 
 if __name__ == "__main__":

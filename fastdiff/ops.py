@@ -237,10 +237,20 @@ def _triton_conv2d_prefers(x: Tensor, weight: Tensor, stride: int, padding: int)
     return _module("fastdiff.kernels.conv2d").prefers_split_k(x, weight, stride, padding)
 
 
-def _triton_linear_prefers(x: Tensor, weight: Tensor, residual: Optional[Tensor], geglu: bool) -> bool:
-    """Whether the Triton linear is the faster choice for this call and takes its inputs
-    (`fastdiff.kernels.linear.prefers_triton`); under `auto` other calls run on cuBLAS."""
-    return _module("fastdiff.kernels.linear").prefers_triton(x, weight, residual, geglu)
+def _auto_linear(x: Tensor, weight: Tensor, residual: Optional[Tensor], geglu: bool) -> tuple[str, bool]:
+    """(implementation, whether the tuning table chose it) of a linear under `auto`: "triton" where the kernel
+    takes the call's tensors and is the faster choice for it, as the device's tuning table measured
+    (`fastdiff.tuning.linear_choice`) or else by the built-in rule (`fastdiff.kernels.linear.faster_than_cublas`);
+    "cublas" elsewhere."""
+    kernel = _module("fastdiff.kernels.linear")
+    if not kernel.takes(x, weight, residual, geglu):
+        return "cublas", False
+    epilogue = "geglu" if geglu else "none" if residual is None else "residual"
+    choice = None if torch.compiler.is_compiling() else tuning.linear_choice(x, weight, epilogue)
+    if choice is not None:
+        return choice, True
+    k = x.shape[-1]
+    return ("triton" if kernel.faster_than_cublas(x.numel() // max(k, 1), k) else "cublas"), False
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
@@ -383,15 +393,19 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: O
            geglu: bool = False) -> Tensor:
     """F.linear(x, weight, bias), then value * GELU(gate) of its two halves (geglu) or + residual; on the
     Triton backend one kernel with that epilogue. x: (..., K); weight: (N', K) -> (..., N'), or (..., N' / 2)
-    with geglu. Under `auto` the Triton kernel runs where it beat cuBLAS + the separate epilogue
-    (`fastdiff.kernels.linear.faster_than_cublas`) and its inputs fit it; other calls run F.linear, then the
-    epilogue (GEGLU through `geglu`'s backend). See `fastdiff.kernels.linear`."""
+    with geglu. Under `auto` the Triton kernel runs where it is the faster choice and its inputs fit it
+    (`_auto_linear`); other calls run F.linear, then the epilogue (GEGLU through `geglu`'s backend).
+    See `fastdiff.kernels.linear`."""
     backend = resolve("linear", x.device.type)
-    if backend == "triton" and _chosen["linear"] == "auto" and not _triton_linear_prefers(x, weight, residual, geglu):
-        h = F.linear(x, weight, bias)  # cuBLAS, then the epilogue on its own (GEGLU: its Triton pass)
-        if geglu:
-            return _load("geglu", resolve("geglu", x.device.type))(h)
-        return h if residual is None else residual + h
+    if backend == "triton" and _chosen["linear"] == "auto":
+        impl, tuned = _auto_linear(x, weight, residual, geglu)
+        if impl == "cublas":
+            if tuned:  # the kernel the table gives other sizes of this call
+                _compile_later(_load("linear", backend), x, weight, bias, residual, geglu)
+            h = F.linear(x, weight, bias)  # cuBLAS, then the epilogue on its own (GEGLU: its Triton pass)
+            if geglu:
+                return _load("geglu", resolve("geglu", x.device.type))(h)
+            return h if residual is None else residual + h
     return _load("linear", backend)(x, weight, bias, residual, geglu)
 
 

@@ -2,6 +2,7 @@
 
     impl, config = tuning.attention_choice(q, k)   # for q (B, H, Sq, D), k (B, H, Skv, D) on a CUDA device:
                                                    # ("sdpa" | "fastdiff", the Triton kernel's AttentionConfig)
+    impl = tuning.linear_choice(x, weight, epilogue)  # "triton" | "cublas" for a linear with its epilogue
 
 `fastdiff/assets/tuning/sm_<major><minor>.json` holds the tables of one GPU architecture, one per GPU model
 (torch.cuda.get_device_name), each with the machine and versions it was measured on and its rows. A GPU the file
@@ -13,6 +14,11 @@ An attention row is one measured call: {"head_dim", "seq_q", "seq_kv", "batch_he
 "impl" (the faster of "sdpa" and "fastdiff"), "config" (the fastest of the Triton kernel's candidate configs),
 "us" (each timing, for the reader)}. A call takes the row of its head dim, dtype and key path (at most
 MAX_ONCHIP_KEYS keys, or more) nearest to it in log2 of Sq, Skv and B * H.
+
+A linear row is one measured call of `fastdiff.kernels.linear` (a transformer's linear with its epilogue) against
+cuBLAS and the epilogue as its own pass: {"m" (rows), "k", "n" (the weight's rows), "epilogue" (one of
+LINEAR_EPILOGUES), "dtype", "impl" (the faster of LINEAR_IMPLS), "us"}. A call takes the row of its epilogue and
+dtype nearest to it in log2 of m, k and n.
 """
 from __future__ import annotations
 
@@ -29,6 +35,9 @@ from torch import Tensor
 TABLES = Path(__file__).resolve().parent / "assets" / "tuning"
 ATTENTION_IMPLS = ("sdpa", "fastdiff")
 _ROW_KEYS = ("head_dim", "seq_q", "seq_kv", "batch_heads", "dtype", "impl", "config")
+LINEAR_IMPLS = ("triton", "cublas")
+LINEAR_EPILOGUES = ("geglu", "residual", "none")  # GEGLU's gate, a residual add, nothing
+_LINEAR_ROW_KEYS = ("m", "k", "n", "epilogue", "dtype", "impl")
 
 
 # The kernel takes a call only when it beats SDPA by this factor: SDPA compiles no Triton variant, so a site that a
@@ -68,6 +77,12 @@ def choose(rows: list[dict]) -> None:
             row["impl"] = "fastdiff" if KERNEL_MARGIN * row["us"][config] <= row["us"]["sdpa"] else "sdpa"
 
 
+def choose_linears(rows: list[dict]) -> None:
+    """Give every measured linear row its "impl": the faster of the Triton kernel and cuBLAS + the epilogue pass."""
+    for row in rows:
+        row["impl"] = "triton" if row["us"]["triton"] < row["us"]["cublas"] else "cublas"
+
+
 class TuningError(ValueError):
     """A tuning table that cannot be read as one."""
 
@@ -92,6 +107,12 @@ def read_tables(path: Path) -> dict[str, dict]:
                 raise TuningError(f"{path}: {name}'s attention row {i} is malformed (missing {missing}, impl "
                                   f"{row.get('impl')!r}, config {row.get('config')!r}); expected the keys "
                                   f"{_ROW_KEYS} with impl in {ATTENTION_IMPLS} and a 4-int config")
+        for i, row in enumerate(table.get("linear", [])):
+            missing = [k for k in _LINEAR_ROW_KEYS if k not in row]
+            if missing or row["impl"] not in LINEAR_IMPLS or row["epilogue"] not in LINEAR_EPILOGUES:
+                raise TuningError(f"{path}: {name}'s linear row {i} is malformed (missing {missing}, impl "
+                                  f"{row.get('impl')!r}, epilogue {row.get('epilogue')!r}); expected the keys "
+                                  f"{_LINEAR_ROW_KEYS} with impl in {LINEAR_IMPLS} and epilogue in {LINEAR_EPILOGUES}")
     return devices
 
 
@@ -167,3 +188,35 @@ def attention_choice(q: Tensor, k: Tensor) -> Optional[tuple[str, tuple[int, int
     batch, heads, seq_q, head_dim = q.shape
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     return _attention_choice(index, q.dtype, head_dim, seq_q, k.shape[2], batch * heads)
+
+
+def nearest_linear_row(rows: list[dict], m: int, k: int, n: int, epilogue: str, dtype: str) -> Optional[dict]:
+    """The row of this epilogue and dtype nearest to the call in log2 of m, k and n; None when no row has them."""
+    same = [r for r in rows if r["epilogue"] == epilogue and r["dtype"] == dtype]
+    if not same:
+        return None
+
+    def distance(row: dict) -> float:
+        return abs(math.log2(row["m"] / m)) + abs(math.log2(row["k"] / k)) + abs(math.log2(row["n"] / n))
+
+    return min(same, key=distance)
+
+
+@functools.lru_cache(maxsize=4096)
+def _linear_choice(device_index: int, dtype: torch.dtype, m: int, k: int, n: int, epilogue: str) -> Optional[str]:
+    table = device_table(device_index)
+    if table is None:
+        return None
+    row = nearest_linear_row(table.get("linear", []), m, k, n, epilogue, str(dtype).removeprefix("torch."))
+    return None if row is None else row["impl"]
+
+
+def linear_choice(x: Tensor, weight: Tensor, epilogue: str) -> Optional[str]:
+    """The implementation ("triton" or "cublas") the table gives a linear of x (..., K) and weight (N', K) ending
+    in `epilogue` (one of LINEAR_EPILOGUES), or None (no table for the device, no linear rows for its dtype or
+    epilogue)."""
+    if x.device.type != "cuda" or x.numel() == 0:
+        return None
+    k = x.shape[-1]
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return _linear_choice(index, x.dtype, x.numel() // k, k, weight.shape[0], epilogue)

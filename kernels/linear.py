@@ -22,9 +22,10 @@ negative tail keeps its relative accuracy: Phi(g) there is the small term itself
 Evaluated in float32 on the CPU, this form is within 6.3e-7 of the float64 GELU on [-9, 9]; float32 F.gelu's
 own error there reaches 1.3e-6.
 
-`FASTER_THAN_CUBLAS` says where the kernel beat cuBLAS + the separate epilogue kernel, at SD1.5's shapes
-on an H200 (benchmarks/RESULTS.md, "Linear with its epilogue"); `prefers_triton` adds the inputs the kernel takes, and
-`ops.linear` under `auto` runs the kernel only where it says so.
+Where the kernel runs under `auto` (`ops.linear`): on the tensors it `takes`, where the GPU's tuning table
+(`fastdiff.tuning.linear_choice`, written by benchmarks/tune.py) measured it faster than cuBLAS + the separate
+epilogue kernel, else where `faster_than_cublas` says it was at SD1.5's shapes on an H200 (benchmarks/RESULTS.md,
+"Linear with its epilogue").
 """
 from typing import Optional
 
@@ -253,20 +254,17 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, residual: O
     return op(x, weight, bias, residual, geglu)
 
 
-def prefers_triton(x: Tensor, weight: Tensor, residual: Optional[Tensor] = None, geglu: bool = False) -> bool:
-    """Whether this kernel is the one to use for linear(x, weight, bias, residual, geglu): where it beat cuBLAS
-    (`faster_than_cublas`), on tensors it takes (contiguous, rows 16-byte aligned). It validates nothing else: a
-    call it accepts may still be refused."""
-    k = x.shape[-1]
+def takes(x: Tensor, weight: Tensor, residual: Optional[Tensor] = None, geglu: bool = False) -> bool:
+    """Whether the kernel takes these tensors as they are (contiguous, rows 16-byte aligned). It validates nothing
+    else: a call it takes may still be refused."""
     row_align = _row_align(x)
-    return (faster_than_cublas(x.numel() // max(k, 1), k) and k % row_align == 0
-            and _out_width(weight, geglu) % row_align == 0 and x.is_contiguous() and weight.is_contiguous()
-            and (residual is None or residual.is_contiguous()))
+    return (x.shape[-1] % row_align == 0 and _out_width(weight, geglu) % row_align == 0 and x.is_contiguous()
+            and weight.is_contiguous() and (residual is None or residual.is_contiguous()))
 
 
 def faster_than_cublas(m: int, k: int) -> bool:
     """Whether `linear` beat cuBLAS + the separate epilogue kernel at an (m x k) input on an H200 at SD1.5's
     transformer shapes (benchmarks/RESULTS.md): from 512 rows up at K <= 1280. Below, cuBLAS'
     small-M kernels win; at K >= 2560 (the MLP's second Linear at the 32x32 level and below) its deeper K loop
-    does."""
+    does. The rule for a GPU without linear rows in its tuning table (`fastdiff.tuning.linear_choice`)."""
     return m >= 512 and k <= 1280

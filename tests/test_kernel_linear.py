@@ -176,3 +176,23 @@ def test_linear_survives_cuda_graph_capture():
     ref = linear_ref(x.float(), weight.float(), bias.float(), residual.float())
     _errors("graph replay", out, ref)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-3)
+
+
+def test_auto_takes_the_tuning_tables_choice_over_the_built_in_rule(monkeypatch):
+    """Where the device's tuning table has linear rows (`fastdiff.tuning.linear_choice`), its measured choice
+    decides, both ways; a call the table sends to cuBLAS hands the kernel the compile of what other sizes take."""
+    calls, later = [], []
+    kernel = importlib.import_module("fastdiff.kernels.linear")
+    monkeypatch.setattr(kernel, "linear", lambda *a: calls.append("triton") or linear_ref(*a))
+    monkeypatch.setattr(ops, "_impl_cache", {})
+    monkeypatch.setattr(ops, "resolve", lambda op, device: "triton" if op == "linear" else "reference")
+    monkeypatch.setattr(ops, "_compile_later", lambda fn, *args: later.append(args[0].shape))
+    x, weight, bias, residual = _inputs((4, 128, 40), 48, False, True, True, torch.float32)
+    for table, rows, expected in (("cublas", 4, []), ("triton", 3, ["triton"]), (None, 4, ["triton"])):
+        monkeypatch.setattr(ops.tuning, "linear_choice",
+                            lambda x, w, epilogue, table=table: epilogue == "residual" and table or None)
+        calls.clear()
+        out = ops.linear(x[:rows], weight, bias, residual=residual[:rows])
+        assert calls == expected, (table, rows)
+        torch.testing.assert_close(out, linear_ref(x[:rows], weight, bias, residual=residual[:rows]))
+    assert later == [x.shape]  # only the call the table sent to cuBLAS

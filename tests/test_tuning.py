@@ -143,7 +143,48 @@ def test_choose_keeps_a_config_an_earlier_group_of_the_head_dim_took_when_within
 def test_every_committed_table_holds_the_choices_its_timings_give():
     for path in sorted(tuning.TABLES.glob("sm_*.json")):
         for name, table in tuning.read_tables(path).items():
-            rows = table["attention"]
-            recorded = [(r["config"], r["impl"]) for r in rows]
+            rows, linears = table["attention"], table.get("linear", [])
+            recorded = [(r["config"], r["impl"]) for r in rows], [r["impl"] for r in linears]
             tuning.choose(rows)
-            assert [(r["config"], r["impl"]) for r in rows] == recorded, f"{path.name}, {name}: run tune.py --rechoose"
+            tuning.choose_linears(linears)
+            assert ([(r["config"], r["impl"]) for r in rows], [r["impl"] for r in linears]) == recorded, \
+                f"{path.name}, {name}: run tune.py --rechoose"
+
+
+def _linear_row(m=4096, k=320, n=2560, epilogue="geglu", dtype="float16", impl="triton"):
+    return {"m": m, "k": k, "n": n, "epilogue": epilogue, "dtype": dtype, "impl": impl, "us": {}}
+
+
+def test_nearest_linear_row_is_the_closest_in_log_rows_and_widths_of_the_same_epilogue_and_dtype():
+    rows = [_linear_row(m=4096), _linear_row(m=18432, impl="cublas"), _linear_row(m=4096, k=640, n=5120),
+            _linear_row(m=4096, epilogue="residual", n=320), _linear_row(m=9216, dtype="bfloat16")]
+    assert tuning.nearest_linear_row(rows, 6000, 320, 2560, "geglu", "float16") is rows[0]
+    assert tuning.nearest_linear_row(rows, 16384, 320, 2560, "geglu", "float16") is rows[1]
+    assert tuning.nearest_linear_row(rows, 4096, 640, 5120, "geglu", "float16") is rows[2]
+    assert tuning.nearest_linear_row(rows, 9216, 320, 2560, "residual", "float16") is rows[3]
+    assert tuning.nearest_linear_row(rows, 4096, 320, 2560, "none", "float16") is None
+    assert tuning.nearest_linear_row(rows, 4096, 320, 2560, "geglu", "float32") is None
+
+
+def test_choose_linears_takes_the_faster_implementation():
+    rows = [dict(_linear_row(), us={"triton": 10.0, "cublas": 12.0}),
+            dict(_linear_row(m=512), us={"triton": 5.0, "cublas": 4.0})]
+    tuning.choose_linears(rows)
+    assert [r["impl"] for r in rows] == ["triton", "cublas"]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"m": 4096}, "linear row 0 is malformed"),
+    (_linear_row(impl="flash"), "impl 'flash'"),
+    (_linear_row(epilogue="gelu"), "epilogue 'gelu'"),
+])
+def test_a_malformed_linear_row_is_one_error_naming_the_file(tmp_path, row, message):
+    path = _write(tmp_path, {"GPU": {"attention": [_row()], "linear": [row]}})
+    with pytest.raises(tuning.TuningError, match=message) as info:
+        tuning.read_tables(path)
+    assert str(path) in str(info.value)
+    tuning.read_tables.cache_clear()
+
+
+def test_no_linear_choice_on_the_cpu():
+    assert tuning.linear_choice(torch.empty(64, 320), torch.empty(2560, 320), "geglu") is None
