@@ -240,8 +240,8 @@ def _triton_conv2d_prefers(x: Tensor, weight: Tensor, stride: int, padding: int)
 def _auto_linear(x: Tensor, weight: Tensor, residual: Optional[Tensor], geglu: bool) -> tuple[str, bool]:
     """(implementation, whether the tuning table chose it) of a linear under `auto`: "triton" where the kernel
     takes the call's tensors and is the faster choice for it, as the device's tuning table measured
-    (`fastdiff.tuning.linear_choice`) or else by the built-in rule (`fastdiff.kernels.linear.faster_than_cublas`);
-    "cublas" elsewhere."""
+    (`fastdiff.tuning.linear_choice`) or else (and while torch.compile traces) by the built-in rule
+    (`fastdiff.kernels.linear.faster_than_cublas`); "cublas" elsewhere."""
     kernel = _module("fastdiff.kernels.linear")
     if not kernel.takes(x, weight, residual, geglu):
         return "cublas", False

@@ -42,7 +42,9 @@ if triton is not None:
     # and the best at 128x5120 by 14%). Autotuning compiled and timed all five per shape on a cold start.
     BLOCK_M, BLOCK_N, NUM_WARPS = 4, 256, 4
 
-    @triton.jit
+    # M not specialized: it only bounds the row mask, and a row count that is not a multiple of 16 (SDXL's
+    # 832x1216 at CFG batch 2: 1,976) must not compile a variant of its own.
+    @triton.jit(do_not_specialize=["M"])
     def _geglu_kernel(
         H,  # pointer to h, (M, 2N) contiguous: [value | gate] per row
         Out,  # pointer to the output, (M, N) contiguous
