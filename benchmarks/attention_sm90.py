@@ -14,6 +14,7 @@ The kernel here, per program 128 query rows of one (batch, head):
             next head, add nothing to q k^T, and the spare output columns of p v are never stored).
   consumers two warpgroups of 64 query rows, registers raised with setmaxnreg. Each issues q k_j^T and p_{j-1} v_{j-1}
             as asynchronous wgmmas, waits only for the scores, and computes block j's softmax while p v still runs.
+            ONES: the loader sets v's spare columns to ones once they land, so p v also gives the row sums.
             PINGPONG makes them take turns issuing (FA3's warp-scheduler barrier, here a pair of mbarriers), so one
             warpgroup's exponentials run under the other's matrix products. POLY_EVERY moves the odd columns'
             exponentials of every POLY_EVERY-th block to the FMA pipe (a degree-3 polynomial). PV64 runs p v as
@@ -47,7 +48,8 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared 
 
 @gluon.jit
 def _loader(k1_desc, k2_desc, v1_desc, v2_desc, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free,
-            kv_row, col, n_blocks, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, PV64: gl.constexpr):
+            v_full, kv_row, col, n_blocks, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, PV64: gl.constexpr,
+            ONES: gl.constexpr):
     for j in range(n_blocks):
         slot = j % STAGES
         free_phase = ((j // STAGES) & 1) ^ 1
@@ -63,6 +65,23 @@ def _loader(k1_desc, k2_desc, v1_desc, v2_desc, k1_s, k2_s, v1_s, v2_s, k_ready,
             mbarrier.expect(v_ready.index(slot), v1_desc.block_type.nbytes + v2_desc.block_type.nbytes)
             _tma_load(v1_desc, [kv_row + j * BLOCK_N, col], v_ready.index(slot), v1_s.index(slot))
             _tma_load(v2_desc, [kv_row + j * BLOCK_N, col + 32], v_ready.index(slot), v2_s.index(slot))
+        if ONES and j > 0:  # the last block's, now that this block's loads are in flight
+            _ones_column(v2_s, v_ready, v_full, (j - 1) % STAGES, ((j - 1) // STAGES) & 1)
+    if ONES:
+        _ones_column(v2_s, v_ready, v_full, (n_blocks - 1) % STAGES, ((n_blocks - 1) // STAGES) & 1)
+
+
+@gluon.jit
+def _ones_column(v2_s, v_ready, v_full, slot, phase):
+    """Once v's second tile has landed, set its spare columns (8-15, the next head's 40-47) to ones: p @ v then
+    also sums p, and the consumers' row sums cost no adds."""
+    mbarrier.wait(v_ready.index(slot), phase)
+    layout: gl.constexpr = gl.BlockedLayout([1, 16], [32, 1], [1, 1], [1, 0])
+    tile = v2_s.index(slot).load(layout)
+    cols = gl.arange(0, 16, layout=gl.SliceLayout(0, layout))
+    v2_s.index(slot).store(gl.where(cols[None, :] >= 8, 1.0, tile.to(gl.float32)).to(tile.dtype))
+    fence_async_shared()
+    mbarrier.arrive(v_full.index(slot), count=1)
 
 
 @gluon.jit
@@ -107,10 +126,11 @@ def _pass_turn(turns, WG: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, turns,
+def _consumer(Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, turns, v_full,
               q_off, o_off, row0, sqm, som, n_blocks, qk_scale,
               HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              WG: gl.constexpr, PINGPONG: gl.constexpr, POLY_EVERY: gl.constexpr, PV64: gl.constexpr):
+              WG: gl.constexpr, PINGPONG: gl.constexpr, POLY_EVERY: gl.constexpr, PV64: gl.constexpr,
+              ONES: gl.constexpr):
     D1: gl.constexpr = 32
     D2: gl.constexpr = 16
     VD1: gl.constexpr = 32 + 32 * PV64  # p @ v's first slice: 32 columns, or 64 (v read past the head, cut away)
@@ -122,6 +142,7 @@ def _consumer(Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, 
     pa2_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o2_layout, k_width=2)
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
     dtype: gl.constexpr = k1_s.dtype
+    v_in = v_full if ONES else v_ready  # v's tiles with the ones column set, or as loaded
 
     offs_m = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld))
     offs_d1 = gl.arange(0, D1, layout=gl.SliceLayout(0, ld))
@@ -150,7 +171,7 @@ def _consumer(Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, 
         slot = j % STAGES
         prev = (j - 1) % STAGES
         mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
-        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        mbarrier.wait(v_in.index(prev), ((j - 1) // STAGES) & 1)
         _my_turn(turns, WG, j, PINGPONG)
         s = warpgroup_mma(q1, k1_s.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma(q2, k2_s.index(slot).permute((1, 0)), s, is_async=True)
@@ -166,7 +187,8 @@ def _consumer(Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, 
             p = _exp2_mixed(s * qk_scale - m_new[:, None], s_layout)
         else:
             p = gl.exp2(s * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + gl.sum(p, 1)
+        if not ONES:
+            l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
         p16 = p.to(dtype)
         acc1, acc2 = warpgroup_mma_wait(0, deps=(acc1, acc2))
@@ -175,7 +197,7 @@ def _consumer(Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, 
         acc2 = acc2 * gl.convert_layout(alpha, gl.SliceLayout(1, o2_layout))[:, None]
 
     last = (n_blocks - 1) % STAGES
-    mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
+    mbarrier.wait(v_in.index(last), ((n_blocks - 1) // STAGES) & 1)
     _my_turn(turns, WG, n_blocks, PINGPONG)
     acc1 = warpgroup_mma(gl.convert_layout(p16, pa1_layout), v1_s.index(last), acc1, is_async=True)
     if not PV64:
@@ -184,6 +206,9 @@ def _consumer(Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, 
     acc1, acc2 = warpgroup_mma_wait(0, deps=(acc1, acc2))
     mbarrier.arrive(v_free.index(last), count=1)
 
+    if ONES:
+        spare = gl.arange(0, D2, layout=gl.SliceLayout(0, o2_layout)) == HEAD_DIM - D1
+        l_i = gl.convert_layout(gl.sum(gl.where(spare[None, :], acc2, 0.0), 1), gl.SliceLayout(1, s_layout))
     inv1 = gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o1_layout))
     inv2 = gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o2_layout))
     o_base = Out + o_off + offs_m[:, None] * som
@@ -203,7 +228,7 @@ def _kernel(Q, Out, k1_desc, k2_desc, v1_desc, v2_desc,
                   sqb, sqh, sqm, sob, soh, som, H, S_q, S_kv, qk_scale,
                   HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                   LOADER_REGS: gl.constexpr, PINGPONG: gl.constexpr,
-                  POLY_EVERY: gl.constexpr, PV64: gl.constexpr):
+                  POLY_EVERY: gl.constexpr, PV64: gl.constexpr, ONES: gl.constexpr):
     D1: gl.constexpr = 32
     D2: gl.constexpr = 16
     ROWS: gl.constexpr = 64  # query rows per consumer warpgroup
@@ -231,6 +256,9 @@ def _kernel(Q, Out, k1_desc, k2_desc, v1_desc, v2_desc,
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(k_free.index(i), count=2)
         mbarrier.init(v_free.index(i), count=2)
+    v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(v_full.index(i), count=1)
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(turns.index(i), count=1)
@@ -238,12 +266,12 @@ def _kernel(Q, Out, k1_desc, k2_desc, v1_desc, v2_desc,
     n_blocks = S_kv // BLOCK_N
 
     gl.warp_specialize([
-        (_consumer, (Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, turns, q_off, o_off, row0, sqm,
-                     som, n_blocks, qk_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES, 0, PINGPONG, POLY_EVERY, PV64)),
-        (_consumer, (Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, turns, q_off, o_off, row0 + ROWS,
-                     sqm, som, n_blocks, qk_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES, 1, PINGPONG, POLY_EVERY, PV64)),
+        (_consumer, (Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, turns, v_full, q_off, o_off, row0, sqm,
+                     som, n_blocks, qk_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES, 0, PINGPONG, POLY_EVERY, PV64, ONES)),
+        (_consumer, (Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, turns, v_full, q_off, o_off, row0 + ROWS,
+                     sqm, som, n_blocks, qk_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES, 1, PINGPONG, POLY_EVERY, PV64, ONES)),
         (_loader, (k1_desc, k2_desc, v1_desc, v2_desc, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free,
-                   kv_row, col, n_blocks, STAGES, BLOCK_N, PV64)),
+                   v_full, kv_row, col, n_blocks, STAGES, BLOCK_N, PV64, ONES)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -263,7 +291,7 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return ok
 
 
-def attention_sm90(q, k, v, out, block_n=128, stages=2, pingpong=1, poly_every=0, pv64=0,
+def attention_sm90(q, k, v, out, block_n=128, stages=2, pingpong=1, poly_every=0, pv64=0, ones=0,
                    consumer_regs=216, loader_regs=40):
     """softmax(q k^T / sqrt(40)) v into out. q, out: (B, H, Sq, 40); k, v: (B, H, Skv, 40); float16."""
     if not takes(q, k, v):
@@ -281,7 +309,7 @@ def attention_sm90(q, k, v, out, block_n=128, stages=2, pingpong=1, poly_every=0
                                 q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
                                 H, Sq, k.shape[2], D ** -0.5 * 1.4426950408889634, HEAD_DIM=D, BLOCK_N=block_n,
                                 STAGES=stages, CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs,
-                                PINGPONG=pingpong, POLY_EVERY=poly_every, PV64=pv64, num_warps=4)
+                                PINGPONG=pingpong, POLY_EVERY=poly_every, PV64=pv64, ONES=ones, num_warps=4)
     return out
 
 
@@ -294,6 +322,8 @@ VARIANTS = {
     "pingpong_poly2": dict(pingpong=1, poly_every=2),
     "pingpong_poly2_pv64": dict(pingpong=1, poly_every=2, pv64=1),
     "pingpong_n64_s3": dict(pingpong=1, block_n=64, stages=3),
+    "pingpong_ones": dict(pingpong=1, ones=1, consumer_regs=168, loader_regs=88),
+    "pingpong_ones_poly4": dict(pingpong=1, ones=1, poly_every=4, consumer_regs=168, loader_regs=88),
 }
 
 
