@@ -322,6 +322,7 @@ VARIANTS = {
     "pingpong_poly2": dict(pingpong=1, poly_every=2),
     "pingpong_poly2_pv64": dict(pingpong=1, poly_every=2, pv64=1),
     "pingpong_n64_s3": dict(pingpong=1, block_n=64, stages=3),
+    "ws_ones": dict(pingpong=0, ones=1, consumer_regs=168, loader_regs=88),
     "pingpong_ones": dict(pingpong=1, ones=1, consumer_regs=168, loader_regs=88),
     "pingpong_ones_poly4": dict(pingpong=1, ones=1, poly_every=4, consumer_regs=168, loader_regs=88),
 }
