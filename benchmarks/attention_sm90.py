@@ -18,7 +18,8 @@ The kernel here, per program 128 query rows of one (batch, head):
             PINGPONG makes them take turns issuing (FA3's warp-scheduler barrier, here a pair of mbarriers), so one
             warpgroup's exponentials run under the other's matrix products. POLY_EVERY moves the odd columns'
             exponentials of every POLY_EVERY-th block to the FMA pipe (a degree-3 polynomial). PV64 runs p v as
-            one 64-column product (v's tile read 64 wide) instead of 32 + 16 columns.
+            one 64-column product (v's tile read 64 wide) instead of 32 + 16 columns. PSMEM hands p v its p through
+            shared memory instead of registers (see `_block`).
 Requires Sq and Skv multiples of 128 and q, k, v views whose heads sit side by side in each token's row (the
 fused QKV projection's layout). Measured (benchmarks/RESULTS.md, Attention): level with cuDNN, and the loop looks
 bound by issuing instructions rather than by the special-function unit.
@@ -127,11 +128,63 @@ def _pass_turn(turns, WG: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, turns, v_full,
+def _block(j, p16, m_i, l_i, acc1, acc2, q1, q2, s_zero, k1_s, k2_s, v1_s, v2_s, k_ready, v_in, k_free, v_free, turns,
+           qk_scale, p_smem, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
+           POLY_EVERY: gl.constexpr, PV64: gl.constexpr, ONES: gl.constexpr, PSMEM: gl.constexpr):
+    """Key block j: issue q k_j^T and p_{j-1} v_{j-1}, then block j's softmax while p v runs; p_j in float16.
+
+    p v takes p from registers (p16), or with PSMEM from this warpgroup's two p tiles in shared memory (p_j in
+    tile j % 2). From registers, ptxas puts the new exponentials into the registers the running p v reads and so
+    waits for it before the softmax (sm_90 SASS: the wgmma wait sits before the MUFU.EX2s); from shared memory
+    the wait follows them."""
+    s_layout: gl.constexpr = s_zero.type.layout
+    o1_layout: gl.constexpr = acc1.type.layout
+    o2_layout: gl.constexpr = acc2.type.layout
+    pa1_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o1_layout, k_width=2)
+    pa2_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o2_layout, k_width=2)
+    slot = j % STAGES
+    prev = (j - 1) % STAGES
+    mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+    mbarrier.wait(v_in.index(prev), ((j - 1) // STAGES) & 1)
+    _my_turn(turns, WG, j, PINGPONG)
+    s = warpgroup_mma(q1, k1_s.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma(q2, k2_s.index(slot).permute((1, 0)), s, is_async=True)
+    if PSMEM:
+        acc1 = warpgroup_mma(p_smem.index(WG * 2 + (j - 1) % 2), v1_s.index(prev), acc1, is_async=True)
+        if not PV64:
+            acc2 = warpgroup_mma(p_smem.index(WG * 2 + (j - 1) % 2), v2_s.index(prev), acc2, is_async=True)
+    else:
+        acc1 = warpgroup_mma(gl.convert_layout(p16, pa1_layout), v1_s.index(prev), acc1, is_async=True)
+        if not PV64:
+            acc2 = warpgroup_mma(gl.convert_layout(p16, pa2_layout), v2_s.index(prev), acc2, is_async=True)
+    _pass_turn(turns, WG, PINGPONG)
+    s = warpgroup_mma_wait(2, deps=(s,))
+    mbarrier.arrive(k_free.index(slot), count=1)
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    alpha = gl.exp2(m_i - m_new)
+    if POLY_EVERY > 0 and j % POLY_EVERY == 0:
+        p = _exp2_mixed(s * qk_scale - m_new[:, None], s_layout)
+    else:
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+    if not ONES:
+        l_i = l_i * alpha + gl.sum(p, 1)
+    p16_next = p.to(p16.dtype)
+    if PSMEM:
+        p_smem.index(WG * 2 + j % 2).store(p16_next)
+        fence_async_shared()
+    acc1, acc2 = warpgroup_mma_wait(0, deps=(acc1, acc2))
+    mbarrier.arrive(v_free.index(prev), count=1)
+    acc1 = acc1 * gl.convert_layout(alpha, gl.SliceLayout(1, o1_layout))[:, None]
+    acc2 = acc2 * gl.convert_layout(alpha, gl.SliceLayout(1, o2_layout))[:, None]
+    return p16_next, m_new, l_i, acc1, acc2
+
+
+@gluon.jit
+def _consumer(Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, turns, v_full, p_smem,
               q_off, o_off, row0, sqm, som, n_blocks, qk_scale,
               HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               WG: gl.constexpr, PINGPONG: gl.constexpr, POLY_EVERY: gl.constexpr, PV64: gl.constexpr,
-              ONES: gl.constexpr):
+              ONES: gl.constexpr, PSMEM: gl.constexpr):
     D1: gl.constexpr = 32
     D2: gl.constexpr = 16
     VD1: gl.constexpr = 32 + 32 * PV64  # p @ v's first slice: 32 columns, or 64 (v read past the head, cut away)
@@ -167,42 +220,27 @@ def _consumer(Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, 
     p = gl.exp2(s * qk_scale - m_i[:, None])
     l_i = gl.sum(p, 1)
     p16 = p.to(dtype)
+    if PSMEM:
+        p_smem.index(WG * 2).store(p16)
+        fence_async_shared()
 
+    args = (q1, q2, s_zero, k1_s, k2_s, v1_s, v2_s, k_ready, v_in, k_free, v_free, turns, qk_scale, p_smem)
     for j in range(1, n_blocks):
-        slot = j % STAGES
-        prev = (j - 1) % STAGES
-        mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
-        mbarrier.wait(v_in.index(prev), ((j - 1) // STAGES) & 1)
-        _my_turn(turns, WG, j, PINGPONG)
-        s = warpgroup_mma(q1, k1_s.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma(q2, k2_s.index(slot).permute((1, 0)), s, is_async=True)
-        acc1 = warpgroup_mma(gl.convert_layout(p16, pa1_layout), v1_s.index(prev), acc1, is_async=True)
-        if not PV64:
-            acc2 = warpgroup_mma(gl.convert_layout(p16, pa2_layout), v2_s.index(prev), acc2, is_async=True)
-        _pass_turn(turns, WG, PINGPONG)
-        s = warpgroup_mma_wait(2, deps=(s,))
-        mbarrier.arrive(k_free.index(slot), count=1)
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-        alpha = gl.exp2(m_i - m_new)
-        if POLY_EVERY > 0 and j % POLY_EVERY == 0:
-            p = _exp2_mixed(s * qk_scale - m_new[:, None], s_layout)
-        else:
-            p = gl.exp2(s * qk_scale - m_new[:, None])
-        if not ONES:
-            l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
-        p16 = p.to(dtype)
-        acc1, acc2 = warpgroup_mma_wait(0, deps=(acc1, acc2))
-        mbarrier.arrive(v_free.index(prev), count=1)
-        acc1 = acc1 * gl.convert_layout(alpha, gl.SliceLayout(1, o1_layout))[:, None]
-        acc2 = acc2 * gl.convert_layout(alpha, gl.SliceLayout(1, o2_layout))[:, None]
+        p16, m_i, l_i, acc1, acc2 = _block(j, p16, m_i, l_i, acc1, acc2, *args, BLOCK_N, STAGES, WG, PINGPONG,
+                                           POLY_EVERY, PV64, ONES, PSMEM)
 
     last = (n_blocks - 1) % STAGES
+    last_p = (n_blocks - 1) % 2
     mbarrier.wait(v_in.index(last), ((n_blocks - 1) // STAGES) & 1)
     _my_turn(turns, WG, n_blocks, PINGPONG)
-    acc1 = warpgroup_mma(gl.convert_layout(p16, pa1_layout), v1_s.index(last), acc1, is_async=True)
-    if not PV64:
-        acc2 = warpgroup_mma(gl.convert_layout(p16, pa2_layout), v2_s.index(last), acc2, is_async=True)
+    if PSMEM:
+        acc1 = warpgroup_mma(p_smem.index(WG * 2 + last_p), v1_s.index(last), acc1, is_async=True)
+        if not PV64:
+            acc2 = warpgroup_mma(p_smem.index(WG * 2 + last_p), v2_s.index(last), acc2, is_async=True)
+    else:
+        acc1 = warpgroup_mma(gl.convert_layout(p16, pa1_layout), v1_s.index(last), acc1, is_async=True)
+        if not PV64:
+            acc2 = warpgroup_mma(gl.convert_layout(p16, pa2_layout), v2_s.index(last), acc2, is_async=True)
     _pass_turn(turns, WG, PINGPONG)
     acc1, acc2 = warpgroup_mma_wait(0, deps=(acc1, acc2))
     mbarrier.arrive(v_free.index(last), count=1)
@@ -229,7 +267,7 @@ def _kernel(Q, Out, k1_desc, k2_desc, v1_desc, v2_desc,
                   sqb, sqh, sqm, sob, soh, som, H, S_q, S_kv, qk_scale,
                   HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                   LOADER_REGS: gl.constexpr, PINGPONG: gl.constexpr,
-                  POLY_EVERY: gl.constexpr, PV64: gl.constexpr, ONES: gl.constexpr):
+                  POLY_EVERY: gl.constexpr, PV64: gl.constexpr, ONES: gl.constexpr, PSMEM: gl.constexpr):
     D1: gl.constexpr = 32
     D2: gl.constexpr = 16
     ROWS: gl.constexpr = 64  # query rows per consumer warpgroup
@@ -260,6 +298,9 @@ def _kernel(Q, Out, k1_desc, k2_desc, v1_desc, v2_desc,
     v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(v_full.index(i), count=1)
+    # p tiles for p v from shared memory (PSMEM): two per consumer warpgroup; one small unused tile otherwise
+    p_shape: gl.constexpr = [4, 64, BLOCK_N] if PSMEM else [1, 64, 16]
+    p_smem = gl.allocate_shared_memory(dtype, p_shape, gl.NVMMASharedLayout.get_default_for(p_shape[1:], dtype))
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(turns.index(i), count=1)
@@ -267,10 +308,10 @@ def _kernel(Q, Out, k1_desc, k2_desc, v1_desc, v2_desc,
     n_blocks = S_kv // BLOCK_N
 
     gl.warp_specialize([
-        (_consumer, (Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, turns, v_full, q_off, o_off, row0, sqm,
-                     som, n_blocks, qk_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES, 0, PINGPONG, POLY_EVERY, PV64, ONES)),
-        (_consumer, (Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, turns, v_full, q_off, o_off, row0 + ROWS,
-                     sqm, som, n_blocks, qk_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES, 1, PINGPONG, POLY_EVERY, PV64, ONES)),
+        (_consumer, (Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, turns, v_full, p_smem, q_off, o_off, row0, sqm,
+                     som, n_blocks, qk_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES, 0, PINGPONG, POLY_EVERY, PV64, ONES, PSMEM)),
+        (_consumer, (Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, turns, v_full, p_smem, q_off, o_off, row0 + ROWS,
+                     sqm, som, n_blocks, qk_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES, 1, PINGPONG, POLY_EVERY, PV64, ONES, PSMEM)),
         (_loader, (k1_desc, k2_desc, v1_desc, v2_desc, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free,
                    v_full, kv_row, col, n_blocks, STAGES, BLOCK_N, PV64, ONES)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -292,7 +333,7 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return ok
 
 
-def attention_sm90(q, k, v, out, block_n=128, stages=2, pingpong=1, poly_every=0, pv64=0, ones=0,
+def attention_sm90(q, k, v, out, block_n=128, stages=2, pingpong=1, poly_every=0, pv64=0, ones=0, psmem=0,
                    consumer_regs=216, loader_regs=40):
     """softmax(q k^T / sqrt(40)) v into out. q, out: (B, H, Sq, 40); k, v: (B, H, Skv, 40); float16."""
     if not takes(q, k, v):
@@ -310,7 +351,7 @@ def attention_sm90(q, k, v, out, block_n=128, stages=2, pingpong=1, poly_every=0
                                 q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
                                 H, Sq, k.shape[2], D ** -0.5 * 1.4426950408889634, HEAD_DIM=D, BLOCK_N=block_n,
                                 STAGES=stages, CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs,
-                                PINGPONG=pingpong, POLY_EVERY=poly_every, PV64=pv64, ONES=ones, num_warps=4)
+                                PINGPONG=pingpong, POLY_EVERY=poly_every, PV64=pv64, ONES=ones, PSMEM=psmem, num_warps=4)
     return out
 
 
@@ -325,6 +366,9 @@ VARIANTS = {
     "pingpong_n64_s3": dict(pingpong=1, block_n=64, stages=3),
     "ws_ones": dict(pingpong=0, ones=1, consumer_regs=168, loader_regs=88),
     "pingpong_ones": dict(pingpong=1, ones=1, consumer_regs=168, loader_regs=88),
+    "ws_ones_psmem": dict(pingpong=0, ones=1, psmem=1, consumer_regs=168, loader_regs=88),
+    "pingpong_ones_psmem": dict(pingpong=1, ones=1, psmem=1, consumer_regs=168, loader_regs=88),
+    "pingpong_psmem": dict(pingpong=1, psmem=1),
     "pingpong_ones_poly4": dict(pingpong=1, ones=1, poly_every=4, consumer_regs=168, loader_regs=88),
 }
 
