@@ -188,9 +188,12 @@ def _consumer(Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, 
     D1: gl.constexpr = 32
     D2: gl.constexpr = 16
     VD1: gl.constexpr = 32 + 32 * PV64  # p @ v's first slice: 32 columns, or 64 (v read past the head, cut away)
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-    o1_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, VD1, 16])
-    o2_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D2, 16])
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o1_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, VD1, 16])
+    o2_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, D2, 16])
     qa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
     pa1_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o1_layout, k_width=2)
     pa2_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o2_layout, k_width=2)
@@ -308,10 +311,12 @@ def _kernel(Q, Out, k1_desc, k2_desc, v1_desc, v2_desc,
     n_blocks = S_kv // BLOCK_N
 
     gl.warp_specialize([
-        (_consumer, (Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, turns, v_full, p_smem, q_off, o_off, row0, sqm,
-                     som, n_blocks, qk_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES, 0, PINGPONG, POLY_EVERY, PV64, ONES, PSMEM)),
-        (_consumer, (Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, turns, v_full, p_smem, q_off, o_off, row0 + ROWS,
-                     sqm, som, n_blocks, qk_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES, 1, PINGPONG, POLY_EVERY, PV64, ONES, PSMEM)),
+        (_consumer, (Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, turns, v_full, p_smem, q_off,
+                     o_off, row0, sqm, som, n_blocks, qk_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES, 0, PINGPONG,
+                     POLY_EVERY, PV64, ONES, PSMEM)),
+        (_consumer, (Q, Out, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free, turns, v_full, p_smem, q_off,
+                     o_off, row0 + ROWS, sqm, som, n_blocks, qk_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES, 1, PINGPONG,
+                     POLY_EVERY, PV64, ONES, PSMEM)),
         (_loader, (k1_desc, k2_desc, v1_desc, v2_desc, k1_s, k2_s, v1_s, v2_s, k_ready, v_ready, k_free, v_free,
                    v_full, kv_row, col, n_blocks, STAGES, BLOCK_N, PV64, ONES)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -351,7 +356,8 @@ def attention_sm90(q, k, v, out, block_n=128, stages=2, pingpong=1, poly_every=0
                                 q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
                                 H, Sq, k.shape[2], D ** -0.5 * 1.4426950408889634, HEAD_DIM=D, BLOCK_N=block_n,
                                 STAGES=stages, CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs,
-                                PINGPONG=pingpong, POLY_EVERY=poly_every, PV64=pv64, ONES=ones, PSMEM=psmem, num_warps=4)
+                                PINGPONG=pingpong, POLY_EVERY=poly_every, PV64=pv64, ONES=ones, PSMEM=psmem,
+                                num_warps=4)
     return out
 
 
