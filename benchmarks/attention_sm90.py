@@ -21,8 +21,8 @@ The kernel here, per program 128 query rows of one (batch, head):
             one 64-column product (v's tile read 64 wide) instead of 32 + 16 columns. PSMEM hands p v its p through
             shared memory instead of registers (see `_block`).
 Requires Sq and Skv multiples of 128 and q, k, v views whose heads sit side by side in each token's row (the
-fused QKV projection's layout). Measured (benchmarks/RESULTS.md, Attention): level with cuDNN, and the loop looks
-bound by issuing instructions rather than by the special-function unit.
+fused QKV projection's layout). Measured (benchmarks/RESULTS.md, Attention): level with cuDNN with p v reading p
+from registers, where ptxas does not let the softmax run under p v (see `_block`).
 """
 from __future__ import annotations
 
