@@ -89,7 +89,7 @@ def _ones_column(v2_s, v_ready, v_full, slot, phase):
 @gluon.jit
 def _exp2_poly(x):
     """2^x for x <= 0 on the FMA pipe: n = round(x) by the 1.5 * 2^23 trick, 2^f for f in [-1/2, 1/2] by a
-    degree-3 fit, n added to the exponent."""
+    degree-3 fit, n added to the exponent. The Gluon copy of attention_variants.py's Triton `_exp2_poly`."""
     x = gl.maximum(x, -125.0)
     j = x + 12582912.0
     f = x - (j - 12582912.0)

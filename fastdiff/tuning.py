@@ -152,14 +152,18 @@ def nearest_attention_row(rows: list[dict], head_dim: int, seq_q: int, seq_kv: i
     short = seq_kv <= onchip_keys
     same = [r for r in rows if r["head_dim"] == head_dim and r["dtype"] == dtype and (r["seq_kv"] <= onchip_keys)
             == short]
-    if not same:
+    return _nearest(same, dict(seq_q=seq_q, seq_kv=seq_kv, batch_heads=batch_heads))
+
+
+def _nearest(rows: list[dict], sizes: dict[str, int]) -> Optional[dict]:
+    """The row nearest to a call's sizes, summing |log2(row size / call size)| over them; None without rows."""
+    if not rows:
         return None
+    return min(rows, key=lambda row: sum(abs(math.log2(row[key] / size)) for key, size in sizes.items()))
 
-    def distance(row: dict) -> float:
-        return (abs(math.log2(row["seq_q"] / seq_q)) + abs(math.log2(row["seq_kv"] / seq_kv))
-                + abs(math.log2(row["batch_heads"] / batch_heads)))
 
-    return min(same, key=distance)
+def _device_index(t: Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -186,20 +190,13 @@ def attention_choice(q: Tensor, k: Tensor) -> Optional[tuple[str, tuple[int, int
     if q.device.type != "cuda":
         return None
     batch, heads, seq_q, head_dim = q.shape
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    return _attention_choice(index, q.dtype, head_dim, seq_q, k.shape[2], batch * heads)
+    return _attention_choice(_device_index(q), q.dtype, head_dim, seq_q, k.shape[2], batch * heads)
 
 
 def nearest_linear_row(rows: list[dict], m: int, k: int, n: int, epilogue: str, dtype: str) -> Optional[dict]:
     """The row of this epilogue and dtype nearest to the call in log2 of m, k and n; None when no row has them."""
     same = [r for r in rows if r["epilogue"] == epilogue and r["dtype"] == dtype]
-    if not same:
-        return None
-
-    def distance(row: dict) -> float:
-        return abs(math.log2(row["m"] / m)) + abs(math.log2(row["k"] / k)) + abs(math.log2(row["n"] / n))
-
-    return min(same, key=distance)
+    return _nearest(same, dict(m=m, k=k, n=n))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -218,5 +215,4 @@ def linear_choice(x: Tensor, weight: Tensor, epilogue: str) -> Optional[str]:
     if x.device.type != "cuda" or x.numel() == 0:
         return None
     k = x.shape[-1]
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return _linear_choice(index, x.dtype, x.numel() // k, k, weight.shape[0], epilogue)
+    return _linear_choice(_device_index(x), x.dtype, x.numel() // k, k, weight.shape[0], epilogue)
